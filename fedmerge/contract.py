@@ -1,0 +1,50 @@
+"""The client contract: what a training reply carries, defined once for strategies and clients.
+
+A reply to a ``train`` message holds one :class:`flwr.app.ArrayRecord` with the locally trained weights
+θ_t (same keys, shapes and dtypes as the global model it received; not the task vector) and one
+:class:`flwr.app.MetricRecord` with the keys below. ``docs/client-contract.md`` explains them for people
+writing their own ClientApp.
+"""
+
+ARRAYS = "arrays"
+"""Key of the ArrayRecord in messages (both directions)."""
+METRICS = "metrics"
+"""Key of the MetricRecord in replies."""
+CONFIG = "config"
+"""Key of the ConfigRecord the server sends."""
+
+NUM_EXAMPLES = "num-examples"
+"""int > 0: training examples the client holds. Used when weighting by examples."""
+NUM_STEPS = "num-steps"
+"""int > 0: local optimizer steps taken this round. FedNova's a_t with ``normalize_by="steps"``."""
+LR_SUM = "lr-sum"
+"""float > 0: Σ_k η^(k), the sum of the learning rates of those steps. FedNova's a_t with ``lr-sum``."""
+TRAIN_LOSS = "train-loss"
+"""float: mean training loss over the round's local steps (optional)."""
+CLIENT_ID = "client-id"
+"""int ≥ 0: a stable id (the partition id in simulation); orders clients in per-client metrics (optional)."""
+
+REQUIRED = (NUM_EXAMPLES,)
+OPTIONAL = (NUM_STEPS, LR_SUM, TRAIN_LOSS, CLIENT_ID)
+
+
+def train_reply_metrics(
+    num_examples: int,
+    num_steps: int,
+    lr_sum: float,
+    train_loss: float | None = None,
+    client_id: int | None = None,
+    **extra: float,
+) -> dict[str, int | float]:
+    """The contract's metrics as plain Python numbers, ready for a MetricRecord."""
+    metrics: dict[str, int | float] = {
+        NUM_EXAMPLES: int(num_examples),
+        NUM_STEPS: int(num_steps),
+        LR_SUM: float(lr_sum),
+    }
+    if train_loss is not None:
+        metrics[TRAIN_LOSS] = float(train_loss)
+    if client_id is not None:
+        metrics[CLIENT_ID] = int(client_id)
+    metrics.update({k: float(v) for k, v in extra.items()})
+    return metrics

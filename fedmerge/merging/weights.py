@@ -1,0 +1,49 @@
+"""Client weights p_t, effective weights w_t and the objective mismatch χ²(p‖w)."""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedmerge.errors import FedmergeError
+
+
+def client_weights(weights: Sequence[float] | None, num_clients: int) -> np.ndarray:
+    """Normalise raw client weights (e.g. example counts) to p_t summing to 1; ``None`` is uniform."""
+    if weights is None:
+        return np.full(num_clients, 1.0 / num_clients)
+    p = np.asarray(weights, dtype=np.float64)
+    if p.shape != (num_clients,):
+        raise FedmergeError(
+            f"got {p.size} client weights for {num_clients} clients; give one weight per client."
+        )
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+        raise FedmergeError(
+            f"client weights must be finite, non-negative and not all zero, got {p.tolist()}."
+        )
+    return p / p.sum()
+
+
+def positive_per_client(values: Sequence[float], num_clients: int, what: str) -> np.ndarray:
+    """Check a per-client quantity (steps, learning-rate sums) is T finite positive numbers."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.shape != (num_clients,):
+        raise FedmergeError(f"got {a.size} values of {what} for {num_clients} clients; give one per client.")
+    bad = [i for i, v in enumerate(a) if not (np.isfinite(v) and v > 0)]
+    if bad:
+        raise FedmergeError(
+            f"{what} must be positive for every client; client {bad[0]} has {a[bad[0]]!r}."
+        )
+    return a
+
+
+def effective_weights(p: np.ndarray, effective_steps: np.ndarray) -> np.ndarray:
+    """w_t = p_t a_t / Σ_s p_s a_s: the weights that plain averaging really optimises."""
+    pa = np.asarray(p, dtype=np.float64) * np.asarray(effective_steps, dtype=np.float64)
+    return pa / pa.sum()
+
+
+def chi_square(p: np.ndarray, w: np.ndarray) -> float:
+    """χ²(p‖w) = Σ_t (p_t − w_t)² / w_t; zero iff every client took the same effective steps."""
+    p = np.asarray(p, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    return float(np.sum((p - w) ** 2 / w))

@@ -1,0 +1,52 @@
+"""Read Flower ArrayRecords as torch tensors without copying, and write tensors back."""
+
+import io
+import warnings
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def array_view(array: Array) -> torch.Tensor:
+    """A read-only tensor over an Array's serialized bytes (NumPy format), with no copy.
+
+    Falls back to :meth:`Array.numpy` for layouts a plain view cannot express.
+    """
+    buffer = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(buffer)
+    reader = _HEADER_READERS.get(version)
+    if reader is None:
+        return torch.from_numpy(array.numpy())
+    shape, fortran_order, dtype = reader(buffer)
+    if fortran_order or dtype.hasobject:
+        return torch.from_numpy(np.ascontiguousarray(array.numpy()))
+    count = int(np.prod(shape))
+    values = np.frombuffer(array.data, dtype=dtype, count=count, offset=buffer.tell()).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(values)
+
+
+class RecordTensors(Mapping[str, torch.Tensor]):
+    """An ArrayRecord seen as a name → tensor mapping; each tensor is a zero-copy view made when read."""
+
+    def __init__(self, record: ArrayRecord) -> None:
+        self.record = record
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return array_view(self.record[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.record)
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+
+def to_array(tensor: torch.Tensor) -> Array:
+    """A tensor as a Flower Array (NumPy serialization)."""
+    return Array(tensor.detach().cpu().numpy())

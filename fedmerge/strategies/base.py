@@ -1,0 +1,157 @@
+"""The machinery every fedmerge strategy shares, on top of Flower's FedAvg.
+
+Flower's FedAvg gives sampling, message construction and federated evaluation. This class replaces its
+``aggregate_train``: check the replies against the global model sent in ``configure_train``, read them as
+task vectors τ_t = θ_t − θ, run the strategy's merging rule tensor by tensor, and apply θ + β·Δ.
+"""
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from fedmerge import contract
+from fedmerge.errors import FedmergeError
+from fedmerge.merging import Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
+from fedmerge.strategies.arrays import RecordTensors, to_array
+from fedmerge.strategies.replies import ClientReply, check_replies
+from fedmerge.strategies.round_record import RoundRecord
+
+log = logging.getLogger("fedmerge")
+
+WEIGHTINGS = ("uniform", "num-examples")
+
+
+class MergingStrategy(FlowerFedAvg):
+    """Base of fedmerge's strategies: a Flower strategy whose aggregation is a fedmerge merging rule.
+
+    Parameters
+    ----------
+    server_lr : float (default 1.0)
+        β in θ ← θ + β·Δ, Δ being the rule's mean-scale update. Task Arithmetic's λ over T clients is
+        β = λ·T (:func:`fedmerge.merging.scaling_to_server_lr`).
+    weighting : "uniform" | "num-examples" (default "uniform")
+        p_t: equal weights (Task Arithmetic) or proportional to each client's ``num-examples``.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
+    evaluate_metrics_aggr_fn
+        As in Flower's FedAvg.
+
+    After each round, :attr:`rounds` holds a :class:`RoundRecord` with per-client metadata.
+    """
+
+    def __init__(
+        self,
+        *,
+        server_lr: float = 1.0,
+        weighting: str = "uniform",
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+    ) -> None:
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise FedmergeError(f"server_lr (β) must be a positive number, got {server_lr!r}.")
+        if weighting not in WEIGHTINGS:
+            raise FedmergeError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=contract.NUM_EXAMPLES,
+            arrayrecord_key=contract.ARRAYS,
+            configrecord_key=contract.CONFIG,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        self.server_lr = float(server_lr)
+        self.weighting = weighting
+        self.rounds: list[RoundRecord] = []
+        self._global_arrays: ArrayRecord | None = None
+
+    # -- what subclasses define ---------------------------------------------------------------------
+    def build_rule(self, replies: Sequence[ClientReply], weights: Sequence[float] | None) -> Rule:
+        """The merging rule for this round's accepted replies."""
+        raise NotImplementedError
+
+    def required_metrics(self) -> tuple[str, ...]:
+        """Contract keys every reply must carry, positive, for this strategy."""
+        return (contract.NUM_EXAMPLES,) if self.weighting == "num-examples" else ()
+
+    def effective_steps_key(self, replies: Sequence[ClientReply]) -> str | None:
+        """Which metric gives a_t for the diagnostics w_t and χ²(p‖w)."""
+        for key in (contract.LR_SUM, contract.NUM_STEPS):
+            if all(isinstance(r.metrics.get(key), (int, float)) and r.metrics[key] > 0 for r in replies):
+                return key
+        return None
+
+    def observe_update(self, name: str, delta: torch.Tensor) -> None:
+        """Called with each tensor's Δ as it is produced (CCLIP keeps it as the next center)."""
+
+    # -- Flower's hooks -----------------------------------------------------------------------------
+    def summary(self) -> None:
+        log.info("fedmerge %s: server_lr β=%g, weighting=%s", type(self).__name__, self.server_lr, self.weighting)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global model sent (``aggregate_train`` never receives it), then as FedAvg."""
+        self._global_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """θ + β·Δ with Δ this strategy's rule over the accepted clients' task vectors."""
+        if self._global_arrays is None:
+            raise FedmergeError("aggregate_train was called before configure_train: start the strategy with start().")
+        accepted, excluded = check_replies(replies, self._global_arrays, self.required_metrics())
+        for exclusion in excluded:
+            log.warning("round %d: node %d left out: %s", server_round, exclusion.node_id, exclusion.reason)
+        if not accepted:
+            log.warning("round %d: no usable reply; the global model is unchanged.", server_round)
+            return None, MetricRecord({"num-clients": 0, "num-excluded": len(excluded)})
+
+        weights = [r.metrics[contract.NUM_EXAMPLES] for r in accepted] if self.weighting == "num-examples" else None
+        rule = self.build_rule(accepted, weights)
+        base = RecordTensors(self._global_arrays)
+        task_vectors = [TaskVector(RecordTensors(r.arrays), base, track_norms=True) for r in accepted]
+        arrays = ArrayRecord()
+        for name, delta in iter_merge(rule, task_vectors, names=list(self._global_arrays)):
+            self.observe_update(name, delta)
+            arrays[name] = to_array(apply_update(base[name], delta, self.server_lr))
+
+        record = self._record(server_round, rule, accepted, task_vectors, excluded)
+        self.rounds.append(record)
+        return arrays, record.to_metrics()
+
+    def _record(self, server_round, rule, accepted, task_vectors, excluded) -> RoundRecord:
+        record = RoundRecord(
+            server_round=server_round,
+            rule=rule.params(),
+            server_lr=self.server_lr,
+            client_ids=[r.client_id for r in accepted],
+            node_ids=[r.node_id for r in accepted],
+            weights=[float(p) for p in rule.p],
+            task_vector_norms=[tv.norm for tv in task_vectors],
+            excluded=[{"node_id": e.node_id, "reason": e.reason} for e in excluded],
+        )
+        key = self.effective_steps_key(accepted)
+        if key is not None:
+            a = np.array([float(r.metrics[key]) for r in accepted])
+            w = effective_weights(rule.p, a)
+            record.effective_steps_key = key
+            record.effective_weights = [float(x) for x in w]
+            record.chi_square = chi_square(rule.p, w)
+        losses = [r.metrics.get(contract.TRAIN_LOSS) for r in accepted]
+        if all(isinstance(x, (int, float)) for x in losses):
+            record.train_losses = [float(x) for x in losses]
+        return record

@@ -1,0 +1,124 @@
+"""Unpack and check training replies against the global model the server sent.
+
+A reply that failed, or whose weights are not finite, is left out of the round and recorded. A reply that
+breaks the client contract (keys, shapes, dtypes, a metric the rule needs) stops the round with a
+:class:`FedmergeError` naming the node and the tensor or key.
+"""
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, Message
+
+from fedmerge import contract
+from fedmerge.errors import FedmergeError
+from fedmerge.merging.tensors import chunks
+from fedmerge.strategies.arrays import array_view
+
+CONTRACT_DOC = "see docs/client-contract.md"
+
+
+@dataclass
+class ClientReply:
+    """One accepted reply: who sent it, its trained weights and its metrics."""
+
+    node_id: int
+    arrays: ArrayRecord
+    metrics: dict
+
+    @property
+    def client_id(self) -> int:
+        """The client's own id if it reported one, else its node id."""
+        return int(self.metrics.get(contract.CLIENT_ID, self.node_id))
+
+
+@dataclass
+class Exclusion:
+    """A client left out of a round, and why."""
+
+    node_id: int
+    reason: str
+
+
+def _non_finite_tensor(arrays: ArrayRecord) -> str | None:
+    """The name of the first tensor holding NaN or ±inf, if any."""
+    for name, array in arrays.items():
+        values = array_view(array)
+        if not values.is_floating_point():
+            continue
+        flat = values.reshape(-1)
+        for s in chunks(flat.numel(), 1 << 22):
+            # A finite sum proves every value finite; only a non-finite sum needs the exact check.
+            if not math.isfinite(float(flat[s].sum())) and not bool(torch.isfinite(flat[s]).all()):
+                return name
+    return None
+
+
+def _check_arrays(node_id: int, arrays: ArrayRecord, global_arrays: ArrayRecord) -> None:
+    missing = [k for k in global_arrays if k not in arrays]
+    if missing:
+        raise FedmergeError(
+            f"node {node_id}: reply lacks tensor '{missing[0]}' of the global model "
+            f"({len(missing)} missing); a client must send back every tensor it received ({CONTRACT_DOC})."
+        )
+    extra = [k for k in arrays if k not in global_arrays]
+    if extra:
+        raise FedmergeError(
+            f"node {node_id}: reply has tensor '{extra[0]}' that the global model does not have; "
+            f"send back exactly the tensors received ({CONTRACT_DOC})."
+        )
+    for name, sent in global_arrays.items():
+        got = arrays[name]
+        if tuple(got.shape) != tuple(sent.shape):
+            raise FedmergeError(
+                f"node {node_id}: tensor '{name}' has shape {tuple(got.shape)}, the global model's has "
+                f"{tuple(sent.shape)}; train the model the server sent without resizing it."
+            )
+        if got.dtype != sent.dtype:
+            raise FedmergeError(
+                f"node {node_id}: tensor '{name}' has dtype {got.dtype}, the global model's has {sent.dtype}; "
+                "send the weights back in the dtype received."
+            )
+
+
+def _check_metric(node_id: int, metrics: dict, key: str) -> None:
+    value = metrics.get(key)
+    if value is None:
+        raise FedmergeError(
+            f"node {node_id}: reply's metrics lack '{key}', which this strategy needs; "
+            f"report it in the reply's MetricRecord ({CONTRACT_DOC})."
+        )
+    if isinstance(value, list) or not math.isfinite(value) or value <= 0:
+        raise FedmergeError(f"node {node_id}: metric '{key}' must be a positive number, got {value!r}.")
+
+
+def check_replies(
+    replies: Iterable[Message], global_arrays: ArrayRecord, required_metrics: Sequence[str]
+) -> tuple[list[ClientReply], list[Exclusion]]:
+    """Split replies into accepted ones (ordered by client id) and exclusions; raise on a contract breach."""
+    accepted, excluded = [], []
+    for message in replies:
+        node_id = message.metadata.src_node_id
+        if message.has_error():
+            excluded.append(Exclusion(node_id, f"client failed: {message.error.reason}"))
+            continue
+        content = message.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise FedmergeError(
+                f"node {node_id}: a train reply must carry exactly one ArrayRecord and one MetricRecord, "
+                f"got {len(content.array_records)} and {len(content.metric_records)} ({CONTRACT_DOC})."
+            )
+        arrays = next(iter(content.array_records.values()))
+        metrics = dict(next(iter(content.metric_records.values())))
+        _check_arrays(node_id, arrays, global_arrays)
+        for key in required_metrics:
+            _check_metric(node_id, metrics, key)
+        bad = _non_finite_tensor(arrays)
+        if bad is not None:
+            excluded.append(Exclusion(node_id, f"non-finite values in tensor '{bad}'"))
+            continue
+        accepted.append(ClientReply(node_id, arrays, metrics))
+    accepted.sort(key=lambda r: (r.client_id, r.node_id))
+    return accepted, excluded
