@@ -10,7 +10,7 @@ import sys
 from fedmerge import __version__
 from fedmerge.errors import FedmergeError
 
-COMMAND_MODULES = ()
+COMMAND_MODULES = ("fedmerge.checkpoints.command",)
 
 
 def build_parser() -> argparse.ArgumentParser:

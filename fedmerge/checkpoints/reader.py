@@ -1,0 +1,239 @@
+"""Checkpoints on disk as lazy ``name → tensor`` mappings: a tensor is read only when indexed.
+
+Accepted inputs: a ``.safetensors`` file; a PyTorch ``.bin``/``.pt``/``.pth`` file; or a Hugging Face
+model directory holding one of those, or shards listed by a ``*.index.json``. PyTorch files are opened
+with ``torch.load(weights_only=True, mmap=True)``: a pickle that would run code is refused.
+"""
+
+import json
+import os
+import pickle
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from fedmerge.errors import FedmergeError
+from fedmerge.checkpoints.safetensors_format import TensorSpec, nbytes, read_header, read_tensor
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+INDEX_SUFFIX = ".index.json"
+
+
+class SafetensorsFile:
+    """One safetensors file: its tensor specs, read by positioned reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.specs, self.metadata = read_header(path)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self, name: str) -> torch.Tensor:
+        return read_tensor(self._fd, self.specs[name])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class TorchFile:
+    """One PyTorch state-dict file, loaded memory-mapped with ``weights_only=True``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        self._tensors = _load_state_dict(path)
+        self.specs = {
+            name: TensorSpec(path, t.dtype, tuple(t.shape), nbytes=nbytes(t.dtype, tuple(t.shape)))
+            for name, t in self._tensors.items()
+        }
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as error:
+        raise FedmergeError(
+            f"{path}: refused to load: it is not a plain state dict of tensors that torch.load(weights_only=True) "
+            f"accepts, and fedmerge never unpickles arbitrary objects. Convert it to safetensors with a tool "
+            f"you trust. ({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise FedmergeError(f"{path}: corrupt or truncated PyTorch file ({error}).") from None
+    if not isinstance(state, Mapping):
+        raise FedmergeError(f"{path}: expected a state dict (name → tensor), found a {type(state).__name__}.")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise FedmergeError(
+                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor; save the model's state_dict()."
+            )
+    return dict(state)
+
+
+def _open_file(path: Path) -> SafetensorsFile | TorchFile:
+    if path.name.endswith(SAFETENSORS_SUFFIXES):
+        return SafetensorsFile(path)
+    if path.name.endswith(TORCH_SUFFIXES):
+        return TorchFile(path)
+    raise FedmergeError(f"{path}: unknown checkpoint format; give a .safetensors, .bin, .pt or .pth file or a model directory.")
+
+
+def find_weight_files(path: Path) -> tuple[list[Path], Path | None]:
+    """The weight files of ``path`` (a file or a model directory) and the index listing them, if any.
+
+    In a directory, safetensors is preferred to PyTorch files, and an index to a lone file.
+    """
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise FedmergeError(f"{path}: no such file or directory.")
+    for suffixes in (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES):
+        indexes = sorted(p for p in path.iterdir() if p.name.endswith(tuple(s + INDEX_SUFFIX for s in suffixes)))
+        if len(indexes) > 1:
+            raise FedmergeError(f"{path}: several shard indexes ({', '.join(p.name for p in indexes)}); keep one.")
+        if indexes:
+            return _indexed_files(indexes[0]), indexes[0]
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
+        if len(files) > 1:
+            raise FedmergeError(
+                f"{path}: several weight files ({', '.join(p.name for p in files)}) and no *.index.json listing "
+                "them; give the file to use."
+            )
+        if files:
+            return files, None
+    raise FedmergeError(
+        f"{path}: no checkpoint found; expected model.safetensors, model.safetensors.index.json with its shards, "
+        "or pytorch_model.bin."
+    )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise FedmergeError(f"{index}: corrupt shard index ({error!r}); it needs a 'weight_map' object.") from None
+    if not isinstance(weight_map, dict):
+        raise FedmergeError(f"{index}: corrupt shard index: 'weight_map' is not an object.")
+    return weight_map
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    files = []
+    for name, shard in _read_index(index).items():
+        file = index.parent / shard
+        if not file.is_file():
+            raise FedmergeError(f"{index}: shard {shard!r} (holding tensor {name!r}) is missing.")
+        if file not in files:
+            files.append(file)
+    return sorted(files)
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A checkpoint as a lazy mapping from tensor names to tensors, read one at a time when indexed.
+
+    Parameters
+    ----------
+    path : str or Path
+        A weight file or a model directory (see the module docstring).
+
+    Attributes: ``specs`` (name → :class:`TensorSpec`, shard by shard in file order), ``files`` (the weight
+    files), ``directory`` (the model directory, or None for a lone file), ``config`` (its config.json, or
+    None). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.directory = self.path if self.path.is_dir() else None
+        self.files, index = find_weight_files(self.path)
+        self._files: list[SafetensorsFile | TorchFile] = []
+        self._owner: dict[str, SafetensorsFile | TorchFile] = {}
+        try:
+            for file in self.files:
+                self._files.append(_open_file(file))
+            self.specs = self._collect_specs(index)
+        except BaseException:
+            self.close()
+            raise
+        self.config = self._read_config()
+
+    def _collect_specs(self, index: Path | None) -> dict[str, TensorSpec]:
+        specs: dict[str, TensorSpec] = {}
+        for file in self._files:
+            for name, spec in file.specs.items():
+                if name in specs:
+                    raise FedmergeError(f"{self.path}: tensor {name!r} is in both {specs[name].file.name} and {file.path.name}.")
+                specs[name] = spec
+                self._owner[name] = file
+        if index is not None:
+            weight_map = _read_index(index)
+            for name, spec in specs.items():
+                if weight_map.get(name) != spec.file.name:
+                    raise FedmergeError(
+                        f"{index}: tensor {name!r} is in {spec.file.name} but the index says "
+                        f"{weight_map.get(name)!r}; the index and its shards disagree."
+                    )
+            for name, shard in weight_map.items():
+                if name not in specs:
+                    raise FedmergeError(f"{index}: tensor {name!r} is listed in {shard!r} but that shard lacks it.")
+        if not specs:
+            raise FedmergeError(f"{self.path}: the checkpoint holds no tensors.")
+        return specs
+
+    def _read_config(self) -> dict | None:
+        config = self.directory / "config.json" if self.directory else None
+        if config is None or not config.is_file():
+            return None
+        try:
+            return json.loads(config.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FedmergeError(f"{config}: not valid JSON ({error}).") from None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The first weight file's safetensors metadata (empty for PyTorch files)."""
+        return self._files[0].metadata
+
+    def groups(self) -> list[list[str]]:
+        """Tensor names grouped by weight file, in file order."""
+        return [list(file.specs) for file in self._files]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            owner = self._owner[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {name!r}") from None
+        return owner.read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+        self._files = []
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.specs)} tensors in {len(self.files)} file(s))"
