@@ -17,7 +17,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors, gram_matrix, weighted_sum
+from fedmerge.merging.tensors import Tensors, gram_matrix, weighted_sum_into
 
 
 def _distance(gram: np.ndarray, combination: np.ndarray) -> float:
@@ -89,11 +89,12 @@ class CClipRule(Rule):
             gram, self.p, self.radius, self.iterations, self.center is not None
         )
 
-    def merge_tensor(self, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def merge_chunk(self, name, s, values, out):
         if self.center is None:
-            return weighted_sum(tensors, self.coeffs)
-        center = self.center[name].to(tensors[0].dtype)
-        return weighted_sum([center, *tensors], self.coeffs)
+            weighted_sum_into(out, values, self.coeffs)
+        else:
+            center = self.center[name].reshape(-1)[s].to(out.dtype)
+            weighted_sum_into(out, [center, *values], self.coeffs)
 
     def params(self) -> dict:
         return {"rule": self.name, "radius": self.radius_used or self.radius, "iterations": self.iterations}

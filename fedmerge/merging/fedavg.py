@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors, weighted_sum
+from fedmerge.merging.tensors import Tensors, weighted_sum_into
 
 
 class FedAvgRule(Rule):
@@ -17,8 +17,8 @@ class FedAvgRule(Rule):
 
     name = "fedavg"
 
-    def merge_tensor(self, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return weighted_sum(tensors, self.p)
+    def merge_chunk(self, name, s, values, out):
+        weighted_sum_into(out, values, self.p)
 
 
 def fedavg(task_vectors: Sequence[Tensors], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors, chunks, flat, weighted_sum
+from fedmerge.merging.tensors import Tensors, weighted_sum_into
 
 
 class FedGMARule(Rule):
@@ -25,19 +25,15 @@ class FedGMARule(Rule):
             raise FedmergeError(f"FedGMA's threshold ρ must be at most 1, got {threshold}.")
         self.threshold = threshold
 
-    def merge_tensor(self, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = weighted_sum(tensors, self.p)
+    def merge_chunk(self, name, s, values, out):
+        weighted_sum_into(out, values, self.p)
         if self.threshold <= 0:
-            return out
-        flats, flat_out = flat(tensors), out.view(-1)
-        for s in chunks(flat_out.numel()):
-            agreement = torch.sign(flats[0][s]).to(out.dtype)
-            for x in flats[1:]:
-                agreement.add_(torch.sign(x[s]))
-            agreement.abs_().div_(len(tensors))
-            mask = torch.where(agreement >= self.threshold, 1.0, agreement)
-            flat_out[s].mul_(mask)
-        return out
+            return
+        agreement = torch.sign(values[0])
+        for x in values[1:]:
+            agreement.add_(torch.sign(x))
+        agreement.abs_().div_(len(values))
+        out.mul_(torch.where(agreement >= self.threshold, 1.0, agreement))
 
     def params(self) -> dict:
         return {"rule": self.name, "threshold": self.threshold}

@@ -12,7 +12,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors, weighted_sum
+from fedmerge.merging.tensors import Tensors, weighted_sum_into
 from fedmerge.merging.weights import positive_per_client
 
 NORMALIZE_BY = ("steps", "lr-sum")
@@ -46,8 +46,8 @@ class FedNovaRule(Rule):
         a = positive_per_client(self.effective_steps, len(task_vectors), "effective steps (a_t)")
         self.coeffs = float(np.dot(self.p, a)) * self.p / a
 
-    def merge_tensor(self, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return weighted_sum(tensors, self.coeffs)
+    def merge_chunk(self, name, s, values, out):
+        weighted_sum_into(out, values, self.coeffs)
 
     def params(self) -> dict:
         return {"rule": self.name, "effective_steps": [float(a) for a in self.effective_steps]}

@@ -17,7 +17,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors, accumulation_dtype, chunks, flat
+from fedmerge.merging.tensors import Tensors
 
 EVEN_RULES = ("mean", "lower")
 NETWORK_MAX_CLIENTS = 32
@@ -77,29 +77,25 @@ class MedianRule(Rule):
             raise FedmergeError(f"Median's even-count rule must be one of {EVEN_RULES}, got {even!r}.")
         self.even = even
 
-    def merge_tensor(self, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        n = len(tensors)
+    def merge_chunk(self, name, s, values, out):
+        n = len(values)
         positions = _middle_positions(n, self.even)
-        out = torch.empty(tensors[0].shape, dtype=accumulation_dtype(tensors[0].dtype))
-        flats, flat_out = flat(tensors), out.view(-1)
-        network = selection_network(n, positions) if n <= NETWORK_MAX_CLIENTS else None
-        for s in chunks(flat_out.numel()):
-            values = [x[s] for x in flats]
-            if network is None:
-                ordered = torch.sort(torch.stack(values), dim=0).values
-                values = list(ordered)
-            else:
-                for i, j, keep_min, keep_max in network:
-                    lo, hi = values[i], values[j]
-                    if keep_min:
-                        values[i] = torch.minimum(lo, hi)
-                    if keep_max:
-                        values[j] = torch.maximum(lo, hi)
-            if len(positions) == 1:
-                flat_out[s].copy_(values[positions[0]])
-            else:
-                flat_out[s].copy_(values[positions[0]]).add_(values[positions[1]]).mul_(0.5)
-        return out
+        if n > NETWORK_MAX_CLIENTS:
+            values = list(torch.sort(torch.stack(values), dim=0).values)
+        else:
+            spare = [torch.empty_like(values[0]), torch.empty_like(values[0])]
+            for i, j, keep_min, keep_max in selection_network(n, positions):
+                lo, hi = values[i], values[j]
+                if keep_min:
+                    values[i] = torch.minimum(lo, hi, out=spare.pop())
+                if keep_max:
+                    values[j] = torch.maximum(lo, hi, out=spare.pop())
+                spare += [lo] if keep_min else []
+                spare += [hi] if keep_max else []
+        if len(positions) == 1:
+            out.copy_(values[positions[0]])
+        else:
+            torch.add(values[positions[0]], values[positions[1]], out=out).mul_(0.5)
 
     def merge_integer(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.median(torch.stack(tensors), dim=0).values

@@ -1,4 +1,4 @@
-"""The shape of a merging rule and the driver that runs one over task vectors, tensor by tensor."""
+"""The shape of a merging rule and the driver that runs one over task vectors, chunk by chunk."""
 
 from collections.abc import Iterator, Sequence
 
@@ -6,16 +6,17 @@ import numpy as np
 import torch
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.tensors import Tensors, TaskVector, apply_update
+from fedmerge.merging.tensors import (
+    CHUNK, Tensors, TaskVector, apply_update, chunk_of, chunks, is_floating, operand_dtype, operands,
+)
 from fedmerge.merging.weights import client_weights
 
 
 class Rule:
-    """A merging rule: an optional first pass over whole task vectors, then one function per tensor.
+    """A merging rule: an optional first pass over whole task vectors, then a function per chunk.
 
-    Subclasses set ``name`` and implement :meth:`merge_tensor`; rules that need global quantities (norms)
-    override :meth:`prepare`. ``weights`` are raw client weights (e.g. example counts), ``None`` for
-    uniform.
+    Subclasses set ``name`` and implement :meth:`merge_chunk`; rules that need global quantities (norms)
+    extend :meth:`prepare`. ``weights`` are raw client weights (e.g. example counts), ``None`` for uniform.
     """
 
     name = "rule"
@@ -28,8 +29,11 @@ class Rule:
         """First pass, before any tensor is merged. Resolves p_t; subclasses may add more."""
         self.p = client_weights(self.weights, len(task_vectors))
 
-    def merge_tensor(self, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Δ for one floating tensor from the T clients' task-vector tensors (accumulation dtype)."""
+    def merge_chunk(self, name: str, s: slice, values: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Write Δ for the chunk ``s`` of tensor ``name`` into ``out``, from the T clients' τ chunks.
+
+        ``values`` are scratch buffers owned by the driver: the rule may overwrite them.
+        """
         raise NotImplementedError
 
     def merge_integer(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -44,25 +48,41 @@ class Rule:
 
 
 def iter_merge(
-    rule: Rule, task_vectors: Sequence[Tensors], names: Sequence[str] | None = None
+    rule: Rule,
+    task_vectors: Sequence[Tensors],
+    names: Sequence[str] | None = None,
+    squared_norms: np.ndarray | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, Δ)`` tensor by tensor; Δ is in the accumulation dtype (int64 for integer buffers)."""
+    """Yield ``(name, Δ)`` tensor by tensor; Δ is in the accumulation dtype (int64 for integer buffers).
+
+    If ``squared_norms`` (length T) is given, each client's ‖τ_t‖² over the floating tensors is added to it.
+    """
     if not task_vectors:
         raise FedmergeError("nothing to merge: give at least one task vector (one client).")
     names = list(task_vectors[0]) if names is None else list(names)
     rule.prepare(task_vectors, names)
     for name in names:
-        tensors = [tv[name] for tv in task_vectors]
-        if tensors[0].is_floating_point():
-            yield name, rule.merge_tensor(name, tensors)
-        else:
-            yield name, rule.merge_integer(tensors)
+        ops = operands(task_vectors, name)
+        if not is_floating(ops[0]):
+            yield name, rule.merge_integer(ops)
+            continue
+        dtype = operand_dtype(ops[0])
+        out = torch.empty(ops[0].shape, dtype=dtype)
+        flat_out = out.view(-1)
+        scratch = torch.empty(len(ops), min(CHUNK, flat_out.numel()), dtype=dtype)
+        for s in chunks(flat_out.numel()):
+            size = s.stop - s.start
+            values = [chunk_of(op, s, dtype, buffer[:size]) for op, buffer in zip(ops, scratch)]
+            if squared_norms is not None:
+                squared_norms += [float(torch.dot(v, v)) for v in values]
+            rule.merge_chunk(name, s, values, flat_out[s])
+        yield name, out
 
 
 def merge(rule: Rule, task_vectors: Sequence[Tensors]) -> dict[str, torch.Tensor]:
-    """Δ = the rule over the task vectors, each tensor returned in the first task vector's dtype."""
-    first = task_vectors[0] if task_vectors else {}
-    return {name: delta.to(first[name].dtype) for name, delta in iter_merge(rule, task_vectors)}
+    """Δ = the rule over the task vectors, each tensor in the dtype the first task vector gives it."""
+    deltas = dict(iter_merge(rule, task_vectors))
+    return {name: delta.to(operands(task_vectors[:1], name)[0].dtype) for name, delta in deltas.items()}
 
 
 def iter_merged_model(
@@ -71,10 +91,11 @@ def iter_merged_model(
     finetuned: Sequence[Tensors],
     server_lr: float = 1.0,
     names: Sequence[str] | None = None,
+    squared_norms: np.ndarray | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, θ + β·Δ)`` tensor by tensor, with Δ the rule over τ_t = θ_t − θ, in θ's dtypes."""
     task_vectors = [TaskVector(model, base) for model in finetuned]
-    for name, delta in iter_merge(rule, task_vectors, names):
+    for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
         yield name, apply_update(base[name], delta, server_lr)
 
 

@@ -1,7 +1,8 @@
-"""Tensor plumbing shared by every rule: lazy task vectors, accumulation dtypes, chunked kernels.
+"""Tensor plumbing shared by every rule: lazy task vectors, accumulation dtypes, chunked passes.
 
-Kernels walk flattened tensors in cache-sized chunks, so a rule over T clients touches each input once
-and holds at most one output tensor plus a few chunks beyond its inputs.
+Rules never see whole task vectors. The driver walks each tensor in cache-sized chunks, computes the
+chunk of every client's τ_t = θ_t − θ right there, and hands the rule those chunks; so a rule over T
+clients reads each input once and holds one output tensor plus T chunks.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -11,50 +12,12 @@ import torch
 
 Tensors = Mapping[str, torch.Tensor]
 
-CHUNK = 1 << 15  # elements per chunk: T chunks of float32 stay in a core's L2 cache
-GRAM_CHUNK = 1 << 20
+CHUNK = 1 << 18  # elements per chunk (1 MiB of float32): large enough to amortise Python, small enough to stay cached
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class TaskVector(Mapping[str, torch.Tensor]):
-    """τ = θ_t − θ, computed tensor by tensor when read; nothing is held.
-
-    Floating tensors come back in their accumulation dtype; integer and boolean buffers as int64. With
-    ``track_norms`` the squared L2 norm of each floating tensor read is kept, for :attr:`norm`.
-    """
-
-    def __init__(self, finetuned: Tensors, base: Tensors, track_norms: bool = False) -> None:
-        self.finetuned = finetuned
-        self.base = base
-        self.squared_norms: dict[str, float] | None = {} if track_norms else None
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        base = self.base[name]
-        if not base.is_floating_point():
-            return self.finetuned[name].to(torch.int64) - base.to(torch.int64)
-        acc = accumulation_dtype(base.dtype)
-        delta = self.finetuned[name].to(acc) - base.to(acc)
-        if self.squared_norms is not None:
-            flat_delta = delta.reshape(-1)
-            self.squared_norms[name] = float(torch.dot(flat_delta, flat_delta))
-        return delta
-
-    @property
-    def norm(self) -> float:
-        """‖τ‖ over the floating tensors read so far (needs ``track_norms``)."""
-        if self.squared_norms is None:
-            raise ValueError("this TaskVector was made without track_norms=True")
-        return float(np.sqrt(sum(self.squared_norms.values())))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
 
 
 def chunks(numel: int, size: int = CHUNK) -> Iterator[slice]:
@@ -63,40 +26,95 @@ def chunks(numel: int, size: int = CHUNK) -> Iterator[slice]:
         yield slice(start, min(start + size, numel))
 
 
-def flat(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Flattened views (copies only for non-contiguous tensors)."""
-    return [t.reshape(-1) for t in tensors]
+class Difference:
+    """θ_t − θ for one tensor, produced chunk by chunk in the accumulation dtype (never held whole)."""
+
+    def __init__(self, finetuned: torch.Tensor, base: torch.Tensor) -> None:
+        self.finetuned = finetuned.reshape(-1)
+        self.base = base.reshape(-1)
+        self.shape = base.shape
+        self.dtype = accumulation_dtype(base.dtype)
+
+    def chunk(self, s: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        finetuned, base = self.finetuned[s], self.base[s]
+        if finetuned.dtype != self.dtype:
+            finetuned, base = finetuned.to(self.dtype), base.to(self.dtype)
+        return torch.sub(finetuned, base, out=out)
+
+    def full(self) -> torch.Tensor:
+        return self.chunk(slice(None)).view(self.shape)
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
-    """Σ_t c_t x_t in the accumulation dtype, one cache-sized chunk at a time."""
-    acc = accumulation_dtype(tensors[0].dtype)
-    out = torch.empty(tensors[0].shape, dtype=acc)
-    flat_out = out.view(-1)
-    flats = flat(tensors)
-    coeffs = [float(c) for c in coeffs]
-    for s in chunks(flat_out.numel()):
-        o = flat_out[s]
-        o.copy_(flats[0][s]).mul_(coeffs[0])
-        for x, c in zip(flats[1:], coeffs[1:]):
-            if x.dtype == acc:
-                o.add_(x[s], alpha=c)
-            else:
-                o.add_(x[s].to(acc), alpha=c)
+Operand = torch.Tensor | Difference
+
+
+def chunk_of(operand: Operand, s: slice, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk ``s`` of a flattened operand in ``dtype``, written into ``out`` if given."""
+    if isinstance(operand, Difference):
+        return operand.chunk(s, out)
+    values = operand.reshape(-1)[s]
+    return values.to(dtype) if out is None else out.copy_(values)
+
+
+class TaskVector(Mapping[str, torch.Tensor]):
+    """τ = θ_t − θ as a name → tensor mapping, computed when read; nothing is held.
+
+    Indexing gives the whole tensor (floating tensors in their accumulation dtype; integer and boolean
+    buffers as int64). The merging driver reads it chunk by chunk through :meth:`operand` instead.
+    """
+
+    def __init__(self, finetuned: Tensors, base: Tensors) -> None:
+        self.finetuned = finetuned
+        self.base = base
+
+    def operand(self, name: str) -> Operand:
+        base = self.base[name]
+        if base.is_floating_point():
+            return Difference(self.finetuned[name], base)
+        return self.finetuned[name].to(torch.int64) - base.to(torch.int64)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        operand = self.operand(name)
+        return operand.full() if isinstance(operand, Difference) else operand
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def operands(task_vectors: Sequence[Tensors], name: str) -> list[Operand]:
+    """Every client's tensor ``name``, lazily where the task vector allows it."""
+    return [tv.operand(name) if isinstance(tv, TaskVector) else tv[name] for tv in task_vectors]
+
+
+def is_floating(operand: Operand) -> bool:
+    return isinstance(operand, Difference) or operand.is_floating_point()
+
+
+def operand_dtype(operand: Operand) -> torch.dtype:
+    return operand.dtype if isinstance(operand, Difference) else accumulation_dtype(operand.dtype)
+
+
+def weighted_sum_into(out: torch.Tensor, values: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    """out = Σ_t c_t x_t (all of one dtype and size)."""
+    torch.mul(values[0], float(coeffs[0]), out=out)
+    for x, c in zip(values[1:], coeffs[1:]):
+        out.add_(x, alpha=float(c))
     return out
 
 
 def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
     """G[i, j] = ⟨v_i, v_j⟩ over every floating tensor of ``names``, accumulated in float64."""
-    n = len(vectors)
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
     for name in names:
-        tensors = [v[name] for v in vectors]
-        if not tensors[0].is_floating_point():
+        ops = operands(vectors, name)
+        if not is_floating(ops[0]):
             continue
-        flats = flat(tensors)
-        for s in chunks(flats[0].numel(), GRAM_CHUNK):
-            x = torch.stack([f[s] for f in flats]).to(torch.float64)
+        numel = ops[0].shape.numel() if isinstance(ops[0], Difference) else ops[0].numel()
+        for s in chunks(numel, 1 << 18):
+            x = torch.stack([chunk_of(op, s, torch.float64).to(torch.float64) for op in ops])
             gram += x @ x.T
     return gram.numpy()
 

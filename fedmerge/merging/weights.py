@@ -31,7 +31,7 @@ def positive_per_client(values: Sequence[float], num_clients: int, what: str) ->
     bad = [i for i, v in enumerate(a) if not (np.isfinite(v) and v > 0)]
     if bad:
         raise FedmergeError(
-            f"{what} must be positive for every client; client {bad[0]} has {a[bad[0]]!r}."
+            f"{what} must be positive for every client; client {bad[0]} has {float(a[bad[0]])!r}."
         )
     return a
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -48,5 +49,9 @@ class RecordTensors(Mapping[str, torch.Tensor]):
 
 
 def to_array(tensor: torch.Tensor) -> Array:
-    """A tensor as a Flower Array (NumPy serialization)."""
-    return Array(tensor.detach().cpu().numpy())
+    """A tensor as a Flower Array (NumPy serialization), copying its data once."""
+    values = np.ascontiguousarray(tensor.detach().cpu().numpy())
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    data = b"".join([header.getvalue(), memoryview(values).cast("B")])
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)

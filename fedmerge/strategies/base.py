@@ -19,7 +19,7 @@ from fedmerge import contract
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
 from fedmerge.strategies.arrays import RecordTensors, to_array
-from fedmerge.strategies.replies import ClientReply, check_replies
+from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
 from fedmerge.strategies.round_record import RoundRecord
 
 log = logging.getLogger("fedmerge")
@@ -110,30 +110,53 @@ class MergingStrategy(FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """θ + β·Δ with Δ this strategy's rule over the accepted clients' task vectors."""
+        """θ + β·Δ with Δ this strategy's rule over the task vectors from the model sent this round."""
         if self._global_arrays is None:
             raise FedmergeError("aggregate_train was called before configure_train: start the strategy with start().")
-        accepted, excluded = check_replies(replies, self._global_arrays, self.required_metrics())
+        return self.merge_replies(server_round, replies, self._global_arrays)
+
+    def merge_replies(
+        self, server_round: int, replies: Iterable[Message], global_arrays: ArrayRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Merge training replies into θ + β·Δ, θ being the ``global_arrays`` the clients trained from.
+
+        Usable outside a Flower run, e.g. to merge the same one-shot replies under several strategies.
+        Returns the new arrays (None if no reply was usable) and the round's metrics; appends a
+        :class:`RoundRecord` to :attr:`rounds`.
+        """
+        accepted, excluded = check_replies(replies, global_arrays, self.required_metrics())
+        while accepted:
+            arrays, rule, squared_norms = self._merge(accepted, global_arrays)
+            # A non-finite ‖τ_t‖² flags a client; the exact check confirms it (a norm can overflow).
+            flagged = [r for r, sq in zip(accepted, squared_norms) if not math.isfinite(sq)]
+            bad = {id(r): name for r in flagged if (name := non_finite_tensor(r.arrays)) is not None}
+            if not bad:
+                break
+            excluded += [Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'") for r in accepted if id(r) in bad]
+            accepted = [r for r in accepted if id(r) not in bad]
         for exclusion in excluded:
             log.warning("round %d: node %d left out: %s", server_round, exclusion.node_id, exclusion.reason)
         if not accepted:
             log.warning("round %d: no usable reply; the global model is unchanged.", server_round)
             return None, MetricRecord({"num-clients": 0, "num-excluded": len(excluded)})
-
-        weights = [r.metrics[contract.NUM_EXAMPLES] for r in accepted] if self.weighting == "num-examples" else None
-        rule = self.build_rule(accepted, weights)
-        base = RecordTensors(self._global_arrays)
-        task_vectors = [TaskVector(RecordTensors(r.arrays), base, track_norms=True) for r in accepted]
-        arrays = ArrayRecord()
-        for name, delta in iter_merge(rule, task_vectors, names=list(self._global_arrays)):
-            self.observe_update(name, delta)
-            arrays[name] = to_array(apply_update(base[name], delta, self.server_lr))
-
-        record = self._record(server_round, rule, accepted, task_vectors, excluded)
+        record = self._record(server_round, rule, accepted, squared_norms, excluded)
         self.rounds.append(record)
         return arrays, record.to_metrics()
 
-    def _record(self, server_round, rule, accepted, task_vectors, excluded) -> RoundRecord:
+    def _merge(self, accepted: Sequence[ClientReply], global_arrays: ArrayRecord):
+        """One pass of the rule over the accepted replies: new arrays, the rule used, and each ‖τ_t‖²."""
+        weights = [r.metrics[contract.NUM_EXAMPLES] for r in accepted] if self.weighting == "num-examples" else None
+        rule = self.build_rule(accepted, weights)
+        base = RecordTensors(global_arrays)
+        task_vectors = [TaskVector(RecordTensors(r.arrays), base) for r in accepted]
+        squared_norms = np.zeros(len(accepted))
+        arrays = ArrayRecord()
+        for name, delta in iter_merge(rule, task_vectors, list(global_arrays), squared_norms):
+            self.observe_update(name, delta)
+            arrays[name] = to_array(apply_update(base[name], delta, self.server_lr))
+        return arrays, rule, squared_norms
+
+    def _record(self, server_round, rule, accepted, squared_norms, excluded) -> RoundRecord:
         record = RoundRecord(
             server_round=server_round,
             rule=rule.params(),
@@ -141,7 +164,7 @@ class MergingStrategy(FlowerFedAvg):
             client_ids=[r.client_id for r in accepted],
             node_ids=[r.node_id for r in accepted],
             weights=[float(p) for p in rule.p],
-            task_vector_norms=[tv.norm for tv in task_vectors],
+            task_vector_norms=[float(np.sqrt(sq)) for sq in squared_norms],
             excluded=[{"node_id": e.node_id, "reason": e.reason} for e in excluded],
         )
         key = self.effective_steps_key(accepted)

@@ -47,8 +47,8 @@ class CClip(MergingStrategy):
         if delta.is_floating_point():
             self._current[name] = delta
 
-    def aggregate_train(self, server_round, replies):
-        arrays, metrics = super().aggregate_train(server_round, replies)
+    def merge_replies(self, server_round, replies, global_arrays):
+        arrays, metrics = super().merge_replies(server_round, replies, global_arrays)
         if arrays is not None:
             self._previous = self._current
         return arrays, metrics

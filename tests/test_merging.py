@@ -1,0 +1,224 @@
+"""The merging core against the reference math of DESIGN.md, exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge import FedmergeError
+from fedmerge.merging import (
+    CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, TaskVector, cclip, chi_square,
+    effective_weights, fedavg, fedgma, fednova, median, merged_model, scaling_to_server_lr,
+    server_lr_to_scaling,
+)
+from fedmerge.merging.median import selection_network
+
+SHAPES = {"w": (17, 9), "b": (9,), "scale": ()}
+
+
+def random_model(gen, dtype=torch.float32):
+    return {k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in SHAPES.items()}
+
+
+def setup(num_clients=5, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    base = random_model(gen, dtype)
+    models = [random_model(gen, dtype) for _ in range(num_clients)]
+    return base, models, [TaskVector(m, base) for m in models]
+
+
+def stacked(task_vectors, name):
+    return np.stack([tv[name].double().numpy() for tv in task_vectors])
+
+
+def assert_close(a, b, tol=1e-5):
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k], dtype=np.float64), np.asarray(b[k], dtype=np.float64), atol=tol, rtol=tol)
+
+
+def task_arithmetic(base, models, scaling):
+    """θ0 + λ Σ_t τ_t, written out directly."""
+    return {k: base[k] + scaling * sum(m[k] - base[k] for m in models) for k in base}
+
+
+@pytest.mark.parametrize("scaling", [0.05, 0.3, 1.0])
+def test_task_arithmetic_is_one_round_of_fedavg_with_beta_lambda_t(scaling):
+    base, models, _ = setup()
+    beta = scaling_to_server_lr(scaling, len(models))
+    assert server_lr_to_scaling(beta, len(models)) == pytest.approx(scaling)
+    assert_close(merged_model(FedAvgRule(), base, models, server_lr=beta), task_arithmetic(base, models, scaling))
+
+
+def test_lambda_one_over_t_is_the_average_of_the_finetuned_models():
+    base, models, _ = setup()
+    merged = merged_model(FedAvgRule(), base, models, server_lr=scaling_to_server_lr(1 / len(models), len(models)))
+    assert_close(merged, {k: sum(m[k] for m in models) / len(models) for k in base})
+
+
+def test_fedavg_weights_are_normalised_example_counts():
+    _, _, tvs = setup(3)
+    counts = [10, 30, 60]
+    got = fedavg(tvs, weights=counts)
+    assert_close(got, {k: np.tensordot(np.array(counts) / 100, stacked(tvs, k), 1) for k in SHAPES})
+
+
+@pytest.mark.parametrize("normalize_by", ["steps", "lr-sum"])
+def test_fednova_with_equal_effective_steps_is_fedavg(normalize_by):
+    _, _, tvs = setup()
+    got = fednova(tvs, num_steps=[7] * 5, lr_sums=[0.3] * 5, normalize_by=normalize_by)
+    assert_close(got, fedavg(tvs))
+
+
+def test_fednova_matches_its_formula():
+    _, _, tvs = setup(4)
+    a = np.array([1.0, 2.0, 5.0, 10.0])
+    p = np.array([1, 1, 2, 4]) / 8
+    got = fednova(tvs, num_steps=a, weights=[1, 1, 2, 4])
+    want = {k: (p @ a) * np.tensordot(p / a, stacked(tvs, k), 1) for k in SHAPES}
+    assert_close(got, want)
+
+
+def test_identical_clients_give_that_clients_model_back_under_every_rule():
+    gen = torch.Generator().manual_seed(3)
+    base, client = random_model(gen), random_model(gen)
+    models = [client] * 4
+    rules = [FedAvgRule(), FedNovaRule([3, 3, 3, 3]), FedGMARule(0.7), MedianRule(), MedianRule("lower"),
+             CClipRule(radius=1e6), CClipRule(radius=None, iterations=3)]
+    for rule in rules:
+        assert_close(merged_model(rule, base, models), client, tol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5])
+def test_fedgma_with_nonpositive_threshold_is_fedavg(threshold):
+    _, _, tvs = setup()
+    assert_close(fedgma(tvs, threshold), fedavg(tvs))
+
+
+def test_fedgma_matches_its_formula():
+    _, _, tvs = setup(5)
+    for k in SHAPES:
+        x = stacked(tvs, k)
+        agreement = np.abs(np.sign(x).mean(0))
+        mask = np.where(agreement >= 0.6, 1.0, agreement)
+        np.testing.assert_allclose(fedgma(tvs, 0.6)[k].numpy(), mask * x.mean(0), atol=1e-6)
+
+
+def test_cclip_with_radius_above_every_norm_is_fedavg():
+    _, _, tvs = setup()
+    largest = max(np.sqrt(sum((stacked([tv], k) ** 2).sum() for k in SHAPES)) for tv in tvs)
+    assert_close(cclip(tvs, radius=largest * 1.0001), fedavg(tvs))
+
+
+def test_cclip_matches_the_iteration_written_out():
+    _, _, tvs = setup(4)
+    gen = torch.Generator().manual_seed(9)
+    center = {k: 0.1 * torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+    radius, iterations = 1.5, 3
+    v = {k: center[k].double().numpy() for k in SHAPES}
+    for _ in range(iterations):
+        step = {k: np.zeros_like(v[k]) for k in SHAPES}
+        for tv in tvs:
+            d = {k: tv[k].double().numpy() - v[k] for k in SHAPES}
+            norm = np.sqrt(sum((d[k] ** 2).sum() for k in SHAPES))
+            for k in SHAPES:
+                step[k] += d[k] * min(1.0, radius / norm) / len(tvs)
+        v = {k: v[k] + step[k] for k in SHAPES}
+    assert_close(cclip(tvs, radius, iterations, center), v)
+
+
+@pytest.mark.parametrize("num_clients", [1, 2, 3, 4, 7, 8, 9, 16, 33])
+def test_median_is_numpys_median_and_lower_is_torchs(num_clients):
+    _, _, tvs = setup(num_clients, seed=num_clients)
+    true, lower = median(tvs), median(tvs, even="lower")
+    for k in SHAPES:
+        x = stacked(tvs, k)
+        np.testing.assert_allclose(true[k].numpy(), np.median(x, axis=0), atol=1e-6)
+        want_lower = torch.from_numpy(x).median(dim=0).values.numpy()
+        np.testing.assert_allclose(lower[k].numpy(), want_lower, atol=1e-6)
+
+
+def test_median_network_is_pruned_below_a_full_sort():
+    assert len(selection_network(8, (3, 4))) < 19  # Batcher's full network for 8 inputs has 19 comparators
+
+
+def test_low_precision_tensors_keep_their_dtype_and_accumulate_in_float32():
+    base, models, lazy = setup(6, dtype=torch.bfloat16)
+    tvs = [{k: tv[k].to(torch.bfloat16) for k in SHAPES} for tv in lazy]
+    reference = {k: stacked(tvs, k).mean(0) for k in SHAPES}  # float64 mean of the bf16 task vectors
+    for rule_result in (fedavg(tvs), fednova(tvs, num_steps=[1] * 6), cclip(tvs, 1e9)):
+        for k in SHAPES:
+            assert rule_result[k].dtype == torch.bfloat16
+            # one rounding to bf16 at the end, not one per client
+            np.testing.assert_allclose(rule_result[k].double().numpy(), reference[k], rtol=2 ** -8, atol=1e-6)
+    merged = merged_model(FedAvgRule(), base, models)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+
+
+def test_integer_buffers_are_merged_as_integers():
+    base = {"w": torch.zeros(3), "num_batches_tracked": torch.tensor(100)}
+    models = [{"w": torch.ones(3), "num_batches_tracked": torch.tensor(100 + k)} for k in (10, 20, 31)]
+    for rule in (FedAvgRule(), MedianRule(), CClipRule(1e9), FedGMARule(0.5), FedNovaRule([1, 2, 3])):
+        merged = merged_model(rule, base, models)
+        assert merged["num_batches_tracked"].dtype == torch.int64
+    assert int(merged_model(FedAvgRule(), base, models)["num_batches_tracked"]) == 120
+    assert int(merged_model(MedianRule(), base, models)["num_batches_tracked"]) == 120
+
+
+def quadratic_task_vectors(centers, theta, lrs, steps):
+    """Gradient descent on L_t = ½‖θ − c_t‖²: τ_t = (1 − (1 − η_t)^K_t)(c_t − θ) (DESIGN.md)."""
+    tvs = []
+    for c, lr, k in zip(centers, lrs, steps):
+        x = theta.clone()
+        for _ in range(k):
+            x -= lr * (x - c)
+        tvs.append({"theta": x - theta})
+    return tvs
+
+
+def cosine(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_on_quadratics_fedavg_follows_sum_a_t_while_fednova_lr_sum_follows_the_uniform_objective():
+    gen = np.random.default_rng(0)
+    centers = [torch.from_numpy(gen.normal(size=20)) for _ in range(4)]
+    theta = torch.zeros(20, dtype=torch.float64)
+    lrs, steps = [0.001, 0.002, 0.001, 0.004], [5, 10, 40, 20]
+    tvs = quadratic_task_vectors(centers, theta, lrs, steps)
+    a = [1 - (1 - lr) ** k for lr, k in zip(lrs, steps)]
+    weighted = sum(at * (c - theta) for at, c in zip(a, centers)).numpy()
+    uniform = (sum(centers) / 4 - theta).numpy()
+
+    avg = fedavg(tvs)["theta"].numpy()
+    np.testing.assert_allclose(avg, weighted / 4, rtol=1e-9)  # exactly Σ a_t (c_t − θ) / T
+    nova = fednova(tvs, lr_sums=[lr * k for lr, k in zip(lrs, steps)], normalize_by="lr-sum")["theta"].numpy()
+    assert cosine(nova, uniform) > 0.9999
+    assert cosine(avg, uniform) < 0.97
+
+
+def test_chi_square_is_zero_iff_effective_steps_are_equal():
+    p = np.full(4, 0.25)
+    assert chi_square(p, effective_weights(p, [3, 3, 3, 3])) == 0.0
+    assert chi_square(p, effective_weights(p, [3, 3, 3, 3.3])) > 0
+    assert chi_square(p, effective_weights(p, [1, 2, 4, 8])) > 0.3
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda tvs: fedavg(tvs, weights=[1, 2]), "got 2 client weights for 5 clients"),
+        (lambda tvs: fedavg(tvs, weights=[1, -1, 1, 1, 1]), "non-negative"),
+        (lambda tvs: fednova(tvs, normalize_by="steps"), "needs num_steps"),
+        (lambda tvs: fednova(tvs, num_steps=[1, 2, 0, 4, 5]), "client 2 has 0.0"),
+        (lambda tvs: fednova(tvs, lr_sums=[1, 2, 3], normalize_by="lr-sum"), "got 3 values"),
+        (lambda tvs: fednova(tvs, num_steps=[1] * 5, normalize_by="epochs"), "normalize_by must be one of"),
+        (lambda tvs: fedgma(tvs, 1.5), "at most 1"),
+        (lambda tvs: median(tvs, even="upper"), "even-count rule"),
+        (lambda tvs: cclip(tvs, radius=-1.0), "radius"),
+        (lambda tvs: cclip(tvs, radius=1.0, iterations=0), "iterations"),
+        (lambda tvs: fedavg([]), "at least one task vector"),
+    ],
+)
+def test_bad_parameters_name_the_culprit(call, message):
+    _, _, tvs = setup()
+    with pytest.raises(FedmergeError, match=message):
+        call(tvs)
