@@ -1,0 +1,1 @@
+"""Clients: the Flower ClientApp and the local trainer."""

@@ -1,0 +1,56 @@
+"""The on-disk cache of pretrained weights and generated data: safetensors files named by a hash of their key.
+
+The cache lives under ``$FEDMERGE_CACHE`` (default ``~/.cache/fedmerge``). A key is a JSON-able dict of
+everything that determines the tensors (suite, options, seed, code version); files are written to a
+temporary name and renamed, so concurrent builders (Ray workers) never see a half-written file.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedmerge import __version__
+
+Tensors = dict[str, torch.Tensor]
+
+
+def cache_dir() -> Path:
+    """``$FEDMERGE_CACHE``, or ``~/.cache/fedmerge``."""
+    return Path(os.environ.get("FEDMERGE_CACHE") or Path.home() / ".cache" / "fedmerge").expanduser()
+
+
+def cache_path(kind: str, key: dict) -> Path:
+    """Where the tensors for ``key`` live: ``<cache>/<kind>/<sha256 of key and fedmerge version>.safetensors``."""
+    text = json.dumps({"key": key, "fedmerge": __version__}, sort_keys=True)
+    return cache_dir() / kind / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.safetensors"
+
+
+def load_or_build(kind: str, key: dict, build: Callable[[], Tensors]) -> Tensors:
+    """The cached tensors for ``key``, or ``build()``'s, written to the cache first.
+
+    A cache file that cannot be read (truncated, corrupted) is rebuilt and replaced.
+    """
+    path = cache_path(kind, key)
+    if path.exists():
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError):
+            pass
+    tensors = {name: t.detach().contiguous().clone() for name, t in build().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True), "fedmerge": __version__})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return tensors
