@@ -40,6 +40,7 @@ class MergeProgress:
         self._progress.update(self._tensors, description="tensors merged")
         for item in items:
             yield item
+            del item  # let the tensor go before the next one is merged
             self._progress.advance(self._tensors)
 
     def shard_done(self) -> None:

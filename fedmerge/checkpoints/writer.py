@@ -86,6 +86,7 @@ def write_shard(
                 raise RuntimeError(f"writer expected {expected!r} {spec.dtype} {spec.shape}, got {name!r}")
             f.seek(offsets[name])
             f.write(tensor_bytes(tensor))
+            del tensor  # let it go before the next one is merged
 
 
 def write_index(directory: Path, shards: Sequence[Shard], specs: Mapping[str, TensorSpec], metadata: Mapping) -> None:

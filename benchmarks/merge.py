@@ -1,0 +1,253 @@
+"""Benchmark ``fedmerge merge`` against mergekit's task_arithmetic on random Llama-style checkpoints.
+
+Writes a base and 3 fine-tunes (about 170M parameters each by default, bfloat16, two safetensors shards
+with an index, as Hugging Face saves them), merges them with both tools in subprocesses, checks that the
+outputs agree, and prints wall time and peak resident memory of each. The last line is the ratio
+mergekit time / fedmerge time.
+
+mergekit is not a dependency of fedmerge: it is installed into its own virtual environment,
+``benchmarks/.mergekit-venv``, on first use. Both tools compute in float32 and write bfloat16
+(mergekit: ``dtype: float32``, ``out_dtype: bfloat16``; its ``weight`` per model is λ, ``normalize: false``),
+so they compute the same θ + λ·Σ_t τ_t.
+
+    python benchmarks/merge.py [--layers 8] [--hidden 1024] [--scaling 0.3] [--keep]
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent
+MERGEKIT_VENV = ROOT / ".mergekit-venv"
+MERGEKIT = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+NUM_MODELS = 3
+
+
+def llama_tensors(layers: int, hidden: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a Llama model's weights (untied embeddings), in Hugging Face's naming."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q", "k", "v", "o"):
+            shapes[f"{p}self_attn.{proj}_proj.weight"] = (hidden, hidden)
+        shapes[f"{p}mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[f"{p}input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def write_model(directory: Path, shapes: dict, config: dict, base: dict | None, seed: int) -> dict:
+    """Write one checkpoint as two safetensors shards with an index; returns its tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if base is None:
+            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        else:
+            noise = torch.randn(shape, generator=generator) * 0.002
+            tensors[name] = (base[name].float() + noise).to(torch.bfloat16)
+    directory.mkdir(parents=True)
+    names = list(shapes)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for i, half in enumerate(halves, start=1):
+        filename = f"model-{i:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in half}, directory / filename, metadata={"format": "pt"})
+        weight_map.update({n: filename for n in half})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return tensors
+
+
+def ensure_mergekit() -> str | None:
+    """Install mergekit into its own venv if needed; returns None when ready, else why not."""
+    if MERGEKIT.exists():
+        return None
+    print(f"installing mergekit into {MERGEKIT_VENV} (once) ...", flush=True)
+    try:
+        venv.create(MERGEKIT_VENV, with_pip=True, clear=True)
+        subprocess.run(
+            [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "mergekit"],
+            check=True, capture_output=True, text=True,
+        )
+    except (subprocess.CalledProcessError, OSError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        return f"pip install mergekit failed: {detail.strip().splitlines()[-1] if detail.strip() else error}"
+    return None if MERGEKIT.exists() else "mergekit installed but mergekit-yaml is missing"
+
+
+# Runs the command from a small process and reports its peak RSS: a child forked straight from this
+# (large) process would inherit this process's resident size as its ru_maxrss.
+LAUNCHER = """
+import resource, subprocess, sys
+result = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(maxrss, result.returncode, file=sys.stderr)
+sys.stderr.write(result.stderr[-4000:] if result.returncode else "")
+"""
+
+
+def measure(command: list[str], out: Path, repeat: int) -> tuple[float, float]:
+    """Run a command writing ``out`` ``repeat`` times; returns its best wall time (s) and peak RSS (MiB)."""
+    best, peak = float("inf"), 0.0
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
+        best = min(best, time.perf_counter() - start)
+        first, _, rest = result.stderr.partition("\n")
+        maxrss, returncode = (int(x) for x in first.split())
+        if returncode != 0:
+            sys.stdout.write(rest)
+            raise SystemExit(f"command failed with exit code {returncode}: {' '.join(command)}")
+        peak = max(peak, maxrss / 1024)
+    return best, peak
+
+
+def read_merged(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in ``directory``, read with the safetensors package."""
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({name: f.get_tensor(name).float() for name in f.keys()})
+    return tensors
+
+
+def agreement(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> tuple[float, float, bool]:
+    """Share of equal elements, max |difference|, and whether every element is within one bfloat16
+    rounding step (or 1e-6, for sums that cancel to about zero)."""
+    if set(ours) != set(theirs):
+        raise SystemExit(f"outputs hold different tensors: {sorted(set(ours) ^ set(theirs))[:5]}")
+    equal = total = 0
+    worst, close = 0.0, True
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, a in ours.items():
+        b = theirs[name]
+        difference = (a - b).abs()
+        equal += int((difference == 0).sum())
+        total += a.numel()
+        worst = max(worst, float(difference.max()))
+        close &= bool((difference <= eps * torch.maximum(a.abs(), b.abs()) + 1e-6).all())
+    return equal / total, worst, close
+
+
+def mergekit_config(work: Path, models: list[Path], scaling: float, float32: bool) -> Path:
+    """A task_arithmetic config: θ + Σ_t weight·τ_t with weight = λ, arithmetic in float32 or bfloat16."""
+    config = {
+        "merge_method": "task_arithmetic", "base_model": str(work / "base"),
+        "models": [{"model": str(m), "parameters": {"weight": scaling}} for m in models],
+        "parameters": {"normalize": False},
+        **({"dtype": "float32", "out_dtype": "bfloat16"} if float32 else {"dtype": "bfloat16"}),
+    }
+    path = work / f"mergekit-{'float32' if float32 else 'bfloat16'}.yml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--scaling", type=float, default=0.3, help="Task Arithmetic's λ (mergekit's weight)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each merge; the best time is kept")
+    parser.add_argument("--methods", nargs="*", default=["median", "cclip"],
+                        help="other fedmerge methods to time (mergekit has no equivalent)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    args = parser.parse_args()
+
+    why_not = ensure_mergekit()
+    work = Path(tempfile.mkdtemp(prefix="fedmerge-bench-"))
+    try:
+        shapes = llama_tensors(args.layers, args.hidden, args.intermediate, args.vocab)
+        config = llama_config(args.layers, args.hidden, args.intermediate, args.vocab)
+        params = sum(torch.Size(s).numel() for s in shapes.values())
+        largest = max(torch.Size(s).numel() for s in shapes.values())
+        print(f"writing a base and {NUM_MODELS} fine-tunes of {params / 1e6:.0f}M parameters (bfloat16) in {work}")
+        base = write_model(work / "base", shapes, config, None, seed=0)
+        models = [work / f"ft{i}" for i in range(NUM_MODELS)]
+        expected = {name: t.float() for name, t in base.items()}
+        for i, path in enumerate(models, start=1):
+            tuned = write_model(path, shapes, config, base, seed=i)
+            for name in expected:
+                expected[name] += args.scaling * (tuned[name].float() - base[name].float())
+            del tuned
+        del base
+        expected = {name: t.to(torch.bfloat16).float() for name, t in expected.items()}
+
+        fedmerge = [sys.executable, "-m", "fedmerge.cli", "merge", "--base", str(work / "base"), "--models",
+                    *map(str, models), "--quiet"]
+        rows = {}
+        out = work / "fedmerge"
+        command = [*fedmerge, "--scaling", str(args.scaling), "--out", str(out)]
+        rows["fedmerge task-arithmetic"] = measure(command, out, args.repeat)
+        if why_not is None:
+            for precision in ("float32", "bfloat16"):
+                out, config_file = work / precision, mergekit_config(work, models, args.scaling, precision == "float32")
+                command = [str(MERGEKIT), str(config_file), str(out), "--quiet"]
+                rows[f"mergekit ({precision} math)"] = measure(command, out, args.repeat)
+        for method in args.methods:
+            out = work / method
+            rows[f"fedmerge {method}"] = measure([*fedmerge, "--method", method, "--out", str(out)], out, args.repeat)
+
+        print(f"\n{'merge (best of ' + str(args.repeat) + ')':<28}{'time (s)':>10}{'peak RSS (MiB)':>16}")
+        for label, (elapsed, rss) in rows.items():
+            print(f"{label:<28}{elapsed:>10.2f}{rss:>16.0f}")
+        print(f"({params / 1e6:.0f}M parameters, {params * 2 / 2**20:.0f} MiB per checkpoint; largest tensor "
+              f"{largest * 2 / 2**20:.0f} MiB in bfloat16, {largest * 4 / 2**20:.0f} MiB in float32; "
+              f"peak RSS includes about 750 MiB of the torch import)")
+
+        ours = read_merged(work / "fedmerge")
+        equal, worst, close = agreement(ours, expected)
+        print(f"\nfedmerge vs θ + λ·Σ_t τ_t computed here in float32, rounded: {equal:.2%} equal, max |diff| {worst:.1e}")
+        if not close:
+            raise SystemExit("fedmerge's output is not θ + λ·Σ_t τ_t")
+        if why_not is not None:
+            print(f"mergekit is unavailable here ({why_not}); nothing to compare with.")
+            print("mergekit/fedmerge time ratio: n/a (mergekit could not be installed)")
+            return
+        for precision in ("float32", "bfloat16"):
+            equal, worst, close = agreement(ours, read_merged(work / precision))
+            print(f"fedmerge vs mergekit ({precision} math): {equal:.2%} equal, max |diff| {worst:.1e}, "
+                  f"{'within' if close else 'NOT within'} one bfloat16 rounding step")
+            if precision == "float32" and not close:
+                raise SystemExit("fedmerge and mergekit disagree")
+        fedmerge_time = rows["fedmerge task-arithmetic"][0]
+        print(f"mergekit (bfloat16 math)/fedmerge time ratio: {rows['mergekit (bfloat16 math)'][0] / fedmerge_time:.2f}")
+        print(f"mergekit/fedmerge time ratio: {rows['mergekit (float32 math)'][0] / fedmerge_time:.2f}")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
