@@ -58,8 +58,9 @@ def shard_names(count: int) -> list[str]:
 def plan_shards(groups: Sequence[Sequence[str]], specs: Mapping[str, TensorSpec], max_size: int | None) -> list[Shard]:
     """Shards keeping the base's grouping, or, with ``max_size``, filled in order up to that many bytes."""
     if max_size is not None:
+        names = [name for group in groups for name in group]
         groups, current, total = [], [], 0
-        for name in (n for group in groups for n in group):
+        for name in names:
             if current and total + specs[name].nbytes > max_size:
                 groups.append(current)
                 current, total = [], 0

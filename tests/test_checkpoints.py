@@ -1,0 +1,334 @@
+"""Offline merging of checkpoints on disk: equality to the in-memory rules, layouts, dtypes, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fedmerge.checkpoints import Checkpoint, merge_checkpoints
+from fedmerge.cli import main
+from fedmerge.errors import FedmergeError
+from fedmerge.merging import CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, merged_model
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
+
+
+def make_models(num_models: int = 3, seed: int = 0) -> tuple[dict, list[dict]]:
+    """A base with float32, bfloat16 and float16 tensors and an integer buffer, and its fine-tunes."""
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "embed.weight": torch.randn(12, 8, generator=g).to(torch.bfloat16),
+        "layers.0.attn.weight": torch.randn(8, 8, generator=g),
+        "layers.0.mlp.weight": torch.randn(16, 8, generator=g).to(torch.float16),
+        "layers.0.norm.weight": torch.ones(8),
+        "num_batches_tracked": torch.tensor(7),
+        "lm_head.weight": torch.randn(12, 8, generator=g).to(torch.bfloat16),
+    }
+    models = []
+    for t in range(num_models):
+        model = {}
+        for name, value in base.items():
+            if value.is_floating_point():
+                noise = torch.randn(value.shape, generator=g) * (0.1 * (t + 1))
+                model[name] = (value.float() + noise).to(value.dtype)
+            else:
+                model[name] = value + t + 1
+        models.append(model)
+    return base, models
+
+
+def save_directory(directory, tensors: dict, shards: int = 1, config: dict | None = CONFIG) -> None:
+    """A Hugging Face model directory: model.safetensors, or shards and their index; config, tokenizer."""
+    directory.mkdir(parents=True)
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, directory / "model.safetensors")
+    else:
+        weight_map = {}
+        for i in range(shards):
+            filename = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = names[i::shards]
+            save_file({n: tensors[n] for n in part}, directory / filename)
+            weight_map.update({n: filename for n in part})
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+        (directory / "tokenizer.json").write_text('{"model": "toy"}')
+
+
+def save_files(tmp_path, base: dict, models: list[dict]) -> tuple[str, list[str]]:
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for t, model in enumerate(models):
+        save_file(model, tmp_path / f"model{t}.safetensors")
+        paths.append(str(tmp_path / f"model{t}.safetensors"))
+    return str(tmp_path / "base.safetensors"), paths
+
+
+def read_directory(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same(actual: dict, expected: dict) -> None:
+    assert list(sorted(actual)) == list(sorted(expected))
+    for name, value in expected.items():
+        assert actual[name].dtype == value.dtype, name
+        assert torch.equal(actual[name], value), name
+
+
+CASES = {
+    "task-arithmetic": (dict(scaling=0.4), FedAvgRule(), 1.2),
+    "fedavg": (dict(weights=[1, 2, 3], server_lr=0.8), FedAvgRule([1, 2, 3]), 0.8),
+    "fednova-steps": (dict(method="fednova", steps=[1, 2, 4]), FedNovaRule([1, 2, 4]), 1.0),
+    "fednova-lr-sums": (dict(method="fednova", lr_sums=[0.5, 0.1, 0.2], scaling=0.5), FedNovaRule([0.5, 0.1, 0.2]), 1.5),
+    "fedgma": (dict(method="fedgma", rho=0.6, weights=[3, 1, 1]), FedGMARule(0.6, [3, 1, 1]), 1.0),
+    "median": (dict(method="median"), MedianRule(), 1.0),
+    "cclip": (dict(method="cclip", rho=0.5, iterations=2), CClipRule(0.5, 2), 1.0),
+    "cclip-median-radius": (dict(method="cclip"), CClipRule(), 1.0),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_method_equals_the_in_memory_rule(tmp_path, case):
+    options, rule, server_lr = CASES[case]
+    options = {"method": case if case in ("task-arithmetic", "fedavg") else None, **options}
+    options = {k: v for k, v in options.items() if v is not None}
+    base, models = make_models()
+    base_path, model_paths = save_files(tmp_path, base, models)
+    out = merge_checkpoints(base_path, model_paths, tmp_path / "merged.safetensors", **options)
+    assert_same(load_file(out), merged_model(rule, base, models, server_lr))
+
+
+def test_median_of_an_even_count_takes_the_lower_value_when_asked(tmp_path):
+    base, models = make_models(num_models=4)
+    base_path, model_paths = save_files(tmp_path, base, models)
+    out = merge_checkpoints(base_path, model_paths, tmp_path / "m.safetensors", method="median", even="lower")
+    assert_same(load_file(out), merged_model(MedianRule("lower"), base, models))
+
+
+def test_sharded_directories_in_and_out_keep_layout_config_and_metadata(tmp_path):
+    base, models = make_models()
+    save_directory(tmp_path / "base", base, shards=3)
+    save_directory(tmp_path / "a", models[0], shards=2)
+    save_directory(tmp_path / "b", models[1], shards=1)
+    save_file(models[2], tmp_path / "c.safetensors")
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c.safetensors")]
+    code = main(["merge", "--base", str(tmp_path / "base"), "--models", *inputs, "--scaling", "0.5",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors", "model.safetensors.index.json", "tokenizer.json",
+    ]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    base_index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"]
+    assert index["metadata"]["fedmerge"]["method"] == "task-arithmetic"
+    assert index["metadata"]["fedmerge"]["server_lr"] == pytest.approx(1.5)
+    assert index["metadata"]["fedmerge"]["scaling"] == pytest.approx(0.5)
+    with safe_open(out / "model-00001-of-00003.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt" and json.loads(metadata["fedmerge"])["rule"] == {"rule": "fedavg"}
+    assert (out / "config.json").read_text() == json.dumps(CONFIG)
+    assert_same(read_directory(out), merged_model(FedAvgRule(), base, models, 1.5))
+
+
+def test_max_shard_size_reshards_in_order(tmp_path):
+    base, models = make_models()
+    save_directory(tmp_path / "base", base)
+    base_path, model_paths = str(tmp_path / "base"), save_files(tmp_path, base, models)[1]
+    out = merge_checkpoints(base_path, model_paths, tmp_path / "out", max_shard_size=400)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for shard in shards:
+        tensors = load_file(out / shard)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= 400 or len(tensors) == 1
+    assert_same(read_directory(out), merged_model(FedAvgRule(), base, models))
+
+
+def test_pytorch_bin_files_load_with_weights_only(tmp_path):
+    base, models = make_models()
+    (tmp_path / "base").mkdir()
+    names = list(base)
+    weight_map = {}
+    for i, part in enumerate((names[:2], names[2:]), start=1):
+        filename = f"pytorch_model-0000{i}-of-00002.bin"
+        torch.save({n: base[n] for n in part}, tmp_path / "base" / filename)
+        weight_map.update({n: filename for n in part})
+    (tmp_path / "base" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    paths = []
+    for t, model in enumerate(models):
+        torch.save(model, tmp_path / f"model{t}.pt")
+        paths.append(str(tmp_path / f"model{t}.pt"))
+    out = merge_checkpoints(tmp_path / "base", paths, tmp_path / "out", method="median")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"
+    ]
+    assert_same(read_directory(out), merged_model(MedianRule(), base, models))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base, models = make_models()
+    base_path, model_paths = save_files(tmp_path, base, models)
+    torch.save({"embed.weight": Exploit()}, tmp_path / "evil.bin")
+    code = main(["merge", "--base", base_path, "--models", str(tmp_path / "evil.bin"), *model_paths[1:],
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "evil.bin: refused to load" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_command_reports_what_it_wrote(tmp_path, capsys):
+    base_path, model_paths = save_files(tmp_path, *make_models())
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--base", base_path, "--models", *model_paths, "--method", "fedgma", "--out", str(out)]) == 0
+    assert f"merged 3 models into {out}" in capsys.readouterr().err
+    with safe_open(out, "pt") as f:
+        record = json.loads(f.metadata()["fedmerge"])
+    assert record["rule"] == {"rule": "fedgma", "threshold": 0.5} and record["server_lr"] == 1.0
+
+
+def test_checkpoint_reads_lazily(tmp_path):
+    base, _ = make_models()
+    save_directory(tmp_path / "base", base, shards=2)
+    with Checkpoint(tmp_path / "base") as checkpoint:
+        assert len(checkpoint) == len(base) and len(checkpoint.files) == 2
+        assert "embed.weight" in checkpoint and "missing" not in checkpoint
+        assert checkpoint.specs["embed.weight"].dtype == torch.bfloat16
+        assert torch.equal(checkpoint["embed.weight"], base["embed.weight"])
+
+
+# --- bad input: a message naming the file and tensor, exit code 2, nothing left at OUT ------------------
+
+
+def run_failing(tmp_path, capsys, base_path, model_paths, *options) -> str:
+    out_parent = tmp_path / "outputs"
+    out_parent.mkdir(exist_ok=True)
+    before = sorted(os.listdir(out_parent))
+    code = main(["merge", "--base", base_path, "--models", *model_paths, "--out", str(out_parent / "out"),
+                 "--quiet", *options])
+    assert code == 2
+    assert sorted(os.listdir(out_parent)) == before  # no OUT, no temporary left behind
+    return capsys.readouterr().err
+
+
+def broken(tmp_path, edit) -> tuple[str, list[str]]:
+    base, models = make_models()
+    edit(models[1])
+    return save_files(tmp_path, base, models)
+
+
+def test_missing_tensor(tmp_path, capsys):
+    err = run_failing(tmp_path, capsys, *broken(tmp_path, lambda m: m.pop("lm_head.weight")))
+    assert "model1.safetensors: tensor 'lm_head.weight' is missing" in err
+
+
+def test_shape_differs(tmp_path, capsys):
+    err = run_failing(tmp_path, capsys, *broken(tmp_path, lambda m: m.update({"embed.weight": torch.zeros(13, 8, dtype=torch.bfloat16)})))
+    assert "model1.safetensors: tensor 'embed.weight' has shape [13, 8]" in err
+
+
+def test_dtype_differs(tmp_path, capsys):
+    err = run_failing(tmp_path, capsys, *broken(tmp_path, lambda m: m.update({"layers.0.attn.weight": torch.zeros(8, 8, dtype=torch.float16)})))
+    assert "model1.safetensors: tensor 'layers.0.attn.weight' is torch.float16 but the base's" in err
+
+
+def test_base_of_another_architecture(tmp_path, capsys):
+    base, models = make_models()
+    other = {name.replace("layers.0", "h.0"): value for name, value in base.items()}
+    save_file(other, tmp_path / "other.safetensors")
+    model_paths = save_files(tmp_path, base, models)[1]
+    err = run_failing(tmp_path, capsys, str(tmp_path / "other.safetensors"), model_paths)
+    assert "model0.safetensors: its tensor names differ from the base" in err and "another architecture" in err
+    save_directory(tmp_path / "mistral", base, config={**CONFIG, "model_type": "mistral"})
+    save_directory(tmp_path / "llama", models[0])
+    err = run_failing(tmp_path, capsys, str(tmp_path / "mistral"), [str(tmp_path / "llama")])
+    assert "llama: config.json says model_type='llama'" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_or_truncated_file(tmp_path, capsys, damage):
+    base_path, model_paths = save_files(tmp_path, *make_models())
+    data = open(model_paths[2], "rb").read()
+    with open(model_paths[2], "wb") as f:
+        f.write(data[:-10] if damage == "truncated" else os.urandom(len(data)))
+    err = run_failing(tmp_path, capsys, base_path, model_paths)
+    assert "model2.safetensors:" in err and ("truncated" in err or "corrupt" in err)
+
+
+def test_missing_shard(tmp_path, capsys):
+    base, models = make_models()
+    save_directory(tmp_path / "base", base, shards=2)
+    (tmp_path / "base" / "model-00002-of-00002.safetensors").unlink()
+    model_paths = save_files(tmp_path, base, models)[1]
+    err = run_failing(tmp_path, capsys, str(tmp_path / "base"), model_paths)
+    assert "model.safetensors.index.json: shard 'model-00002-of-00002.safetensors'" in err and "is missing" in err
+
+
+def test_options_checked_before_reading(tmp_path, capsys):
+    base_path, model_paths = save_files(tmp_path, *make_models())
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--steps", "1", "2")
+    assert "got 2 values of steps (--steps) for 3 clients" in err
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova")
+    assert "needs the models' effective steps" in err
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "median", "--rho", "0.5")
+    assert "rho (--rho) is only used by method 'fedgma' or 'cclip'" in err
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--weights", "1", "1", "1")
+    assert "not 'task-arithmetic'" in err
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    base, models = make_models()
+    base_path, model_paths = save_files(tmp_path, base, models)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    args = ["merge", "--base", base_path, "--models", *model_paths, "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "old.txt").exists()
+    assert main([*args, "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["base.safetensors", "out"] + [f"model{t}.safetensors" for t in range(3)])
+
+
+def test_output_that_is_an_input_is_refused(tmp_path):
+    base_path, model_paths = save_files(tmp_path, *make_models())
+    with pytest.raises(FedmergeError, match="is one of the inputs"):
+        merge_checkpoints(base_path, model_paths, model_paths[0], force=True)
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    base, models = make_models()
+    save_directory(tmp_path / "base", base, shards=2)
+    model_paths = save_files(tmp_path, base, models)[1]
+    calls = []
+
+    def fail_on_second_shard(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args)
+
+    import fedmerge.checkpoints.merge as merge_module
+    real = merge_module.write_shard
+    monkeypatch.setattr(merge_module, "write_shard", fail_on_second_shard)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        merge_checkpoints(tmp_path / "base", model_paths, tmp_path / "outputs" / "out")
+    assert os.listdir(tmp_path / "outputs") == []
