@@ -10,7 +10,10 @@ import sys
 from fedmerge import __version__
 from fedmerge.errors import FedmergeError
 
-COMMAND_MODULES = ("fedmerge.checkpoints.command",)
+COMMAND_MODULES = (
+    "fedmerge.simulations.command",
+    "fedmerge.checkpoints.command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

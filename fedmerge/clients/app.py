@@ -1,0 +1,86 @@
+"""The fedmerge ClientApp: fine-tune the received model on this client's task and reply per the contract.
+
+The same app serves simulation and real deployments. It reads the run's flat config (suite, seed,
+``training.*`` client table; see :mod:`fedmerge.config`) and its own row by ``partition-id`` from the
+node config; a deployed SuperNode may override its own settings there too
+(``--node-config "partition-id=0 num-partitions=2 lr=0.01 steps=200"``).
+"""
+
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmerge import contract
+from fedmerge.clients.corruption import corrupt
+from fedmerge.clients.settings import client_seed, client_table, corruptions, with_node_overrides
+from fedmerge.clients.trainer import total_steps, train
+from fedmerge.config import unflatten
+from fedmerge.errors import FedmergeError
+from fedmerge.tasks import load_suite
+
+ROUND_KEYS = ("num-rounds", "same-compute")
+"""Config keys the server adds to each train message: R, and whether K_t is split over the R rounds."""
+
+
+def round_steps(total: int, server_round: int, num_rounds: int, same_compute: bool) -> tuple[int, int]:
+    """(first step, steps) of round r: K_t split evenly over R rounds, or all K_t steps every round."""
+    if not same_compute:
+        return 0, total
+    first = (server_round - 1) * total // num_rounds
+    return first, server_round * total // num_rounds - first
+
+
+def local_training(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
+    """Train this client for one round on the message's arrays; the reply's content."""
+    config = unflatten(run_config)
+    client_id = int(node_config["partition-id"])
+    num_clients = int(config["clients"])
+    if "num-partitions" in node_config and int(node_config["num-partitions"]) != num_clients:
+        raise FedmergeError(
+            f"node config says num-partitions={node_config['num-partitions']} but the run has clients={num_clients}."
+        )
+    fed = load_suite(config["suite"], num_clients, config.get("suite_options", {}), int(config["seed"]))
+    task = fed.tasks[client_id]
+    settings = client_table(config.get("training", {}), num_clients, int(config["seed"]))[client_id]
+    settings = with_node_overrides(settings, node_config)
+
+    round_config = message.content[contract.CONFIG]
+    first, steps = round_steps(
+        total_steps(settings, len(task.train)),
+        int(round_config["server-round"]),
+        int(round_config.get("num-rounds", 1)),
+        bool(round_config.get("same-compute", True)),
+    )
+    received = message.content[contract.ARRAYS].to_torch_state_dict()
+    model = fed.model_from(received)
+    result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
+    own = fed.evaluate(model, task, "val")
+    kind, scale = corruptions(config.get("training", {}), num_clients)[client_id]
+    seed = client_seed(int(config["seed"]), client_id) + int(round_config["server-round"])
+    weights = corrupt(model.state_dict(), received, kind, scale, seed)
+    metrics = contract.train_reply_metrics(
+        num_examples=result.num_examples,
+        num_steps=result.num_steps,
+        lr_sum=result.lr_sum,
+        train_loss=result.train_loss,
+        client_id=client_id,
+        **{f"val-{key}": value for key, value in own.items()},
+    )
+    return RecordDict({contract.ARRAYS: ArrayRecord(weights), contract.METRICS: MetricRecord(metrics)})
+
+
+def client_app(run_config: Mapping | None = None) -> ClientApp:
+    """A ClientApp reading ``run_config`` if given (``run_simulation``), else the run's own config."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(message: Message, context: Context) -> Message:
+        content = local_training(context.run_config if run_config is None else run_config, context.node_config, message)
+        return Message(content=content, reply_to=message)
+
+    return app
+
+
+app = client_app()
+"""For ``flwr run`` and deployments: ``clientapp = "fedmerge.clients.app:app"``."""

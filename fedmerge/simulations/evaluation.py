@@ -1,0 +1,69 @@
+"""How a global model is judged: every task's test (or validation) metric, normalised by the client's own.
+
+Normalised accuracy of a merged model on task t is its accuracy on t divided by the accuracy of client t's
+own fine-tuned model θ0 + τ_t on t (the paper's measure). Suites scored by loss (quadratic) report loss
+and, where the suite knows its optima, distances to them.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedmerge.merging import TaskVector
+from fedmerge.merging.tensors import gram_matrix
+from fedmerge.tasks import Federation
+
+SCALING_GRID = tuple(round(0.05 * k, 2) for k in range(1, 41))
+"""Task Arithmetic's λ candidates, 0.05 to 2.00 (the paper's grid); β = λ·T."""
+FEDGMA_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+CCLIP_RADII = 5
+"""CCLIP's ρ candidates: this many values evenly spaced between the smallest and largest task-vector norm."""
+
+
+def state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return arrays.to_torch_state_dict()
+
+
+def evaluate(fed: Federation, arrays: ArrayRecord, split: str, own: Sequence[float] | None = None) -> dict:
+    """Per-task results on ``split`` and their means; ``normalized_accuracy`` when ``own`` accuracies are given."""
+    model = fed.model_from(state_dict(arrays))
+    tasks = []
+    for t, task in enumerate(fed.tasks):
+        result = {"task": task.name, **fed.evaluate(model, task, split)}
+        if own is not None and "accuracy" in result and own[t] > 0:
+            result["normalized_accuracy"] = result["accuracy"] / own[t]
+        tasks.append(result)
+    summary = {"tasks": tasks}
+    for key in ("accuracy", "normalized_accuracy", "loss"):
+        values = [r[key] for r in tasks if key in r]
+        if len(values) == len(tasks):
+            summary[f"mean_{key}"] = float(np.mean(values))
+    optimum = fed.optimum()
+    if optimum is not None:
+        summary["distance_to_optimum"] = distance(arrays, optimum["theta"])
+    return summary
+
+
+def distance(arrays: ArrayRecord, target: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
+    """‖θ − target‖ over all floating tensors (a single tensor target means a one-tensor model)."""
+    model = state_dict(arrays)
+    if isinstance(target, torch.Tensor):
+        target = {name: target.reshape(model[name].shape) for name in model}
+    return float(np.sqrt(gram_matrix([TaskVector(model, target)], list(model))[0, 0]))
+
+
+def score(summary: dict) -> float:
+    """What selection maximises: mean normalised accuracy, else mean accuracy, else −mean loss."""
+    for key in ("mean_normalized_accuracy", "mean_accuracy"):
+        if key in summary:
+            return summary[key]
+    return -summary["mean_loss"]
+
+
+def own_accuracies(fed: Federation, replies_arrays: Sequence[ArrayRecord], split: str) -> list[float] | None:
+    """Client t's fine-tuned accuracy on its own task t (None for suites scored by loss)."""
+    if fed.metric != "accuracy":
+        return None
+    return [fed.evaluate(state_dict(arrays), task, split)["accuracy"] for arrays, task in zip(replies_arrays, fed.tasks)]

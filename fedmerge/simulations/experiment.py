@@ -1,0 +1,197 @@
+"""One experiment on a Flower grid: one-shot merging and multi-round federated learning on the same clients.
+
+Runs inside the ServerApp. The one-shot round trains every client once; every strategy then merges those
+same replies (choosing λ, and ρ for FedGMA and CCLIP, on the validation splits). Each multi-round run is
+the strategy's own ``start()`` from θ0, with the clients splitting their local steps over the rounds.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedmerge import contract
+from fedmerge.clients.trainer import full_gradient
+from fedmerge.errors import FedmergeError
+from fedmerge.merging import TaskVector, apply_update
+from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, norms
+from fedmerge.merging.tensors import gram_matrix
+from fedmerge.simulations import evaluation
+from fedmerge.simulations.spec import Spec
+from fedmerge.strategies.arrays import RecordTensors
+from fedmerge.tasks import Federation, load_suite
+
+Progress = Callable[[str], None]
+
+
+class Experiment:
+    """Everything one spec asks for, run on ``grid``; :meth:`run` returns the results as plain data."""
+
+    def __init__(self, spec: Spec, grid: Grid, progress: Progress | None = None, timeout: float = 3600.0) -> None:
+        self.spec = spec
+        self.grid = grid
+        self.progress = progress or (lambda message: None)
+        self.timeout = timeout
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> dict:
+        spec = self.spec
+        start = time.perf_counter()
+        fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
+        base = ArrayRecord(fed.pretrained)
+        self.timings["suite"] = time.perf_counter() - start
+
+        replies = self._one_shot_replies(base)
+        clients = self._clients(fed, replies)
+        own_val = [c["own"]["val"].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
+        own_test = [c["own"]["test"].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
+        results = {
+            "suite": {"name": fed.suite, "options": fed.options, "metric": fed.metric, "tasks": [t.name for t in fed.tasks]},
+            "pretrained": evaluation.evaluate(fed, base, "test", own_test),
+            "clients": clients,
+            "diagnostics": self._diagnostics(fed, base, replies),
+            "runs": [],
+        }
+        for name in spec.strategies:
+            if 1 in spec.rounds:
+                started = time.perf_counter()
+                results["runs"].append(self._one_shot(fed, name, base, replies, own_val, own_test))
+                self.timings[f"{name}/1"] = time.perf_counter() - started
+        for rounds in sorted(r for r in spec.rounds if r > 1):
+            for name in spec.strategies:
+                started = time.perf_counter()
+                results["runs"].append(self._multi_round(fed, name, base, rounds, own_test))
+                self.timings[f"{name}/{rounds}"] = time.perf_counter() - started
+        results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return results
+
+    # -- the one-shot round -------------------------------------------------------------------------
+    def _one_shot_replies(self, base: ArrayRecord) -> list[Message]:
+        started = time.perf_counter()
+        sender = self.spec.build_strategy("fedavg")
+        messages = sender.configure_train(1, base, self._round_config(1), self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        failed = [r for r in replies if r.has_error()]
+        if failed:
+            raise FedmergeError(
+                f"client on node {failed[0].metadata.src_node_id} failed its local training: {failed[0].error.reason}"
+            )
+        replies.sort(key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID])
+        self.timings["client_training"] = time.perf_counter() - started
+        self.progress("clients fine-tuned (one-shot round)")
+        return replies
+
+    def _clients(self, fed: Federation, replies: Sequence[Message]) -> list[dict]:
+        configs = self.spec.client_configs()
+        clients = []
+        for reply in replies:
+            metrics = dict(reply.content[contract.METRICS])
+            t = int(metrics[contract.CLIENT_ID])
+            arrays = reply.content[contract.ARRAYS]
+            clients.append({
+                "id": t,
+                "task": fed.tasks[t].name,
+                "settings": {k: v for k, v in vars(configs[t]).items()},
+                "reply": metrics,
+                "own": {split: fed.evaluate(evaluation.state_dict(arrays), fed.tasks[t], split) for split in ("val", "test")},
+            })
+        return clients
+
+    def _diagnostics(self, fed: Federation, base: ArrayRecord, replies: Sequence[Message]) -> dict:
+        """Task-vector norms and cosines, and ζ² from every task's full gradient at θ0."""
+        started = time.perf_counter()
+        base_tensors = RecordTensors(base)
+        names = list(base)
+        task_vectors = [TaskVector(RecordTensors(r.content[contract.ARRAYS]), base_tensors) for r in replies]
+        gram = gram_matrix(task_vectors, names)
+        model = fed.model_from(fed.pretrained)
+        gradients = [full_gradient(model, task.train, fed.loss, task.head) for task in fed.tasks]
+        p = [1.0 / len(gradients)] * len(gradients)
+        self.task_vector_norms = norms(gram).tolist()
+        diagnostics = {
+            "task_vector_norms": self.task_vector_norms,
+            "cosine_similarity": cosine_similarities(gram).tolist(),
+            "zeta2": dissimilarity(gram_matrix(gradients, list(gradients[0])), p),
+        }
+        self.timings["diagnostics"] = time.perf_counter() - started
+        return diagnostics
+
+    def _one_shot(self, fed, name, base, replies, own_val, own_test) -> dict:
+        """Merge the one-shot replies, choosing λ (and ρ) on validation; report test figures at the choice."""
+        spec, num_clients = self.spec, len(replies)
+        candidates = [{}]
+        if spec.select and name == "fedgma":
+            candidates = [{"threshold": rho} for rho in evaluation.FEDGMA_THRESHOLDS]
+        elif spec.select and name == "cclip":
+            candidates = [{"radius": rho} for rho in _cclip_radii(self.task_vector_norms)]
+        scalings = evaluation.SCALING_GRID if spec.select else (spec.server["server_lr"] / num_clients,)
+        selection, best = [], None
+        for options in candidates:
+            strategy = spec.build_strategy(name, server_lr=1.0, **options)
+            merged, _ = strategy.merge_replies(1, replies, base)
+            for scaling in scalings:
+                arrays = _scaled(base, merged, scaling * num_clients)
+                val = evaluation.evaluate(fed, arrays, "val", own_val)
+                entry = {"scaling": scaling, **options, "val_score": evaluation.score(val)}
+                selection.append(entry)
+                if best is None or entry["val_score"] > best[0]["val_score"]:
+                    best = (entry, arrays, strategy.rounds[-1])
+        chosen, arrays, record = best
+        test = evaluation.evaluate(fed, arrays, "test", own_test)
+        self.progress(f"{name}: one-shot merged (λ={chosen['scaling']:g})")
+        return {
+            "strategy": name,
+            "rounds": 1,
+            "selected": {**chosen, "server_lr": chosen["scaling"] * num_clients},
+            "selection": selection,
+            "history": [{"round": 1, **test, "aggregation": record.to_dict()}],
+            "final": test,
+        }
+
+    # -- multi-round federated learning -------------------------------------------------------------
+    def _multi_round(self, fed, name, base, rounds, own_test) -> dict:
+        strategy = self.spec.build_strategy(name)
+        history = []
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            summary = evaluation.evaluate(fed, arrays, "test", own_test)
+            history.append({"round": server_round, **summary})
+            if server_round:
+                self.progress(f"{name}: round {server_round}/{rounds}")
+            return MetricRecord({k: v for k, v in summary.items() if isinstance(v, float)})
+
+        strategy.start(
+            grid=self.grid,
+            initial_arrays=base,
+            num_rounds=rounds,
+            timeout=self.timeout,
+            train_config=self._round_config(rounds),
+            evaluate_fn=evaluate_fn,
+        )
+        for entry, record in zip(history[1:], strategy.rounds):
+            entry["aggregation"] = record.to_dict()
+        server_lr = self.spec.server["server_lr"]
+        return {
+            "strategy": name,
+            "rounds": rounds,
+            "selected": {"server_lr": server_lr, "scaling": server_lr / self.spec.clients},
+            "history": history,
+            "final": history[-1],
+        }
+
+    def _round_config(self, rounds: int) -> ConfigRecord:
+        return ConfigRecord({"num-rounds": rounds, "same-compute": self.spec.same_compute})
+
+
+def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float) -> ArrayRecord:
+    """θ0 + β·Δ from θ0 and the β = 1 result θ0 + Δ."""
+    base_tensors, delta = RecordTensors(base), TaskVector(RecordTensors(merged), RecordTensors(base))
+    return ArrayRecord({name: apply_update(base_tensors[name], delta[name], server_lr) for name in base})
+
+
+def _cclip_radii(task_vector_norms: Sequence[float]) -> list[float]:
+    """CCLIP's ρ grid: evenly spaced between the smallest and the largest task-vector norm."""
+    low, high = min(task_vector_norms), max(task_vector_norms)
+    step = (high - low) / (evaluation.CCLIP_RADII - 1)
+    return sorted({max(low + k * step, 1e-12) for k in range(evaluation.CCLIP_RADII)})

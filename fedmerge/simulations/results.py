@@ -1,0 +1,120 @@
+"""The results store: one directory per run, JSON for machines and CSV for tables, written atomically.
+
+``results.json`` holds everything (spec, seed, versions, timings, clients, diagnostics, every run's
+per-round history); ``summary.csv`` one row per (strategy, rounds); ``tasks.csv`` one row per task of each;
+``rounds.csv`` one row per round; ``spec.toml`` the resolved spec, to run again.
+"""
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from fedmerge.errors import FedmergeError
+from fedmerge.simulations.spec import Spec
+
+SUMMARY_COLUMNS = (
+    "strategy", "rounds", "scaling_lambda", "server_lr_beta", "rho", "mean_accuracy", "mean_normalized_accuracy",
+    "mean_loss", "distance_to_optimum",
+)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("fedmerge", "flwr", "ray", "torch", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def summary_rows(results: dict) -> list[dict]:
+    rows = []
+    for run in results["runs"]:
+        final, selected = run["final"], run["selected"]
+        rows.append({
+            "strategy": run["strategy"],
+            "rounds": run["rounds"],
+            "scaling_lambda": selected.get("scaling"),
+            "server_lr_beta": selected.get("server_lr"),
+            "rho": selected.get("threshold", selected.get("radius")),
+            **{k: final.get(k) for k in SUMMARY_COLUMNS[5:]},
+        })
+    return rows
+
+
+def task_rows(results: dict) -> list[dict]:
+    return [
+        {"strategy": run["strategy"], "rounds": run["rounds"], **task}
+        for run in results["runs"] for task in run["final"]["tasks"]
+    ]
+
+
+def round_rows(results: dict) -> list[dict]:
+    rows = []
+    for run in results["runs"]:
+        for entry in run["history"]:
+            aggregation = entry.get("aggregation", {})
+            rows.append({
+                "strategy": run["strategy"], "rounds": run["rounds"], "round": entry["round"],
+                **{k: entry.get(k) for k in SUMMARY_COLUMNS[5:]},
+                "chi_square": aggregation.get("chi_square"),
+            })
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _toml(data: dict) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(data)
+
+
+def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None) -> Path:
+    """Write a run's directory atomically (a temporary directory beside it, then a rename); return its path.
+
+    ``run_dir`` names the directory; by default ``out/<name>-<timestamp>``. It must not exist yet.
+    """
+    started = started or dt.datetime.now()
+    run_dir = Path(run_dir) if run_dir else Path(out) / f"{spec.name}-{started:%Y%m%d-%H%M%S}"
+    if run_dir.exists():
+        raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "spec": spec.to_dict(),
+        "seed": spec.seed,
+        "started": started.isoformat(timespec="seconds"),
+        "versions": versions(),
+        **results,
+    }
+    files = {
+        "results.json": json.dumps(document, indent=1, default=float),
+        "summary.csv": _csv(summary_rows(results)),
+        "tasks.csv": _csv(task_rows(results)),
+        "rounds.csv": _csv(round_rows(results)),
+        "spec.toml": _toml(spec.to_dict()),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        os.replace(staging, run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return run_dir

@@ -1,0 +1,40 @@
+"""The fedmerge ServerApp: run the experiment its flat run config describes on the Flower grid."""
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedmerge.simulations.experiment import Experiment, Progress
+from fedmerge.simulations.results import write_results
+from fedmerge.simulations.spec import Spec
+
+DEFAULT_OUT = Path("results")
+
+
+def server_app(
+    run_config: Mapping | None = None,
+    on_results: Callable[[Spec, dict], None] | None = None,
+    progress: Progress | None = None,
+) -> ServerApp:
+    """A ServerApp for ``run_config`` if given (``run_simulation``), else the run's own config.
+
+    Results go to ``on_results`` when given, else into a new directory under ``results/``.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        spec = Spec.from_flat(context.run_config if run_config is None else run_config)
+        results = Experiment(spec, grid, progress).run()
+        if on_results is not None:
+            on_results(spec, results)
+        else:
+            write_results(spec, results, DEFAULT_OUT)
+
+    return app
+
+
+app = server_app()
+"""For ``flwr run``: ``serverapp = "fedmerge.simulations.serverapp:app"``."""

@@ -1,0 +1,125 @@
+"""The experiment spec and `fedmerge run`'s input handling: no Ray is started here."""
+
+import argparse
+
+import pytest
+
+from fedmerge import FedmergeError
+from fedmerge.cli import main
+from fedmerge.clients.app import round_steps
+from fedmerge.clients.settings import per_client, with_node_overrides
+from fedmerge.simulations.command import spec_from_args
+from fedmerge.simulations.presets import load_experiment, preset_names
+from fedmerge.simulations.spec import Spec
+
+BASE = {"suite": "quadratic", "clients": 4, "strategies": ["fedavg", "fednova"], "rounds": [1, 3],
+        "training": {"lr": 0.1, "steps": 30, "batch_size": 1000}}
+
+
+def spec(**changes):
+    return Spec.from_dict({**BASE, **changes})
+
+
+def args(experiment=None, *overrides, **flags):
+    return argparse.Namespace(experiment=experiment, overrides=list(overrides), strategy=flags.get("strategy"),
+                              rounds=flags.get("rounds"), seed=flags.get("seed"))
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_is_a_valid_spec(name):
+    assert Spec.from_dict(load_experiment(name)).name == name
+
+
+def test_the_default_preset_compares_one_shot_and_multi_round_for_every_strategy():
+    default = Spec.from_dict(load_experiment(None))
+    assert default.suite == "mnist1d" and 1 in default.rounds and max(default.rounds) > 1
+    assert set(default.strategies) == {"fedavg", "fednova", "fedgma", "median", "cclip"}
+    lrs = {c.lr for c in default.client_configs()}
+    assert len(lrs) == default.clients  # training heterogeneity
+
+
+def test_flat_run_config_round_trips():
+    original = spec(training={"lr": {"geometric": [0.01, 0.1]}, "steps": [10, 20, 40, 80], "optimizer": "adamw"})
+    flat = original.to_flat()
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    assert Spec.from_flat(flat) == original
+
+
+def test_command_line_overrides_map_onto_the_spec():
+    got = spec_from_args(args("quadratic", "clients=3", "training.steps=[5, 10, 20]", "strategy.fednova.normalize_by=steps",
+                              strategy=["fednova"], rounds=[1, 4], seed=7))
+    assert got.clients == 3 and got.strategies == ("fednova",) and got.rounds == (1, 4) and got.seed == 7
+    assert [c.steps for c in got.client_configs()] == [5, 10, 20]
+    assert got.build_strategy("fednova").normalize_by == "steps"
+
+
+def test_epochs_replace_steps():
+    assert [c.epochs for c in spec(training={"epochs": 2}).client_configs()] == [2] * 4
+
+
+def test_spreads_give_one_value_per_client():
+    assert per_client("steps", {"geometric": [10, 160]}, 5) == [10, 20, 40, 80, 160]
+    assert per_client("lr", {"linear": [0.1, 0.3]}, 3) == pytest.approx([0.1, 0.2, 0.3])
+    assert per_client("optimizer", "adamw", 2) == ["adamw", "adamw"]
+
+
+def test_round_steps_split_the_local_steps_over_rounds():
+    splits = [round_steps(10, r, 3, True) for r in (1, 2, 3)]
+    assert splits == [(0, 3), (3, 3), (6, 4)]
+    assert round_steps(10, 2, 3, False) == (0, 10)
+
+
+def test_a_supernode_overrides_its_own_settings():
+    row = spec().client_configs()[0]
+    changed = with_node_overrides(row, {"partition-id": 0, "lr": 0.5, "steps": 7})
+    assert (changed.lr, changed.steps, changed.batch_size) == (0.5, 7, row.batch_size)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"strategies": ["fedavg", "fedmedian"]}, "unknown strategy 'fedmedian' \\(did you mean 'median'\\?\\)"),
+        ({"suite": "mnist"}, "unknown suite 'mnist'"),
+        ({"rounds": []}, "'rounds' is empty"),
+        ({"clients": 0}, "'clients' must be an integer ≥ 1"),
+        ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
+        ({"training": {"lr": [0.1, 0.2]}}, "training option 'lr' lists 2 values for 4 clients"),
+        ({"training": {"lr": -0.1}}, "client 0: training option 'lr' must be a positive number"),
+        ({"training": {"steps": [10, 20, 10, -3]}}, "client 3: training option 'steps' must be a positive integer"),
+        ({"training": {"steps": 10, "epochs": 2}}, "give exactly one of the training options 'steps' and 'epochs'"),
+        ({"training": {"momentum": 0.9}}, "unknown key 'training.momentum'"),
+        ({"training": {"lr": {"exponential": [1, 2]}}}, "geometric = \\[low, high\\]"),
+        ({"suite": "mnist1d", "suite_options": {"alpha": 0}}, "alpha"),
+        ({"suite": "mnist1d", "suite_options": {"alfa": 0.5}}, "no option 'alfa'"),
+        ({"strategy": {"fedgma": {"threshold": 3}}}, "at most 1"),
+        ({"strategy": {"fedgma": {"rho": 0.3}}}, "unknown key 'strategy.fedgma.rho'"),
+        ({"server": {"server_lr": 0}}, "server_lr"),
+    ],
+)
+def test_bad_specs_are_refused_naming_the_culprit(changes, message):
+    with pytest.raises(FedmergeError, match=message):
+        spec(**changes)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["run", "missing.toml"], "no such experiment file"),
+        (["run", "quadratic", "--set", "clients"], "write KEY=VALUE"),
+        (["run", "quadratic", "--strategy", "krum"], "unknown strategy 'krum'"),
+        (["run", "quadratic", "--set", "training.steps=[1,2]"], "lists 2 values for 4 clients"),
+    ],
+)
+def test_bad_command_lines_exit_non_zero_with_a_message_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--out", str(tmp_path / "results")]) == 2
+    assert message.replace("\\", "") in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_unparsable_experiment_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "broken.toml"
+    bad.write_text("clients = [1, \n")
+    assert main(["run", str(bad)]) == 2
+    assert f"{bad} is not valid TOML" in capsys.readouterr().err
