@@ -52,16 +52,19 @@ class Experiment:
             "clients": clients,
             "diagnostics": self._diagnostics(fed, base, replies),
             "runs": [],
+            "models": {},
         }
         for name in spec.strategies:
             if 1 in spec.rounds:
                 started = time.perf_counter()
-                results["runs"].append(self._one_shot(fed, name, base, replies, own_val, own_test))
+                run, results["models"][f"{name}-r1"] = self._one_shot(fed, name, base, replies, own_val, own_test)
+                results["runs"].append(run)
                 self.timings[f"{name}/1"] = time.perf_counter() - started
         for rounds in sorted(r for r in spec.rounds if r > 1):
             for name in spec.strategies:
                 started = time.perf_counter()
-                results["runs"].append(self._multi_round(fed, name, base, rounds, own_test))
+                run, results["models"][f"{name}-r{rounds}"] = self._multi_round(fed, name, base, rounds, own_test)
+                results["runs"].append(run)
                 self.timings[f"{name}/{rounds}"] = time.perf_counter() - started
         results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return results
@@ -117,8 +120,8 @@ class Experiment:
         self.timings["diagnostics"] = time.perf_counter() - started
         return diagnostics
 
-    def _one_shot(self, fed, name, base, replies, own_val, own_test) -> dict:
-        """Merge the one-shot replies, choosing λ (and ρ) on validation; report test figures at the choice."""
+    def _one_shot(self, fed, name, base, replies, own_val, own_test) -> tuple[dict, dict]:
+        """Merge the one-shot replies, choosing λ (and ρ) on validation; test figures and model at the choice."""
         spec, num_clients = self.spec, len(replies)
         candidates = [{}]
         if spec.select and name == "fedgma":
@@ -147,10 +150,11 @@ class Experiment:
             "selection": selection,
             "history": [{"round": 1, **test, "aggregation": record.to_dict()}],
             "final": test,
-        }
+        }, evaluation.state_dict(arrays)
 
     # -- multi-round federated learning -------------------------------------------------------------
-    def _multi_round(self, fed, name, base, rounds, own_test) -> dict:
+    def _multi_round(self, fed, name, base, rounds, own_test) -> tuple[dict, dict]:
+        """R rounds of the strategy from θ0; per-round test figures and the final model."""
         strategy = self.spec.build_strategy(name)
         history = []
 
@@ -161,7 +165,7 @@ class Experiment:
                 self.progress(f"{name}: round {server_round}/{rounds}")
             return MetricRecord({k: v for k, v in summary.items() if isinstance(v, float)})
 
-        strategy.start(
+        result = strategy.start(
             grid=self.grid,
             initial_arrays=base,
             num_rounds=rounds,
@@ -178,7 +182,7 @@ class Experiment:
             "selected": {"server_lr": server_lr, "scaling": server_lr / self.spec.clients},
             "history": history,
             "final": history[-1],
-        }
+        }, evaluation.state_dict(result.arrays)
 
     def _round_config(self, rounds: int) -> ConfigRecord:
         return ConfigRecord({"num-rounds": rounds, "same-compute": self.spec.same_compute})

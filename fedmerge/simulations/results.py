@@ -2,7 +2,8 @@
 
 ``results.json`` holds everything (spec, seed, versions, timings, clients, diagnostics, every run's
 per-round history); ``summary.csv`` one row per (strategy, rounds); ``tasks.csv`` one row per task of each;
-``rounds.csv`` one row per round; ``spec.toml`` the resolved spec, to run again.
+``rounds.csv`` one row per round; ``spec.toml`` the resolved spec, to run again; ``models/`` each run's
+final global model (``<strategy>-r<rounds>.safetensors``).
 """
 
 import csv
@@ -15,6 +16,8 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from safetensors.torch import save_file
 
 from fedmerge.errors import FedmergeError
 from fedmerge.simulations.spec import Spec
@@ -95,6 +98,8 @@ def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | N
     if run_dir.exists():
         raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    results = dict(results)
+    models = results.pop("models", {})
     document = {
         "spec": spec.to_dict(),
         "seed": spec.seed,
@@ -113,6 +118,9 @@ def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | N
     try:
         for name, text in files.items():
             (staging / name).write_text(text)
+        (staging / "models").mkdir()
+        for name, state in models.items():
+            save_file({k: v.contiguous() for k, v in state.items()}, staging / "models" / f"{name}.safetensors")
         os.replace(staging, run_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

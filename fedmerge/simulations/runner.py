@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 from flwr.simulation import run_simulation
@@ -51,14 +52,20 @@ def units_of_work(spec: Spec) -> int:
 
 @contextlib.contextmanager
 def quiet_flower():
-    """Keep Flower's and Ray's per-round logging out of the progress display."""
+    """Keep Flower's and Ray's per-round logging (and run_simulation's deprecation notice) off the display.
+
+    Errors still show; fedmerge's own warnings (clients left out of a round) too.
+    """
     loggers = [logging.getLogger(name) for name in ("flwr", "ray")]
     levels = [logger.level for logger in loggers]
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     for logger in loggers:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
