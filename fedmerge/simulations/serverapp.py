@@ -1,5 +1,6 @@
 """The fedmerge ServerApp: run the experiment its flat run config describes on the Flower grid."""
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from fedmerge.simulations.experiment import Experiment, Progress
 from fedmerge.simulations.results import write_results
 from fedmerge.simulations.spec import Spec
 
-DEFAULT_OUT = Path("results")
+RESULTS_ENV = "FEDMERGE_RESULTS"
+"""Where a ServerApp run by ``flwr run`` writes its results directories (default ``results``)."""
 
 
 def server_app(
@@ -20,7 +22,8 @@ def server_app(
 ) -> ServerApp:
     """A ServerApp for ``run_config`` if given (``run_simulation``), else the run's own config.
 
-    Results go to ``on_results`` when given, else into a new directory under ``results/``.
+    Results go to ``on_results`` when given, else into a new directory under ``$FEDMERGE_RESULTS``
+    (default ``results/``).
     """
     app = ServerApp()
 
@@ -31,7 +34,7 @@ def server_app(
         if on_results is not None:
             on_results(spec, results)
         else:
-            write_results(spec, results, DEFAULT_OUT)
+            write_results(spec, results, Path(os.environ.get(RESULTS_ENV, "results")))
 
     return app
 
