@@ -194,6 +194,19 @@ def test_a_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch,
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_trainer_directory_uses_its_model_file_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base, models = make_models()
+    save_files(tmp_path, base, models)
+    (tmp_path / "trainer").mkdir()
+    torch.save(models[0], tmp_path / "trainer" / "pytorch_model.bin")
+    torch.save({"args": Exploit()}, tmp_path / "trainer" / "training_args.bin")
+    models_paths = [str(tmp_path / "trainer"), str(tmp_path / "model1.safetensors")]
+    out = merge_checkpoints(tmp_path / "base.safetensors", models_paths, tmp_path / "m.safetensors")
+    assert_same(load_file(out), merged_model(FedAvgRule(), base, models[:2]))
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_command_reports_what_it_wrote(tmp_path, capsys):
     base_path, model_paths = save_files(tmp_path, *make_models())
     out = tmp_path / "merged.safetensors"

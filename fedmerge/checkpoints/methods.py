@@ -82,9 +82,10 @@ def resolve_server_lr(num_models: int, scaling: float | None = None, server_lr: 
         raise FedmergeError(
             f"give scaling λ (--scaling) or server_lr β (--server-lr), not both: β = λ·T = {scaling} × {num_models}."
         )
-    beta = 1.0 if scaling is None and server_lr is None else (
-        scaling_to_server_lr(scaling, num_models) if scaling is not None else server_lr
-    )
+    if scaling is not None:
+        beta = scaling_to_server_lr(scaling, num_models)
+    else:
+        beta = 1.0 if server_lr is None else server_lr
     if not math.isfinite(beta) or beta == 0:
         raise FedmergeError(f"the server learning rate β must be a finite non-zero number, got {beta!r}.")
     return float(beta)

@@ -39,9 +39,9 @@ class MergeProgress:
         """Yield ``items``, advancing the tensor bar after each."""
         self._progress.update(self._tensors, description="tensors merged")
         for item in items:
+            self._progress.advance(self._tensors)
             yield item
             del item  # let the tensor go before the next one is merged
-            self._progress.advance(self._tensors)
 
     def shard_done(self) -> None:
         self._progress.advance(self._shards)

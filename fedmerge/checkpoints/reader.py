@@ -19,6 +19,7 @@ from fedmerge.checkpoints.safetensors_format import TensorSpec, nbytes, read_hea
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 INDEX_SUFFIX = ".index.json"
+STANDARD_NAMES = ("model.safetensors", "pytorch_model.bin")  # beside them, e.g. training_args.bin is no model
 
 
 class SafetensorsFile:
@@ -92,7 +93,8 @@ def _open_file(path: Path) -> SafetensorsFile | TorchFile:
 def find_weight_files(path: Path) -> tuple[list[Path], Path | None]:
     """The weight files of ``path`` (a file or a model directory) and the index listing them, if any.
 
-    In a directory, safetensors is preferred to PyTorch files, and an index to a lone file.
+    In a directory, safetensors is preferred to PyTorch files, an index to a lone file, and the standard
+    names (model.safetensors, pytorch_model.bin) to other files.
     """
     if path.is_file():
         return [path], None
@@ -105,6 +107,7 @@ def find_weight_files(path: Path) -> tuple[list[Path], Path | None]:
         if indexes:
             return _indexed_files(indexes[0]), indexes[0]
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
+        files = [p for p in files if p.name in STANDARD_NAMES] or files
         if len(files) > 1:
             raise FedmergeError(
                 f"{path}: several weight files ({', '.join(p.name for p in files)}) and no *.index.json listing "
