@@ -13,6 +13,8 @@ from fedmerge.errors import FedmergeError
 COMMAND_MODULES = (
     "fedmerge.simulations.command",
     "fedmerge.checkpoints.command",
+    "fedmerge.simulations.sweep_command",
+    "fedmerge.report.command",
 )
 
 

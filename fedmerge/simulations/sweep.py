@@ -229,7 +229,10 @@ def _slug(levels: Mapping[str, str], limit: int = 60) -> str:
     parts = []
     for axis, label in levels.items():
         short = axis.split(".")[-1]
-        parts.append(f"{short}{label}" if not label.startswith(short) else label)
+        if label.startswith(short):
+            parts.append(label)
+        else:
+            parts.append(f"{short}{label}" if label[:1].isdigit() or label[:1] in "-." else f"{short}-{label}")
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(parts)).strip("-")
     return (slug[:limit].rstrip("-") or "cell")
 
@@ -340,16 +343,17 @@ def run_sweep(
     """Run every cell not finished yet into ``sweep_dir``; return the manifest (also in ``sweep.json``)."""
     sweep_dir = Path(sweep_dir)
     existing = sweep_dir / MANIFEST
+    timings: dict[str, float] = {}
     if existing.exists():
         try:
-            json.loads(existing.read_text())
-        except ValueError:
+            previous = json.loads(existing.read_text())
+            timings.update({c["id"]: c["seconds"] for c in previous.get("cells", []) if "seconds" in c})
+        except (ValueError, TypeError, KeyError, AttributeError):
             raise FedmergeError(f"{existing} is not valid JSON (a damaged manifest); remove it to let the sweep rewrite it.") from None
-    elif sweep_dir.exists() and any(sweep_dir.iterdir()):
+    elif sweep_dir.exists() and any(p.name != CELLS for p in sweep_dir.iterdir()):
         raise FedmergeError(f"{sweep_dir} exists and is not a sweep directory (no {MANIFEST}); choose another --out.")
     runner = runner or _default_runner(show_progress)
     (sweep_dir / CELLS).mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     write_json_atomic(sweep_dir / MANIFEST, manifest(sweep, sweep_dir, timings))
     todo = [cell for cell in sweep.cells if not is_complete(cell_dir(sweep_dir, cell))]
     done = len(sweep.cells) - len(todo)

@@ -1,0 +1,30 @@
+"""``fedmerge report``: one run or a sweep → Markdown and self-contained HTML with tables and figures."""
+
+import argparse
+from pathlib import Path
+
+REPORT_HELP = """\
+Turn results into a report: report.md (figures as PNG files in figures/) and report.html (one self-contained
+file, figures embedded). DIR is a run directory (results.json), a sweep directory (sweep.json) or a folder of
+run directories. Means over seeds with 95% confidence intervals (Student's t).
+
+examples:
+  fedmerge report results/quadratic-20250101-120000
+  fedmerge report results/sweeps/study-data-heterogeneity --out my-report
+"""
+
+
+def register(subparsers) -> None:
+    report = subparsers.add_parser("report", help="write a Markdown and HTML report of a run or a sweep",
+                                   description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("directory", type=Path, metavar="DIR", help="a run directory, a sweep directory or a folder of runs")
+    report.add_argument("--out", type=Path, metavar="OUT", help="the report directory (default: DIR/report); replaced whole")
+    report.set_defaults(handler=report_command)
+
+
+def report_command(args) -> int:
+    from fedmerge.report.document import write_report
+
+    path = write_report(args.directory, args.out)
+    print(f"report: {path / 'report.md'}  and  {path / 'report.html'} (self-contained)")
+    return 0

@@ -1,0 +1,109 @@
+"""fedmerge report on small synthetic results directories (no Ray)."""
+
+import json
+import math
+import re
+
+import pytest
+from scipy import stats
+
+from fedmerge.cli import main
+from fedmerge.errors import FedmergeError
+from fedmerge.report import load_runs, write_report
+from fedmerge.report.records import aggregate, rows
+from fedmerge.report.stats import mean_ci
+from report_data import write_run, write_sweep
+
+
+def test_mean_ci_is_the_t_interval():
+    values = [0.5, 0.6, 0.7, 0.65]
+    mean, half, n = mean_ci(values)
+    sem = stats.sem(values)
+    assert mean == pytest.approx(0.6125) and n == 4
+    assert half == pytest.approx(stats.t.ppf(0.975, 3) * sem)
+    assert math.isnan(mean_ci([0.4])[1])
+
+
+def test_a_single_run_gives_markdown_html_and_readable_figures(tmp_path):
+    run = write_run(tmp_path / "run")
+    out = write_report(run)
+    assert out == run / "report"
+    markdown = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert {"per-round.png", "one-shot-vs-multi-round.png", "cosine-similarity.png", "effective-weights.png"} <= set(figures)
+    for name in figures:
+        assert f"figures/{name}" in markdown
+    assert html.count("data:image/png;base64,") == len(figures)
+    assert not re.search(r"src=['\"](?!data:)", html), "the HTML must not reference outside files"
+    assert "| setting | strategy | rounds |" in markdown and "fedavg" in markdown
+
+
+def test_a_sweep_is_averaged_over_seeds_with_intervals(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep")
+    collection = load_runs(sweep)
+    assert len(collection.runs) == 9 and collection.axes == ["suite_options.alpha"]
+    table = aggregate(rows(collection), ("group", "strategy", "rounds"), ["mean_normalized_accuracy"])
+    assert {entry["n"] for entry in table} == {3}
+    out = write_report(sweep, tmp_path / "out")
+    markdown = (out / "report.md").read_text()
+    assert "±" in markdown
+    assert (out / "figures" / "normalized-accuracy-vs-alpha.png").exists()
+    assert "suite_options.alpha=0.1" in markdown
+
+
+def test_lr_spread_and_corrupted_clients_get_their_figures(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "a", lrs=[0.05, 0.05, 0.05])
+    write_run(root / "b", lrs=[0.01, 0.05, 0.1])
+    write_run(root / "c", corruption=["sign-flip", "none", "none"], seed=1)
+    out = write_report(root)
+    names = {p.name for p in (out / "figures").glob("*.png")}
+    assert "normalized-accuracy-vs-lr-spread.png" in names
+    assert "accuracy-vs-corrupted.png" in names
+
+
+@pytest.mark.parametrize("damage", ["truncate", "not-json", "no-runs"])
+def test_a_damaged_results_file_is_named_and_the_old_report_is_kept(tmp_path, damage, capsys):
+    run = write_run(tmp_path / "run")
+    write_report(run)
+    before = (run / "report" / "report.md").read_text()
+    path = run / "results.json"
+    text = path.read_text()
+    if damage == "truncate":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "not-json":
+        path.write_text("<html>")
+    else:
+        data = json.loads(text)
+        del data["runs"]
+        path.write_text(json.dumps(data))
+    assert main(["report", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert str(path) in error and "Traceback" not in error
+    assert (run / "report" / "report.md").read_text() == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".report")]
+
+
+def test_a_directory_without_results_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no results in" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+def test_a_damaged_sweep_manifest_is_named(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep", alphas=(1.0,), seeds=(0,))
+    (sweep / "sweep.json").write_text('{"cells": [')
+    with pytest.raises(FedmergeError, match="sweep.json is not valid JSON"):
+        load_runs(sweep)
+
+
+def test_unfinished_sweep_cells_are_left_out_and_said_so(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep", alphas=(0.1, 1.0), seeds=(0,))
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    manifest["cells"].append({"id": "not-run", "dir": "cells/not-run", "levels": {}})
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    out = write_report(sweep)
+    assert "1 sweep cell(s) have no results yet" in (out / "report.md").read_text()
