@@ -283,7 +283,7 @@ def effective_weights(collection: Collection) -> Figure | None:
         ax.set_ylabel("weight (sums to 1)")
         chi = aggregation.get("chi_square")
         ax.set_title(f"{group}\nχ²(p‖w) = {chi:.3g}, a_t = {aggregation.get('effective_steps_key')}" if chi is not None else group, fontsize=10)
-        ax.legend(loc="upper left")
+        ax.legend(loc="best")
     fig.suptitle("Effective weights of plain averaging (first round, first seed)")
     fig.tight_layout()
     return Figure("effective-weights.png", "Averaging weights p_t against the effective weights w_t = p_t a_t / Σ p_s a_s "
