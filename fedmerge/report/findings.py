@@ -137,8 +137,12 @@ def claim_training_heterogeneity(collection: Collection) -> Claim:
     rows = []
     for level in levels:
         chi = mean_ci([r["chi_square"] for r in records.select(table, **{key: level, "strategy": "fedavg"})])
-        rows.append([level, _fmt(chi), *(_fmt(_stat(table, **{key: level, "strategy": s})) for s in strategies)])
-    claim.body.append(_md_table(Table(["spread (lr and steps, max/min each)", "χ²(p‖w)", *strategies], rows)))
+        own = _stat(table, "own_accuracy", **{key: level, "strategy": "fedavg"})
+        base = _stat(table, "pretrained_accuracy", **{key: level, "strategy": "fedavg"})
+        rows.append([level, _fmt(chi), _fmt(base), _fmt(own), *(_fmt(_stat(table, **{key: level, "strategy": s})) for s in strategies)])
+    claim.body.append("Normalized accuracy of one-shot merging (λ, ρ chosen on validation) for each strategy; θ0's and the "
+                      "clients' own fine-tuned test accuracy for context:\n\n" + _md_table(Table(
+                          ["spread (lr and steps, max/min each)", "χ²(p‖w)", "θ0 accuracy", "own accuracy", *strategies], rows)))
     low, high = levels[0], levels[-1]
     ta_low, ta_high = _stat(table, **{key: low, "strategy": "fedavg"})[0], _stat(table, **{key: high, "strategy": "fedavg"})[0]
     nova_high = _stat(table, **{key: high, "strategy": "fednova"})[0]

@@ -103,6 +103,7 @@ def rows(collection: Collection) -> list[dict]:
             "zeta2": data.get("diagnostics", {}).get("zeta2"),
             "mean_cosine": mean_cosine(data),
             "pretrained_accuracy": data.get("pretrained", {}).get("mean_accuracy"),
+            "own_accuracy": _mean([c.get("own", {}).get("test", {}).get("accuracy") for c in data.get("clients", [])]),
             **{f"level:{k}": v for k, v in run.levels.items()},
             **factors(run),
         }
@@ -154,6 +155,11 @@ def select(table: Sequence[dict], **conditions) -> list[dict]:
 
 def where(table: Sequence[dict], predicate: Callable[[dict], bool]) -> list[dict]:
     return [r for r in table if predicate(r)]
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _hashable(value):
