@@ -112,17 +112,20 @@ def build_report(collection: Collection) -> Report:
     if rounds_figure or compare:
         sections.append(Section("Rounds", "Federated learning round by round, and one-shot merging against R rounds at the "
                                 "same local compute.", figures=[f for f in (rounds_figure, compare) if f]))
-    factor_figures = []
+    factor_figures, drawn = [], []
     for factor in records.FACTORS:
         metric = "mean_accuracy" if factor == "corrupted" and accuracy else main
         figure = figures.against(table, factor, metric)
         if figure:
             factor_figures.append(figure)
             shown.extend(records.FACTOR_KEYS[factor])
+            drawn.append(factor)
     for axis in collection.axes:
         keys = next((a["keys"] for a in collection.manifest["axes"] if a["name"] == axis), [axis])
-        if all(any(k == s for s in shown) for k in keys):
-            continue
+        levels = records.varying(table, f"level:{axis}")
+        resolved = {tuple(r.get(f) for f in drawn) for r in table if r.get(f"level:{axis}") is not None}
+        if all(k in shown for k in keys) and len(resolved) >= len(levels):
+            continue  # the factor figures already tell this axis's levels apart
         labels = next(a["labels"] for a in collection.manifest["axes"] if a["name"] == axis)
         figure = figures.against_levels(table, axis, labels, "mean_accuracy" if any(
             k.startswith("training.corruption") for k in keys) and accuracy else main)
