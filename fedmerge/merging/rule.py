@@ -1,6 +1,7 @@
 """The shape of a merging rule and the driver that runs one over task vectors, chunk by chunk."""
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ from fedmerge.merging.tensors import (
     CHUNK, Tensors, TaskVector, apply_update, chunk_of, chunks, is_floating, operand_dtype, operands,
 )
 from fedmerge.merging.weights import client_weights
+from fedmerge.threads import available_cores, single_threaded
 
 
 class Rule:
@@ -56,27 +58,50 @@ def iter_merge(
     """Yield ``(name, Δ)`` tensor by tensor; Δ is in the accumulation dtype (int64 for integer buffers).
 
     If ``squared_norms`` (length T) is given, each client's ‖τ_t‖² over the floating tensors is added to it.
+    Chunks of a tensor are shared among worker threads, each running torch single-threaded.
     """
     if not task_vectors:
         raise FedmergeError("nothing to merge: give at least one task vector (one client).")
     names = list(task_vectors[0]) if names is None else list(names)
-    rule.prepare(task_vectors, names)
-    for name in names:
-        ops = operands(task_vectors, name)
-        if not is_floating(ops[0]):
-            yield name, rule.merge_integer(ops)
-            continue
-        dtype = operand_dtype(ops[0])
-        out = torch.empty(ops[0].shape, dtype=dtype)
-        flat_out = out.view(-1)
+    workers = available_cores()
+    with ThreadPoolExecutor(workers) as pool:
+        with single_threaded():
+            rule.prepare(task_vectors, names)
+        for name in names:
+            ops = operands(task_vectors, name)
+            if not is_floating(ops[0]):
+                yield name, rule.merge_integer(ops)
+                continue
+            with single_threaded():
+                out, norms = _merge_floating(rule, name, ops, pool, workers)
+            if squared_norms is not None:
+                squared_norms += norms
+            yield name, out
+
+
+def _merge_floating(
+    rule: Rule, name: str, ops: list, pool: ThreadPoolExecutor, workers: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Δ for one floating tensor, its chunks split into contiguous ranges, one per worker; and each ‖τ_t‖²."""
+    dtype = operand_dtype(ops[0])
+    out = torch.empty(ops[0].shape, dtype=dtype)
+    flat_out = out.view(-1)
+    slices = list(chunks(flat_out.numel()))
+    workers = min(workers, len(slices))
+    ranges = [slices[k * len(slices) // workers : (k + 1) * len(slices) // workers] for k in range(workers)]
+
+    def work(part: list[slice]) -> np.ndarray:
         scratch = torch.empty(len(ops), min(CHUNK, flat_out.numel()), dtype=dtype)
-        for s in chunks(flat_out.numel()):
+        norms = np.zeros(len(ops))
+        for s in part:
             size = s.stop - s.start
             values = [chunk_of(op, s, dtype, buffer[:size]) for op, buffer in zip(ops, scratch)]
-            if squared_norms is not None:
-                squared_norms += [float(torch.dot(v, v)) for v in values]
+            norms += [float(torch.dot(v, v)) for v in values]
             rule.merge_chunk(name, s, values, flat_out[s])
-        yield name, out
+        return norms
+
+    parts = [work(ranges[0])] if workers == 1 else list(pool.map(work, ranges))
+    return out, np.sum(parts, axis=0)
 
 
 def merge(rule: Rule, task_vectors: Sequence[Tensors]) -> dict[str, torch.Tensor]:
