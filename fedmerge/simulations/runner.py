@@ -37,9 +37,9 @@ def check_runnable(spec: Spec) -> None:
 def backend_config(spec: Spec) -> dict:
     engine = spec.engine
     config = {"client_resources": {"num_cpus": float(engine["client_cpus"]), "num_gpus": float(engine["client_gpus"])}}
-    init_args = {"logging_level": logging.ERROR, "log_to_driver": False}
-    if engine["ray_address"]:
-        init_args["address"] = engine["ray_address"]
+    # "local" always starts a fresh Ray: a bare ray.init() would try the cluster that `ray start` last
+    # recorded on this machine (/tmp/ray/ray_current_cluster) and hang if that cluster is gone.
+    init_args = {"logging_level": logging.ERROR, "log_to_driver": False, "address": engine["ray_address"] or "local"}
     config["init_args"] = init_args
     return config
 
