@@ -15,6 +15,7 @@ so they compute the same θ + λ·Σ_t τ_t.
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -113,21 +114,22 @@ sys.stderr.write(result.stderr[-4000:] if result.returncode else "")
 """
 
 
-def measure(command: list[str], out: Path, repeat: int) -> tuple[float, float]:
-    """Run a command writing ``out`` ``repeat`` times; returns its best wall time (s) and peak RSS (MiB)."""
-    best, peak = float("inf"), 0.0
-    for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
-        best = min(best, time.perf_counter() - start)
-        first, _, rest = result.stderr.partition("\n")
-        maxrss, returncode = (int(x) for x in first.split())
-        if returncode != 0:
-            sys.stdout.write(rest)
-            raise SystemExit(f"command failed with exit code {returncode}: {' '.join(command)}")
-        peak = max(peak, maxrss / 1024)
-    return best, peak
+def measure(command: list[str], out: Path) -> tuple[float, float]:
+    """Run a command that writes ``out``; returns its wall time (s) and peak resident memory (MiB).
+
+    Dirty pages are flushed first (untimed), so no run pays for writing back a previous one's files.
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    first, _, rest = result.stderr.partition("\n")
+    maxrss, returncode = (int(x) for x in first.split())
+    if returncode != 0:
+        sys.stdout.write(rest)
+        raise SystemExit(f"command failed with exit code {returncode}: {' '.join(command)}")
+    return elapsed, maxrss / 1024
 
 
 def read_merged(directory: Path) -> dict[str, torch.Tensor]:
@@ -177,7 +179,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--scaling", type=float, default=0.3, help="Task Arithmetic's λ (mergekit's weight)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each merge; the best time is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each merge; the best time is kept")
     parser.add_argument("--methods", nargs="*", default=["median", "cclip"],
                         help="other fedmerge methods to time (mergekit has no equivalent)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
@@ -204,18 +206,20 @@ def main() -> None:
 
         fedmerge = [sys.executable, "-m", "fedmerge.cli", "merge", "--base", str(work / "base"), "--models",
                     *map(str, models), "--quiet"]
-        rows = {}
         out = work / "fedmerge"
-        command = [*fedmerge, "--scaling", str(args.scaling), "--out", str(out)]
-        rows["fedmerge task-arithmetic"] = measure(command, out, args.repeat)
+        runs = {"fedmerge task-arithmetic": ([*fedmerge, "--scaling", str(args.scaling), "--out", str(out)], out)}
         if why_not is None:
             for precision in ("float32", "bfloat16"):
                 out, config_file = work / precision, mergekit_config(work, models, args.scaling, precision == "float32")
-                command = [str(MERGEKIT), str(config_file), str(out), "--quiet"]
-                rows[f"mergekit ({precision} math)"] = measure(command, out, args.repeat)
+                runs[f"mergekit ({precision} math)"] = ([str(MERGEKIT), str(config_file), str(out), "--quiet"], out)
         for method in args.methods:
             out = work / method
-            rows[f"fedmerge {method}"] = measure([*fedmerge, "--method", method, "--out", str(out)], out, args.repeat)
+            runs[f"fedmerge {method}"] = ([*fedmerge, "--method", method, "--out", str(out)], out)
+        rows = {label: (float("inf"), 0.0) for label in runs}
+        for _ in range(args.repeat):  # rounds over all merges, so a busy moment hits them alike
+            for label, (command, out) in runs.items():
+                elapsed, rss = measure(command, out)
+                rows[label] = (min(rows[label][0], elapsed), max(rows[label][1], rss))
 
         print(f"\n{'merge (best of ' + str(args.repeat) + ')':<28}{'time (s)':>10}{'peak RSS (MiB)':>16}")
         for label, (elapsed, rss) in rows.items():
