@@ -9,7 +9,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from fedmerge import __version__
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import Rule, iter_merged_model
+from fedmerge.threads import single_threaded
 from fedmerge.checkpoints.methods import build_rule, resolve_server_lr
 from fedmerge.checkpoints.progress import MergeProgress
 from fedmerge.checkpoints.reader import Checkpoint
@@ -29,18 +30,6 @@ CONVENTION = (
     "merged = base + server_lr * delta, delta the rule's mean-scale update (FedAvg: the mean task vector); "
     "Task Arithmetic's scaling lambda = server_lr / T"
 )
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch single-threaded: the merge is many cache-sized element-wise steps, memory-bound, for which
-    intra-op threads add a synchronisation per step and, on a busy machine, spin (measured 3× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _ReuseLast(Mapping[str, torch.Tensor]):
@@ -127,7 +116,7 @@ def merge_checkpoints(
     check_output(out, [Path(base), *map(Path, models)], force)
 
     with ExitStack() as stack:
-        stack.enter_context(_one_thread())
+        stack.enter_context(single_threaded())
         source = stack.enter_context(Checkpoint(base))
         finetuned = [stack.enter_context(Checkpoint(model)) for model in models]
         check_compatible(source, finetuned)

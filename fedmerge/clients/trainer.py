@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from fedmerge.errors import FedmergeError
 from fedmerge.tasks import Task
-from fedmerge.tasks.threads import single_threaded
+from fedmerge.threads import single_threaded
 
 OPTIMIZERS = ("sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -162,7 +162,7 @@ def train(
         seeded by (``config.seed``, ``first_step``), so a call is reproducible and the global RNG is untouched.
     head : model head to train; default ``task.head``.
 
-    Runs single-threaded (:mod:`fedmerge.tasks.threads`). Minibatches are drawn without replacement and
+    Runs single-threaded (:mod:`fedmerge.threads`). Minibatches are drawn without replacement and
     drop the ragged tail of each pass. Returns a :class:`TrainResult` for those steps.
     """
     x, y = task.train.tensors

@@ -97,7 +97,7 @@ class CClipRule(Rule):
             weighted_sum_into(out, [center, *values], self.coeffs)
 
     def params(self) -> dict:
-        return {"rule": self.name, "radius": self.radius_used or self.radius, "iterations": self.iterations}
+        return {"rule": self.name, "radius": self.radius if self.radius_used is None else self.radius_used, "iterations": self.iterations}
 
 
 def cclip(

@@ -77,6 +77,7 @@ def iter_merge(
             if squared_norms is not None:
                 squared_norms += norms
             yield name, out
+            del out  # the caller holds it now; keep at most one Δ alive while the next tensor is read
 
 
 def _merge_floating(
@@ -121,7 +122,9 @@ def iter_merged_model(
     """Yield ``(name, θ + β·Δ)`` tensor by tensor, with Δ the rule over τ_t = θ_t − θ, in θ's dtypes."""
     task_vectors = [TaskVector(model, base) for model in finetuned]
     for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
-        yield name, apply_update(base[name], delta, server_lr)
+        updated = apply_update(base[name], delta, server_lr)
+        del delta
+        yield name, updated
 
 
 def merged_model(

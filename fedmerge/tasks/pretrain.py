@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedmerge.tasks.threads import single_threaded
+from fedmerge.threads import single_threaded
 
 
 def pretrain(
@@ -28,7 +28,7 @@ def pretrain(
         improvable by fine-tuning.
     seed : seeds the minibatch draws (a local generator; the global RNG is untouched).
 
-    Runs single-threaded (:mod:`fedmerge.tasks.threads`).
+    Runs single-threaded (:mod:`fedmerge.threads`).
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
