@@ -240,8 +240,6 @@ def claim_remedies(training: Collection | None, data: Collection | None) -> Clai
 
 # -- claim 5 ------------------------------------------------------------------------------------------
 def claim_objective_inconsistency(collection: Collection) -> Claim:
-    from fedmerge.tasks import load_suite  # the suite's exact task optima c_t (the results store c̄ only)
-
     claim = Claim(5, "Objective inconsistency on the quadratic suite",
                   "Multi-round FedAvg with heterogeneous local steps converges to the optimum θ_w of the w-weighted objective "
                   "Σ w_t L_t; FedNova to the true optimum θ* of Σ p_t L_t.")
@@ -249,10 +247,9 @@ def claim_objective_inconsistency(collection: Collection) -> Claim:
     rows, checks = [], []
     for run in collection.runs:
         data = run.data
-        fed = load_suite("quadratic", len(data["clients"]), data["suite"]["options"], run.seed)
-        optimum = fed.optimum()
-        centers = np.stack([c.double().numpy() for c in optimum["tasks"]])
-        theta_star = optimum["theta"].double().numpy()
+        optimum = data["suite"]["optimum"]  # the quadratic suite's task optima c_t and θ* = c̄
+        centers = np.array(optimum["tasks"], dtype=np.float64)
+        theta_star = np.array(optimum["theta"], dtype=np.float64)
         p = np.full(len(centers), 1 / len(centers))
         eta = np.array([c["settings"]["lr"] for c in data["clients"]])
         steps = np.array([c["settings"]["steps"] for c in data["clients"]])

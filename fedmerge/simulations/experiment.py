@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedmerge import contract
+from fedmerge.clients.settings import corruptions
 from fedmerge.clients.trainer import full_gradient
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import TaskVector, apply_update
@@ -46,8 +47,13 @@ class Experiment:
         clients = self._clients(fed, replies)
         own_val = [c["own"]["val"].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
         own_test = [c["own"]["test"].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
+        optimum = fed.optimum()
         results = {
-            "suite": {"name": fed.suite, "options": fed.options, "metric": fed.metric, "tasks": [t.name for t in fed.tasks]},
+            "suite": {
+                "name": fed.suite, "options": fed.options, "metric": fed.metric, "tasks": [t.name for t in fed.tasks],
+                **({"optimum": {"theta": optimum["theta"].tolist(), "tasks": [c.tolist() for c in optimum["tasks"]]}}
+                   if optimum is not None else {}),
+            },
             "pretrained": evaluation.evaluate(fed, base, "test", own_test),
             "clients": clients,
             "diagnostics": self._diagnostics(fed, base, replies),
@@ -87,6 +93,7 @@ class Experiment:
 
     def _clients(self, fed: Federation, replies: Sequence[Message]) -> list[dict]:
         configs = self.spec.client_configs()
+        corrupted = corruptions(self.spec.training, self.spec.clients)
         clients = []
         for reply in replies:
             metrics = dict(reply.content[contract.METRICS])
@@ -95,7 +102,7 @@ class Experiment:
             clients.append({
                 "id": t,
                 "task": fed.tasks[t].name,
-                "settings": {k: v for k, v in vars(configs[t]).items()},
+                "settings": {**vars(configs[t]), "corruption": corrupted[t][0], "corruption_scale": corrupted[t][1]},
                 "reply": metrics,
                 "own": {split: fed.evaluate(evaluation.state_dict(arrays), fed.tasks[t], split) for split in ("val", "test")},
             })
