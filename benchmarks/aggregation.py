@@ -9,7 +9,6 @@ The last line is the ratio Flower FedMedian time / fedmerge Median time.
 import argparse
 import gc
 import os
-import statistics
 import threading
 import time
 

@@ -1,10 +1,8 @@
 """Attach a simulation to an existing Ray cluster: a head node started with Ray's own `ray start --head`."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,14 +10,9 @@ import ray
 
 from fedmerge.simulations.runner import run
 from fedmerge.simulations.spec import Spec
+from processes import free_port, stop, wait_for_port
 
 RAY = Path(sys.executable).parent / "ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jobs_seen(address: str) -> int:
@@ -31,35 +24,29 @@ def jobs_seen(address: str) -> int:
         ray.shutdown()
 
 
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+"""Where `ray start` records its cluster for later bare `ray.init()` calls on this machine."""
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head node on loopback; `--block` ties its daemons to this one process, stopped at the end."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
-    process = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ray head did not start: {log.name}")
-                time.sleep(0.5)
+        wait_for_port(port, process, log)
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop([process])
+        if CURRENT_CLUSTER.exists() and CURRENT_CLUSTER.read_text().strip().endswith(f":{port}"):
+            CURRENT_CLUSTER.unlink()  # leave no pointer to a cluster that is gone
 
 
 def test_a_run_attaches_to_a_running_cluster(head, tmp_path):

@@ -249,7 +249,6 @@ def claim_objective_inconsistency(collection: Collection) -> Claim:
         data = run.data
         optimum = data["suite"]["optimum"]  # the quadratic suite's task optima c_t and θ* = c̄
         centers = np.array(optimum["tasks"], dtype=np.float64)
-        theta_star = np.array(optimum["theta"], dtype=np.float64)
         p = np.full(len(centers), 1 / len(centers))
         eta = np.array([c["settings"]["lr"] for c in data["clients"]])
         steps = np.array([c["settings"]["steps"] for c in data["clients"]])
