@@ -93,8 +93,8 @@ class CClipRule(Rule):
         if self.center is None:
             weighted_sum_into(out, values, self.coeffs)
         else:
-            center = self.center[name].reshape(-1)[s].to(out.dtype)
-            weighted_sum_into(out, [center, *values], self.coeffs)
+            weighted_sum_into(out, values, self.coeffs[1:])
+            out.add_(self.center[name].reshape(-1)[s].to(out.dtype), alpha=float(self.coeffs[0]))
 
     def params(self) -> dict:
         return {"rule": self.name, "radius": self.radius if self.radius_used is None else self.radius_used, "iterations": self.iterations}

@@ -29,10 +29,7 @@ class FedGMARule(Rule):
         weighted_sum_into(out, values, self.p)
         if self.threshold <= 0:
             return
-        agreement = torch.sign(values[0])
-        for x in values[1:]:
-            agreement.add_(torch.sign(x))
-        agreement.abs_().div_(len(values))
+        agreement = torch.sign(values).mean(0).abs_()
         out.mul_(torch.where(agreement >= self.threshold, 1.0, agreement))
 
     def params(self) -> dict:

@@ -81,8 +81,9 @@ class MedianRule(Rule):
         n = len(values)
         positions = _middle_positions(n, self.even)
         if n > NETWORK_MAX_CLIENTS:
-            values = list(torch.sort(torch.stack(values), dim=0).values)
+            values = list(torch.sort(values, dim=0).values)
         else:
+            values = list(values)
             spare = [torch.empty_like(values[0]), torch.empty_like(values[0])]
             for i, j, keep_min, keep_max in selection_network(n, positions):
                 lo, hi = values[i], values[j]

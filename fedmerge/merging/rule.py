@@ -31,10 +31,11 @@ class Rule:
         """First pass, before any tensor is merged. Resolves p_t; subclasses may add more."""
         self.p = client_weights(self.weights, len(task_vectors))
 
-    def merge_chunk(self, name: str, s: slice, values: list[torch.Tensor], out: torch.Tensor) -> None:
+    def merge_chunk(self, name: str, s: slice, values: torch.Tensor, out: torch.Tensor) -> None:
         """Write Δ for the chunk ``s`` of tensor ``name`` into ``out``, from the T clients' τ chunks.
 
-        ``values`` are scratch buffers owned by the driver: the rule may overwrite them.
+        ``values`` is a (T, n) matrix, row t client t's chunk, in scratch memory owned by the driver: the
+        rule may overwrite it.
         """
         raise NotImplementedError
 
@@ -93,13 +94,14 @@ def _merge_floating(
 
     def work(part: list[slice]) -> np.ndarray:
         scratch = torch.empty(len(ops), min(CHUNK, flat_out.numel()), dtype=dtype)
-        norms = np.zeros(len(ops))
+        norms = torch.zeros(len(ops), dtype=torch.float64)
         for s in part:
-            size = s.stop - s.start
-            values = [chunk_of(op, s, dtype, buffer[:size]) for op, buffer in zip(ops, scratch)]
-            norms += [float(torch.dot(v, v)) for v in values]
+            values = scratch[:, : s.stop - s.start]
+            for op, row in zip(ops, values):
+                chunk_of(op, s, dtype, row)
+            norms += torch.linalg.vector_norm(values, dim=1).to(torch.float64) ** 2
             rule.merge_chunk(name, s, values, flat_out[s])
-        return norms
+        return norms.numpy()
 
     parts = [work(ranges[0])] if workers == 1 else list(pool.map(work, ranges))
     return out, np.sum(parts, axis=0)

@@ -97,12 +97,9 @@ def operand_dtype(operand: Operand) -> torch.dtype:
     return operand.dtype if isinstance(operand, Difference) else accumulation_dtype(operand.dtype)
 
 
-def weighted_sum_into(out: torch.Tensor, values: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
-    """out = Σ_t c_t x_t (all of one dtype and size)."""
-    torch.mul(values[0], float(coeffs[0]), out=out)
-    for x, c in zip(values[1:], coeffs[1:]):
-        out.add_(x, alpha=float(c))
-    return out
+def weighted_sum_into(out: torch.Tensor, values: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
+    """out = Σ_t c_t x_t for the rows x_t of ``values`` (T, n): one matrix-vector product."""
+    return out.copy_(torch.as_tensor(coeffs, dtype=values.dtype) @ values)
 
 
 def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
