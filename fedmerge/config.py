@@ -7,7 +7,12 @@ kept as text.
 
 import copy
 import json
-import tomllib
+import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 from collections.abc import Mapping
 from typing import Any
 

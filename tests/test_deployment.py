@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from flwr.common.config import flatten_dict
 from safetensors.torch import load_file
 
+from fedmerge.config import tomllib
 from fedmerge.simulations.presets import load_experiment
 from processes import free_port, stop, tail, wait_for_port
 from fedmerge.simulations.runner import run

@@ -17,6 +17,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import tomli_w
 from safetensors.torch import save_file
 
 from fedmerge.errors import FedmergeError
@@ -82,12 +83,6 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _toml(data: dict) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(data)
-
-
 def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None) -> Path:
     """Write a run's directory atomically (a temporary directory beside it, then a rename); return its path.
 
@@ -112,7 +107,7 @@ def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | N
         "summary.csv": _csv(summary_rows(results)),
         "tasks.csv": _csv(task_rows(results)),
         "rounds.csv": _csv(round_rows(results)),
-        "spec.toml": _toml(spec.to_dict()),
+        "spec.toml": tomli_w.dumps(spec.to_dict()),
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
     try:

@@ -9,14 +9,13 @@ is validated, and suite options resolved, before any process starts.
 import difflib
 import json
 import logging
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedmerge.clients.settings import TRAINING_KEYS, client_table, corruptions
-from fedmerge.config import unflatten
+from fedmerge.config import tomllib, unflatten
 from fedmerge.clients.trainer import TrainConfig
 from fedmerge.errors import FedmergeError
 from fedmerge.strategies import STRATEGIES
