@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from fedmerge.report.load import Collection, RunResult
 from fedmerge.report.stats import mean_ci
@@ -151,10 +151,6 @@ def varying(table: Sequence[dict], key: str) -> list:
 
 def select(table: Sequence[dict], **conditions) -> list[dict]:
     return [r for r in table if all(r.get(k) == v for k, v in conditions.items())]
-
-
-def where(table: Sequence[dict], predicate: Callable[[dict], bool]) -> list[dict]:
-    return [r for r in table if predicate(r)]
 
 
 def _mean(values):
