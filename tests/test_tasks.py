@@ -7,7 +7,7 @@ import torch
 from fedmerge.clients.trainer import TrainConfig, full_gradient, train
 from fedmerge.errors import FedmergeError
 from fedmerge.tasks import SUITES, load_suite
-from fedmerge.tasks.cache import cache_dir
+from fedmerge.tasks.cache import cache_dir, load_or_build
 
 SMALL_MNIST1D = {"num_samples": 2000}
 
@@ -158,6 +158,20 @@ def test_corrupted_cache_file_is_rebuilt(tmp_path, monkeypatch):
     load_suite.cache_clear()
     rebuilt = load_suite("digits", 2, {"pretrain_steps": 5}, 0).pretrained
     assert all(torch.equal(theta0[k], rebuilt[k]) for k in theta0)
+
+
+@pytest.mark.parametrize("module", [torch, np])
+def test_theta0_built_by_another_torch_or_numpy_is_not_reused(tmp_path, monkeypatch, module):
+    monkeypatch.setenv("FEDMERGE_CACHE", str(tmp_path))
+    calls = []
+    build = lambda: calls.append(1) or {"w": torch.ones(2)}  # noqa: E731
+    load_or_build("pretrained", {"suite": "x"}, build)
+    load_or_build("pretrained", {"suite": "x"}, build)
+    assert len(calls) == 1
+    monkeypatch.setattr(module, "__version__", module.__version__ + ".other")
+    load_or_build("pretrained", {"suite": "x"}, build)
+    assert len(calls) == 2 and len(list((tmp_path / "pretrained").glob("*.safetensors"))) == 2
+    assert not list((tmp_path / "pretrained").glob(".*"))
 
 
 def test_global_rng_is_untouched_by_building_and_pretraining():

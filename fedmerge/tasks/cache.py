@@ -1,22 +1,25 @@
 """The on-disk cache of pretrained weights and generated data: safetensors files named by a hash of their key.
 
 The cache lives under ``$FEDMERGE_CACHE`` (default ``~/.cache/fedmerge``). A key is a JSON-able dict of
-everything that determines the tensors (suite, options, seed, code version); files are written to a
-temporary name and renamed, so concurrent builders (Ray workers) never see a half-written file.
+everything that determines the tensors (suite, options, seed); the versions of the code that computes
+them (fedmerge, torch, numpy) are added to it, so a machine with a cache gives the numbers a machine
+without one would. Files are written atomically, so concurrent builders (Ray workers) never see a
+half-written file.
 """
 
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedmerge import __version__
+from fedmerge.files import staged
 
 Tensors = dict[str, torch.Tensor]
 
@@ -26,9 +29,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDMERGE_CACHE") or Path.home() / ".cache" / "fedmerge").expanduser()
 
 
+def versions() -> dict[str, str]:
+    """The versions of the code that the cached numbers depend on."""
+    return {"fedmerge": __version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
 def cache_path(kind: str, key: dict) -> Path:
-    """Where the tensors for ``key`` live: ``<cache>/<kind>/<sha256 of key and fedmerge version>.safetensors``."""
-    text = json.dumps({"key": key, "fedmerge": __version__}, sort_keys=True)
+    """Where the tensors for ``key`` live: ``<cache>/<kind>/<sha256 of key and versions>.safetensors``."""
+    text = json.dumps({"key": key, **versions()}, sort_keys=True)
     return cache_dir() / kind / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.safetensors"
 
 
@@ -44,13 +52,6 @@ def load_or_build(kind: str, key: dict, build: Callable[[], Tensors]) -> Tensors
         except (SafetensorError, OSError):
             pass
     tensors = {name: t.detach().contiguous().clone() for name, t in build().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True), "fedmerge": __version__})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged(path, replace=True) as staging:
+        save_file(tensors, staging, metadata={"key": json.dumps(key, sort_keys=True), **versions()})
     return tensors
