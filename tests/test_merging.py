@@ -1,5 +1,7 @@
 """The merging core against the reference math of DESIGN.md, exactly."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,8 @@ import torch
 from fedmerge import FedmergeError
 from fedmerge.merging import (
     CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, TaskVector, cclip, chi_square,
-    effective_weights, fedavg, fedgma, fednova, median, merged_model, scaling_to_server_lr,
-    server_lr_to_scaling,
+    effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model, median, merged_model,
+    scaling_to_server_lr, server_lr_to_scaling,
 )
 from fedmerge.merging.median import selection_network
 
@@ -208,7 +210,7 @@ def test_chi_square_is_zero_iff_effective_steps_are_equal():
         (lambda tvs: fedavg(tvs, weights=[1, 2]), "got 2 client weights for 5 clients"),
         (lambda tvs: fedavg(tvs, weights=[1, -1, 1, 1, 1]), "non-negative"),
         (lambda tvs: fednova(tvs, normalize_by="steps"), "needs num_steps"),
-        (lambda tvs: fednova(tvs, num_steps=[1, 2, 0, 4, 5]), "client 2 has 0.0"),
+        (lambda tvs: fednova(tvs, num_steps=[1, 2, 0, 4, 5]), r"client 2 \(counting from 0\) has 0.0"),
         (lambda tvs: fednova(tvs, lr_sums=[1, 2, 3], normalize_by="lr-sum"), "got 3 values"),
         (lambda tvs: fednova(tvs, num_steps=[1] * 5, normalize_by="epochs"), "normalize_by must be one of"),
         (lambda tvs: fedgma(tvs, 1.5), "at most 1"),
@@ -222,3 +224,122 @@ def test_bad_parameters_name_the_culprit(call, message):
     _, _, tvs = setup()
     with pytest.raises(FedmergeError, match=message):
         call(tvs)
+
+
+# --- the entrance check: names, shapes and dtypes, naming the client and the tensor ------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(w=torch.zeros(18, 9)), r"client 1: tensor 'w' has shape \(18, 9\) but the base's has \(17, 9\)"),
+        (lambda m: m.update(w=torch.zeros(9, 17)), r"client 1: tensor 'w' has shape \(9, 17\) but the base's has \(17, 9\)"),
+        (lambda m: m.update(b=torch.zeros(9, dtype=torch.float64)), r"client 1: tensor 'b' is torch.float64 but the base's is torch.float32"),
+        (lambda m: m.pop("b"), r"client 1 lacks tensor 'b'"),
+        (lambda m: m.update(extra=torch.zeros(2)), r"client 1 has tensor 'extra', which is not among the base's"),
+    ],
+)
+def test_every_entrance_refuses_clients_that_do_not_fit_the_base(edit, message):
+    base, models, _ = setup(3)
+    edit(models[1])
+    tvs = [TaskVector(m, base) for m in models]
+    for call in (lambda: merged_model(FedAvgRule(), base, models), lambda: fedavg(tvs), lambda: median(tvs),
+                 lambda: list(iter_merge(CClipRule(1.0), tvs))):
+        with pytest.raises(FedmergeError, match=message):
+            call()
+
+
+def test_plain_task_vectors_are_checked_against_the_first_and_names_against_the_base():
+    _, _, lazy = setup(3)
+    tvs = [{k: tv[k] for k in SHAPES} for tv in lazy]
+    tvs[2]["w"] = tvs[2]["w"].T.contiguous()
+    with pytest.raises(FedmergeError, match=r"client 2: tensor 'w' has shape \(9, 17\) but client 0's has \(17, 9\)"):
+        fedavg(tvs)
+    with pytest.raises(FedmergeError, match="tensor 'nope' was asked for"):
+        list(iter_merge(FedAvgRule(), lazy, ["w", "nope"]))
+
+
+class Described(dict):
+    """A mapping that describes its tensors by ``specs`` and must not be read (as a checkpoint is)."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.specs = {k: SimpleNamespace(shape=tuple(v.shape), dtype=v.dtype) for k, v in tensors.items()}
+        self.reads = 0
+
+    def __getitem__(self, name):
+        self.reads += 1
+        return super().__getitem__(name)
+
+
+def test_the_check_reads_metadata_only():
+    base, models, _ = setup(2)
+    models = [Described(m) for m in models]
+    list(iter_merge(FedAvgRule(), [TaskVector(m, base) for m in models]))
+    assert [m.reads for m in models] == [len(SHAPES)] * 2  # each tensor read once, by the merge itself
+    models[1].specs["b"].shape = (10,)
+    with pytest.raises(FedmergeError, match=r"client 1: tensor 'b' has shape \(10,\)"):
+        merged_model(FedAvgRule(), base, models)
+
+
+# --- boolean and integer buffers --------------------------------------------------------------------
+
+
+def test_boolean_buffers_take_the_majority_under_every_rule_and_a_tie_keeps_the_base():
+    base = {"w": torch.zeros(2), "mask": torch.tensor([False, True, False, True])}
+    votes = [[True, False, False, True], [True, False, True, False], [False, False, True, True]]
+    models = [{"w": torch.full((2,), float(k)), "mask": torch.tensor(v)} for k, v in enumerate(votes)]
+    rules = [FedAvgRule(), FedNovaRule([1, 1, 1]), FedGMARule(0.5), MedianRule(), CClipRule(1e9), CClipRule()]
+    for rule in rules:
+        merged = merged_model(rule, base, models)
+        assert merged["mask"].tolist() == [True, False, True, True], rule.name
+    tie = merged_model(MedianRule(), base, models[:2])["mask"]  # two models: two votes against one base
+    assert tie.tolist() == [True, False, False, True]
+    assert median([{"mask": torch.tensor(v)} for v in votes])["mask"].tolist() == [True, False, True, True]
+
+
+def test_a_boolean_stays_boolean_under_a_large_server_lr():
+    base = {"mask": torch.tensor([True, False])}
+    models = [{"mask": torch.tensor([False, True])}] * 3
+    assert merged_model(FedAvgRule(), base, models, server_lr=3.0)["mask"].tolist() == [False, True]
+
+
+def test_median_of_an_even_count_of_integers_follows_the_even_rule():
+    base = {"count": torch.tensor([100, 100])}
+    models = [{"count": torch.tensor([110, 101])}, {"count": torch.tensor([120, 102])}]
+    assert merged_model(MedianRule(), base, models)["count"].tolist() == [115, 102]  # 1.5 rounds to even
+    assert merged_model(MedianRule("lower"), base, models)["count"].tolist() == [110, 101]
+
+
+# --- a client of weight 0 is absent ------------------------------------------------------------------
+
+
+def poisoned(num_clients=4):
+    """Clients whose last one holds a NaN, with weight 0."""
+    base, models, _ = setup(num_clients)
+    models[-1]["w"][3, 4] = float("nan")
+    return base, models, [1.0] * (num_clients - 1) + [0.0]
+
+
+@pytest.mark.parametrize("make_rule", [
+    lambda w: FedAvgRule(w), lambda w: FedNovaRule([1, 2, 3, 4][: len(w)], w), lambda w: FedGMARule(0.6, w),
+    lambda w: CClipRule(None, 2, None, w), lambda w: CClipRule(0.5, 1, None, w),
+])
+def test_a_client_of_weight_zero_is_absent_under_every_weighted_rule(make_rule):
+    base, models, weights = poisoned()
+    norms = np.zeros(4)
+    merged = dict(iter_merged_model(make_rule(weights), base, models, squared_norms=norms))
+    without = merged_model(make_rule(weights[:-1]), base, models[:-1])
+    assert_close(merged, without, tol=0)
+    assert norms[-1] == 0.0 and np.all(norms[:-1] > 0)
+
+
+def test_weight_zero_is_absent_for_fedgma_sign_agreement_and_cclip_median_radius():
+    base, models, _ = setup(4)
+    models[3] = {k: 2 * base[k] - models[0][k] for k in SHAPES}  # opposite to client 0 everywhere
+    rule = CClipRule(weights=[1, 1, 1, 0])
+    merged_model(rule, base, models)
+    norms = [np.sqrt(sum(float(((models[t][k] - base[k]).double() ** 2).sum()) for k in SHAPES)) for t in range(3)]
+    assert rule.radius_used == pytest.approx(np.median(norms)) and list(rule.present) == [0, 1, 2]
+    gma = fedgma([TaskVector(m, base) for m in models], 0.9, weights=[1, 1, 1, 0])
+    assert_close(gma, fedgma([TaskVector(m, base) for m in models[:3]], 0.9), tol=0)

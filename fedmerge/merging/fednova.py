@@ -41,9 +41,13 @@ class FedNovaRule(Rule):
         self.effective_steps = effective_steps
         self.coeffs: np.ndarray | None = None
 
+    def present_clients(self, num_clients: int) -> np.ndarray:
+        positive_per_client(self.effective_steps, num_clients, "effective steps (a_t)")
+        return super().present_clients(num_clients)
+
     def prepare(self, task_vectors, names) -> None:
         super().prepare(task_vectors, names)
-        a = positive_per_client(self.effective_steps, len(task_vectors), "effective steps (a_t)")
+        a = positive_per_client(self.per_client(self.effective_steps), len(task_vectors), "effective steps (a_t)")
         self.coeffs = float(np.dot(self.p, a)) * self.p / a
 
     def merge_chunk(self, name, s, values, out):

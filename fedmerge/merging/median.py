@@ -99,7 +99,9 @@ class MedianRule(Rule):
             torch.add(values[positions[0]], values[positions[1]], out=out).mul_(0.5)
 
     def merge_integer(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.median(torch.stack(tensors), dim=0).values
+        """The median, by the same even-count rule, rounded: for booleans the majority (a tie keeps the base)."""
+        ranked = torch.sort(torch.stack(tensors), dim=0).values[list(_middle_positions(len(tensors), self.even))]
+        return torch.round(ranked.to(torch.float64).mean(0)).to(torch.int64)
 
     def params(self) -> dict:
         return {"rule": self.name, "even": self.even}

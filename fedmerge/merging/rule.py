@@ -6,10 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fedmerge.errors import FedmergeError
 from fedmerge.merging.tensors import (
     CHUNK, Tensors, TaskVector, apply_update, chunk_of, chunks, is_floating, operand_dtype, operands,
 )
+from fedmerge.merging.validate import check_task_vectors
 from fedmerge.merging.weights import client_weights
 from fedmerge.threads import available_cores, single_threaded
 
@@ -19,6 +19,8 @@ class Rule:
 
     Subclasses set ``name`` and implement :meth:`merge_chunk`; rules that need global quantities (norms)
     extend :meth:`prepare`. ``weights`` are raw client weights (e.g. example counts), ``None`` for uniform.
+    A client of weight 0 is absent: the driver drops it before :meth:`prepare`, so ``p`` and every
+    per-client quantity cover the ``present`` clients only.
     """
 
     name = "rule"
@@ -26,10 +28,20 @@ class Rule:
     def __init__(self, weights: Sequence[float] | None = None) -> None:
         self.weights = weights
         self.p: np.ndarray | None = None
+        self.present: np.ndarray | None = None
+
+    def present_clients(self, num_clients: int) -> np.ndarray:
+        """Check the per-client parameters against ``num_clients``; return the indices of weight > 0."""
+        self.present = np.flatnonzero(client_weights(self.weights, num_clients))
+        return self.present
+
+    def per_client(self, values: Sequence | None) -> list | None:
+        """A per-client parameter (one value per client given) restricted to the present clients."""
+        return values if values is None or self.present is None else [values[t] for t in self.present]
 
     def prepare(self, task_vectors: Sequence[Tensors], names: Sequence[str]) -> None:
         """First pass, before any tensor is merged. Resolves p_t; subclasses may add more."""
-        self.p = client_weights(self.weights, len(task_vectors))
+        self.p = client_weights(self.per_client(self.weights), len(task_vectors))
 
     def merge_chunk(self, name: str, s: slice, values: torch.Tensor, out: torch.Tensor) -> None:
         """Write Δ for the chunk ``s`` of tensor ``name`` into ``out``, from the T clients' τ chunks.
@@ -58,12 +70,15 @@ def iter_merge(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, Δ)`` tensor by tensor; Δ is in the accumulation dtype (int64 for integer buffers).
 
-    If ``squared_norms`` (length T) is given, each client's ‖τ_t‖² over the floating tensors is added to it.
-    Chunks of a tensor are shared among worker threads, each running torch single-threaded.
+    The entrance of the merging core: tensor names, shapes and dtypes are checked first, from metadata
+    (:func:`~fedmerge.merging.validate.check_task_vectors`), and clients of weight 0 are dropped (never read).
+    If ``squared_norms`` (length T) is given, each present client's ‖τ_t‖² over the floating tensors is
+    added to it; a non-finite entry flags non-finite values. Chunks of a tensor are shared among worker
+    threads, each running torch single-threaded.
     """
-    if not task_vectors:
-        raise FedmergeError("nothing to merge: give at least one task vector (one client).")
-    names = list(task_vectors[0]) if names is None else list(names)
+    names = check_task_vectors(task_vectors, names)
+    present = rule.present_clients(len(task_vectors))
+    task_vectors = [task_vectors[t] for t in present]
     workers = available_cores()
     with ThreadPoolExecutor(workers) as pool:
         with single_threaded():
@@ -71,12 +86,12 @@ def iter_merge(
         for name in names:
             ops = operands(task_vectors, name)
             if not is_floating(ops[0]):
-                yield name, rule.merge_integer(ops)
+                yield name, rule.merge_integer([op.to(torch.int64) for op in ops])
                 continue
             with single_threaded():
                 out, norms = _merge_floating(rule, name, ops, pool, workers)
             if squared_norms is not None:
-                squared_norms += norms
+                squared_norms[present] += norms
             yield name, out
             del out  # the caller holds it now; keep at most one Δ alive while the next tensor is read
 

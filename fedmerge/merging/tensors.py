@@ -117,9 +117,11 @@ def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
 
 
 def apply_update(base: torch.Tensor, delta: torch.Tensor, server_lr: float) -> torch.Tensor:
-    """θ + β·Δ in the accumulation dtype, returned in θ's dtype; integer buffers step by round(β·Δ)."""
+    """θ + β·Δ in the accumulation dtype, returned in θ's dtype; integer buffers step by round(β·Δ), booleans
+    stay within {0, 1}."""
     if base.is_floating_point():
         acc = accumulation_dtype(base.dtype)
         return torch.add(base.to(acc), delta.to(acc), alpha=server_lr).to(base.dtype)
     step = torch.round(delta.to(torch.float64) * server_lr).to(torch.int64)
-    return (base.to(torch.int64) + step).to(base.dtype)
+    updated = base.to(torch.int64) + step
+    return (updated.clamp(0, 1) if base.dtype == torch.bool else updated).to(base.dtype)

@@ -7,14 +7,17 @@ import numpy as np
 from fedmerge.errors import FedmergeError
 
 
-def client_weights(weights: Sequence[float] | None, num_clients: int) -> np.ndarray:
-    """Normalise raw client weights (e.g. example counts) to p_t summing to 1; ``None`` is uniform."""
+def client_weights(weights: Sequence[float] | None, num_clients: int, noun: str = "client") -> np.ndarray:
+    """Normalise raw client weights (e.g. example counts) to p_t summing to 1; ``None`` is uniform.
+
+    ``noun`` names a client in messages ("model" for checkpoints).
+    """
     if weights is None:
         return np.full(num_clients, 1.0 / num_clients)
     p = np.asarray(weights, dtype=np.float64)
     if p.shape != (num_clients,):
         raise FedmergeError(
-            f"got {p.size} client weights for {num_clients} clients; give one weight per client."
+            f"got {p.size} {noun} weights for {num_clients} {noun}s; give one weight per {noun}."
         )
     if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
         raise FedmergeError(
@@ -23,15 +26,15 @@ def client_weights(weights: Sequence[float] | None, num_clients: int) -> np.ndar
     return p / p.sum()
 
 
-def positive_per_client(values: Sequence[float], num_clients: int, what: str) -> np.ndarray:
+def positive_per_client(values: Sequence[float], num_clients: int, what: str, noun: str = "client") -> np.ndarray:
     """Check a per-client quantity (steps, learning-rate sums) is T finite positive numbers."""
     a = np.asarray(values, dtype=np.float64)
     if a.shape != (num_clients,):
-        raise FedmergeError(f"got {a.size} values of {what} for {num_clients} clients; give one per client.")
+        raise FedmergeError(f"got {a.size} values of {what} for {num_clients} {noun}s; give one per {noun}.")
     bad = [i for i, v in enumerate(a) if not (np.isfinite(v) and v > 0)]
     if bad:
         raise FedmergeError(
-            f"{what} must be positive for every client; client {bad[0]} has {float(a[bad[0]])!r}."
+            f"{what} must be positive for every {noun}; {noun} {bad[0]} (counting from 0) has {float(a[bad[0]])!r}."
         )
     return a
 

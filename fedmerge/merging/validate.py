@@ -1,0 +1,69 @@
+"""The merging core's one entrance check: every client holds the base's tensor names, shapes and dtypes.
+
+It reads metadata only: a mapping with a ``specs`` attribute (name → an object with ``shape`` and ``dtype``,
+as :class:`fedmerge.checkpoints.Checkpoint` has) is described from it without reading any tensor.
+"""
+
+from collections.abc import Sequence
+
+from fedmerge.errors import FedmergeError
+from fedmerge.merging.tensors import Tensors, TaskVector
+
+
+def _describe(tensors: Tensors, name: str) -> tuple[tuple[int, ...], object]:
+    """(shape, dtype) of ``tensors[name]``, from the mapping's ``specs`` where it has them."""
+    specs = getattr(tensors, "specs", None)
+    tensor = tensors[name] if specs is None else specs[name]
+    return tuple(tensor.shape), tensor.dtype
+
+
+def _check(label: str, tensors: Tensors, expected: dict, reference: str) -> None:
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise FedmergeError(
+            f"{label} lacks tensor {missing[0]!r} ({len(missing)} of {reference} tensors missing); every client "
+            f"must hold exactly {reference} tensors."
+        )
+    extra = [name for name in tensors if name not in expected]
+    if extra:
+        raise FedmergeError(
+            f"{label} has tensor {extra[0]!r}, which is not among {reference} ({len(extra)} extra); every client "
+            f"must hold exactly {reference} tensors."
+        )
+    for name, (shape, dtype) in expected.items():
+        got_shape, got_dtype = _describe(tensors, name)
+        if got_shape != shape:
+            raise FedmergeError(
+                f"{label}: tensor {name!r} has shape {got_shape} but {reference} has {shape}; is it a model of "
+                "another size or architecture?"
+            )
+        if got_dtype != dtype:
+            raise FedmergeError(
+                f"{label}: tensor {name!r} is {got_dtype} but {reference} is {dtype}; give every model in one dtype."
+            )
+
+
+def check_task_vectors(task_vectors: Sequence[Tensors], names: Sequence[str] | None = None) -> list[str]:
+    """Check every client's tensor names, shapes and dtypes against the reference; return the names to merge.
+
+    The reference is the first task vector's base if it is a :class:`TaskVector`, else the first task
+    vector. ``names`` (default: all of the reference's) must be among the reference's tensors. Raises
+    :class:`FedmergeError` naming the client and the tensor.
+    """
+    if not task_vectors:
+        raise FedmergeError("nothing to merge: give at least one task vector (one client).")
+    first = task_vectors[0]
+    reference, what = (first.base, "the base's") if isinstance(first, TaskVector) else (first, "client 0's")
+    expected = {name: _describe(reference, name) for name in reference}
+    for t, tv in enumerate(task_vectors):
+        if isinstance(tv, TaskVector):
+            if tv.base is not reference:
+                _check(f"client {t}'s base", tv.base, expected, what)
+            tv = tv.finetuned
+        _check(f"client {t}", tv, expected, what)
+    if names is None:
+        return list(expected)
+    unknown = [name for name in names if name not in expected]
+    if unknown:
+        raise FedmergeError(f"tensor {unknown[0]!r} was asked for but is not among {what} tensors.")
+    return list(names)
