@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -345,3 +346,26 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         merge_checkpoints(tmp_path / "base", model_paths, tmp_path / "outputs" / "out")
     assert os.listdir(tmp_path / "outputs") == []
+
+
+@pytest.mark.parametrize("name", ["out", "merged.safetensors"])
+def test_outputs_get_the_users_umask(tmp_path, name):
+    base_path, model_paths = save_files(tmp_path, *make_models())
+    (tmp_path / name).mkdir()  # replaced with --force: the swap must not change the modes either
+    previous = os.umask(0o022)
+    try:
+        out = merge_checkpoints(base_path, model_paths, tmp_path / name, force=True)
+    finally:
+        os.umask(previous)
+    paths = [out, *out.iterdir()] if out.is_dir() else [out]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths} == {p.name: 0o755 if p.is_dir() else 0o644 for p in paths}
+    assert sorted(os.listdir(tmp_path)) == sorted(["base.safetensors", name] + [f"model{t}.safetensors" for t in range(3)])
+
+
+def test_an_output_under_a_file_is_refused_before_reading(tmp_path, capsys, monkeypatch):
+    base_path, model_paths = save_files(tmp_path, *make_models())
+    import fedmerge.checkpoints.merge as merge_module
+    monkeypatch.setattr(merge_module, "Checkpoint", None)  # nothing may be opened
+    out = tmp_path / "base.safetensors" / "merged"
+    assert main(["merge", "--base", base_path, "--models", *model_paths, "--out", str(out), "--quiet"]) == 2
+    assert f"its directory {tmp_path / 'base.safetensors'} is a file" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch
 
 from fedmerge import __version__
 from fedmerge.errors import FedmergeError
+from fedmerge.files import staged
 from fedmerge.merging import Rule, iter_merged_model
 from fedmerge.threads import single_threaded
 from fedmerge.checkpoints.methods import build_rule, resolve_server_lr
@@ -23,7 +24,7 @@ from fedmerge.checkpoints.progress import MergeProgress
 from fedmerge.checkpoints.reader import Checkpoint
 from fedmerge.checkpoints.validate import check_compatible
 from fedmerge.checkpoints.writer import (
-    Shard, atomic_output, check_output, copy_side_files, parse_size, plan_shards, write_index, write_shard,
+    Shard, check_output, copy_side_files, parse_size, plan_shards, write_index, write_shard,
 )
 
 CONVENTION = (
@@ -130,7 +131,7 @@ def merge_checkpoints(
         record = _record(method, rule, weights, beta, base, models)
         header = {"format": "pt", "fedmerge": json.dumps(record)}
         tensors = display.track(itertools.chain([first], merged))
-        with atomic_output(out, not single_file, force) as target:
+        with staged(out, directory=not single_file, replace=force) as target:
             for shard in shards:
                 path = target if single_file else target / shard.filename
                 write_shard(path, {name: specs[name] for name in shard.names}, tensors, header)

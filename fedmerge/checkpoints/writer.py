@@ -1,23 +1,22 @@
 """Writing a merged checkpoint: shard by shard, tensor by tensor, atomically.
 
-The output goes to a temporary sibling of OUT and is renamed into place only once complete, so a failed
-or interrupted merge leaves nothing at OUT. A directory output is in Hugging Face's layout:
+The output is staged beside OUT by :func:`fedmerge.files.staged` (with the user's umask) and renamed into
+place only once complete, so a failed or interrupted merge leaves nothing at OUT. A directory output is in
+Hugging Face's layout:
 ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``.
 """
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fedmerge.errors import FedmergeError
+from fedmerge.files import check_output_dir
 from fedmerge.checkpoints.safetensors_format import TensorSpec, layout, tensor_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -110,50 +109,11 @@ def copy_side_files(source: Path, directory: Path) -> list[str]:
 
 
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an OUT that exists (without ``force``) or that is one of the inputs."""
+    """Refuse an OUT that exists (without ``force``), that is one of the inputs, or that lies under a file."""
+    check_output_dir(out.parent, f"the output {out}: its directory")
     resolved = out.resolve()
     for path in inputs:
         if resolved == Path(path).resolve():
             raise FedmergeError(f"the output {out} is one of the inputs; choose another output path.")
     if out.exists() and not force:
         raise FedmergeError(f"the output {out} already exists; choose another path or pass --force (force=True) to replace it.")
-
-
-@contextmanager
-def atomic_output(out: Path, directory: bool, force: bool) -> Iterator[Path]:
-    """Yield a temporary path next to ``out`` (a directory or a file) and move it to ``out`` on success.
-
-    On any error the temporary path is removed and ``out`` is left as it was. With ``force`` an existing
-    ``out`` is replaced.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-        os.close(fd)
-        temporary = Path(name)
-    try:
-        yield temporary
-        check_output(out, [], force)
-        _replace(temporary, out)
-    except BaseException:
-        _remove(temporary)
-        raise
-
-
-def _replace(new: Path, out: Path) -> None:
-    if not out.exists() or (new.is_file() and out.is_file()):
-        os.replace(new, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, aside / out.name)
-    os.replace(new, out)
-    _remove(aside)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
