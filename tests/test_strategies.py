@@ -117,10 +117,20 @@ def test_failed_and_non_finite_clients_are_left_out_and_recorded():
     assert "fc.weight" in reasons[7] and "out of memory" in reasons[8]
 
 
-def test_no_usable_reply_leaves_the_model_unchanged():
-    base, _, _ = federation(2)
-    merged, metrics = FedAvg().merge_replies(1, [error_reply(1, "boom")], arrays_record(base))
-    assert merged is None and metrics["num-excluded"] == 1
+def test_no_usable_reply_leaves_the_model_unchanged_and_is_recorded():
+    base, clients, replies = federation(2)
+    nan = {k: np.full_like(v, np.nan) for k, v in clients[0].items()}
+    strategy = FedAvg()
+    strategy.merge_replies(1, replies, arrays_record(base))
+    merged, metrics = strategy.merge_replies(2, [error_reply(1, "boom"), reply(2, nan, num_examples=1)], arrays_record(base))
+    strategy.merge_replies(3, replies, arrays_record(base))
+    assert merged is None and metrics["num-clients"] == 0 and metrics["num-excluded"] == 2
+    assert [r.server_round for r in strategy.rounds] == [1, 2, 3]
+    empty = strategy.record_for(2)
+    assert empty.client_ids == [] and empty.weights == [] and empty.rule == {}
+    reasons = {e["node_id"]: e["reason"] for e in empty.excluded}
+    assert "boom" in reasons[1] and "non-finite" in reasons[2]
+    assert strategy.record_for(3).client_ids == [0, 1] and strategy.record_for(4) is None
 
 
 def test_cclip_centers_later_rounds_on_the_previous_update():

@@ -41,7 +41,8 @@ class MergingStrategy(FlowerFedAvg):
     evaluate_metrics_aggr_fn
         As in Flower's FedAvg.
 
-    After each round, :attr:`rounds` holds a :class:`RoundRecord` with per-client metadata.
+    After each round, :attr:`rounds` holds a :class:`RoundRecord` with per-client metadata (one per round,
+    empty rounds included); :meth:`record_for` finds a round's.
     """
 
     def __init__(
@@ -75,6 +76,10 @@ class MergingStrategy(FlowerFedAvg):
         self.weighting = weighting
         self.rounds: list[RoundRecord] = []
         self._global_arrays: ArrayRecord | None = None
+
+    def record_for(self, server_round: int) -> RoundRecord | None:
+        """The record of round ``server_round`` (the latest, if merged twice); None if it was never merged."""
+        return next((r for r in reversed(self.rounds) if r.server_round == server_round), None)
 
     # -- what subclasses define ---------------------------------------------------------------------
     def build_rule(self, replies: Sequence[ClientReply], weights: Sequence[float] | None) -> Rule:
@@ -121,8 +126,8 @@ class MergingStrategy(FlowerFedAvg):
         """Merge training replies into θ + β·Δ, θ being the ``global_arrays`` the clients trained from.
 
         Usable outside a Flower run, e.g. to merge the same one-shot replies under several strategies.
-        Returns the new arrays (None if no reply was usable) and the round's metrics; appends a
-        :class:`RoundRecord` to :attr:`rounds`.
+        Returns the new arrays (None if no reply was usable) and the round's metrics; appends the round's
+        :class:`RoundRecord` to :attr:`rounds`, also when no reply was usable (with its exclusions).
         """
         accepted, excluded = check_replies(replies, global_arrays, self.required_metrics())
         while accepted:
@@ -138,10 +143,10 @@ class MergingStrategy(FlowerFedAvg):
             log.warning("round %d: node %d left out: %s", server_round, exclusion.node_id, exclusion.reason)
         if not accepted:
             log.warning("round %d: no usable reply; the global model is unchanged.", server_round)
-            return None, MetricRecord({"num-clients": 0, "num-excluded": len(excluded)})
-        record = self._record(server_round, rule, accepted, squared_norms, excluded)
-        self.rounds.append(record)
-        return arrays, record.to_metrics()
+            self.rounds.append(RoundRecord.empty(server_round, self.server_lr, _excluded(excluded)))
+            return None, self.rounds[-1].to_metrics()
+        self.rounds.append(self._record(server_round, rule, accepted, squared_norms, excluded))
+        return arrays, self.rounds[-1].to_metrics()
 
     def _merge(self, accepted: Sequence[ClientReply], global_arrays: ArrayRecord):
         """One pass of the rule over the accepted replies: new arrays, the rule used, and each ‖τ_t‖²."""
@@ -165,7 +170,7 @@ class MergingStrategy(FlowerFedAvg):
             node_ids=[r.node_id for r in accepted],
             weights=[float(p) for p in rule.p],
             task_vector_norms=[float(np.sqrt(sq)) for sq in squared_norms],
-            excluded=[{"node_id": e.node_id, "reason": e.reason} for e in excluded],
+            excluded=_excluded(excluded),
         )
         key = self.effective_steps_key(accepted)
         if key is not None:
@@ -178,3 +183,7 @@ class MergingStrategy(FlowerFedAvg):
         if all(isinstance(x, (int, float)) for x in losses):
             record.train_losses = [float(x) for x in losses]
         return record
+
+
+def _excluded(exclusions: Sequence[Exclusion]) -> list[dict]:
+    return [{"node_id": e.node_id, "reason": e.reason} for e in exclusions]

@@ -11,7 +11,8 @@ class RoundRecord:
 
     ``weights`` are the p_t the rule used; ``effective_weights`` are w_t = p_t a_t / Σ p_s a_s with a_t
     from ``effective_steps_key`` (``lr-sum`` when clients report it, else ``num-steps``); ``chi_square``
-    is χ²(p‖w). ``task_vector_norms`` are ‖θ_t − θ‖ over all floating tensors.
+    is χ²(p‖w). ``task_vector_norms`` are ‖θ_t − θ‖ over all floating tensors. A round without accepted
+    clients has empty lists and ``rule`` {}; ``excluded`` says why.
     """
 
     server_round: int
@@ -26,6 +27,11 @@ class RoundRecord:
     chi_square: float | None = None
     train_losses: list[float] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, server_round: int, server_lr: float, excluded: list[dict]) -> "RoundRecord":
+        """A round without accepted clients (the model stayed as it was): only its exclusions."""
+        return cls(server_round, {}, server_lr, [], [], [], [], excluded=excluded)
 
     def to_dict(self) -> dict:
         """Plain data for JSON results."""
