@@ -4,14 +4,22 @@ A reply to a ``train`` message holds one :class:`flwr.app.ArrayRecord` with the 
 θ_t (same keys, shapes and dtypes as the global model it received; not the task vector) and one
 :class:`flwr.app.MetricRecord` with the keys below. ``docs/client-contract.md`` explains them for people
 writing their own ClientApp.
+
+Record keys are conventions, not requirements: a strategy may send under its own ``arrayrecord_key`` and
+``configrecord_key`` (Flower's names), so read a message's records with :func:`received`, and the
+strategies read a reply's one ArrayRecord and one MetricRecord whatever their keys.
 """
 
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedmerge.errors import FedmergeError
+
 ARRAYS = "arrays"
-"""Key of the ArrayRecord in messages (both directions)."""
+"""Default key of the ArrayRecord in messages (both directions)."""
 METRICS = "metrics"
-"""Key of the MetricRecord in replies."""
+"""Key of the MetricRecord in replies (by convention)."""
 CONFIG = "config"
-"""Key of the ConfigRecord the server sends."""
+"""Default key of the ConfigRecord the server sends."""
 
 NUM_EXAMPLES = "num-examples"
 """int > 0: training examples the client holds. Used when weighting by examples."""
@@ -26,6 +34,17 @@ CLIENT_ID = "client-id"
 
 REQUIRED = (NUM_EXAMPLES,)
 OPTIONAL = (NUM_STEPS, LR_SUM, TRAIN_LOSS, CLIENT_ID)
+
+
+def received(content: RecordDict) -> tuple[ArrayRecord, ConfigRecord]:
+    """The global model and the config of a server message: its one ArrayRecord and one ConfigRecord."""
+    found = (list(content.array_records.values()), list(content.config_records.values()))
+    if [len(records) for records in found] != [1, 1]:
+        raise FedmergeError(
+            f"a message from the server must carry one ArrayRecord and one ConfigRecord, got keys "
+            f"{list(content.array_records)} and {list(content.config_records)}."
+        )
+    return found[0][0], found[1][0]
 
 
 def train_reply_metrics(

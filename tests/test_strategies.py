@@ -1,14 +1,25 @@
 """fedmerge's Flower strategies on real Flower reply Messages: against Flower's own, and on bad replies."""
 
+import inspect
+import logging
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import save_file
 
-from fedmerge import FedmergeError
+from fedmerge import FedmergeError, contract
 from fedmerge.merging import scaling_to_server_lr
-from fedmerge.strategies import CClip, FedAvg, FedGMA, FedNova, Median
-from replies import arrays_record, error_reply, reply
+from fedmerge.strategies import STRATEGIES, CClip, FedAvg, FedGMA, FedNova, Median
+from replies import InProcessGrid, arrays_record, error_reply, reply
 
 SHAPES = {"conv.weight": (4, 3, 3), "conv.bias": (4,), "fc.weight": (10, 4)}
 
@@ -180,8 +191,6 @@ def test_contract_breaches_stop_the_round_naming_node_and_culprit(strategy, make
 
 
 def test_a_reply_without_exactly_one_array_record_is_refused():
-    from flwr.app import Message, MetricRecord, RecordDict
-
     base, _, replies = federation(2)
     content = RecordDict({"metrics": MetricRecord({"num-examples": 3})})
     broken = Message(content=content, metadata=replies[0].metadata)
@@ -204,3 +213,151 @@ def test_a_reply_without_exactly_one_array_record_is_refused():
 def test_bad_strategy_parameters_are_refused(make, message):
     with pytest.raises(FedmergeError, match=message):
         make()
+
+
+# -- Flower's FedAvg keywords, summary, and runs through Flower's own start() --------------------------
+FLOWER_KEYWORDS = {
+    "fraction_train": 0.5,
+    "fraction_evaluate": 0.25,
+    "min_train_nodes": 3,
+    "min_evaluate_nodes": 4,
+    "min_available_nodes": 5,
+    "weighted_by_key": "shots",
+    "arrayrecord_key": "weights",
+    "configrecord_key": "settings",
+    "train_metrics_aggr_fn": aggregate_metricrecords,
+    "evaluate_metrics_aggr_fn": aggregate_metricrecords,
+}
+
+
+def test_the_keywords_cover_flowers_fedavg():
+    assert set(FLOWER_KEYWORDS) == set(inspect.signature(FlowerFedAvg.__init__).parameters) - {"self"}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_takes_every_fedavg_keyword(name):
+    strategy = STRATEGIES[name](**FLOWER_KEYWORDS)
+    assert {k: getattr(strategy, k) for k in FLOWER_KEYWORDS} == FLOWER_KEYWORDS
+
+
+def test_weighted_by_key_picks_the_weighting_metric():
+    base, clients, _ = federation(3)
+    replies = [reply(10 + t, c, shots=s, client_id=t) for t, (c, s) in enumerate(zip(clients, [1, 2, 7]))]
+    ours, metrics = FedAvg(weighting="num-examples", weighted_by_key="shots").merge_replies(1, replies, arrays_record(base))
+    theirs, _ = FlowerFedAvg(weighted_by_key="shots").aggregate_train(1, replies)
+    assert_records_close(ours, theirs)
+    assert metrics["client-weights"] == pytest.approx([0.1, 0.2, 0.7])
+    with pytest.raises(FedmergeError, match="node 100: reply's metrics lack 'shots'"):
+        FedAvg(weighting="num-examples", weighted_by_key="shots").merge_replies(1, federation(3)[2], arrays_record(base))
+
+
+def test_train_metrics_aggr_fn_adds_its_metrics_to_the_rounds():
+    base, _, replies = federation(3, examples=[10, 30, 60])
+    calls = []
+
+    def weighted_loss(contents, key):
+        calls.append((len(contents), key))
+        return MetricRecord({"train-loss": aggregate_metricrecords(contents, key)["train-loss"], "seen": len(contents)})
+
+    bad = reply(9, {k: np.full(s, np.nan, np.float32) for k, s in SHAPES.items()}, num_examples=5, train_loss=9.0)
+    strategy = FedAvg(train_metrics_aggr_fn=weighted_loss)
+    _, metrics = strategy.merge_replies(1, [*replies, bad], arrays_record(base))
+    assert calls == [(3, "num-examples")]  # the accepted replies only
+    assert metrics["train-loss"] == pytest.approx(0.1 * 0.3 + 0.2 * 0.6)  # its keys win
+    assert metrics["seen"] == 3 and metrics["client-ids"] == [0, 1, 2]  # beside the per-client metrics
+    assert "seen" not in FedAvg().merge_replies(1, replies, arrays_record(base))[1]
+
+
+def _summary(caplog, strategy):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        strategy.summary()
+    assert {r.name for r in caplog.records} == {"flwr"}  # the logger with a handler: the banner shows it
+    return caplog.text
+
+
+def test_summary_tells_the_real_weighting_rule_and_server_lr(caplog):
+    text = _summary(caplog, FedNova(server_lr=2.5))
+    assert "Merging: FedNova, normalize_by='lr-sum'" in text and "β = 2.5" in text
+    assert "Weighted by: nothing: uniform p_t = 1/T" in text and "'num-examples'" not in text
+    assert "Weighted by: 'shots' (p_t ∝ shots)" in _summary(caplog, FedAvg(weighting="num-examples", weighted_by_key="shots"))
+    assert "uniform p_t = 1/T (Median is unweighted)" in _summary(caplog, Median(weighting="num-examples"))
+    text = _summary(caplog, CClip(radius=0.5, fraction_evaluate=0.5))
+    assert "radius=0.5, iterations=1, center='previous'" in text and "evaluate (0.50)" in text
+    assert "'num-examples' weighs evaluate metrics only" in text
+
+
+@pytest.fixture
+def server_app(monkeypatch):
+    """Flower's task identity, which a running ServerApp has and server messages need."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def train_only_app(shift, fail_in_round=None):
+    """A ClientApp with only @app.train: θ + shift·node id, replying under the key it received."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message, context):
+        arrays, config = contract.received(message.content)
+        if config["server-round"] == fail_in_round:
+            raise RuntimeError("out of memory")
+        key = next(iter(message.content.array_records))
+        node = context.node_id
+        trained = ArrayRecord({k: torch.from_numpy(a.numpy() + shift * node) for k, a in arrays.items()})
+        metrics = contract.train_reply_metrics(num_examples=node, num_steps=node, lr_sum=0.1 * node, client_id=node - 1)
+        return Message(RecordDict({key: trained, "metrics": MetricRecord(metrics)}), reply_to=message)
+
+    return app
+
+
+def test_custom_record_keys_round_trip_through_a_run(server_app):
+    grid = InProcessGrid(train_only_app(1.0), 2)
+    strategy = FedAvg(arrayrecord_key="weights", configrecord_key="settings")
+    result = strategy.start(grid=grid, initial_arrays=arrays_record({"w": np.zeros(3, np.float32)}), num_rounds=2)
+    assert [sorted(m.content.keys()) for m in grid.sent] == [["settings", "weights"]] * 4
+    np.testing.assert_allclose(result.arrays["w"].numpy(), [3.0] * 3)  # two rounds of the mean shift, 1.5
+
+
+def test_contract_received_names_the_keys_of_a_malformed_message():
+    content = RecordDict({"a": ArrayRecord(), "b": ArrayRecord(), "config": ConfigRecord()})
+    with pytest.raises(FedmergeError, match=r"one ArrayRecord and one ConfigRecord, got keys \['a', 'b'\]"):
+        contract.received(content)
+
+
+def test_a_round_where_every_client_fails_keeps_records_on_their_rounds(server_app):
+    grid = InProcessGrid(train_only_app(1.0, fail_in_round=2), 2)
+    strategy = FedAvg()
+    history = []
+    strategy.start(grid=grid, initial_arrays=arrays_record({"w": np.zeros(2, np.float32)}), num_rounds=3,
+                   evaluate_fn=lambda r, arrays: history.append((r, float(arrays["w"].numpy()[0]))))
+    assert history == [(0, 0.0), (1, 1.5), (2, 1.5), (3, 3.0)]
+    assert [r.server_round for r in strategy.rounds] == [1, 2, 3]
+    failed = strategy.record_for(2)
+    assert failed.client_ids == [] and sorted(e["node_id"] for e in failed.excluded) == [1, 2]
+    assert "out of memory" in failed.excluded[0]["reason"]
+    assert strategy.record_for(3).client_ids == [0, 1]
+
+
+def _docs_server_app() -> str:
+    text = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    return next(b for b in blocks if "ServerApp()" in b)
+
+
+def test_the_docs_serverapp_runs_as_is_with_a_train_only_clientapp(server_app, tmp_path, capsys):
+    save_file({"w": torch.zeros(3), "b": torch.ones(2)}, tmp_path / "base.safetensors")
+    namespace = {}
+    exec(compile(_docs_server_app(), "docs/strategies.md", "exec"), namespace)
+    grid = InProcessGrid(train_only_app(1.0), 2)
+    namespace["app"](grid, Context(0, 0, {}, RecordDict(), {"base": str(tmp_path / "base.safetensors")}))
+    assert [m.metadata.message_type for m in grid.sent] == ["train"] * 4  # no evaluate message, so no error from a ClientApp without @app.evaluate
+    out = capsys.readouterr().out
+    assert "1 [0, 1]" in out and "2 [0, 1]" in out and "2 tensors merged" in out
+
+
+def test_by_default_no_evaluate_message_is_sent(server_app):
+    grid = InProcessGrid(train_only_app(1.0), 2)
+    assert list(FedAvg().configure_evaluate(1, arrays_record({"w": np.zeros(1)}), ConfigRecord(), grid)) == []
+    assert len(list(FedAvg(fraction_evaluate=1.0).configure_evaluate(1, arrays_record({"w": np.zeros(1)}), ConfigRecord(), grid))) == 2

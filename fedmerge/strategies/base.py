@@ -8,10 +8,12 @@ task vectors τ_t = θ_t − θ, run the strategy's merging rule tensor by tenso
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from logging import INFO
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
@@ -23,8 +25,11 @@ from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, n
 from fedmerge.strategies.round_record import RoundRecord
 
 log = logging.getLogger("fedmerge")
+"""Warnings about left-out clients; the summary goes through Flower's logger, which has a handler."""
 
 WEIGHTINGS = ("uniform", "num-examples")
+
+MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
 
 class MergingStrategy(FlowerFedAvg):
@@ -36,14 +41,25 @@ class MergingStrategy(FlowerFedAvg):
         β in θ ← θ + β·Δ, Δ being the rule's mean-scale update. Task Arithmetic's λ over T clients is
         β = λ·T (:func:`fedmerge.merging.scaling_to_server_lr`).
     weighting : "uniform" | "num-examples" (default "uniform")
-        p_t: equal weights (Task Arithmetic) or proportional to each client's ``num-examples``.
-    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
-    evaluate_metrics_aggr_fn
+        p_t: equal weights (Task Arithmetic) or proportional to each reply's ``weighted_by_key`` metric.
+    fraction_evaluate : float (default 0.0)
+        As in Flower's FedAvg, but off by default: the client contract (and fedmerge's ClientApp) only
+        trains. Set it above 0 for a ClientApp that answers ``evaluate`` messages.
+    weighted_by_key : str (default "num-examples")
+        The metric giving p_t when ``weighting="num-examples"``; also passed to the metric aggregators.
+    train_metrics_aggr_fn : callable or None (default None)
+        ``(list[RecordDict], weighted_by_key) -> MetricRecord`` over the accepted replies; its output is
+        added to the round's metrics (its keys win). None: the round's per-client metrics only.
+    fraction_train, min_train_nodes, min_evaluate_nodes, min_available_nodes, arrayrecord_key,
+    configrecord_key, evaluate_metrics_aggr_fn
         As in Flower's FedAvg.
 
     After each round, :attr:`rounds` holds a :class:`RoundRecord` with per-client metadata (one per round,
     empty rounds included); :meth:`record_for` finds a round's.
     """
+
+    weighted = True
+    """Whether the rule uses p_t (the median does not: ``weighting`` is then moot)."""
 
     def __init__(
         self,
@@ -51,11 +67,15 @@ class MergingStrategy(FlowerFedAvg):
         server_lr: float = 1.0,
         weighting: str = "uniform",
         fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
+        fraction_evaluate: float = 0.0,
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
-        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        weighted_by_key: str = contract.NUM_EXAMPLES,
+        arrayrecord_key: str = contract.ARRAYS,
+        configrecord_key: str = contract.CONFIG,
+        train_metrics_aggr_fn: MetricsAggregator | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
     ) -> None:
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise FedmergeError(f"server_lr (β) must be a positive number, got {server_lr!r}.")
@@ -67,11 +87,13 @@ class MergingStrategy(FlowerFedAvg):
             min_train_nodes=min_train_nodes,
             min_evaluate_nodes=min_evaluate_nodes,
             min_available_nodes=min_available_nodes,
-            weighted_by_key=contract.NUM_EXAMPLES,
-            arrayrecord_key=contract.ARRAYS,
-            configrecord_key=contract.CONFIG,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn  # Flower's default would average per-client lists
         self.server_lr = float(server_lr)
         self.weighting = weighting
         self.rounds: list[RoundRecord] = []
@@ -88,7 +110,11 @@ class MergingStrategy(FlowerFedAvg):
 
     def required_metrics(self) -> tuple[str, ...]:
         """Contract keys every reply must carry, positive, for this strategy."""
-        return (contract.NUM_EXAMPLES,) if self.weighting == "num-examples" else ()
+        return (self.weighted_by_key,) if self._by_key else ()
+
+    def rule_params(self) -> dict:
+        """The rule's own parameters, for the summary (subclasses add theirs)."""
+        return {}
 
     def effective_steps_key(self, replies: Sequence[ClientReply]) -> str | None:
         """Which metric gives a_t for the diagnostics w_t and χ²(p‖w)."""
@@ -100,10 +126,32 @@ class MergingStrategy(FlowerFedAvg):
     def observe_update(self, name: str, delta: torch.Tensor) -> None:
         """Called with each tensor's Δ as it is produced (CCLIP keeps it as the next center)."""
 
+    @property
+    def _by_key(self) -> bool:
+        return self.weighted and self.weighting == "num-examples"
+
+    def _weighted_by(self) -> str:
+        """What p_t really is, for the summary."""
+        if self._by_key:
+            return f"'{self.weighted_by_key}' (p_t ∝ {self.weighted_by_key})"
+        why = "" if self.weighted else f" ({type(self).__name__} is unweighted)"
+        evaluate = f"; '{self.weighted_by_key}' weighs evaluate metrics only" if self.fraction_evaluate > 0 else ""
+        return f"nothing: uniform p_t = 1/T{why}{evaluate}"
+
     # -- Flower's hooks -----------------------------------------------------------------------------
     def summary(self) -> None:
-        log.info("fedmerge %s: server_lr β=%g, weighting=%s", type(self).__name__, self.server_lr, self.weighting)
-        super().summary()
+        """Log the configuration through Flower's logger, as Flower's strategies do (``start`` calls it)."""
+        params = "".join(f", {k}={v!r}" for k, v in self.rule_params().items())
+        flwr_log(INFO, "\t├──> Merging: %s%s", type(self).__name__, params)
+        flwr_log(INFO, "\t│\t└── Server learning rate: β = %g (θ ← θ + β·Δ, Δ mean-scale)", self.server_lr)
+        flwr_log(INFO, "\t├──> Sampling:")
+        flwr_log(INFO, "\t│\t├──Fraction: train (%.2f) | evaluate (%.2f)", self.fraction_train, self.fraction_evaluate)
+        flwr_log(INFO, "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)", self.min_train_nodes, self.min_evaluate_nodes)
+        flwr_log(INFO, "\t│\t└──Minimum available nodes: %d", self.min_available_nodes)
+        flwr_log(INFO, "\t└──> Keys in records:")
+        flwr_log(INFO, "\t\t├── Weighted by: %s", self._weighted_by())
+        flwr_log(INFO, "\t\t├── ArrayRecord key: '%s'", self.arrayrecord_key)
+        flwr_log(INFO, "\t\t└── ConfigRecord key: '%s'", self.configrecord_key)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -146,11 +194,14 @@ class MergingStrategy(FlowerFedAvg):
             self.rounds.append(RoundRecord.empty(server_round, self.server_lr, _excluded(excluded)))
             return None, self.rounds[-1].to_metrics()
         self.rounds.append(self._record(server_round, rule, accepted, squared_norms, excluded))
-        return arrays, self.rounds[-1].to_metrics()
+        metrics = self.rounds[-1].to_metrics()
+        if self.train_metrics_aggr_fn is not None:
+            metrics.update(self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key))
+        return arrays, metrics
 
     def _merge(self, accepted: Sequence[ClientReply], global_arrays: ArrayRecord):
         """One pass of the rule over the accepted replies: new arrays, the rule used, and each ‖τ_t‖²."""
-        weights = [r.metrics[contract.NUM_EXAMPLES] for r in accepted] if self.weighting == "num-examples" else None
+        weights = [r.metrics[self.weighted_by_key] for r in accepted] if self._by_key else None
         rule = self.build_rule(accepted, weights)
         base = RecordTensors(global_arrays)
         task_vectors = [TaskVector(RecordTensors(r.arrays), base) for r in accepted]

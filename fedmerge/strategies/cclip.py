@@ -38,6 +38,9 @@ class CClip(MergingStrategy):
         self._previous: dict | None = None
         self._current: dict = {}
 
+    def rule_params(self):
+        return {"radius": self.radius, "iterations": self.iterations, "center": self.center}
+
     def build_rule(self, replies, weights):
         self._current = {}
         center = self._previous if self.center == "previous" else None

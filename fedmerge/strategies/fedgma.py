@@ -24,5 +24,8 @@ class FedGMA(MergingStrategy):
         super().__init__(**kwargs)
         self.threshold = threshold
 
+    def rule_params(self):
+        return {"threshold": self.threshold}
+
     def build_rule(self, replies, weights):
         return FedGMARule(self.threshold, weights)

@@ -31,6 +31,9 @@ class FedNova(MergingStrategy):
         super().__init__(**kwargs)
         self.normalize_by = normalize_by
 
+    def rule_params(self):
+        return {"normalize_by": self.normalize_by}
+
     def required_metrics(self):
         return (*super().required_metrics(), _KEY[self.normalize_by])
 

@@ -20,10 +20,15 @@ class Median(MergingStrategy):
         As :class:`fedmerge.strategies.base.MergingStrategy`.
     """
 
+    weighted = False
+
     def __init__(self, *, even: str = "mean", **kwargs) -> None:
         MedianRule(even)  # validates the even-count rule
         super().__init__(**kwargs)
         self.even = even
+
+    def rule_params(self):
+        return {"even": self.even}
 
     def build_rule(self, replies, weights):
         return MedianRule(self.even)

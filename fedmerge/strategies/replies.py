@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedmerge import contract
 from fedmerge.errors import FedmergeError
@@ -22,11 +22,12 @@ CONTRACT_DOC = "see docs/client-contract.md"
 
 @dataclass
 class ClientReply:
-    """One accepted reply: who sent it, its trained weights and its metrics."""
+    """One accepted reply: who sent it, its trained weights, its metrics and its whole content."""
 
     node_id: int
     arrays: ArrayRecord
     metrics: dict
+    content: RecordDict
 
     @property
     def client_id(self) -> int:
@@ -110,6 +111,6 @@ def check_replies(
         _check_arrays(node_id, arrays, global_arrays)
         for key in required_metrics:
             _check_metric(node_id, metrics, key)
-        accepted.append(ClientReply(node_id, arrays, metrics))
+        accepted.append(ClientReply(node_id, arrays, metrics, content))
     accepted.sort(key=lambda r: (r.client_id, r.node_id))
     return accepted, excluded
