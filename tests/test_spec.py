@@ -81,17 +81,18 @@ def test_a_supernode_overrides_its_own_settings():
         ({"strategies": ["fedavg", "fedmedian"]}, "unknown strategy 'fedmedian' \\(did you mean 'median'\\?\\)"),
         ({"suite": "mnist"}, "unknown suite 'mnist'"),
         ({"rounds": []}, "'rounds' is empty"),
-        ({"clients": 0}, "'clients' must be an integer ≥ 1"),
+        ({"clients": 0}, "option 'clients' must be a positive integer, got 0"),
         ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
         ({"training": {"lr": [0.1, 0.2]}}, "training option 'lr' lists 2 values for 4 clients"),
-        ({"training": {"lr": -0.1}}, "client 0: training option 'lr' must be a positive number"),
+        ({"training": {"lr": -0.1}}, "^training option 'lr' must be a positive number, got -0.1"),
         ({"training": {"steps": [10, 20, 10, -3]}}, "client 3: training option 'steps' must be a positive integer"),
         ({"training": {"steps": 10, "epochs": 2}}, "give exactly one of the training options 'steps' and 'epochs'"),
         ({"training": {"momentum": 0.9}}, "unknown key 'training.momentum'"),
         ({"training": {"lr": {"exponential": [1, 2]}}}, "geometric = \\[low, high\\]"),
         ({"suite": "mnist1d", "suite_options": {"alpha": 0}}, "alpha"),
         ({"suite": "mnist1d", "suite_options": {"alfa": 0.5}}, "no option 'alfa'"),
-        ({"strategy": {"fedgma": {"threshold": 3}}}, "at most 1"),
+        ({"strategy": {"fedgma": {"threshold": 3}}}, "'strategy.fedgma.threshold' must be a number ≤ 1, got 3"),
+        ({"strategy": {"fedgma": 0.3}}, "'strategy.fedgma' must be a table of options"),
         ({"strategy": {"fedgma": {"rho": 0.3}}}, "unknown key 'strategy.fedgma.rho'"),
         ({"server": {"server_lr": 0}}, "server_lr"),
     ],
@@ -116,6 +117,62 @@ def test_bad_command_lines_exit_non_zero_with_a_message_and_write_nothing(argv, 
     assert main([*argv, "--out", str(tmp_path / "results")]) == 2
     assert message.replace("\\", "") in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("server.server_lr=abc", "a positive number"),
+        ("server.weighting=examples", "one of uniform, num-examples"),
+        ("strategy.fedgma.threshold=high", "a number ≤ 1"),
+        ("strategy.fedgma.threshold=nan", "a number ≤ 1"),
+        ("strategy.fednova.normalize_by=epochs", "one of steps, lr-sum"),
+        ("strategy.median.even=upper", "one of mean, lower"),
+        ("strategy.cclip.radius=-1", "a number ≥ 0"),
+        ("strategy.cclip.iterations=0.5", "a positive integer"),
+        ("strategy.cclip.center=origin", "one of previous, zero"),
+        ("engine.client_cpus=abc", "a positive number"),
+        ("engine.client_cpus=0", "a positive number"),
+        ("engine.client_gpus=-1", "a number ≥ 0"),
+        ("engine.ray_address=6379", "a string"),
+        ("seed=-1", "an integer ≥ 0"),
+        ("clients=many", "a positive integer"),
+        ("rounds=[1, 0]", "a positive integer"),
+        ("same_compute=yes", "true or false"),
+        ("select=1", "true or false"),
+        ("description=[1]", "a string"),
+        ("name=../elsewhere", "letters, digits, '-', '_' or '.'"),
+        ("name=a/b", "letters, digits, '-', '_' or '.'"),
+        ("name=..", "starting with a letter or digit"),
+    ],
+)
+def test_every_spec_value_is_checked_up_front_naming_key_value_and_what_is_allowed(setting, allowed, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    key, _, value = setting.partition("=")
+    assert main(["run", "quadratic", "--dry-run", "--set", setting]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fedmerge: error: ") and "Traceback" not in error
+    assert f"'{key}'" in error and value.strip("[]").split(",")[-1].strip() in error and allowed in error
+    assert not list(tmp_path.iterdir())
+
+
+def test_values_are_stored_in_their_type():
+    got = Spec.from_flat({"server.server_lr": "2", "engine.client_gpus": "0", "strategy.cclip.radius": "1",
+                          "engine.ray_address": "127.0.0.1:6379", "name": "2024"}, BASE)
+    assert got.server["server_lr"] == 2.0 and isinstance(got.server["server_lr"], float)
+    assert got.engine == {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": "127.0.0.1:6379"}
+    assert got.strategy["cclip"]["radius"] == 1.0 and got.name == "2024"
+
+
+def test_changing_the_suite_leaves_the_other_suites_options_behind():
+    default = load_experiment("default")
+    assert default["suite_options"]
+    assert Spec.from_flat({"suite": "quadratic"}, default).suite_options == {}
+    got = Spec.from_flat({"suite": "quadratic", "suite_options.zeta2": "2.0"}, default)
+    assert got.suite_options == {"zeta2": 2.0}
+    kept = Spec.from_flat({"suite": "mnist1d", "clients": 3}, default)
+    assert kept.suite_options == default["suite_options"]
+    assert main(["run", "--dry-run", "--set", "suite=digits"]) == 0
 
 
 def test_an_unparsable_experiment_file_is_named(tmp_path, capsys):

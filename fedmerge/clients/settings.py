@@ -23,8 +23,13 @@ INTEGER_KEYS = ("steps", "warmup_steps", "batch_size")
 SPREADS = ("geometric", "linear")
 
 
+def is_spread(value) -> bool:
+    """Whether ``value`` is a spread (``{geometric = [low, high]}`` or ``{linear = [low, high]}``), a value, not a table."""
+    return isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in SPREADS
+
+
 def _spread(key: str, spec: Mapping, num_clients: int) -> list:
-    if len(spec) != 1 or next(iter(spec)) not in SPREADS:
+    if not is_spread(spec):
         raise FedmergeError(
             f"training option '{key}': a table must be {{geometric = [low, high]}} or {{linear = [low, high]}}, "
             f"got {dict(spec)!r}."
@@ -63,13 +68,14 @@ def client_table(training: Mapping, num_clients: int, seed: int) -> list[TrainCo
     columns = {key: per_client(key, value, num_clients) for key, value in training.items() if key not in CORRUPTION_KEYS}
     if "epochs" in columns and "steps" not in columns:
         columns["steps"] = [None] * num_clients
+    varies = any(isinstance(value, (list, Mapping)) for value in training.values())
     table = []
     for t in range(num_clients):
         row = {key: _none_if_zero(key, column[t]) for key, column in columns.items()}
         try:
             table.append(TrainConfig(**row, seed=client_seed(seed, t)))
         except FedmergeError as error:
-            raise FedmergeError(f"client {t}: {error}") from None
+            raise FedmergeError(f"client {t}: {error}" if varies else str(error)) from None
     return table
 
 

@@ -9,38 +9,78 @@ is validated, and suite options resolved, before any process starts.
 import difflib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmerge.clients.settings import TRAINING_KEYS, client_table, corruptions
-from fedmerge.config import tomllib, unflatten
+from fedmerge.clients.settings import TRAINING_KEYS, client_table, corruptions, is_spread
 from fedmerge.clients.trainer import TrainConfig
+from fedmerge.config import parse_value, tomllib, unflatten
 from fedmerge.errors import FedmergeError
+from fedmerge.merging.fednova import NORMALIZE_BY
+from fedmerge.merging.median import EVEN_RULES
 from fedmerge.strategies import STRATEGIES
+from fedmerge.strategies.base import WEIGHTINGS
+from fedmerge.strategies.cclip import CENTERS
+from fedmerge.tasks.options import (
+    Option, at_most, boolean, choice, list_of, non_negative_float, non_negative_int, positive_float, positive_int,
+    resolve, string, text,
+)
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _name(key: str, value: Any) -> str:
+    """A name fit for a directory: letters, digits, '-', '_', '.', starting with a letter or digit."""
+    value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not (isinstance(value, str) and NAME.fullmatch(value)):
+        raise FedmergeError(
+            f"option {key!r} names the results directory: give 1 to 100 letters, digits, '-', '_' or '.', "
+            f"starting with a letter or digit; got {value!r}."
+        )
+    return value
+
+
+# Every key of the spec but the suite's options (declared by each suite) and the training table (one
+# value, list or spread per client: fedmerge.clients.settings), with its default and its check.
+TOP = {
+    "name": Option("experiment", "the run's name; its results directory is <name>-<timestamp>", _name),
+    "description": Option("", "one line on what the experiment is for", string),
+    "seed": Option(0, "every random choice flows from it", non_negative_int),
+    "suite": Option("mnist1d", "the task suite (fedmerge list)", text),
+    "clients": Option(4, "T, the number of clients", positive_int),
+    "strategies": Option(list(STRATEGIES), "the strategies to compare", list_of(text)),
+    "rounds": Option([1], "the round counts to compare: 1 is one-shot merging", list_of(positive_int)),
+    "same_compute": Option(True, "split each client's local steps over the rounds", boolean),
+    "select": Option(True, "one-shot: choose λ (and ρ) on the validation splits", boolean),
+}
+SERVER = {
+    "server_lr": Option(1.0, "β in θ ← θ + β·Δ (mean-scale) for multi-round runs", positive_float),
+    "weighting": Option("uniform", " | ".join(WEIGHTINGS), choice(*WEIGHTINGS)),
+}
 STRATEGY_OPTIONS = {
     "fedavg": {},
-    "fednova": {"normalize_by": "lr-sum"},
-    "fedgma": {"threshold": 0.5},
-    "median": {"even": "mean"},
-    "cclip": {"radius": 0.0, "iterations": 1, "center": "previous"},  # radius 0: median distance each round
+    "fednova": {"normalize_by": Option("lr-sum", " | ".join(NORMALIZE_BY), choice(*NORMALIZE_BY))},
+    "fedgma": {"threshold": Option(0.5, "ρ, the sign-agreement threshold (≤ 0: FedAvg)", at_most(1.0))},
+    "median": {"even": Option("mean", " | ".join(EVEN_RULES), choice(*EVEN_RULES))},
+    "cclip": {
+        "radius": Option(0.0, "ρ, the clipping radius (0: the median distance to the center, each round)", non_negative_float),
+        "iterations": Option(1, "L, the clipping iterations", positive_int),
+        "center": Option("previous", " | ".join(CENTERS), choice(*CENTERS)),
+    },
 }
-SERVER = {"server_lr": 1.0, "weighting": "uniform"}
-ENGINE = {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": ""}
-TOP = {
-    "name": "experiment",
-    "description": "",
-    "seed": 0,
-    "suite": "mnist1d",
-    "clients": 4,
-    "strategies": list(STRATEGIES),
-    "rounds": [1],
-    "same_compute": True,
-    "select": True,
+ENGINE = {
+    "client_cpus": Option(1.0, "Ray CPUs per client", positive_float),
+    "client_gpus": Option(0.0, "Ray GPUs per client (a fraction shares a GPU)", non_negative_float),
+    "ray_address": Option("", "an existing Ray cluster to attach to; empty: a fresh local one", string),
 }
 TABLES = ("suite_options", "training", "server", "strategy", "engine")
+
+
+def _defaults(declared: Mapping[str, Option]) -> dict:
+    return {key: option.default for key, option in declared.items()}
 
 
 @dataclass(frozen=True)
@@ -65,54 +105,48 @@ class Spec:
     select: bool
     suite_options: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
-    server: dict = field(default_factory=lambda: dict(SERVER))
+    server: dict = field(default_factory=lambda: _defaults(SERVER))
     strategy: dict = field(default_factory=dict)
-    engine: dict = field(default_factory=lambda: dict(ENGINE))
+    engine: dict = field(default_factory=lambda: _defaults(ENGINE))
 
     # -- reading ------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Spec":
-        """Validate a nested mapping (a parsed TOML file); unknown keys are refused with a suggestion."""
+        """Validate a nested mapping (a parsed TOML file): every key is known and every value checked."""
         _check_keys(data, [*TOP, *TABLES], "")
-        top = {key: data.get(key, default) for key, default in TOP.items()}
-        tables = {key: dict(data.get(key, {})) for key in TABLES}
-        for key in TABLES:
-            if not isinstance(data.get(key, {}), Mapping):
-                raise FedmergeError(f"'{key}' must be a table of options, got {data[key]!r}.")
-        _check_keys(tables["training"], TRAINING_KEYS, "training.")
-        _check_keys(tables["server"], SERVER, "server.")
-        _check_keys(tables["engine"], ENGINE, "engine.")
-        _check_keys(tables["strategy"], STRATEGY_OPTIONS, "strategy.")
-        for name, options in tables["strategy"].items():
-            _check_keys(options, STRATEGY_OPTIONS[name], f"strategy.{name}.")
+        top = {key: option.check(key, data.get(key, option.default)) for key, option in TOP.items()}
+        for key in ("suite_options", "training"):
+            _table(key, data.get(key, {}))
+        _check_keys(data.get("training", {}), TRAINING_KEYS, "training.")
+        strategy = _table("strategy", data.get("strategy", {}))
+        _check_keys(strategy, STRATEGY_OPTIONS, "strategy.")
         spec = cls(
-            name=str(top["name"]),
-            description=str(top["description"]),
-            seed=_integer("seed", top["seed"], minimum=0),
-            suite=str(top["suite"]),
-            clients=_integer("clients", top["clients"], minimum=1),
-            strategies=tuple(_list("strategies", top["strategies"])),
-            rounds=tuple(_integer("rounds", r, minimum=1) for r in _list("rounds", top["rounds"])),
-            same_compute=_boolean("same_compute", top["same_compute"]),
-            select=_boolean("select", top["select"]),
-            suite_options=tables["suite_options"],
-            training=tables["training"],
-            server={**SERVER, **tables["server"]},
-            strategy={name: {**STRATEGY_OPTIONS[name], **tables["strategy"].get(name, {})} for name in STRATEGY_OPTIONS},
-            engine={**ENGINE, **tables["engine"]},
+            **{**top, "strategies": tuple(top["strategies"]), "rounds": tuple(top["rounds"])},
+            suite_options=dict(data.get("suite_options", {})),
+            training=dict(data.get("training", {})),
+            server=_resolve("server", SERVER, data.get("server", {})),
+            strategy={name: _resolve(f"strategy.{name}", declared, strategy.get(name, {}))
+                      for name, declared in STRATEGY_OPTIONS.items()},
+            engine=_resolve("engine", ENGINE, data.get("engine", {})),
         )
         spec.validate()
         return spec
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> "Spec":
-        """A spec from dotted keys (a Flower run config, ``--set`` overrides), over an optional base."""
+        """A spec from dotted keys (a Flower run config, ``--set`` overrides), over an optional base.
+
+        When ``flat`` changes the base's suite, the base's suite options are left out: they belong to the
+        other suite (give the new suite's as ``suite_options.KEY``).
+        """
+        base = dict(base or {})
+        if "suite" in flat and parse_value(flat["suite"]) != base.get("suite", TOP["suite"].default):
+            base.pop("suite_options", None)
         return cls.from_dict(unflatten(flat, base))
 
     def validate(self) -> None:
-        """Check what the fields alone cannot: known strategies and suite, client table, strategy options."""
+        """Check what the keys alone cannot: known strategies and suite, suite options, client table."""
         from fedmerge.tasks import SUITES  # the suite registry; the data is built later, by the runner
-        from fedmerge.tasks.options import resolve
 
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
@@ -125,7 +159,7 @@ class Spec:
             raise FedmergeError("'rounds' is empty; give the round counts to compare, e.g. rounds = [1, 5].")
         self.client_configs()
         corruptions(self.training, self.clients)
-        for name in {*self.strategies, *(n for n, o in self.strategy.items() if o != STRATEGY_OPTIONS[n])}:
+        for name in {*self.strategies, *(n for n, o in self.strategy.items() if o != _defaults(STRATEGY_OPTIONS[n]))}:
             self.build_strategy(name)
 
     # -- using --------------------------------------------------------------------------------------
@@ -135,12 +169,7 @@ class Spec:
 
     def build_strategy(self, name: str, **overrides):
         """A fresh strategy object with this spec's server and strategy options."""
-        options = {
-            "server_lr": float(self.server["server_lr"]),
-            "weighting": str(self.server["weighting"]),
-            **self.strategy.get(name, {}),
-            **overrides,
-        }
+        options = {**self.server, **self.strategy.get(name, {}), **overrides}
         if name == "cclip" and not options.get("radius"):
             options["radius"] = None
         flower = logging.getLogger("flwr")
@@ -164,7 +193,7 @@ class Spec:
         flat: dict[str, bool | int | float | str] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict) and prefix.split(".")[0] in TABLES and not _is_spread(value):
+            if isinstance(value, dict) and prefix.split(".")[0] in TABLES and not is_spread(value):
                 for key, item in value.items():
                     walk(f"{prefix}.{key}", item)
             elif isinstance(value, (list, dict)):
@@ -190,10 +219,6 @@ def load_toml(path: str | Path) -> dict:
         raise FedmergeError(f"{path} is not valid TOML: {error}") from None
 
 
-def _is_spread(value: dict) -> bool:
-    return len(value) == 1 and next(iter(value)) in ("geometric", "linear")
-
-
 def _suggest(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -208,17 +233,13 @@ def _check_keys(data: Mapping, allowed, prefix: str) -> None:
             )
 
 
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FedmergeError(f"'{name}' must be an integer ≥ {minimum}, got {value!r}.")
+def _table(key: str, value: Any) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise FedmergeError(f"'{key}' must be a table of options, got {value!r}.")
     return value
 
 
-def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise FedmergeError(f"'{name}' must be true or false, got {value!r}.")
-    return value
-
-
-def _list(name: str, value: Any) -> list:
-    return value if isinstance(value, list) else [value]
+def _resolve(key: str, declared: Mapping[str, Option], given: Any) -> dict:
+    """The table ``key``: the declared defaults overridden by ``given``, every value checked."""
+    _check_keys(_table(key, given), declared, f"{key}.")
+    return {name: option.check(f"{key}.{name}", given.get(name, option.default)) for name, option in declared.items()}

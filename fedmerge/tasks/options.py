@@ -1,4 +1,9 @@
-"""Suite options: declared once per suite with a default, a description and a check; resolved at the boundary."""
+"""Options declared once with a default, a description and a check, resolved at the boundary.
+
+Suites declare theirs here; the experiment spec's own keys use the same checks. A check takes the option's
+name (as the user writes it) and the value, and returns the clean value or raises :class:`FedmergeError`
+naming the option, the value and what is allowed.
+"""
 
 import math
 from collections.abc import Callable, Mapping
@@ -79,6 +84,33 @@ def fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def at_most(limit: float) -> Check:
+    """A check accepting a finite number ≤ ``limit``."""
+
+    def check(name: str, value: Any) -> float:
+        if _number(name, value, f"a number ≤ {limit:g}") > limit:
+            raise FedmergeError(f"option {name!r} must be a number ≤ {limit:g}, got {value!r}.")
+        return float(value)
+
+    return check
+
+
+def boolean(name: str, value: Any) -> bool:
+    """true or false."""
+    if not isinstance(value, bool):
+        raise FedmergeError(f"option {name!r} must be true or false, got {value!r}.")
+    return value
+
+
+def list_of(check: Check) -> Check:
+    """A check accepting a list (or a single value, as a list of one) whose every item passes ``check``."""
+
+    def check_list(name: str, value: Any) -> list:
+        return [check(name, item) for item in (value if isinstance(value, list) else [value])]
+
+    return check_list
+
+
 def choice(*choices: str) -> Check:
     """A check accepting one of ``choices``."""
 
@@ -88,6 +120,13 @@ def choice(*choices: str) -> Check:
         return value
 
     return check
+
+
+def string(name: str, value: Any) -> str:
+    """A string, possibly empty."""
+    if not isinstance(value, str):
+        raise FedmergeError(f"option {name!r} must be a string, got {value!r}.")
+    return value
 
 
 def text(name: str, value: Any) -> str:
