@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import re
+import stat
 
 import pytest
 from scipy import stats
@@ -10,6 +12,7 @@ from scipy import stats
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.report import load_runs, write_report
+from fedmerge.report.findings import write_page
 from fedmerge.report.records import aggregate, rows
 from fedmerge.report.stats import mean_ci
 from report_data import write_run, write_sweep
@@ -107,3 +110,73 @@ def test_unfinished_sweep_cells_are_left_out_and_said_so(tmp_path):
     (sweep / "sweep.json").write_text(json.dumps(manifest))
     out = write_report(sweep)
     assert "1 sweep cell(s) have no results yet" in (out / "report.md").read_text()
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_report_replaces_only_a_previous_report_unless_forced(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's work")
+    assert main(["report", str(run), "--out", str(mine)]) == 2
+    error = capsys.readouterr().err
+    assert str(mine) in error and "--force" in error and "Traceback" not in error
+    assert _tree(mine) == {"notes.txt": b"a user's work"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]
+
+    assert main(["report", str(run), "--out", str(mine), "--force"]) == 0
+    assert (mine / "report.md").exists() and not (mine / "notes.txt").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(run), "--out", str(tmp_path / "empty")]) == 0
+    assert main(["report", str(run), "--out", str(mine)]) == 0, "a previous report is replaced without --force"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "run"]
+
+
+@pytest.mark.parametrize("where", ["file", "run", "parent", "cwd", "cwd-parent", "sweep-cells"])
+def test_a_report_never_replaces_a_file_the_results_or_the_current_directory(tmp_path, monkeypatch, capsys, where):
+    run = write_run(tmp_path / "runs" / "run")
+    sweep = write_sweep(tmp_path / "sweep", alphas=(1.0,), seeds=(0,))
+    (tmp_path / "file").write_text("keep")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("1,2")
+    monkeypatch.chdir(work)
+    source, out = {"file": (run, tmp_path / "file"), "run": (run, run), "parent": (run, tmp_path / "runs"),
+                   "cwd": (run, "."), "cwd-parent": (run, ".."), "sweep-cells": (sweep, sweep / "cells")}[where]
+    before = _tree(tmp_path)
+    assert main(["report", str(source), "--out", str(out), "--force"]) == 2
+    error = capsys.readouterr().err
+    assert f"--out {out}" in error and "Traceback" not in error
+    assert _tree(tmp_path) == before and not list(tmp_path.rglob(".*partial"))
+
+
+def test_a_report_is_written_with_the_users_umask_and_leaves_no_staging(tmp_path):
+    run = write_run(tmp_path / "run")
+    old = os.umask(0o022)
+    try:
+        out = write_report(run)
+        out = write_report(run)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o644}
+    assert sorted(p.name for p in run.iterdir()) == ["report", "results.json"]
+
+
+def test_the_findings_page_is_atomic_and_follows_the_umask(tmp_path, monkeypatch):
+    out = tmp_path / "docs" / "findings.md"
+    old = os.umask(0o022)
+    try:
+        write_page([], out, {}, tmp_path / "work")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("disk full")) if str(b).endswith(".md")
+                        else real(a, b))
+    with pytest.raises(OSError):
+        write_page([], out, {"total": 1}, tmp_path / "work")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["findings", "findings.md"]

@@ -11,6 +11,7 @@ run directories. Means over seeds with 95% confidence intervals (Student's t).
 examples:
   fedmerge report results/quadratic-20250101-120000
   fedmerge report results/sweeps/study-data-heterogeneity --out my-report
+  fedmerge report RUN --out shared/figures --force         replace a folder that is not a previous report
 """
 
 
@@ -18,13 +19,15 @@ def register(subparsers) -> None:
     report = subparsers.add_parser("report", help="write a Markdown and HTML report of a run or a sweep",
                                    description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("directory", type=Path, metavar="DIR", help="a run directory, a sweep directory or a folder of runs")
-    report.add_argument("--out", type=Path, metavar="OUT", help="the report directory (default: DIR/report); replaced whole")
+    report.add_argument("--out", type=Path, metavar="OUT", help="the report directory (default: DIR/report); a previous report there is replaced whole, "
+                        "anything else is refused")
+    report.add_argument("--force", action="store_true", help="replace OUT even if it is a folder of other files")
     report.set_defaults(handler=report_command)
 
 
 def report_command(args) -> int:
     from fedmerge.report.document import write_report
 
-    path = write_report(args.directory, args.out)
+    path = write_report(args.directory, args.out, force=args.force)
     print(f"report: {path / 'report.md'}  and  {path / 'report.html'} (self-contained)")
     return 0

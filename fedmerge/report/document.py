@@ -1,8 +1,9 @@
 """A report as Markdown (figures as PNG files beside it) and as self-contained HTML (figures embedded).
 
 :func:`build_report` turns a :class:`~fedmerge.report.load.Collection` into sections of text, tables and
-figures; :func:`write_report` renders them and writes the report directory atomically (a temporary
-directory, then a rename), so an existing report is replaced whole or not at all.
+figures; :func:`write_report` renders them and writes the report directory atomically (a staging
+directory, then a rename). It replaces only a previous report (:func:`is_report`); anything else at the
+output path is refused (:func:`check_out`) before anything is written.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import html
 import io
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmerge.errors import FedmergeError
+from fedmerge.files import check_output_dir, write_tree
 from fedmerge.report import figures, records
-from fedmerge.report.load import Collection, load_runs
+from fedmerge.report.load import MANIFEST, RESULTS, Collection, load_runs
 from fedmerge.report.stats import format_ci
 
 
@@ -197,35 +197,52 @@ def render(report: Report) -> dict[str, bytes]:
     return files
 
 
-def write_tree_atomic(target: Path, files: dict[str, bytes]) -> Path:
-    """Write ``files`` (relative path → bytes) as the directory ``target``, replacing it whole."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old = None
-    try:
-        for name, data in files.items():
-            path = staging / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old / target.name, target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
+REPORT_FILES = ("report.md", "report.html")
 
 
-def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
-    """Load the results under ``directory`` and write its report (default ``directory/report``); return the path."""
+def is_report(path: Path) -> bool:
+    """Whether ``path`` holds exactly what :func:`render` writes: report.md, report.html and figures/*.png."""
+    path = Path(path)
+    if not path.is_dir() or not all((path / name).is_file() for name in REPORT_FILES):
+        return False
+    figure_dir = path / "figures"
+    if not {p.name for p in path.iterdir()} <= {*REPORT_FILES, "figures"}:
+        return False
+    return not figure_dir.exists() or figure_dir.is_dir() and all(p.suffix == ".png" and p.is_file() for p in figure_dir.iterdir())
+
+
+def check_out(out: Path, collection: Collection, force: bool = False) -> None:
+    """Refuse a report output that would lose something: the reported results or a folder above them, the current
+    directory, a file, a results directory, or (unless ``force``) a non-empty folder that is no report."""
+    out = Path(out)
+    where, here = out.resolve(), Path.cwd().resolve()
+    for source in (collection.root, *(run.path for run in collection.runs)):
+        if where == source.resolve() or where in source.resolve().parents:
+            what = "the results directory" if where == source.resolve() else "a folder above the results directory"
+            raise FedmergeError(f"--out {out} is {what} {source} being reported; the report would replace the results. "
+                                f"Give a folder of its own, e.g. --out {collection.root / 'report'}.")
+    if where == here or where in here.parents:
+        raise FedmergeError(f"--out {out} is the current directory{'' if where == here else ' or a folder above it'}; "
+                            "give a folder of its own for the report, e.g. --out report.")
+    check_output_dir(out, "--out")
+    if not where.is_dir() or is_report(where) or not any(where.iterdir()):
+        return
+    held = [name for name in (RESULTS, MANIFEST) if (where / name).exists()]
+    if held:
+        raise FedmergeError(f"--out {out} holds results ({held[0]}); a report never replaces them. Give another folder.")
+    if not force:
+        names = sorted(p.name for p in where.iterdir())
+        raise FedmergeError(f"--out {out} exists and is not a fedmerge report (it holds {', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''}); give a new folder, or pass --force to replace it whole.")
+
+
+def write_report(directory: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+    """Load the results under ``directory`` and write its report (default ``directory/report``); return the path.
+
+    Replaces ``out`` only when it is a previous report (or, with ``force``, a folder of other files); see :func:`check_out`.
+    """
     collection = load_runs(directory)
-    report = build_report(collection)
-    files = render(report)
-    return write_tree_atomic(Path(out) if out else Path(directory) / "report", files)
+    out = Path(out) if out else Path(directory) / "report"
+    check_out(out, collection, force)
+    target = Path(os.path.abspath(out))
+    return write_tree(target, render(build_report(collection)), replace=target.exists())

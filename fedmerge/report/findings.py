@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmerge.files import write_file, write_tree
 from fedmerge.report import figures, records
-from fedmerge.report.document import Table, _md_table, write_tree_atomic
+from fedmerge.report.document import Table, _md_table
 from fedmerge.report.load import Collection, load_runs
 from fedmerge.report.stats import format_ci, mean_ci
 
@@ -393,12 +394,8 @@ def write_page(claims: Sequence[Claim], out: Path, timings: dict[str, float], wo
                 f"{timings.get(name, 0):.0f} |" for name in STUDIES),
               "", f"Total wall time of this `fedmerge findings` run: {timings.get('total', 0):.0f} s "
               f"(sweep cells already finished are not re-run and count 0). Generated {dt.date.today().isoformat()}.", ""]
-    write_tree_atomic(figure_dir, images)
-    staging = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging.write_text("\n".join(lines))
-    staging.replace(out)
-    return out
+    write_tree(figure_dir, images, replace=True)
+    return write_file(out, "\n".join(lines))
 
 
 def run_findings(out: Path = Path("docs/findings.md"), work: Path = Path("results/studies"), run: bool = True,
