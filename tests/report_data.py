@@ -21,14 +21,16 @@ def history_entry(round_number, accuracy, clients, lr_sums):
     return entry
 
 
-def results(seed=0, alpha=1.0, strategies=("fedavg", "median"), rounds=(1, 3), clients=3, lrs=None, corruption="none"):
+def results(seed=0, alpha=1.0, strategies=("fedavg", "median"), rounds=(1, 3), clients=3, lrs=None, corruption="none",
+            shift=None):
+    """One run's results; ``shift`` (strategy → number) moves a strategy's accuracies."""
     rng = np.random.default_rng(seed)
     lrs = lrs or [0.05] * clients
     steps = [100] * clients
     runs = []
     for r in rounds:
         for k, strategy in enumerate(strategies):
-            base = 0.6 + 0.05 * np.log10(alpha) + 0.02 * k + 0.01 * rng.standard_normal()
+            base = 0.6 + 0.05 * np.log10(alpha) + 0.02 * k + 0.01 * rng.standard_normal() + (shift or {}).get(strategy, 0)
             history = [history_entry(0, 0.3, clients, [l * s for l, s in zip(lrs, steps)])] if r > 1 else []
             history += [history_entry(i, float(base + 0.02 * i), clients, [l * s for l, s in zip(lrs, steps)])
                         for i in range(1, r + 1)]
@@ -57,16 +59,21 @@ def write_run(path, **kwargs) -> Path:
 
 
 def write_sweep(root, alphas=(0.1, 1.0, 10.0), seeds=(0, 1, 2)) -> Path:
+    return write_grid(root, "suite_options.alpha", {f"{a:g}": {"alpha": a} for a in alphas}, seeds)
+
+
+def write_grid(root, axis, levels, seeds=(0, 1, 2)) -> Path:
+    """A sweep directory over one axis: ``levels`` maps each label to the keyword arguments of :func:`results`."""
     root = Path(root)
     cells = []
-    for alpha in alphas:
+    for label, kwargs in levels.items():
         for seed in seeds:
-            cell_id = f"alpha{alpha:g}-seed{seed}"
-            write_run(root / "cells" / cell_id, seed=seed, alpha=alpha)
+            cell_id = f"{axis.split('.')[-1]}{label}-seed{seed}"
+            write_run(root / "cells" / cell_id, seed=seed, **kwargs)
             cells.append({"id": cell_id, "dir": f"cells/{cell_id}", "complete": True,
-                          "levels": {"suite_options.alpha": f"{alpha:g}", "seed": str(seed)}})
+                          "levels": {axis: label, "seed": str(seed)}})
     manifest = {"name": "synthetic-sweep", "axes": [
-        {"name": "suite_options.alpha", "keys": ["suite_options.alpha"], "labels": [f"{a:g}" for a in alphas]},
+        {"name": axis, "keys": [axis], "labels": list(levels)},
         {"name": "seed", "keys": ["seed"], "labels": [str(s) for s in seeds]}], "cells": cells}
     (root / "sweep.json").write_text(json.dumps(manifest))
     return root

@@ -12,10 +12,10 @@ from scipy import stats
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.report import load_runs, write_report
-from fedmerge.report.findings import write_page
+from fedmerge.report.findings import claim_training_heterogeneity, run_findings, write_page
 from fedmerge.report.records import aggregate, rows
 from fedmerge.report.stats import mean_ci
-from report_data import write_run, write_sweep
+from report_data import write_grid, write_run, write_sweep
 
 
 def test_mean_ci_is_the_t_interval():
@@ -164,6 +164,29 @@ def test_a_report_is_written_with_the_users_umask_and_leaves_no_staging(tmp_path
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o644}
     assert sorted(p.name for p in run.iterdir()) == ["report", "results.json"]
+
+
+@pytest.mark.parametrize("nova_shift, wording", [(-0.05, r"recovers [1-9]\d% of the drop"), (-0.2, r"widens the drop by \d+%")])
+def test_the_findings_word_a_negative_recovery_as_widening_the_drop(tmp_path, nova_shift, wording):
+    study = write_grid(tmp_path / "study", "spread", {
+        "1x": {"strategies": ("fedavg", "fednova"), "rounds": (1,), "shift": {"fednova": -0.02}},
+        "16x": {"strategies": ("fedavg", "fednova"), "rounds": (1,), "shift": {"fedavg": -0.1, "fednova": nova_shift - 0.02}}})
+    claim = claim_training_heterogeneity(load_runs(study))
+    assert re.search(wording, claim.summary) and "-" not in claim.summary.split("FedNova")[1], claim.summary
+
+
+def test_findings_refuse_to_overwrite_what_is_not_theirs_and_no_run_says_to_run(tmp_path, capsys):
+    work = tmp_path / "studies"
+    assert main(["findings", "--no-run", "--work", str(work), "--out", str(tmp_path / "page.md")]) == 2
+    error = capsys.readouterr().err
+    assert f"--work {work}" in error and "without --no-run" in error and "Traceback" not in error
+    (tmp_path / "README.md").write_text("mine")
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "holiday.png").write_bytes(b"png")
+    for out in (tmp_path / "README.md", tmp_path / "pics.md", tmp_path / "pics"):
+        with pytest.raises(FedmergeError, match=f"--out {out}"):
+            run_findings(out, work, run=True)
+    assert (tmp_path / "README.md").read_text() == "mine" and (tmp_path / "pics" / "holiday.png").exists()
 
 
 def test_the_findings_page_is_atomic_and_follows_the_umask(tmp_path, monkeypatch):
