@@ -1,6 +1,7 @@
 """fedmerge sweep: grid expansion, validation of every cell, resume; one tiny real sweep on the quadratic suite."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -27,7 +28,7 @@ def test_the_grid_is_the_product_of_its_axes_with_stable_distinct_ids():
     assert s.cells[5].spec.seed == 2 and s.cells[5].spec.suite_options["zeta2"] == 2.0
     assert len({c.id for c in s.cells}) == 6
     assert [c.id for c in s.cells] == [c.id for c in sweep({"seed": [0, 1, 2], "suite_options.zeta2": [0.5, 2.0]}).cells]
-    assert s.cells[0].id.startswith("seed0-zeta20.5-")
+    assert s.cells[0].id.startswith("seed-0_zeta2-0.5-")
     changed = sweep({"seed": [0, 1, 2], "suite_options.zeta2": [0.5, 2.0]}, base={**BASE, "clients": 3})
     assert not {c.id for c in s.cells} & {c.id for c in changed.cells}, "a changed base must not reuse old cells"
 
@@ -36,6 +37,7 @@ def test_a_named_axis_zips_its_keys_and_spread_values_are_values():
     s = sweep({"spread": {"training.lr": [0.1, {"geometric": [0.05, 0.2]}], "training.steps": [4, [2, 8]],
                           "labels": ["equal", "4x"]}})
     assert [c.levels for c in s.cells] == [{"spread": "equal"}, {"spread": "4x"}]
+    assert [c.id.rsplit("-", 1)[0] for c in s.cells] == ["spread-equal", "spread-4x"]  # axis-level, whatever the label
     assert [cfg.steps for cfg in s.cells[1].spec.client_configs()] == [2, 8]
     assert sweep({"training.lr": [{"geometric": [0.05, 0.2]}]}).cells[0].spec.training["lr"] == {"geometric": [0.05, 0.2]}
 
@@ -57,6 +59,7 @@ def test_a_preset_base_with_overrides():
     ({"base": BASE, "grid": {"ax": {"training.lr": [0.1, 0.2], "training.steps": [4]}}}, "the same length"),
     ({"base": BASE, "grid": {"seed": [0, 0]}}, "are the same experiment"),
     ({"base": {"preset": "nope"}, "grid": {"seed": [0]}}, "unknown preset 'nope'"),
+    ({"base": {"preset": "default"}, "grid": {"name": ["ok", "../up"]}}, "cell 2 (name=../up): option 'name'"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(data, message):
     with pytest.raises(FedmergeError) as error:
@@ -75,6 +78,11 @@ def test_the_cli_refuses_a_bad_sweep_file_and_touches_nothing(tmp_path, capsys):
     path.write_text('[base]\nsuite = "quadratic"\n[grid]\n')
     assert main(["sweep", str(path), "--out", str(out)]) == 2
     assert "empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unknown_study_is_named_with_the_shipped_ones():
+    with pytest.raises(FedmergeError, match="unknown study 'robustnes'; choose one of .*robustness"):
+        load_sweep("robustnes")
 
 
 def test_shipped_studies_are_valid():
@@ -125,6 +133,34 @@ def test_a_failing_cell_stops_the_sweep_and_keeps_the_finished_ones(tmp_path):
         run_sweep(s, out, runner=runner, log=lambda line: None)
     assert is_complete(cell_dir(out, s.cells[0])) and not cell_dir(out, s.cells[1]).exists()
     assert [c["complete"] for c in json.loads((out / MANIFEST).read_text())["cells"]] == [True, False]
+
+
+@pytest.mark.parametrize("out", ["file", "file/sweep"])
+def test_an_out_path_at_or_under_a_file_is_refused_before_anything_runs(tmp_path, capsys, out):
+    (tmp_path / "file").write_text("mine")
+    calls = []
+    with pytest.raises(FedmergeError, match="--out .* is a file|--out .* is under"):
+        run_sweep(sweep({"seed": [0]}), tmp_path / out, runner=fake_runner(calls), log=lambda line: None)
+    assert calls == [] and (tmp_path / "file").read_text() == "mine"
+    path = tmp_path / "tiny.toml"
+    path.write_text('[base]\nsuite = "quadratic"\n[grid]\nseed = [0]\n')
+    assert main(["sweep", str(path), "--out", str(tmp_path / out), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fedmerge: error: --out") and "Traceback" not in error
+
+
+def test_the_manifest_is_written_whole_with_the_users_umask(tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(sweep({"seed": [0]}), out, runner=fake_runner([]), log=lambda line: None)
+    assert json.loads((out / MANIFEST).read_text())["cells"][0]["complete"]
+    assert (out / MANIFEST).stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert not list(out.glob(".*"))
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_a_non_sweep_directory_is_not_overwritten(tmp_path):

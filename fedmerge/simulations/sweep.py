@@ -32,17 +32,18 @@ import datetime as dt
 import hashlib
 import itertools
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmerge.clients.settings import is_spread
 from fedmerge.errors import FedmergeError
+from fedmerge.files import check_output_dir, write_file
+from fedmerge.simulations.presets import load_experiment, shipped_names, shipped_path
 from fedmerge.simulations.spec import Spec, _suggest, load_toml
 
 SWEEP_KEYS = ("name", "description", "base", "grid")
@@ -116,8 +117,6 @@ def sweep_from_dict(data: Mapping[str, Any], source: str = "<sweep>", default_na
 
 
 def _base(raw: Any, source: str) -> dict:
-    from fedmerge.simulations.presets import load_experiment
-
     if not isinstance(raw, Mapping):
         raise FedmergeError(f"{source}: [base] must be a table (a spec, or preset = \"name\" plus overrides).")
     raw = dict(raw)
@@ -131,16 +130,11 @@ def _base(raw: Any, source: str) -> dict:
 def _merge(base: dict, overrides: Mapping) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and not _is_value_table(value):
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and not is_spread(value):
             merged[key] = _merge(dict(merged[key]), value)
         else:
             merged[key] = value
     return merged
-
-
-def _is_value_table(value: Mapping) -> bool:
-    """``{geometric = [lo, hi]}`` and ``{linear = [lo, hi]}`` are values, not tables of options."""
-    return len(value) == 1 and next(iter(value)) in ("geometric", "linear")
 
 
 def _axes(grid: Any, source: str) -> list[Axis]:
@@ -152,7 +146,7 @@ def _axes(grid: Any, source: str) -> list[Axis]:
         raise FedmergeError(f"{source}: the [grid] table is empty; give at least one key and its values, e.g. seed = [0, 1].")
     axes = []
     for name, value in grid.items():
-        if isinstance(value, Mapping) and not _is_value_table(value):
+        if isinstance(value, Mapping) and not is_spread(value):
             axes.append(_named_axis(name, value, source))
         else:
             values = value if isinstance(value, list) else [value]
@@ -226,35 +220,18 @@ def spec_hash(spec: Spec) -> str:
 
 
 def _slug(levels: Mapping[str, str], limit: int = 60) -> str:
-    parts = []
-    for axis, label in levels.items():
-        short = axis.split(".")[-1]
-        if label.startswith(short):
-            parts.append(label)
-        else:
-            parts.append(f"{short}{label}" if label[:1].isdigit() or label[:1] in "-." else f"{short}-{label}")
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(parts)).strip("-")
-    return (slug[:limit].rstrip("-") or "cell")
+    """``axis-level`` per axis (the last part of a dotted key), joined by ``_``: ``seed-0_spread-16x``."""
+    parts = [re.sub(r"[^A-Za-z0-9.]+", "-", f"{axis.split('.')[-1]}-{label}").strip("-") for axis, label in levels.items()]
+    return "_".join(parts)[:limit].rstrip("-_") or "cell"
 
 
 # -- shipped studies ---------------------------------------------------------------------------------
-STUDIES_PACKAGE = "fedmerge.simulations.presets"
-
-
 def study_names() -> list[str]:
-    from importlib import resources
-
-    folder = resources.files(STUDIES_PACKAGE) / "studies"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return shipped_names("study")
 
 
 def study_path(name: str) -> Path:
-    from importlib import resources
-
-    path = resources.files(STUDIES_PACKAGE) / "studies" / f"{name}.toml"
-    if not path.is_file():
-        raise FedmergeError(f"no sweep file {name!r}: give a .toml path or a shipped study ({', '.join(study_names())}).")
-    return Path(str(path))
+    return shipped_path(name, "study")
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -295,17 +272,8 @@ def manifest(sweep: Sweep, sweep_dir: Path, timings: Mapping[str, float] | None 
     }
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=1, default=str)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def write_manifest(sweep_dir: Path, data: Mapping) -> None:
+    write_file(Path(sweep_dir) / MANIFEST, json.dumps(data, indent=1, default=str))
 
 
 def clean_partial(sweep_dir: Path, cell: Cell) -> list[Path]:
@@ -342,6 +310,7 @@ def run_sweep(
 ) -> dict:
     """Run every cell not finished yet into ``sweep_dir``; return the manifest (also in ``sweep.json``)."""
     sweep_dir = Path(sweep_dir)
+    check_output_dir(sweep_dir, "--out")
     existing = sweep_dir / MANIFEST
     timings: dict[str, float] = {}
     if existing.exists():
@@ -354,7 +323,7 @@ def run_sweep(
         raise FedmergeError(f"{sweep_dir} exists and is not a sweep directory (no {MANIFEST}); choose another --out.")
     runner = runner or _default_runner(show_progress)
     (sweep_dir / CELLS).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sweep_dir / MANIFEST, manifest(sweep, sweep_dir, timings))
+    write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
     todo = [cell for cell in sweep.cells if not is_complete(cell_dir(sweep_dir, cell))]
     done = len(sweep.cells) - len(todo)
     total = len(sweep.cells)
@@ -370,18 +339,18 @@ def run_sweep(
             runner(cell.spec, cell_dir(sweep_dir, cell))
         except FedmergeError as error:
             clean_partial(sweep_dir, cell)
-            write_json_atomic(sweep_dir / MANIFEST, manifest(sweep, sweep_dir, timings))
+            write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
             raise FedmergeError(f"sweep cell {cell.id} ({cell.describe()}) failed: {error} Finished cells are kept; "
                                 "run the sweep again to resume.") from None
         except BaseException:
             clean_partial(sweep_dir, cell)
-            write_json_atomic(sweep_dir / MANIFEST, manifest(sweep, sweep_dir, timings))
+            write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
             raise
         timings[cell.id] = time.perf_counter() - cell_started
-        write_json_atomic(sweep_dir / MANIFEST, manifest(sweep, sweep_dir, timings))
+        write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
     result = manifest(sweep, sweep_dir, timings)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(sweep_dir / MANIFEST, result)
+    write_manifest(sweep_dir, result)
     log(f"sweep {sweep.name}: {total} cells complete in {_duration(result['seconds'])} → {sweep_dir}")
     return result
 

@@ -1,4 +1,5 @@
-"""Experiment presets shipped inside the package (``fedmerge/simulations/presets/*.toml``)."""
+"""TOML files shipped inside the package: experiment presets (``presets/*.toml``) and study sweeps
+(``presets/studies/*.toml``), found by name."""
 
 from importlib import resources
 from pathlib import Path
@@ -7,17 +8,33 @@ from fedmerge.errors import FedmergeError
 from fedmerge.simulations.spec import load_toml
 
 PACKAGE = __name__
+FOLDERS = {"preset": None, "study": "studies"}
+
+
+def _folder(kind: str):
+    root = resources.files(PACKAGE)
+    return root / FOLDERS[kind] if FOLDERS[kind] else root
+
+
+def shipped_names(kind: str = "preset") -> list[str]:
+    """The names of the shipped files of ``kind`` ("preset" or "study")."""
+    return sorted(p.name[:-5] for p in _folder(kind).iterdir() if p.name.endswith(".toml"))
+
+
+def shipped_path(name: str, kind: str = "preset") -> Path:
+    """The path of the shipped ``kind`` file called ``name``; an unknown name is refused, listing the known."""
+    path = _folder(kind) / f"{name}.toml"
+    if not path.is_file():
+        raise FedmergeError(f"unknown {kind} {name!r}; choose one of {', '.join(shipped_names(kind))}, or give a .toml file.")
+    return Path(str(path))
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files(PACKAGE).iterdir() if p.name.endswith(".toml"))
+    return shipped_names("preset")
 
 
 def preset_path(name: str) -> Path:
-    path = resources.files(PACKAGE) / f"{name}.toml"
-    if not path.is_file():
-        raise FedmergeError(f"unknown preset {name!r}; the presets are {', '.join(preset_names())} (or give a .toml file).")
-    return Path(str(path))
+    return shipped_path(name, "preset")
 
 
 def load_experiment(source: str | None) -> dict:
