@@ -11,7 +11,7 @@ from scipy import stats
 
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
-from fedmerge.report import load_runs, write_report
+from fedmerge.report import figures, load_runs, write_report
 from fedmerge.report.findings import claim_training_heterogeneity, run_findings, write_page
 from fedmerge.report.records import aggregate, rows
 from fedmerge.report.stats import mean_ci
@@ -164,6 +164,23 @@ def test_a_report_is_written_with_the_users_umask_and_leaves_no_staging(tmp_path
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o644}
     assert sorted(p.name for p in run.iterdir()) == ["report", "results.json"]
+
+
+def test_figures_keep_legends_off_the_data_bars_from_zero_and_panels_apart(tmp_path):
+    table = rows(load_runs(write_sweep(tmp_path / "sweep")))
+    bars = figures.one_shot_vs_multi_round(table, "mean_normalized_accuracy")
+    assert all(ax.get_ylim()[0] == 0 for ax in bars.figure.axes)
+    for figure in (bars, figures.per_round(load_runs(tmp_path / "sweep")), figures.against(table, "alpha", "mean_accuracy"),
+                   figures.cosine_heatmap(load_runs(tmp_path / "sweep"))):
+        fig = figure.figure
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+        legends = [*fig.legends, *(ax.get_legend() for ax in panels if ax.get_legend())]
+        for legend in legends:
+            assert not any(legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in panels), figure.name
+        boxes = [ax.get_tightbbox(renderer) for ax in panels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), figure.name
 
 
 @pytest.mark.parametrize("nova_shift, wording", [(-0.05, r"recovers [1-9]\d% of the drop"), (-0.2, r"widens the drop by \d+%")])

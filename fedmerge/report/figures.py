@@ -1,5 +1,8 @@
 """Figures for people: titled, with units, legends and readable sizes (matplotlib, Agg backend, PNG).
 
+Figures use constrained layout, so panels, tick labels and colour bars never overlap; legends sit outside the
+axes (:func:`legend`), where they hide no data; bar charts start at 0.
+
 Each function takes the loaded runs (or their flat rows) and returns a :class:`Figure` (a matplotlib figure
 plus a file name and caption), or ``None`` when the data have nothing to show for it.
 """
@@ -58,11 +61,23 @@ def _panels(count: int, width: float = 5.2, height: float = 4.0):
     count = min(count, MAX_PANELS)
     columns = min(count, 3)
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(max(width * columns, 7.0), height * rows + 0.6), squeeze=False,
+                             layout="constrained")
     flat = list(axes.flat)
     for ax in flat[count:]:
         ax.set_visible(False)
     return fig, flat[:count]
+
+
+def legend(fig: "plt.Figure", axes: Sequence) -> None:
+    """One legend for all panels, below them, so it hides no data (the figure needs constrained layout)."""
+    entries: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(entries.values(), entries.keys(), loc="outside lower center",
+                   ncol=max(1, min(len(entries), int(fig.get_figwidth() // 2.2))))
 
 
 def _groups(collection: Collection) -> dict[str, list]:
@@ -123,9 +138,8 @@ def per_round(collection: Collection, metric: str | None = None) -> Figure | Non
         ax.set_ylabel(metric_label(metric))
         if metric == "distance_to_optimum":
             ax.set_yscale("log")
-        ax.legend(loc="best")
+    legend(fig, axes)
     fig.suptitle(f"{records.METRICS.get(metric, metric).capitalize()} per round{_suffix(collection, len(axes), len(with_rounds))}")
-    fig.tight_layout()
     return Figure("per-round.png", f"{metric_label(metric).capitalize()} after each round of federated learning; dashed "
                   "lines: one-shot merging (λ chosen on validation) of the same clients.", fig)
 
@@ -155,12 +169,9 @@ def one_shot_vs_multi_round(table: Sequence[dict], metric: str) -> Figure | None
         ax.set_xticks(range(len(strategies)), strategies)
         ax.set_ylabel(metric_label(metric))
         ax.set_title(group, fontsize=11)
-        if metric in ("mean_normalized_accuracy", "mean_accuracy"):
-            low = min((s[metric] for s in stats if not math.isnan(s[metric])), default=0)
-            ax.set_ylim(max(0.0, low - 0.15), None)
-        ax.legend(loc="lower right")
+        ax.set_ylim(bottom=0)
+    legend(fig, axes)
     fig.suptitle("One-shot merging vs multi-round FL at the same local compute" + _suffix_rows(table, len(axes), len(groups)))
-    fig.tight_layout()
     return Figure("one-shot-vs-multi-round.png", "Final test metric of each strategy: one round (merging) against R rounds "
                   "with each client's local steps split over the rounds. Error bars: 95% CI over seeds.", fig)
 
@@ -175,7 +186,7 @@ def against(table: Sequence[dict], factor: str, metric: str, label: str | None =
     default_label, default_log = records.FACTORS.get(factor, (factor, False))
     label, log = label or default_label, default_log if log is None else log
     stats = records.aggregate(table, ("strategy", "rounds", factor), [metric])
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
     series = sorted({(s["strategy"], s["rounds"]) for s in stats}, key=lambda k: (k[1], k[0]))
     many_rounds = len({r for _, r in series}) > 1
     for index, (strategy, rounds) in enumerate(series):
@@ -191,8 +202,7 @@ def against(table: Sequence[dict], factor: str, metric: str, label: str | None =
     ax.set_xlabel(label)
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{records.METRICS.get(metric, metric).capitalize()} against {label.split(' (')[0]}")
-    ax.legend(loc="best", ncol=2 if len(series) > 5 else 1)
-    fig.tight_layout()
+    legend(fig, [ax])
     return Figure(name or f"{metric.replace('mean_', '').replace('_', '-')}-vs-{factor.replace('_', '-')}.png",
                   f"{metric_label(metric).capitalize()} against {label}; error bars: 95% CI over seeds.", fig)
 
@@ -204,7 +214,7 @@ def against_levels(table: Sequence[dict], axis: str, labels: Sequence[str], metr
     if len(present) < 2:
         return None
     stats = records.aggregate(table, ("strategy", "rounds", key), [metric])
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
     series = sorted({(s["strategy"], s["rounds"]) for s in stats}, key=lambda k: (k[1], k[0]))
     for index, (strategy, rounds) in enumerate(series):
         pts = {s[key]: s for s in stats if s["strategy"] == strategy and s["rounds"] == rounds}
@@ -218,8 +228,7 @@ def against_levels(table: Sequence[dict], axis: str, labels: Sequence[str], metr
     ax.set_xlabel(axis)
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{records.METRICS.get(metric, metric).capitalize()} against {axis}")
-    ax.legend(loc="best", ncol=2 if len(series) > 5 else 1)
-    fig.tight_layout()
+    legend(fig, [ax])
     safe = "".join(c if c.isalnum() else "-" for c in axis)
     return Figure(f"{metric.replace('mean_', '').replace('_', '-')}-vs-{safe}.png",
                   f"{metric_label(metric).capitalize()} for each level of the sweep axis '{axis}'.", fig)
@@ -283,9 +292,8 @@ def effective_weights(collection: Collection) -> Figure | None:
         ax.set_ylabel("weight (sums to 1)")
         chi = aggregation.get("chi_square")
         ax.set_title(f"{group}\nχ²(p‖w) = {chi:.3g}, a_t = {aggregation.get('effective_steps_key')}" if chi is not None else group, fontsize=10)
-        ax.legend(loc="best")
+    legend(fig, axes)
     fig.suptitle("Effective weights of plain averaging (first round, first seed)")
-    fig.tight_layout()
     return Figure("effective-weights.png", "Averaging weights p_t against the effective weights w_t = p_t a_t / Σ p_s a_s "
                   "(a_t: a client's local steps, or the sum of its learning rates). Plain averaging minimises Σ w_t L_t, "
                   "not Σ p_t L_t; χ²(p‖w) measures the mismatch (0 when all a_t are equal).", fig)

@@ -302,7 +302,7 @@ def claim_objective_inconsistency(collection: Collection) -> Claim:
 
 
 def _distance_figure(series: dict, names: Sequence[str]) -> figures.Figure:
-    fig, ax = figures.plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = figures.plt.subplots(figsize=(7.5, 5.2), layout="constrained")
     for (strategy, name), values in sorted(series.items()):
         if name not in names:
             continue
@@ -314,8 +314,7 @@ def _distance_figure(series: dict, names: Sequence[str]) -> figures.Figure:
     ax.set_ylabel("distance ‖θ − target‖ (log scale)")
     ax.set_title("Quadratic suite: distance to the true optimum θ* and to θ_w per round")
     ax.xaxis.set_major_locator(figures.matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(loc="best")
-    fig.tight_layout()
+    figures.legend(fig, [ax])
     return figures.Figure("claim5-objective-inconsistency.png",
                           "Solid: distance to the true optimum θ* of Σ p_t L_t; dashed: to θ_w, the optimum of the w-weighted "
                           "objective FedAvg converges to (mean over seeds).", fig)
