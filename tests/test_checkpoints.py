@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from collections import Counter
 
 import pytest
 import torch
@@ -298,7 +299,7 @@ def test_missing_shard(tmp_path, capsys):
 def test_options_checked_before_reading(tmp_path, capsys):
     base_path, model_paths = save_files(tmp_path, *make_models())
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--steps", "1", "2")
-    assert "got 2 values of steps (--steps) for 3 clients" in err
+    assert "got 2 values of steps (--steps) for 3 models; give one per model" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova")
     assert "needs the models' effective steps" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "median", "--rho", "0.5")
@@ -369,3 +370,108 @@ def test_an_output_under_a_file_is_refused_before_reading(tmp_path, capsys, monk
     out = tmp_path / "base.safetensors" / "merged"
     assert main(["merge", "--base", base_path, "--models", *model_paths, "--out", str(out), "--quiet"]) == 2
     assert f"its directory {tmp_path / 'base.safetensors'} is a file" in capsys.readouterr().err
+
+
+# --- non-finite inputs: refused by default, left out when asked; a model of weight 0 is absent ----------------
+
+
+def nan_in(model: dict, name: str = "layers.0.attn.weight", value: float = float("nan")) -> None:
+    model[name] = model[name].clone()
+    model[name].view(-1)[5] = value
+
+
+def metadata_of(path) -> dict:
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["fedmerge"])
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "median", "cclip"])
+@pytest.mark.parametrize("name, value", [("layers.0.attn.weight", float("nan")), ("layers.0.mlp.weight", float("-inf"))])
+def test_a_nonfinite_model_is_refused_naming_file_and_tensor(tmp_path, capsys, method, name, value):
+    err = run_failing(tmp_path, capsys, *broken(tmp_path, lambda m: nan_in(m, name, value)), "--method", method)
+    assert f"model1.safetensors: tensor '{name}' holds NaN or infinite values; nothing was written" in err
+    assert "--skip-nonfinite" in err
+
+
+def test_a_nonfinite_base_is_refused_even_with_skip_nonfinite(tmp_path, capsys):
+    base, models = make_models()
+    nan_in(base, "lm_head.weight")
+    err = run_failing(tmp_path, capsys, *save_files(tmp_path, base, models), "--skip-nonfinite")
+    assert "base.safetensors: tensor 'lm_head.weight' of the base holds NaN or infinite values" in err
+
+
+@pytest.mark.parametrize("method, rule", [("task-arithmetic", FedAvgRule()), ("median", MedianRule()), ("cclip", CClipRule())])
+def test_skip_nonfinite_leaves_such_models_out_and_names_them(tmp_path, capsys, method, rule):
+    base, models = make_models(4)
+    nan_in(models[1])
+    nan_in(models[3], "lm_head.weight", float("inf"))
+    base_path, paths = save_files(tmp_path, base, models)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--base", base_path, "--models", *paths, "--method", method, "--scaling", "0.5",
+                 "--skip-nonfinite", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"left out {paths[1]}: tensor 'layers.0.attn.weight' in model1.safetensors holds NaN" in err
+    assert f"left out {paths[3]}: tensor 'lm_head.weight' in model3.safetensors holds NaN" in err
+    assert "merged 2 of 4 models" in err
+    assert_same(load_file(out), merged_model(rule, base, [models[0], models[2]], 1.0))  # λ 0.5 over 2 models: β = 1
+    record = metadata_of(out)
+    assert record["models"] == [paths[0], paths[2]] and record["server_lr"] == 1.0
+    assert [e["model"] for e in record["left_out"]] == [paths[1], paths[3]]
+
+
+def test_skip_nonfinite_with_every_model_bad_writes_nothing(tmp_path):
+    base, models = make_models(1)
+    nan_in(models[0])
+    base_path, paths = save_files(tmp_path, base, models)
+    with pytest.warns(UserWarning, match="left out"), pytest.raises(FedmergeError, match="every model holds NaN"):
+        merge_checkpoints(base_path, paths, tmp_path / "out", skip_nonfinite=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, rule", [("fedavg", FedAvgRule([1, 3])), ("cclip", CClipRule(None, 1, None, [1, 3])),
+                                          ("fedgma", FedGMARule(0.5, [1, 3]))])
+def test_a_model_of_weight_zero_is_absent_so_its_nan_cannot_spread(tmp_path, method, rule):
+    base, models = make_models()
+    nan_in(models[1])
+    base_path, paths = save_files(tmp_path, base, models)
+    out = merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method=method, weights=[1, 0, 3])
+    assert_same(load_file(out), merged_model(rule, base, [models[0], models[2]]))
+
+
+def test_a_norm_that_overflows_is_not_taken_for_nonfinite_values(tmp_path):
+    base, models = make_models()
+    models[1]["layers.0.attn.weight"] = torch.full((8, 8), 1e30)  # ‖τ‖² overflows; every value is finite
+    base_path, paths = save_files(tmp_path, base, models)
+    out = merge_checkpoints(base_path, paths, tmp_path / "m.safetensors")
+    assert_same(load_file(out), merged_model(FedAvgRule(), base, models))
+
+
+def test_each_input_tensor_is_read_once(tmp_path, monkeypatch):
+    base, models = make_models()
+    base_path, paths = save_files(tmp_path, base, models)
+    reads, real = Counter(), Checkpoint.__getitem__
+    monkeypatch.setattr(Checkpoint, "__getitem__", lambda self, name: reads.update([(self.path.name, name)]) or real(self, name))
+    merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method="median")
+    assert len(reads) == 4 * len(base) and set(reads.values()) == {1}
+
+
+# --- --rho 0 and the summary line ----------------------------------------------------------------------
+
+
+def test_cclip_rho_zero_means_the_median_norm_as_in_experiment_specs(tmp_path, capsys):
+    base, models = make_models()
+    base_path, paths = save_files(tmp_path, base, models)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "cclip", "--rho", "0", "--out", str(out)]) == 0
+    rule = CClipRule()
+    assert_same(load_file(out), merged_model(rule, base, models))
+    assert metadata_of(out)["rule"]["radius"] == pytest.approx(rule.radius_used)
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    assert "(default, or 0: the median of the task-vector norms)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_summary_counts_one_model_in_the_singular(tmp_path, capsys):
+    base_path, paths = save_files(tmp_path, *make_models(1))
+    assert main(["merge", "--base", base_path, "--models", *paths, "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert "merged 1 model into" in capsys.readouterr().err

@@ -3,8 +3,9 @@
 import argparse
 import sys
 import time
+import warnings
 
-from fedmerge.checkpoints.merge import merge_checkpoints
+from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
 from fedmerge.checkpoints.methods import FEDGMA_DEFAULT_RHO, METHODS
 
 DESCRIPTION = """\
@@ -19,6 +20,8 @@ So Task Arithmetic with λ = 0.3 over 3 models is --scaling 0.3, or equally --se
 
 Inputs: .safetensors files, Hugging Face model directories (sharded safetensors with their index), or
 PyTorch .bin/.pt files (loaded with torch.load(weights_only=True); nothing else is ever unpickled).
+A model holding NaN or infinite values is refused, naming its file and tensor, and nothing is written;
+--skip-nonfinite leaves such models out instead. A model of weight 0 (--weights) is left out unread.
 """
 
 EPILOG = """\
@@ -46,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     io.add_argument("--force", action="store_true", help="replace OUT if it exists")
     io.add_argument(
+        "--skip-nonfinite", action="store_true",
+        help="leave out the models holding NaN or infinite values (named on standard error) instead of refusing them",
+    )
+    io.add_argument(
         "--max-shard-size", metavar="SIZE",
         help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB; default: the base's sharding",
     )
@@ -69,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument(
         "--rho", type=float, metavar="ρ",
         help=f"fedgma: sign-agreement threshold, at most 1 (default {FEDGMA_DEFAULT_RHO}; ≤ 0 gives fedavg); cclip: clipping radius "
-        "in the L2 norm over the whole task vector (default: the median of the task-vector norms)",
+        "in the L2 norm over the whole task vector (default, or 0: the median of the task-vector norms)",
     )
     rule.add_argument("--iterations", type=int, metavar="L", help="cclip: clipping iterations (default 1)")
     rule.add_argument(
@@ -82,12 +89,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``fedmerge merge`` from parsed arguments; returns the exit code."""
     start = time.perf_counter()
-    out = merge_checkpoints(
-        args.base, args.models, args.out,
-        method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
-        steps=args.steps, lr_sums=args.lr_sums, rho=args.rho, iterations=args.iterations, even=args.even,
-        max_shard_size=args.max_shard_size, force=args.force, progress=not args.quiet,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModelLeftOut)
+        out = merge_checkpoints(
+            args.base, args.models, args.out,
+            method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
+            steps=args.steps, lr_sums=args.lr_sums, rho=args.rho, iterations=args.iterations, even=args.even,
+            max_shard_size=args.max_shard_size, skip_nonfinite=args.skip_nonfinite, force=args.force,
+            progress=not args.quiet,
+        )
+    left_out = 0
+    for warning in caught:
+        if issubclass(warning.category, ModelLeftOut):
+            print(f"fedmerge: {warning.message}", file=sys.stderr)
+            left_out += 1
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if not args.quiet:
-        print(f"fedmerge: merged {len(args.models)} models into {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        total = len(args.models)
+        merged = f"{total - left_out} of {total} models" if left_out else f"{total} model{'s' if total > 1 else ''}"
+        print(f"fedmerge: merged {merged} into {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -3,15 +3,21 @@
 Tensors stream from the inputs through the merging core's :func:`fedmerge.merging.iter_merged_model`
 into the output, so memory holds a few tensors at a time (about T + 3 of the largest, in float32),
 whatever the model's size. bfloat16 and float16 stay in their dtype; arithmetic is in float32.
+
+Non-finite inputs are caught by the merge's own pass: a model's ‖τ_t‖² turns non-finite at the first
+tensor holding NaN or ±inf, and that tensor is then checked exactly (a norm alone may overflow). Such a
+model stops the merge, naming its file and tensor, or, when asked, is left out and the merge restarts.
 """
 
 import itertools
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedmerge import __version__
@@ -27,6 +33,7 @@ from fedmerge.checkpoints.writer import (
     Shard, check_output, copy_side_files, parse_size, plan_shards, write_index, write_shard,
 )
 
+PER_MODEL = ("weights", "steps", "lr_sums")  # options with one value per model
 CONVENTION = (
     "merged = base + server_lr * delta, delta the rule's mean-scale update (FedAvg: the mean task vector); "
     "Task Arithmetic's scaling lambda = server_lr / T"
@@ -36,8 +43,9 @@ CONVENTION = (
 class _ReuseLast(Mapping[str, torch.Tensor]):
     """A mapping that reads each tensor once while it is asked for repeatedly (the base, by every τ_t)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: Checkpoint) -> None:
         self._tensors = tensors
+        self.specs = tensors.specs  # shapes and dtypes for the merging core's check, without reading
         self._last: tuple[str, torch.Tensor] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -52,7 +60,36 @@ class _ReuseLast(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
 
-def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Sequence) -> dict:
+class ModelLeftOut(UserWarning):
+    """A model left out of a merge (``skip_nonfinite``): the message names it and its first bad tensor."""
+
+
+class _NonFinite(Exception):
+    """Tensor ``name`` of model ``model`` (an index into the merged models; None: the base) is not finite."""
+
+    def __init__(self, model: int | None, name: str) -> None:
+        super().__init__(model, name)
+        self.model, self.name = model, name
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def _watch(merged: Iterator, base: Mapping, models: Sequence[Mapping], squared_norms: np.ndarray) -> Iterator:
+    """Yield the merged tensors; raise :class:`_NonFinite` as soon as a model's ‖τ_t‖² is non-finite and the
+    tensor just merged confirms it (of the base first, then of the model)."""
+    for name, tensor in merged:
+        for t in np.flatnonzero(~np.isfinite(squared_norms)):
+            if not _finite(base[name]):
+                raise _NonFinite(None, name)
+            if not _finite(models[t][name]):
+                raise _NonFinite(int(t), name)
+            squared_norms[t] = 0.0  # the norm overflowed; the values are finite: keep watching
+        yield name, tensor
+
+
+def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Sequence, left_out: Sequence) -> dict:
     """What the output's metadata says about how it was made (read after the rule's first pass)."""
     return {
         "fedmerge_version": __version__,
@@ -64,6 +101,7 @@ def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Se
         "convention": CONVENTION,
         "base": str(base),
         "models": [str(m) for m in models],
+        "left_out": list(left_out),
     }
 
 
@@ -82,6 +120,7 @@ def merge_checkpoints(
     iterations: int | None = None,
     even: str | None = None,
     max_shard_size: int | str | None = None,
+    skip_nonfinite: bool = False,
     force: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -97,21 +136,22 @@ def merge_checkpoints(
     scaling : Task Arithmetic's λ: merged = θ + λ·Σ_t τ_t for FedAvg. Exclusive with ``server_lr``.
     server_lr : β: merged = θ + β·Δ, Δ the rule's mean-scale update; β = λ·T. Neither given: β = 1.
     weights, steps, lr_sums, rho, iterations, even : the method's options, see
-        :func:`fedmerge.checkpoints.methods.build_rule`.
+        :func:`fedmerge.checkpoints.methods.build_rule`. A model of weight 0 is left out (never read).
     max_shard_size : bytes (int) or a size like "5GB" per output shard; default: the base's sharding.
+    skip_nonfinite : leave out the models holding NaN or ±inf (each with a :class:`ModelLeftOut` warning,
+        and listed under ``left_out`` in the output's metadata) instead of refusing them; λ then counts
+        the models merged (β = λ·T).
     force : replace an existing ``out``.
     progress : show progress bars (on a terminal).
 
-    Returns the output path. Raises :class:`FedmergeError` naming the file and tensor on bad input,
-    before anything is written; nothing is left at ``out`` if the merge fails.
+    Returns the output path. Raises :class:`FedmergeError` naming the file and tensor on bad input
+    (non-finite values included, unless ``skip_nonfinite``); nothing is left at ``out`` if the merge fails.
     """
     out, models = Path(out), list(models)
-    rule = build_rule(
-        method, len(models), weights=weights, steps=steps, lr_sums=lr_sums, rho=rho, iterations=iterations, even=even
-    )
-    beta = resolve_server_lr(len(models), scaling, server_lr)
-    single_file = out.name.endswith(".safetensors")
-    if single_file and max_shard_size is not None:
+    options = dict(weights=weights, steps=steps, lr_sums=lr_sums, rho=rho, iterations=iterations, even=even)
+    build_rule(method, len(models), **options)  # every option checked before any file is read
+    resolve_server_lr(len(models), scaling, server_lr)
+    if out.name.endswith(".safetensors") and max_shard_size is not None:
         raise FedmergeError(f"the output {out} is a single file; drop max_shard_size or give a directory.")
     max_size = None if max_shard_size is None else parse_size(max_shard_size)
     check_output(out, [Path(base), *map(Path, models)], force)
@@ -122,14 +162,54 @@ def merge_checkpoints(
         finetuned = [stack.enter_context(Checkpoint(model)) for model in models]
         check_compatible(source, finetuned)
         specs = source.specs
+        single_file = out.name.endswith(".safetensors")
         shards = [Shard(out.name, list(specs))] if single_file else plan_shards(source.groups(), specs, max_size)
-        names = [name for shard in shards for name in shard.names]
-        display = stack.enter_context(MergeProgress(len(names), len(shards), progress))
+        kept, left_out = list(range(len(models))), []
+        while True:
+            chosen = {key: _pick(options[key], kept) for key in PER_MODEL}
+            rule = build_rule(method, len(kept), **{**options, **chosen})
+            beta = resolve_server_lr(len(kept), scaling, server_lr)
+
+            def record() -> dict:  # called after the rule's first pass
+                return _record(method, rule, chosen["weights"], beta, base, _pick(models, kept), left_out)
+
+            try:
+                _write(out, shards, source, _pick(finetuned, kept), rule, beta, record, force, progress)
+                return out
+            except _NonFinite as bad:
+                culprit = source if bad.model is None else finetuned[kept[bad.model]]
+                where = f"{culprit.specs[bad.name].file}: tensor {bad.name!r}"
+                if bad.model is None:
+                    raise FedmergeError(f"{where} of the base holds NaN or infinite values; nothing was written.") from None
+                if not skip_nonfinite:
+                    raise FedmergeError(
+                        f"{where} holds NaN or infinite values; nothing was written. Repair or drop that model, or "
+                        "pass --skip-nonfinite (skip_nonfinite=True) to leave such models out."
+                    ) from None
+                model = models[kept.pop(bad.model)]
+                left_out.append({"model": str(model), "reason": f"non-finite values in tensor {bad.name!r}"})
+                file = culprit.specs[bad.name].file.name
+                warnings.warn(ModelLeftOut(f"left out {model}: tensor {bad.name!r} in {file} holds NaN or infinite values."), stacklevel=2)
+                if not kept:
+                    raise FedmergeError("every model holds NaN or infinite values: nothing to merge; nothing was written.") from None
+
+
+def _pick(values: Sequence | None, kept: Sequence[int]) -> list | None:
+    return None if values is None else [values[t] for t in kept]
+
+
+def _write(out: Path, shards: Sequence[Shard], source: Checkpoint, finetuned: Sequence[Checkpoint], rule: Rule,
+           beta: float, record: Callable[[], dict], force: bool, progress: bool) -> None:
+    """One pass: merge and write every shard; raises :class:`_NonFinite` (nothing written) on bad values."""
+    specs, single_file = source.specs, out.name.endswith(".safetensors")
+    names = [name for shard in shards for name in shard.names]
+    with MergeProgress(len(names), len(shards), progress) as display:
         display.preparing()
-        merged = iter_merged_model(rule, _ReuseLast(source), finetuned, beta, names)
+        base, squared_norms = _ReuseLast(source), np.zeros(len(finetuned))
+        merged = _watch(iter_merged_model(rule, base, finetuned, beta, names, squared_norms), base, finetuned, squared_norms)
         first = next(merged)  # runs the rule's first pass (CCLIP's norms) before any file is written
-        record = _record(method, rule, weights, beta, base, models)
-        header = {"format": "pt", "fedmerge": json.dumps(record)}
+        metadata = record()
+        header = {"format": "pt", "fedmerge": json.dumps(metadata)}
         tensors = display.track(itertools.chain([first], merged))
         with staged(out, directory=not single_file, replace=force) as target:
             for shard in shards:
@@ -138,7 +218,6 @@ def merge_checkpoints(
                 display.shard_done()
             if not single_file:
                 if len(shards) > 1:
-                    write_index(target, shards, specs, {"fedmerge": record})
+                    write_index(target, shards, specs, {"fedmerge": metadata})
                 if source.directory is not None:
                     copy_side_files(source.directory, target)
-    return out

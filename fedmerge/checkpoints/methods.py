@@ -43,8 +43,8 @@ def build_rule(
     ----------
     weights : per-model weights p_t (normalised to sum 1); for fedavg, fednova, fedgma, cclip.
     steps, lr_sums : FedNova's effective steps a_t: local step counts, or sums of learning rates (one of them).
-    rho : FedGMA's sign-agreement threshold (default 0.5) or CCLIP's clipping radius (default: the median
-        task-vector norm).
+    rho : FedGMA's sign-agreement threshold (default 0.5) or CCLIP's clipping radius (default, or 0 as in
+        experiment specs: the median task-vector norm).
     iterations : CCLIP's clipping iterations L (default 1).
     even : Median's rule for an even number of models, "mean" (default) or "lower".
     """
@@ -57,7 +57,7 @@ def build_rule(
     _refuse("iterations (--iterations)", iterations, method, ("cclip",))
     _refuse("even (--even)", even, method, ("median",))
     if weights is not None:
-        client_weights(weights, num_models)
+        client_weights(weights, num_models, "model")
     if method in ("task-arithmetic", "fedavg"):
         return FedAvgRule(weights)
     if method == "fednova":
@@ -67,13 +67,13 @@ def build_rule(
                 "counts) or lr_sums (--lr-sums, sums of learning rates), one value per model."
             )
         what = "steps (--steps)" if steps is not None else "lr_sums (--lr-sums)"
-        effective = positive_per_client(steps if steps is not None else lr_sums, num_models, what)
+        effective = positive_per_client(steps if steps is not None else lr_sums, num_models, what, "model")
         return FedNovaRule(effective.tolist(), weights)
     if method == "fedgma":
         return FedGMARule(FEDGMA_DEFAULT_RHO if rho is None else rho, weights)
     if method == "median":
         return MedianRule("mean" if even is None else even)
-    return CClipRule(rho, 1 if iterations is None else iterations, None, weights)
+    return CClipRule(rho or None, 1 if iterations is None else iterations, None, weights)
 
 
 def resolve_server_lr(num_models: int, scaling: float | None = None, server_lr: float | None = None) -> float:

@@ -85,9 +85,10 @@ class CClipRule(Rule):
         super().prepare(task_vectors, names)
         basis = ([self.center] if self.center is not None else []) + list(task_vectors)
         gram = gram_matrix(basis, names)
-        self.coeffs, self.clip_factors, self.radius_used = clipping_coefficients(
-            gram, self.p, self.radius, self.iterations, self.center is not None
-        )
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: the driver's norms flag them
+            self.coeffs, self.clip_factors, self.radius_used = clipping_coefficients(
+                gram, self.p, self.radius, self.iterations, self.center is not None
+            )
 
     def merge_chunk(self, name, s, values, out):
         if self.center is None:

@@ -7,6 +7,10 @@ import numpy as np
 from fedmerge.errors import FedmergeError
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def client_weights(weights: Sequence[float] | None, num_clients: int, noun: str = "client") -> np.ndarray:
     """Normalise raw client weights (e.g. example counts) to p_t summing to 1; ``None`` is uniform.
 
@@ -17,11 +21,11 @@ def client_weights(weights: Sequence[float] | None, num_clients: int, noun: str 
     p = np.asarray(weights, dtype=np.float64)
     if p.shape != (num_clients,):
         raise FedmergeError(
-            f"got {p.size} {noun} weights for {num_clients} {noun}s; give one weight per {noun}."
+            f"got {_count(p.size, noun + ' weight')} for {_count(num_clients, noun)}; give one weight per {noun}."
         )
     if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
         raise FedmergeError(
-            f"client weights must be finite, non-negative and not all zero, got {p.tolist()}."
+            f"{noun} weights must be finite, non-negative and not all zero, got {p.tolist()}."
         )
     return p / p.sum()
 
@@ -30,7 +34,7 @@ def positive_per_client(values: Sequence[float], num_clients: int, what: str, no
     """Check a per-client quantity (steps, learning-rate sums) is T finite positive numbers."""
     a = np.asarray(values, dtype=np.float64)
     if a.shape != (num_clients,):
-        raise FedmergeError(f"got {a.size} values of {what} for {num_clients} {noun}s; give one per {noun}.")
+        raise FedmergeError(f"got {_count(a.size, 'value')} of {what} for {_count(num_clients, noun)}; give one per {noun}.")
     bad = [i for i, v in enumerate(a) if not (np.isfinite(v) and v > 0)]
     if bad:
         raise FedmergeError(
