@@ -5,8 +5,8 @@
 name → tensor mapping.
 """
 
-from fedmerge.checkpoints.merge import merge_checkpoints
+from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
 from fedmerge.checkpoints.methods import METHODS
 from fedmerge.checkpoints.reader import Checkpoint
 
-__all__ = ["METHODS", "Checkpoint", "merge_checkpoints"]
+__all__ = ["METHODS", "Checkpoint", "ModelLeftOut", "merge_checkpoints"]
