@@ -60,6 +60,7 @@ def test_a_preset_base_with_overrides():
     ({"base": BASE, "grid": {"seed": [0, 0]}}, "are the same experiment"),
     ({"base": {"preset": "nope"}, "grid": {"seed": [0]}}, "unknown preset 'nope'"),
     ({"base": {"preset": "default"}, "grid": {"name": ["ok", "../up"]}}, "cell 2 (name=../up): option 'name'"),
+    ({"name": "../up", "base": BASE, "grid": {"seed": [0]}}, "test.toml: option 'name' names the results directory"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(data, message):
     with pytest.raises(FedmergeError) as error:

@@ -32,7 +32,7 @@ from fedmerge.tasks.options import (
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def _name(key: str, value: Any) -> str:
+def directory_name(key: str, value: Any) -> str:
     """A name fit for a directory: letters, digits, '-', '_', '.', starting with a letter or digit."""
     value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     if not (isinstance(value, str) and NAME.fullmatch(value)):
@@ -46,7 +46,7 @@ def _name(key: str, value: Any) -> str:
 # Every key of the spec but the suite's options (declared by each suite) and the training table (one
 # value, list or spread per client: fedmerge.clients.settings), with its default and its check.
 TOP = {
-    "name": Option("experiment", "the run's name; its results directory is <name>-<timestamp>", _name),
+    "name": Option("experiment", "the run's name; its results directory is <name>-<timestamp>", directory_name),
     "description": Option("", "one line on what the experiment is for", string),
     "seed": Option(0, "every random choice flows from it", non_negative_int),
     "suite": Option("mnist1d", "the task suite (fedmerge list)", text),

@@ -44,7 +44,7 @@ from fedmerge.clients.settings import is_spread
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir, write_file
 from fedmerge.simulations.presets import load_experiment, shipped_names, shipped_path
-from fedmerge.simulations.spec import Spec, _suggest, load_toml
+from fedmerge.simulations.spec import Spec, _suggest, directory_name, load_toml
 
 SWEEP_KEYS = ("name", "description", "base", "grid")
 MANIFEST = "sweep.json"
@@ -95,7 +95,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not source.exists() and not str(path).endswith(".toml"):
         source = study_path(str(path))
     data = load_toml(source)
-    return sweep_from_dict(data, source=str(source), default_name=source.stem)
+    return sweep_from_dict(data, source=str(source), default_name=re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem))
 
 
 def sweep_from_dict(data: Mapping[str, Any], source: str = "<sweep>", default_name: str = "sweep") -> Sweep:
@@ -108,8 +108,12 @@ def sweep_from_dict(data: Mapping[str, Any], source: str = "<sweep>", default_na
             )
     base = _base(data.get("base", {}), source)
     axes = _axes(data.get("grid"), source)
+    try:
+        name = directory_name("name", data.get("name", default_name))
+    except FedmergeError as error:
+        raise FedmergeError(f"{source}: {error}") from None
     sweep = Sweep(
-        name=str(data.get("name", default_name)), description=str(data.get("description", "")),
+        name=name, description=str(data.get("description", "")),
         source=source, base=base, axes=axes,
     )
     sweep.cells = _cells(sweep)
