@@ -115,15 +115,14 @@ class Spec:
         """Validate a nested mapping (a parsed TOML file): every key is known and every value checked."""
         _check_keys(data, [*TOP, *TABLES], "")
         top = {key: option.check(key, data.get(key, option.default)) for key, option in TOP.items()}
-        for key in ("suite_options", "training"):
-            _table(key, data.get(key, {}))
-        _check_keys(data.get("training", {}), TRAINING_KEYS, "training.")
+        training = dict(_table("training", data.get("training", {})))
+        _check_keys(training, TRAINING_KEYS, "training.")
         strategy = _table("strategy", data.get("strategy", {}))
         _check_keys(strategy, STRATEGY_OPTIONS, "strategy.")
         spec = cls(
             **{**top, "strategies": tuple(top["strategies"]), "rounds": tuple(top["rounds"])},
-            suite_options=dict(data.get("suite_options", {})),
-            training=dict(data.get("training", {})),
+            suite_options=dict(_table("suite_options", data.get("suite_options", {}))),
+            training=training,
             server=_resolve("server", SERVER, data.get("server", {})),
             strategy={name: _resolve(f"strategy.{name}", declared, strategy.get(name, {}))
                       for name, declared in STRATEGY_OPTIONS.items()},
