@@ -45,14 +45,14 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
     settings = client_table(config.get("training", {}), num_clients, int(config["seed"]))[client_id]
     settings = with_node_overrides(settings, node_config)
 
-    round_config = message.content[contract.CONFIG]
+    arrays, round_config = contract.received(message.content)
     first, steps = round_steps(
         total_steps(settings, len(task.train)),
         int(round_config["server-round"]),
         int(round_config.get("num-rounds", 1)),
         bool(round_config.get("same-compute", True)),
     )
-    received = message.content[contract.ARRAYS].to_torch_state_dict()
+    received = arrays.to_torch_state_dict()
     model = fed.model_from(received)
     result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
     own = fed.evaluate(model, task, "val")

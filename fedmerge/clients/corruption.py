@@ -1,13 +1,14 @@
 """Corrupted updates, for robustness studies: a client that sends θ0 + c(τ) instead of θ0 + τ.
 
-``sign-flip`` sends −scale·τ; ``noise`` sends Gaussian noise of norm scale·‖τ‖ (seeded by the client).
+``sign-flip`` sends −scale·τ; ``noise`` sends Gaussian noise of norm scale·‖τ‖ (seeded by the client);
+``nan`` sends NaN in every floating tensor (a client whose training diverged).
 """
 
 import torch
 
 from fedmerge.errors import FedmergeError
 
-CORRUPTIONS = ("none", "sign-flip", "noise")
+CORRUPTIONS = ("none", "sign-flip", "noise", "nan")
 
 
 def check_corruption(kind: str, scale: float) -> None:
@@ -25,6 +26,8 @@ def corrupt(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], kin
     tau = {n: trained[n].float() - base[n].float() for n in names}
     if kind == "sign-flip":
         fake = {n: -scale * tau[n] for n in names}
+    elif kind == "nan":
+        fake = {n: torch.full_like(tau[n], float("nan")) for n in names}
     else:
         generator = torch.Generator().manual_seed(seed)
         noise = {n: torch.randn(tau[n].shape, generator=generator) for n in names}

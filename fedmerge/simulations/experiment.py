@@ -5,6 +5,8 @@ same replies (choosing λ, and ρ for FedGMA and CCLIP, on the validation splits
 the strategy's own ``start()`` from θ0, with the clients splitting their local steps over the rounds.
 """
 
+import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,6 +22,7 @@ from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, nor
 from fedmerge.merging.tensors import gram_matrix
 from fedmerge.simulations import evaluation
 from fedmerge.simulations.spec import Spec
+from fedmerge.simulations.watched_grid import WatchedGrid
 from fedmerge.strategies.arrays import RecordTensors
 from fedmerge.tasks import Federation, load_suite
 
@@ -27,12 +30,17 @@ Progress = Callable[[str], None]
 
 
 class Experiment:
-    """Everything one spec asks for, run on ``grid``; :meth:`run` returns the results as plain data."""
+    """Everything one spec asks for, run on ``grid``; :meth:`run` returns the results as plain data.
 
-    def __init__(self, spec: Spec, grid: Grid, progress: Progress | None = None, timeout: float = 3600.0) -> None:
+    ``progress`` is called with a short message after each client's reply, merge and round; setting
+    ``stop`` ends the run promptly (:class:`~fedmerge.simulations.watched_grid.RunStopped`).
+    """
+
+    def __init__(self, spec: Spec, grid: Grid, progress: Progress | None = None, timeout: float = 3600.0,
+                 stop: threading.Event | None = None) -> None:
         self.spec = spec
-        self.grid = grid
         self.progress = progress or (lambda message: None)
+        self.grid = WatchedGrid(grid, stop or threading.Event(), on_reply=self._client_done)
         self.timeout = timeout
         self.timings: dict[str, float] = {}
 
@@ -81,15 +89,14 @@ class Experiment:
         sender = self.spec.build_strategy("fedavg")
         messages = sender.configure_train(1, base, self._round_config(1), self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        failed = [r for r in replies if r.has_error()]
-        if failed:
-            raise FedmergeError(
-                f"client on node {failed[0].metadata.src_node_id} failed its local training: {failed[0].error.reason}"
-            )
         replies.sort(key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID])
         self.timings["client_training"] = time.perf_counter() - started
-        self.progress("clients fine-tuned (one-shot round)")
         return replies
+
+    def _client_done(self, reply: Message) -> None:
+        metrics = reply.content[contract.METRICS]
+        who = f"client {metrics[contract.CLIENT_ID]}" if contract.CLIENT_ID in metrics else f"node {reply.metadata.src_node_id}"
+        self.progress(f"{who} trained ({metrics.get(contract.NUM_STEPS, '?')} steps)")
 
     def _clients(self, fed: Federation, replies: Sequence[Message]) -> list[dict]:
         configs = self.spec.client_configs()
@@ -138,8 +145,12 @@ class Experiment:
         scalings = evaluation.SCALING_GRID if spec.select else (spec.server["server_lr"] / num_clients,)
         selection, best = [], None
         for options in candidates:
+            self.grid.check_stopped()
             strategy = spec.build_strategy(name, server_lr=1.0, **options)
             merged, _ = strategy.merge_replies(1, replies, base)
+            if merged is None:
+                reasons = "; ".join(e["reason"] for e in strategy.rounds[-1].excluded)
+                raise FedmergeError(f"{name}: no client's update could be merged ({reasons}).")
             for scaling in scalings:
                 arrays = _scaled(base, merged, scaling * num_clients)
                 val = evaluation.evaluate(fed, arrays, "val", own_val)
@@ -180,8 +191,10 @@ class Experiment:
             train_config=self._round_config(rounds),
             evaluate_fn=evaluate_fn,
         )
-        for entry, record in zip(history[1:], strategy.rounds):
-            entry["aggregation"] = record.to_dict()
+        for entry in history[1:]:
+            record = strategy.record_for(entry["round"])
+            if record is not None:
+                entry["aggregation"] = record.to_dict()
         server_lr = self.spec.server["server_lr"]
         return {
             "strategy": name,
@@ -202,7 +215,8 @@ def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float) -> ArrayRe
 
 
 def _cclip_radii(task_vector_norms: Sequence[float]) -> list[float]:
-    """CCLIP's ρ grid: evenly spaced between the smallest and the largest task-vector norm."""
-    low, high = min(task_vector_norms), max(task_vector_norms)
+    """CCLIP's ρ grid: evenly spaced between the smallest and the largest finite task-vector norm."""
+    finite = [n for n in task_vector_norms if math.isfinite(n)] or [1.0]
+    low, high = min(finite), max(finite)
     step = (high - low) / (evaluation.CCLIP_RADII - 1)
     return sorted({max(low + k * step, 1e-12) for k in range(evaluation.CCLIP_RADII)})

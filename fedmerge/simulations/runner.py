@@ -1,8 +1,16 @@
-"""Run a spec on Flower's simulation runtime (Ray): validate, simulate with a progress display, store results."""
+"""Run a spec on Flower's simulation runtime (Ray): validate, simulate with a progress display, store results.
+
+Everything that can be checked is checked before Ray starts (the spec, the output path, the resources
+each client asks for, the suite's data). While the simulation runs, a Ctrl-C or a failure of the runtime
+stops the ServerApp thread too, so the process ends promptly with Ray shut down.
+"""
 
 import contextlib
+import datetime as dt
 import logging
 import os
+import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -12,6 +20,7 @@ from flwr.simulation import run_simulation
 from fedmerge.clients.app import client_app
 from fedmerge.clients.trainer import total_steps
 from fedmerge.errors import FedmergeError
+from fedmerge.files import check_output_dir
 from fedmerge.simulations.progress import ProgressDisplay
 from fedmerge.simulations.results import write_results
 from fedmerge.simulations.serverapp import server_app
@@ -34,6 +43,54 @@ def check_runnable(spec: Spec) -> None:
                 )
 
 
+def available_resources(ray_address: str) -> tuple[float, float, str]:
+    """(CPUs, GPUs) of the largest node a client could be placed on, and where that was read."""
+    if not ray_address:
+        import torch
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return float(cpus or 1), float(torch.cuda.device_count()), "this machine"
+    import ray
+
+    check_reachable(ray_address)
+    try:
+        ray.init(address=ray_address, logging_level=logging.ERROR, log_to_driver=False)
+    except Exception as error:  # Ray raises ConnectionError, ValueError, RuntimeError... for a bad address
+        raise FedmergeError(f"engine.ray_address = {ray_address!r}: cannot attach to a Ray cluster there ({error}); "
+                            "start one with `ray start --head` or leave ray_address empty for a local Ray.") from None
+    try:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    finally:
+        ray.shutdown()
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+    return float(largest.get("CPU", 0.0)), float(largest.get("GPU", 0.0)), f"the largest node of the Ray cluster at {ray_address}"
+
+
+def check_reachable(ray_address: str, seconds: float = 5.0) -> None:
+    """A ``host:port`` address must answer (Ray itself would retry a dead one for minutes)."""
+    host, sep, port = ray_address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves and reports those itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as error:
+        raise FedmergeError(f"engine.ray_address = {ray_address!r}: nothing answers there ({error.strerror or error}); "
+                            "start the cluster's head with `ray start --head`, or leave ray_address empty for a local Ray.") from None
+
+
+def check_resources(spec: Spec) -> None:
+    """Refuse per-client CPU/GPU requests that no node can ever meet (Ray would wait for them forever)."""
+    engine = spec.engine
+    cpus, gpus, where = available_resources(engine["ray_address"])
+    for key, asked, have, unit in (("client_cpus", engine["client_cpus"], cpus, "CPUs"),
+                                   ("client_gpus", engine["client_gpus"], gpus, "GPUs")):
+        if float(asked) > have:
+            raise FedmergeError(
+                f"engine.{key} = {asked:g} asks each client for more {unit} than {where} has ({have:g}); "
+                f"set engine.{key} to at most {have:g}" + (" (0 trains on the CPU)." if unit == "GPUs" else ".")
+            )
+
+
 def backend_config(spec: Spec) -> dict:
     engine = spec.engine
     config = {"client_resources": {"num_cpus": float(engine["client_cpus"]), "num_gpus": float(engine["client_gpus"])}}
@@ -45,23 +102,26 @@ def backend_config(spec: Spec) -> dict:
 
 
 def units_of_work(spec: Spec) -> int:
-    """Progress steps: the one-shot training, one merge per strategy, one step per multi-round round."""
-    one_shot = (1 + len(spec.strategies)) if 1 in spec.rounds else 1
-    return one_shot + sum(r * len(spec.strategies) for r in spec.rounds if r > 1)
+    """Progress steps: each client's reply (the one-shot round always runs: its task vectors feed the
+    diagnostics), each one-shot merge, and per multi-round round every client's reply plus the round."""
+    strategies = len(spec.strategies)
+    one_shot = spec.clients + (strategies if 1 in spec.rounds else 0)
+    return one_shot + sum(r * strategies * (spec.clients + 1) for r in spec.rounds if r > 1)
 
 
 @contextlib.contextmanager
 def quiet_flower():
-    """Keep Flower's and Ray's per-round logging (and run_simulation's deprecation notice) off the display.
-
-    Errors still show; fedmerge's own warnings (clients left out of a round) too.
+    """Keep Flower's, Ray's and the strategies' logging (per-round chatter, tracebacks of failed clients, a
+    warning per merge that leaves a client out) off the display: every failure reaches fedmerge as a failed
+    reply or an exception and is reported once, as a :class:`FedmergeError`; clients left out are recorded
+    in the results and listed under ``fedmerge run``'s table.
     """
-    loggers = [logging.getLogger(name) for name in ("flwr", "ray")]
+    loggers = [logging.getLogger(name) for name in ("flwr", "ray", "fedmerge")]
     levels = [logger.level for logger in loggers]
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
@@ -71,23 +131,38 @@ def quiet_flower():
             logger.setLevel(level)
 
 
+def root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def run(spec: Spec, out: Path = Path("results"), run_dir: Path | None = None, show_progress: bool = True) -> Path:
     """Run ``spec`` and return its results directory (``run_dir``, or a new one under ``out``)."""
     if run_dir is not None and Path(run_dir).exists():
         raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
-    started = time.perf_counter()
+    check_output_dir(Path(run_dir).parent if run_dir is not None else Path(out), "--out")
+    started_at, started = dt.datetime.now(), time.perf_counter()
+    check_resources(spec)
     check_runnable(spec)
     collected: dict = {}
     flat = spec.to_flat()
-    with ProgressDisplay(units_of_work(spec), f"{spec.name}: {spec.clients} clients on {spec.suite}", show_progress) as display:
-        with quiet_flower():
+    stop = threading.Event()
+    title = f"{spec.name}: {spec.clients} clients on {spec.suite}"
+    with ProgressDisplay(units_of_work(spec), title, show_progress) as display, quiet_flower():
+        try:
             run_simulation(
-                server_app=server_app(flat, on_results=lambda _, results: collected.update(results), progress=display.advance),
+                server_app=server_app(flat, on_results=lambda _, results: collected.update(results),
+                                      progress=display.advance, stop=stop),
                 client_app=client_app(flat),
                 num_supernodes=spec.clients,
                 backend_config=backend_config(spec),
             )
+        except RuntimeError as error:  # Flower's "Simulation Runtime crashed" and the like
+            raise FedmergeError(f"Flower's simulation runtime failed: {root_cause(error)}") from None
+        finally:
+            stop.set()  # the ServerApp thread stops waiting for replies that will never come
     if not collected:
         raise FedmergeError("the simulation ended without results; the log above says why.")
     collected.setdefault("timings", {})["total"] = round(time.perf_counter() - started, 3)
-    return write_results(spec, collected, out, run_dir=run_dir)
+    return write_results(spec, collected, out, started=started_at, run_dir=run_dir)

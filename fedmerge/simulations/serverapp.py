@@ -1,6 +1,7 @@
 """The fedmerge ServerApp: run the experiment its flat run config describes on the Flower grid."""
 
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -19,18 +20,19 @@ def server_app(
     run_config: Mapping | None = None,
     on_results: Callable[[Spec, dict], None] | None = None,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp for ``run_config`` if given (``run_simulation``), else the run's own config.
 
     Results go to ``on_results`` when given, else into a new directory under ``$FEDMERGE_RESULTS``
-    (default ``results/``).
+    (default ``results/``). Setting ``stop`` ends the experiment promptly.
     """
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         spec = Spec.from_flat(context.run_config if run_config is None else run_config)
-        results = Experiment(spec, grid, progress).run()
+        results = Experiment(spec, grid, progress, stop=stop).run()
         if on_results is not None:
             on_results(spec, results)
         else:

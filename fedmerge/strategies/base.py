@@ -185,10 +185,11 @@ class MergingStrategy(FlowerFedAvg):
             bad = {id(r): name for r in flagged if (name := non_finite_tensor(r.arrays)) is not None}
             if not bad:
                 break
-            excluded += [Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'") for r in accepted if id(r) in bad]
+            excluded += [Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'", r.client_id) for r in accepted if id(r) in bad]
             accepted = [r for r in accepted if id(r) not in bad]
         for exclusion in excluded:
-            log.warning("round %d: node %d left out: %s", server_round, exclusion.node_id, exclusion.reason)
+            who = f"node {exclusion.node_id}" if exclusion.client_id is None else f"client {exclusion.client_id}"
+            log.warning("round %d: %s left out: %s", server_round, who, exclusion.reason)
         if not accepted:
             log.warning("round %d: no usable reply; the global model is unchanged.", server_round)
             self.rounds.append(RoundRecord.empty(server_round, self.server_lr, _excluded(excluded)))
@@ -237,4 +238,4 @@ class MergingStrategy(FlowerFedAvg):
 
 
 def _excluded(exclusions: Sequence[Exclusion]) -> list[dict]:
-    return [{"node_id": e.node_id, "reason": e.reason} for e in exclusions]
+    return [{"node_id": e.node_id, "client_id": e.client_id, "reason": e.reason} for e in exclusions]

@@ -37,10 +37,11 @@ class ClientReply:
 
 @dataclass
 class Exclusion:
-    """A client left out of a round, and why."""
+    """A client left out of a round, and why (``client_id`` when its reply said, else None)."""
 
     node_id: int
     reason: str
+    client_id: int | None = None
 
 
 def non_finite_tensor(arrays: ArrayRecord) -> str | None:

@@ -1,0 +1,93 @@
+"""A Flower Grid that the experiment can stop, that reports each reply as it lands and refuses failed clients.
+
+Flower's grids wait for replies until a timeout (an hour here) whatever happens around them: after a
+Ctrl-C or a crash of the simulation runtime, a ServerApp thread waiting in ``send_and_receive`` would keep
+the process alive. This wrapper polls instead, raises :class:`RunStopped` as soon as ``stop`` is set, and
+ends the run with a :class:`FedmergeError` when a client replies with an error: an experiment's results
+are never computed from failed clients.
+"""
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+from fedmerge import contract
+from fedmerge.errors import FedmergeError
+
+POLL_SECONDS = 0.1
+
+
+class RunStopped(Exception):
+    """The run was stopped from outside (Ctrl-C, or the simulation runtime ended)."""
+
+
+def failure_reason(reply: Message) -> str:
+    """The last line of what a failed client reported (Flower wraps the exception in its own text)."""
+    lines = [line.strip(" <>'\"") for line in reply.error.reason.splitlines() if line.strip(" <>'\"")]
+    return (lines[-1] if lines else reply.error.reason).rstrip(".")
+
+
+class WatchedGrid(Grid):
+    """Delegates to ``grid``; ``send_and_receive`` polls, honours ``stop`` and calls ``on_reply`` per reply."""
+
+    def __init__(self, grid: Grid, stop: threading.Event, on_reply: Callable[[Message], None] | None = None) -> None:
+        self.grid = grid
+        self.stop = stop
+        self.on_reply = on_reply or (lambda reply: None)
+        self.clients: dict[int, int] = {}  # node id → client id, learnt from replies that carry it
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self.check_stopped()
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def check_stopped(self) -> None:
+        if self.stop.is_set():
+            raise RunStopped("the run was stopped")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            self.check_stopped()
+            for reply in self.pull_messages(waiting):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    who = f"client {self.clients[node]}" if node in self.clients else "a client"
+                    raise FedmergeError(f"{who} (node {node}) failed: {failure_reason(reply)}. "
+                                        "No results were computed from this run.")
+                metrics = next(iter(reply.content.metric_records.values()), {})
+                if contract.CLIENT_ID in metrics:
+                    self.clients[node] = int(metrics[contract.CLIENT_ID])
+                replies.append(reply)
+                self.on_reply(reply)
+            if waiting:
+                self.stop.wait(POLL_SECONDS)
+        if waiting:
+            raise FedmergeError(
+                f"{len(waiting)} of {len(replies) + len(waiting)} clients did not reply within {timeout:g} s; "
+                "no results were computed from this run."
+            )
+        return replies
