@@ -5,12 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from fedmerge.errors import FedmergeError
-from fedmerge.simulations.presets import load_experiment, preset_names, preset_path
-from fedmerge.simulations.spec import Spec, load_toml
 
 RUN_HELP = """\
 Simulate a federation: T clients each fine-tune the suite's pretrained model θ0 on their own task with
@@ -22,7 +17,7 @@ Scales: λ is Task Arithmetic's scaling (θ0 + λ·Σ τ_t); β (server.server_l
 mean-scale update (θ ← θ + β·Δ, Δ = Σ p_t τ_t for FedAvg); β = λ·T.
 
 examples:
-  fedmerge run                                        the default preset (about 3 minutes)
+  fedmerge run                                        the default preset (about 2 minutes on 2 CPU cores)
   fedmerge run training-heterogeneity --rounds 1 10
   fedmerge run my-study.toml --set training.lr=[0.01,0.02,0.05,0.1] --set clients=4
   fedmerge run quadratic --strategy fedavg fednova --set 'training.steps={geometric=[10,160]}'
@@ -31,7 +26,7 @@ examples:
 
 def register(subparsers) -> None:
     run = subparsers.add_parser(
-        "run", help="run a simulation (a preset or a TOML experiment file)", description=RUN_HELP,
+        "run", description=RUN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("experiment", nargs="?", metavar="PRESET|FILE.toml", help="a preset name (see `fedmerge list`) or a TOML file; default: the `default` preset")
@@ -46,12 +41,15 @@ def register(subparsers) -> None:
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec, run nothing")
     run.set_defaults(handler=run_command)
 
-    listing = subparsers.add_parser("list", help="list strategies, task suites and presets")
+    listing = subparsers.add_parser("list", description="List the strategies, task suites and presets.")
     listing.set_defaults(handler=list_command)
 
 
-def spec_from_args(args) -> Spec:
+def spec_from_args(args):
     """The spec of a ``fedmerge run`` command line: file or preset, then flags, then ``--set``s."""
+    from fedmerge.simulations.presets import load_experiment
+    from fedmerge.simulations.spec import Spec
+
     nested = load_experiment(args.experiment)
     flat = {}
     for item in args.overrides:
@@ -69,6 +67,8 @@ def spec_from_args(args) -> Spec:
 
 
 def run_command(args) -> int:
+    from rich.console import Console
+
     from fedmerge.simulations.runner import run  # Flower's simulation stack: loaded only to run
 
     spec = spec_from_args(args)
@@ -77,36 +77,78 @@ def run_command(args) -> int:
         console.print_json(json.dumps(spec.to_dict()))
         return 0
     run_dir = run(spec, out=args.out, show_progress=not args.no_progress)
-    console.print(summary_table(json.loads((run_dir / "results.json").read_text())))
+    results = json.loads((run_dir / "results.json").read_text())
+    console.print(summary_table(results))
+    console.print(SCORE_NOTES[results["suite"]["metric"] == "accuracy"], highlight=False)
+    for line in left_out(results):
+        console.print(f"[yellow]left out:[/] {line}", highlight=False)
     console.print(f"results: {run_dir}  (results.json, summary.csv, tasks.csv, rounds.csv; `fedmerge report {run_dir}`)")
     return 0
 
 
-def summary_table(results: dict) -> Table:
-    """The closing table: one row per strategy and round count, at the same local compute."""
-    metric = results["suite"]["metric"]
+SCORE_NOTES = (
+    "mean loss: each task's test loss, averaged over tasks; distance to optimum: ‖θ − θ*‖ to the minimiser of the "
+    "average loss. ✗ marks a model worse than θ0, the pretrained model before any merging.",
+    "normalized accuracy: a model's test accuracy on task t divided by client t's own fine-tuned accuracy on t, "
+    "averaged over tasks (1 = every client's own model on its own task). ✗ marks a model worse than θ0, the "
+    "pretrained model before any merging.",
+)
+"""The line under the results table, for suites scored by loss and by accuracy."""
+
+
+def summary_table(results: dict):
+    """The closing table: θ0 and the clients' own models as baselines, then one row per strategy and round count."""
+    from rich.table import Table
+
+    by_accuracy = results["suite"]["metric"] == "accuracy"
+    keys = ("mean_accuracy", "mean_normalized_accuracy") if by_accuracy else ("mean_loss", "distance_to_optimum")
     table = Table(title=f"{results['spec']['name']}: {len(results['clients'])} clients on {results['suite']['name']} (test)")
-    for column in ("strategy", "rounds", "λ (TA)", "β (server lr)", "ρ"):
-        table.add_column(column, justify="right" if column != "strategy" else "left")
-    if metric == "accuracy":
-        table.add_column("mean accuracy", justify="right")
-        table.add_column("normalized accuracy", justify="right")
-    else:
-        table.add_column("mean loss", justify="right")
-        table.add_column("distance to optimum", justify="right")
+    for column in ("model", "rounds", "λ (TA)", "β (server lr)", "ρ",
+                   *(("mean accuracy", "normalized accuracy") if by_accuracy else ("mean loss", "distance to optimum"))):
+        table.add_column(column, justify="left" if column == "model" else "right")
+
+    def scores(summary: dict) -> list[str]:
+        return ["" if summary.get(k) is None else f"{summary[k]:.4f}" for k in keys]
+
+    pretrained = results["pretrained"]
+    baseline = pretrained.get(keys[1 if by_accuracy else 0])
+    own = [client["own"]["test"].get("accuracy" if by_accuracy else "loss") for client in results["clients"]]
+    own = [value for value in own if value is not None]
+    own_summary = {keys[0]: sum(own) / len(own) if own else None, **({keys[1]: 1.0} if by_accuracy else {})}
+    table.add_row("θ0 (no merging)", "", "", "", "", *scores(pretrained), style="dim")
+    table.add_row("clients' own", "", "", "", "", *scores(own_summary), style="dim", end_section=True)
     for run in results["runs"]:
         selected, final = run["selected"], run["final"]
         rho = selected.get("threshold", selected.get("radius"))
-        scores = ((final.get("mean_accuracy"), final.get("mean_normalized_accuracy")) if metric == "accuracy"
-                  else (final.get("mean_loss"), final.get("distance_to_optimum")))
+        value = final.get(keys[1 if by_accuracy else 0])
+        worse = baseline is not None and value is not None and (value < baseline if by_accuracy else value > baseline)
         table.add_row(
-            run["strategy"], str(run["rounds"]), f"{selected['scaling']:.3g}", f"{selected['server_lr']:.3g}",
-            "" if rho is None else f"{rho:.3g}", *("" if v is None else f"{v:.4f}" for v in scores),
+            run["strategy"] + (" ✗" if worse else ""), str(run["rounds"]),
+            f"{selected['scaling']:.3g}" if run["rounds"] == 1 else "", f"{selected['server_lr']:.3g}",
+            "" if rho is None else f"{rho:.3g}", *scores(final), style="red" if worse else None,
         )
     return table
 
 
+def left_out(results: dict) -> list[str]:
+    """One line per client some merge left out: who, why, and in how many of the merges."""
+    merges: dict[tuple, list[str]] = {}
+    for run in results["runs"]:
+        for entry in run["history"]:
+            for exclusion in entry.get("aggregation", {}).get("excluded", []):
+                who = exclusion.get("client_id")
+                key = (f"client {who}" if who is not None else f"node {exclusion['node_id']}", exclusion["reason"])
+                merges.setdefault(key, []).append(f"{run['strategy']}-r{run['rounds']}")
+    return [f"{who}: {reason} ({len(runs)} merges, in {', '.join(sorted(set(runs)))})"
+            for (who, reason), runs in merges.items()]
+
+
 def list_command(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmerge.simulations.presets import preset_names, preset_path
+    from fedmerge.simulations.spec import load_toml
     from fedmerge.strategies import STRATEGIES
     from fedmerge.tasks import SUITES
 

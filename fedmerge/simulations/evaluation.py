@@ -60,10 +60,3 @@ def score(summary: dict) -> float:
         if key in summary:
             return summary[key]
     return -summary["mean_loss"]
-
-
-def own_accuracies(fed: Federation, replies_arrays: Sequence[ArrayRecord], split: str) -> list[float] | None:
-    """Client t's fine-tuned accuracy on its own task t (None for suites scored by loss)."""
-    if fed.metric != "accuracy":
-        return None
-    return [fed.evaluate(state_dict(arrays), task, split)["accuracy"] for arrays, task in zip(replies_arrays, fed.tasks)]

@@ -1,22 +1,32 @@
-"""A live progress bar for long runs (rich), silent when asked or when output is not a terminal."""
+"""Progress of a long run: a live bar on a terminal, plain log lines elsewhere (batch jobs, ``nohup``)."""
+
+import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 class ProgressDisplay:
-    """``advance(message)`` moves the bar one step and shows what was just done."""
+    """``advance(message)`` moves the bar one step (or prints one line) saying what was just done.
+
+    ``enabled=False`` shows nothing. Safe to call from any thread.
+    """
 
     def __init__(self, total: int, title: str, enabled: bool = True) -> None:
         console = Console(stderr=True)
-        self.enabled = enabled and console.is_terminal
+        self.total, self.title, self.done = total, title, 0
+        self.live = enabled and console.is_terminal
+        self.lines = enabled and not self.live
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[last]}"), console=console, disable=not self.enabled,
+            TextColumn("{task.fields[last]}"), console=console, disable=not self.live,
         )
         self.task = self.progress.add_task(title, total=total, last="")
+        self.started = time.perf_counter()
 
     def __enter__(self) -> "ProgressDisplay":
+        self._line("started")
         self.progress.start()
         return self
 
@@ -24,4 +34,11 @@ class ProgressDisplay:
         self.progress.stop()
 
     def advance(self, message: str) -> None:
+        self.done += 1
         self.progress.update(self.task, advance=1, last=message)
+        self._line(message)
+
+    def _line(self, message: str) -> None:
+        if self.lines:
+            elapsed = time.perf_counter() - self.started
+            print(f"{self.title} [{self.done}/{self.total}] {elapsed:.0f}s {message}", file=sys.stderr, flush=True)

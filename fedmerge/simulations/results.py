@@ -9,18 +9,19 @@ final global model (``<strategy>-r<rounds>.safetensors``).
 import csv
 import datetime as dt
 import io
+import itertools
 import json
-import os
+import math
 import platform
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 from safetensors.torch import save_file
 
 from fedmerge.errors import FedmergeError
+from fedmerge.files import staged
 from fedmerge.simulations.spec import Spec
 
 SUMMARY_COLUMNS = (
@@ -74,6 +75,17 @@ def round_rows(results: dict) -> list[dict]:
     return rows
 
 
+def _finite(value):
+    """``value`` with NaN and infinities (a left-out client's norms, say) as None: results.json stays strict JSON."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     if rows:
@@ -84,15 +96,22 @@ def _csv(rows: list[dict]) -> str:
 
 
 def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None) -> Path:
-    """Write a run's directory atomically (a temporary directory beside it, then a rename); return its path.
+    """Write a run's directory atomically (staged beside it, then renamed); return its path.
 
-    ``run_dir`` names the directory; by default ``out/<name>-<timestamp>``. It must not exist yet.
+    ``run_dir`` names the directory and must not exist yet; by default it is ``out/<name>-<start time>``,
+    with a ``-2``, ``-3``... suffix if a run of the same name started in the same second.
     """
     started = started or dt.datetime.now()
-    run_dir = Path(run_dir) if run_dir else Path(out) / f"{spec.name}-{started:%Y%m%d-%H%M%S}"
+    if run_dir is None:
+        stem = f"{spec.name}-{started:%Y%m%d-%H%M%S}"
+        run_dir = Path(out) / stem
+        for k in itertools.count(2):
+            if not run_dir.exists():
+                break
+            run_dir = Path(out) / f"{stem}-{k}"
+    run_dir = Path(run_dir)
     if run_dir.exists():
         raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     results = dict(results)
     models = results.pop("models", {})
     document = {
@@ -103,21 +122,16 @@ def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | N
         **results,
     }
     files = {
-        "results.json": json.dumps(document, indent=1, default=float),
+        "results.json": json.dumps(_finite(document), indent=1, default=float, allow_nan=False),
         "summary.csv": _csv(summary_rows(results)),
         "tasks.csv": _csv(task_rows(results)),
         "rounds.csv": _csv(round_rows(results)),
         "spec.toml": tomli_w.dumps(spec.to_dict()),
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
-    try:
+    with staged(run_dir, directory=True) as staging:
         for name, text in files.items():
             (staging / name).write_text(text)
         (staging / "models").mkdir()
         for name, state in models.items():
             save_file({k: v.contiguous() for k, v in state.items()}, staging / "models" / f"{name}.safetensors")
-        os.replace(staging, run_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return run_dir

@@ -1,0 +1,121 @@
+"""``fedmerge run`` as a user meets it: checks before Ray starts, progress, the results table and files.
+
+One real simulation (module scope) with a client whose training diverged (it sends NaN): it is left out
+of every merge, and the results say so round by round.
+"""
+
+import datetime as dt
+import json
+import math
+
+import pytest
+import ray
+from rich.console import Console
+
+from fedmerge.cli import main
+from fedmerge.simulations.command import left_out, summary_table
+from fedmerge.simulations.progress import ProgressDisplay
+from fedmerge.simulations.results import write_results
+from fedmerge.simulations.runner import run
+from fedmerge.simulations.spec import Spec
+from processes import free_port
+
+SPEC = Spec.from_dict({
+    "name": "diverged-client", "suite": "quadratic", "clients": 3, "strategies": ["fedavg", "cclip"],
+    "rounds": [1, 3], "training": {"steps": [5, 10, 20], "lr": 0.1, "corruption": ["none", "none", "nan"]},
+})
+
+
+@pytest.fixture(scope="module")
+def started_and_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    before = dt.datetime.now()
+    run_dir = run(SPEC, out, show_progress=False)
+    strict = json.loads((run_dir / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    return before, run_dir, strict
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("engine.client_cpus=1000", r"engine.client_cpus = 1000 asks each client for more CPUs than this machine has"),
+    ("engine.client_gpus=1000", r"engine.client_gpus = 1000 asks each client for more GPUs than this machine has"),
+    ("engine.ray_address=127.0.0.1:{port}", r"engine.ray_address = '127.0.0.1:\d+': nothing answers there"),
+])
+def test_resources_no_node_can_give_are_refused_before_ray_starts(setting, message, tmp_path, capsys):
+    assert main(["run", "quadratic", "--set", setting.format(port=free_port()), "--out", str(tmp_path / "r")]) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not ray.is_initialized() and not (tmp_path / "r").exists()
+
+
+def test_an_output_under_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(["run", "quadratic", "--out", str(tmp_path / "file" / "results")]) == 2
+    assert "is under" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+    assert not ray.is_initialized()
+
+
+def test_progress_is_log_lines_off_a_terminal_and_nothing_when_disabled(capsys):
+    with ProgressDisplay(3, "job") as display:
+        display.advance("client 0 trained")
+    with ProgressDisplay(3, "quiet", enabled=False) as display:
+        display.advance("client 0 trained")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("] ")[0] for line in lines] == ["job [0/3", "job [1/3"]
+    assert lines[1].endswith("client 0 trained")
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    when = dt.datetime(2026, 1, 2, 3, 4, 5)
+    first, second = (write_results(SPEC, {"runs": []}, tmp_path, started=when) for _ in range(2))
+    assert (first.name, second.name) == ("diverged-client-20260102-030405", "diverged-client-20260102-030405-2")
+    assert json.loads((second / "results.json").read_text())["started"] == "2026-01-02T03:04:05"
+
+
+def test_results_record_the_start_time(started_and_results):
+    before, run_dir, results = started_and_results
+    started = dt.datetime.fromisoformat(results["started"])
+    assert abs((started - before.replace(microsecond=0)).total_seconds()) <= 1
+    assert results["timings"]["total"] > 2  # the end is well after the start
+    assert run_dir.name == f"diverged-client-{started:%Y%m%d-%H%M%S}"
+
+
+def test_a_diverged_client_is_left_out_of_every_round_and_each_record_sits_on_its_round(started_and_results):
+    _, _, results = started_and_results
+    norms = results["diagnostics"]["task_vector_norms"]
+    assert norms[2] is None and all(math.isfinite(n) for n in norms[:2])  # NaN written as null: strict JSON
+    for run in results["runs"]:
+        merged = run["history"][1:] if run["rounds"] > 1 else run["history"]
+        assert [entry["aggregation"]["server_round"] for entry in merged] == [entry["round"] for entry in merged]
+        for entry in merged:
+            assert entry["aggregation"]["client_ids"] == [0, 1]
+            assert [(e["client_id"], e["reason"]) for e in entry["aggregation"]["excluded"]] == [
+                (2, "non-finite values in tensor 'theta'")]
+    assert left_out(results) == [
+        "client 2: non-finite values in tensor 'theta' (8 merges, in cclip-r1, cclip-r3, fedavg-r1, fedavg-r3)"]
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    console = Console(record=True, width=200)
+    console.print(summary_table(results))
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in console.export_text().splitlines()
+            if line.startswith("│")]
+
+
+def test_the_results_table_shows_the_baselines_and_lambda_only_on_one_shot_rows(started_and_results):
+    _, _, results = started_and_results
+    rows = table_rows(results)
+    assert [row[0] for row in rows[:2]] == ["θ0 (no merging)", "clients' own"]
+    assert float(rows[0][5]) == pytest.approx(results["pretrained"]["mean_loss"], abs=1e-4)
+    own = [c["own"]["test"]["loss"] for c in results["clients"][:2]]  # the diverged client's loss is null
+    assert float(rows[1][5]) == pytest.approx(sum(own) / 2, abs=1e-4)
+    runs = rows[2:]
+    assert [(row[0].rstrip(" ✗"), row[1]) for row in runs] == [("fedavg", "1"), ("cclip", "1"), ("fedavg", "3"), ("cclip", "3")]
+    assert all(row[2] != "" for row in runs[:2]) and all(row[2] == "" for row in runs[2:])
+
+
+@pytest.mark.parametrize("shift, marked", [(-1.0, 0), (+1.0, 4)])
+def test_a_model_worse_than_theta0_is_marked(started_and_results, shift, marked):
+    _, _, results = started_and_results
+    finals = [run["final"]["mean_loss"] for run in results["runs"]]
+    baseline = (max(finals) - shift) if shift < 0 else (min(finals) - shift)  # above all, or below all
+    changed = {**results, "pretrained": {**results["pretrained"], "mean_loss": baseline}}
+    assert sum(row[0].endswith("✗") for row in table_rows(changed)) == marked
