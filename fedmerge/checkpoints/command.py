@@ -36,7 +36,7 @@ examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``fedmerge merge`` to the command line."""
     parser = subparsers.add_parser(
-        "merge", help="merge fine-tuned checkpoints offline (streaming, any size)",
+        "merge",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = parser.add_argument_group("inputs and output")

@@ -16,8 +16,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    report = subparsers.add_parser("report", help="write a Markdown and HTML report of a run or a sweep",
-                                   description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report = subparsers.add_parser("report", description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("directory", type=Path, metavar="DIR", help="a run directory, a sweep directory or a folder of runs")
     report.add_argument("--out", type=Path, metavar="OUT", help="the report directory (default: DIR/report); a previous report there is replaced whole, "
                         "anything else is refused")

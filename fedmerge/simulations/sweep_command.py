@@ -37,7 +37,7 @@ and figures (PNGs beside the page, in <page-stem>/). About 15 minutes on 2 CPU c
 
 
 def register(subparsers) -> None:
-    sweep = subparsers.add_parser("sweep", help="run a grid of experiments (resumable)", description=SWEEP_HELP,
+    sweep = subparsers.add_parser("sweep", description=SWEEP_HELP,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("file", nargs="?", metavar="FILE.toml|STUDY", help="a sweep file, or a shipped study name")
     sweep.add_argument("--out", type=Path, metavar="DIR", help="the sweep directory (default: results/sweeps/<sweep name>); "
@@ -47,8 +47,7 @@ def register(subparsers) -> None:
     sweep.add_argument("--no-progress", action="store_true", help="no live progress bar inside each cell")
     sweep.set_defaults(handler=sweep_command)
 
-    findings = subparsers.add_parser("findings", help="reproduce the paper's claims and write docs/findings.md",
-                                     description=FINDINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    findings = subparsers.add_parser("findings", description=FINDINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     findings.add_argument("--out", type=Path, default=Path("docs/findings.md"), metavar="FILE.md",
                           help="the page to write (default: docs/findings.md); figures go to docs/findings/")
     findings.add_argument("--work", type=Path, default=Path("results/studies"), metavar="DIR",
