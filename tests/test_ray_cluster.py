@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from fedmerge.errors import FedmergeError
 from fedmerge.simulations.runner import run
 from fedmerge.simulations.spec import Spec
 from processes import free_port, stop, wait_for_port
@@ -57,4 +58,12 @@ def test_a_run_attaches_to_a_running_cluster(head, tmp_path):
     })
     run_dir = run(spec, tmp_path, run_dir=tmp_path / "run", show_progress=False)
     assert json.loads((run_dir / "results.json").read_text())["runs"][0]["strategy"] == "fedavg"
-    assert jobs_seen(head) == before + 2  # the simulation's driver joined this cluster (plus this query)
+    # the resource check and the simulation's driver joined this cluster (plus this query)
+    assert jobs_seen(head) == before + 3
+
+
+def test_a_request_the_clusters_nodes_cannot_meet_is_refused_before_running(head, tmp_path):
+    spec = Spec.from_dict({"name": "too-big", "suite": "quadratic", "clients": 2, "engine": {"ray_address": head, "client_cpus": 3}})
+    with pytest.raises(FedmergeError, match=r"engine.client_cpus = 3 .* the largest node of the Ray cluster at .* \(2\)"):
+        run(spec, tmp_path, run_dir=tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
