@@ -5,20 +5,24 @@ split into R rounds of K_t / R steps follows the same learning rates as one-shot
 """
 
 import math
+import warnings
 from collections.abc import Callable
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset
 
 from fedmerge.errors import FedmergeError
-from fedmerge.tasks import Task
+from fedmerge.tasks import Task, forward
+from fedmerge.tasks.loading import eval_batches, train_batches
 from fedmerge.threads import single_threaded
 
 OPTIMIZERS = ("sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
 MOMENTUM = 0.9
 CHUNK = 4096  # examples per forward pass in full_gradient
 
@@ -49,7 +53,11 @@ class TrainConfig:
     batch_size : minibatch size (a batch ≥ the train set is full-batch gradient descent).
     weight_decay : L2 penalty for sgd / momentum, decoupled weight decay for adamw.
     grad_clip : clip the global gradient norm to this value; None for no clipping.
-    seed : seeds the minibatch order.
+    precision : "fp32" | "bf16" | "fp16": autocast of the forward pass and loss to that dtype (the weights
+        stay as they are); fp16 scales the loss with a gradient scaler (a GPU's; bf16 on the CPU).
+    num_workers : DataLoader worker processes reading a lazy train set (0: in the client's process).
+    pin_memory : pin batches bound for a GPU (faster host-to-device copies).
+    seed : seeds the minibatch order and the model's own randomness (dropout).
 
     Raises :class:`FedmergeError` naming the field and the fix on a bad value.
     """
@@ -63,6 +71,9 @@ class TrainConfig:
     batch_size: int = 32
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    precision: str = "fp32"
+    num_workers: int = 0
+    pin_memory: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +97,11 @@ class TrainConfig:
         _check_number("warmup_steps", self.warmup_steps, integer=True, positive=False)
         _check_number("weight_decay", self.weight_decay, positive=False)
         _check_number("seed", self.seed, integer=True, positive=False)
+        if self.precision not in PRECISIONS:
+            raise FedmergeError(f"training option 'precision' must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+        _check_number("num_workers", self.num_workers, integer=True, positive=False)
+        if not isinstance(self.pin_memory, bool):
+            raise FedmergeError(f"training option 'pin_memory' must be true or false, got {self.pin_memory!r}.")
 
 
 @dataclass
@@ -127,20 +143,27 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
 
 
-def _batches(num_examples: int, batch_size: int, generator: torch.Generator):
-    """Endless minibatch indices: shuffled passes over the data; ``None`` (the whole set) if it fits in one batch."""
-    if batch_size >= num_examples:
-        while True:
-            yield None
-    while True:
-        order = torch.randperm(num_examples, generator=generator)
-        for start in range(0, num_examples - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+def chunk_seeds(seed: int, first_step: int) -> tuple[int, int]:
+    """The seeds of a chunk starting at ``first_step``: (minibatch order, the model's own randomness)."""
+    first, second = np.random.SeedSequence([seed, first_step]).generate_state(2)
+    return int(first), int(second)
 
 
-def batch_seed(seed: int, first_step: int) -> int:
-    """The minibatch generator's seed for a chunk starting at ``first_step``."""
-    return int(np.random.SeedSequence([seed, first_step]).generate_state(1)[0])
+def _autocast(precision: str, device: torch.device):
+    """Autocast to ``precision``'s dtype on ``device`` (none for fp32); FedmergeError where torch refuses it."""
+    if PRECISIONS[precision] is None:
+        return nullcontext()
+    try:
+        with warnings.catch_warnings(record=True) as refused:  # torch warns, and disables autocast, for a dtype it lacks
+            warnings.simplefilter("always")
+            context = torch.autocast(device.type, dtype=PRECISIONS[precision])
+    except RuntimeError as error:
+        refused = [error]
+    if refused:
+        fix = "fp16 needs a GPU; use precision = 'bf16' on the CPU" if precision == "fp16" else "use precision = 'fp32'"
+        reason = getattr(refused[0], "message", refused[0])
+        raise FedmergeError(f"training option 'precision' = {precision!r} is not available on {device.type} ({reason}); {fix}.")
+    return context
 
 
 def train(
@@ -156,17 +179,21 @@ def train(
 
     Parameters
     ----------
-    loss_fn : mean loss over a batch, ``loss_fn(model(x, head), y)``.
+    loss_fn : mean loss over a batch, ``loss_fn(forward(model, x, head), y)``.
     first_step, num_steps : the chunk of the client's K_t = :func:`total_steps` steps to run (default: from
         ``first_step`` to the end). The optimizer is fresh each call; minibatches come from a local generator
-        seeded by (``config.seed``, ``first_step``), so a call is reproducible and the global RNG is untouched.
-    head : model head to train; default ``task.head``.
+        and the model's own randomness (dropout) from torch's RNG seeded by (``config.seed``, ``first_step``),
+        so a call is reproducible and the global RNG is left as it was.
+    head : model head to train; default ``task.head`` (None: the model is called as ``model(x)``).
 
-    Runs single-threaded (:mod:`fedmerge.threads`). Minibatches are drawn without replacement and
-    drop the ragged tail of each pass. Returns a :class:`TrainResult` for those steps.
+    Trains on the model's device (batches follow it) with ``config.precision``; only parameters with
+    ``requires_grad`` move. Runs single-threaded (:mod:`fedmerge.threads`). Minibatches are drawn without
+    replacement and drop the ragged tail of each pass (:func:`fedmerge.tasks.loading.train_batches`). With
+    fp16 a step whose gradients overflow is skipped, as torch's gradient scaler does; its rate still counts
+    in ``lr_sum``. Returns a :class:`TrainResult` for those steps.
     """
-    x, y = task.train.tensors
-    total = total_steps(config, len(x))
+    num_examples = len(task.train)
+    total = total_steps(config, num_examples)
     if config.warmup_steps >= total:
         raise FedmergeError(
             f"training option 'warmup_steps' ({config.warmup_steps}) must be smaller than the client's total "
@@ -179,42 +206,51 @@ def train(
             "give 0 ≤ first_step < first_step + num_steps ≤ total steps."
         )
     head = task.head if head is None else head
+    device = next(model.parameters()).device
+    autocast = _autocast(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     optimizer = _optimizer(config, model)
-    batches = _batches(len(x), config.batch_size, torch.Generator().manual_seed(batch_seed(config.seed, first_step)))
+    order_seed, model_seed = chunk_seeds(config.seed, first_step)
+    batches = train_batches(
+        task.train, config.batch_size, order_seed, num_workers=config.num_workers, pin_memory=config.pin_memory, device=device
+    )
     model.train()
-    lr_sum, loss_sum = 0.0, 0.0
-    with single_threaded():
+    lr_sum, loss_sum = 0.0, torch.zeros((), dtype=torch.float64, device=device)
+    with single_threaded(), closing(batches), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(model_seed)
         for step in range(first_step, first_step + num_steps):
             lr = learning_rate(config, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            index = next(batches)
-            xb, yb = (x, y) if index is None else (x[index], y[index])
+            inputs, targets = next(batches)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb, head), yb)
-            loss.backward()
+            with autocast:
+                loss = loss_fn(forward(model, inputs, head), targets)
+            scaler.scale(loss).backward()
             if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             lr_sum += lr
-            loss_sum += float(loss.detach())
-    return TrainResult(num_steps=num_steps, lr_sum=lr_sum, train_loss=loss_sum / num_steps, num_examples=len(x))
+            loss_sum += loss.detach()
+    return TrainResult(num_steps=num_steps, lr_sum=lr_sum, train_loss=float(loss_sum) / num_steps, num_examples=num_examples)
 
 
-def full_gradient(model: nn.Module, dataset: TensorDataset, loss_fn: LossFn, head: int = 0) -> dict[str, torch.Tensor]:
-    """∇L at the model's current weights: the gradient of the mean loss over all of ``dataset``.
+def full_gradient(model: nn.Module, dataset: Dataset, loss_fn: LossFn, head: int | None = None) -> dict[str, torch.Tensor]:
+    """∇L at the model's current weights: the gradient of the mean loss over all of ``dataset``, on the model's device.
 
-    Returns one tensor per named parameter (zeros where the loss does not depend on it, e.g. other heads).
-    The model's weights and ``.grad`` fields are left as they were.
+    Returns one tensor per named parameter (zeros where the loss does not depend on it, e.g. other heads or
+    frozen parameters). The model is called as ``forward(model, x, head)``; its weights and ``.grad`` fields
+    are left as they were.
     """
-    x, y = dataset.tensors
     params = dict(model.named_parameters())
     grads = {name: torch.zeros_like(p) for name, p in params.items()}
     names = [name for name, p in params.items() if p.requires_grad]
-    for start in range(0, len(x), CHUNK):
-        target = y[start : start + CHUNK]
-        loss = loss_fn(model(x[start : start + CHUNK], head), target)
-        weight = len(target) / len(x)
+    device = next(model.parameters()).device
+    for inputs, targets in eval_batches(dataset, CHUNK, device=device):
+        loss = loss_fn(forward(model, inputs, head), targets)
+        weight = len(targets) / len(dataset)
         parts = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         for name, part in zip(names, parts):
             if part is not None:
