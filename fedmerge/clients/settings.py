@@ -4,7 +4,8 @@ In the table every training option (the fields of :class:`TrainConfig` but ``see
 - a scalar: every client uses it;
 - a list: one value per client, in client-id order;
 - a spread: ``{geometric = [low, high]}`` or ``{linear = [low, high]}``, T values from low to high
-  (rounded for integer options), e.g. a geometric spread of step counts or learning rates.
+  (rounded for integer options), e.g. a geometric spread of step counts or learning rates; numeric
+  options only.
 """
 
 from collections.abc import Mapping
@@ -19,7 +20,8 @@ from fedmerge.errors import FedmergeError
 CORRUPTION_KEYS = ("corruption", "corruption_scale")
 """Robustness studies: ``corruption`` = none | sign-flip | noise, ``corruption_scale`` > 0 (see corruption.py)."""
 TRAINING_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "seed") + CORRUPTION_KEYS
-INTEGER_KEYS = ("steps", "warmup_steps", "batch_size")
+INTEGER_KEYS = ("steps", "warmup_steps", "batch_size", "num_workers")
+CHOICE_KEYS = ("optimizer", "schedule", "precision", "pin_memory", "corruption")  # no spreads
 SPREADS = ("geometric", "linear")
 
 
@@ -34,6 +36,8 @@ def _spread(key: str, spec: Mapping, num_clients: int) -> list:
             f"training option '{key}': a table must be {{geometric = [low, high]}} or {{linear = [low, high]}}, "
             f"got {dict(spec)!r}."
         )
+    if key in CHOICE_KEYS:
+        raise FedmergeError(f"training option '{key}' takes one value or a list of one per client, not a {next(iter(spec))} spread.")
     kind, bounds = next(iter(spec.items()))
     if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and b > 0 for b in bounds)):
         raise FedmergeError(f"training option '{key}': {kind} needs [low, high] with two positive numbers, got {bounds!r}.")
