@@ -4,14 +4,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset
 
+from fedmerge.tasks.federation import forward
+from fedmerge.tasks.loading import gather
 from fedmerge.threads import single_threaded
 
 
 def pretrain(
     model: nn.Module,
-    sets: Sequence[tuple[TensorDataset, int]],
+    sets: Sequence[tuple[Dataset, int | None]],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     steps: int,
     lr: float,
@@ -23,13 +25,14 @@ def pretrain(
     Parameters
     ----------
     sets : ``(data, head)`` pairs; each step averages the loss of one minibatch (drawn with
-        replacement) from each pair, ``data`` going through ``head``.
+        replacement) from each pair, ``data`` going through ``head`` (:func:`~fedmerge.tasks.federation.forward`).
     steps, lr : Adam steps and learning rate. Few steps give a θ0 that is decent but clearly
         improvable by fine-tuning.
     seed : seeds the minibatch draws (a local generator; the global RNG is untouched).
 
-    Runs single-threaded (:mod:`fedmerge.threads`).
+    Runs on the model's device, single-threaded (:mod:`fedmerge.threads`).
     """
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -38,9 +41,9 @@ def pretrain(
             optimizer.zero_grad(set_to_none=True)
             loss = 0.0
             for data, head in sets:
-                x, y = data.tensors
-                batch = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
-                loss = loss + loss_fn(model(x[batch], head), y[batch])
+                batch = torch.randint(len(data), (min(batch_size, len(data)),), generator=generator)
+                inputs, targets = gather(data, batch, device=device)
+                loss = loss + loss_fn(forward(model, inputs, head), targets)
             (loss / len(sets)).backward()
             optimizer.step()
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
