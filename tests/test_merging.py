@@ -9,10 +9,12 @@ import torch
 from fedmerge import FedmergeError
 from fedmerge.merging import (
     CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, TaskVector, cclip, chi_square,
-    effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model, median, merged_model,
+    effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model, median, merge, merged_model,
     scaling_to_server_lr, server_lr_to_scaling,
 )
+from fedmerge.merging import diagnostics, tensors
 from fedmerge.merging.median import selection_network
+from fedmerge.merging.tensors import gram_matrix
 
 SHAPES = {"w": (17, 9), "b": (9,), "scale": ()}
 
@@ -343,3 +345,129 @@ def test_weight_zero_is_absent_for_fedgma_sign_agreement_and_cclip_median_radius
     assert rule.radius_used == pytest.approx(np.median(norms)) and list(rule.present) == [0, 1, 2]
     gma = fedgma([TaskVector(m, base) for m in models], 0.9, weights=[1, 1, 1, 0])
     assert_close(gma, fedgma([TaskVector(m, base) for m in models[:3]], 0.9), tol=0)
+
+
+# --- devices: every buffer the core makes follows its inputs -----------------------------------------
+# No GPU here or in CI. Two CPU checks stand in for it: float64 inputs give float64 outputs on the inputs'
+# device, and with the default device set to "meta" (a device that holds no values) any buffer the core
+# made without naming its inputs' device lands on meta and fails against the CPU inputs, just as a
+# CPU-made buffer fails against CUDA inputs. The CUDA tests below compare with the CPU where a GPU is.
+
+DEVICE_SHAPES = {"w": (70, 90), "b": (90,), "scale": ()}  # "w" spans several chunks (CHUNK patched to 1000)
+
+
+def device_models(num_clients, dtype=torch.float32, device="cpu"):
+    """A base and fine-tunes with floating tensors, an integer counter and a boolean mask, on ``device``."""
+    gen = torch.Generator().manual_seed(num_clients)
+    def model(k):
+        tensors = {n: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for n, s in DEVICE_SHAPES.items()}
+        tensors["count"] = torch.tensor([100 + 3 * k, 7])
+        tensors["mask"] = torch.rand(5, generator=gen) > 0.5
+        return {n: t.to(device) for n, t in tensors.items()}
+    return model(0), [model(k + 1) for k in range(num_clients)]
+
+
+def device_rules(num_clients, center=None):
+    """Every rule, each with options that take it down all of its code paths."""
+    weights = list(range(1, num_clients + 1))
+    return {
+        "fedavg": FedAvgRule(weights),
+        "fednova": FedNovaRule([2.0 ** k for k in range(num_clients)], weights),
+        "fedgma": FedGMARule(0.6, weights),
+        "median": MedianRule(),
+        "median-lower": MedianRule("lower"),
+        "cclip": CClipRule(None, 2, center, weights),
+        "cclip-radius": CClipRule(0.5, 1, None, weights),
+    }
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr("fedmerge.merging.tensors.CHUNK", 1000)
+    monkeypatch.setattr("fedmerge.merging.tensors.DEVICE_CHUNK", 1000)
+
+
+@pytest.mark.parametrize("num_clients", [4, 33])  # 33: Median sorts instead of its selection network
+@pytest.mark.parametrize("rule_name", list(device_rules(4)))
+def test_float64_inputs_give_float64_outputs_on_the_inputs_device(small_chunks, num_clients, rule_name):
+    base, models = device_models(num_clients, torch.float64)
+    center = {n: 0.1 * (models[0][n] - base[n]) for n in DEVICE_SHAPES}
+    rule = device_rules(num_clients, center)[rule_name]
+    norms = np.zeros(num_clients)
+    merged = dict(iter_merged_model(rule, base, models, 0.7, squared_norms=norms))
+    for name, tensor in merged.items():
+        assert tensor.device == base[name].device and tensor.dtype == base[name].dtype, name
+    deltas = fedavg([TaskVector(m, base) for m in models])
+    assert all(d.dtype == torch.float64 for n, d in deltas.items() if n in DEVICE_SHAPES)
+    assert np.all(norms > 0)
+
+
+@pytest.mark.parametrize("num_clients", [4, 33])
+@pytest.mark.parametrize("rule_name", list(device_rules(4)))
+def test_no_buffer_is_made_on_the_default_device(small_chunks, monkeypatch, num_clients, rule_name):
+    monkeypatch.setattr("fedmerge.merging.rule.available_cores", lambda: 1)  # the device context is per thread
+    base, models = device_models(num_clients)
+    center = {n: 0.1 * (models[0][n] - base[n]) for n in DEVICE_SHAPES}
+    plain = [{n: m[n] - base[n] for n in DEVICE_SHAPES} for m in models]
+    tensors._coefficients.cache_clear()  # no coefficients made on the CPU by an earlier test
+    with torch.device("meta"):
+        assert torch.empty(1).device.type == "meta"
+        got = merged_model(device_rules(num_clients, center)[rule_name], base, models, 0.7)
+        gram_norms = diagnostics.norms(gram_matrix(plain, list(DEVICE_SHAPES)))
+    expected = merged_model(device_rules(num_clients, center)[rule_name], base, models, 0.7)
+    assert all(t.device.type == "cpu" for t in got.values())
+    assert_close(got, expected, tol=0)
+    want = [np.sqrt(sum(float((p[n].double() ** 2).sum()) for n in DEVICE_SHAPES)) for p in plain]
+    np.testing.assert_allclose(gram_norms, want, rtol=1e-6)
+
+
+def test_a_cclip_center_may_hold_the_floating_tensors_only():
+    base, models = device_models(3)
+    center = {n: 0.1 * (models[0][n] - base[n]) for n in DEVICE_SHAPES}  # as the CClip strategy keeps Δ
+    full = {**center, "count": torch.zeros(2, dtype=torch.int64), "mask": torch.zeros(5, dtype=torch.bool)}
+    assert_close(merged_model(CClipRule(None, 2, center), base, models), merged_model(CClipRule(None, 2, full), base, models), tol=0)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def on(device, tensors, dtype=None):
+    return {n: t.to(device, dtype) for n, t in tensors.items()}
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("chunk", [1000, None], ids=["small-chunks", "device-chunks"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2 ** -7)])
+@pytest.mark.parametrize("num_clients", [4, 33])
+@pytest.mark.parametrize("rule_name", list(device_rules(4)))
+def test_every_rule_on_cuda_equals_the_cpu(monkeypatch, rule_name, num_clients, dtype, tol, chunk):
+    if chunk:
+        monkeypatch.setattr("fedmerge.merging.tensors.CHUNK", chunk)
+        monkeypatch.setattr("fedmerge.merging.tensors.DEVICE_CHUNK", chunk)
+    base, models = device_models(num_clients, dtype)
+    center = {n: 0.1 * (models[0][n] - base[n]).float() for n in DEVICE_SHAPES}
+    cpu_norms, cuda_norms = np.zeros(num_clients), np.zeros(num_clients)
+    want = dict(iter_merged_model(device_rules(num_clients, center)[rule_name], base, models, 0.7, squared_norms=cpu_norms))
+    rule = device_rules(num_clients, on("cuda", center))[rule_name]
+    got = dict(iter_merged_model(rule, on("cuda", base), [on("cuda", m) for m in models], 0.7, squared_norms=cuda_norms))
+    assert all(t.device.type == "cuda" and t.dtype == want[n].dtype for n, t in got.items())
+    assert_close(on("cpu", got, torch.float64), on("cpu", want, torch.float64), tol=tol)
+    assert torch.equal(got["count"].cpu(), want["count"]) and torch.equal(got["mask"].cpu(), want["mask"])
+    np.testing.assert_allclose(cuda_norms, cpu_norms, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("rule_name", list(device_rules(4)))
+def test_a_cuda_base_with_cpu_clients_and_plain_task_vectors_on_cuda(rule_name):
+    base, models = device_models(5)
+    center = {n: 0.1 * (models[0][n] - base[n]) for n in DEVICE_SHAPES}
+    want = merged_model(device_rules(5, center)[rule_name], base, models, 0.7)
+    mixed = merged_model(device_rules(5, on("cuda", center))[rule_name], on("cuda", base), models, 0.7)
+    assert all(t.device.type == "cuda" for t in mixed.values())  # Δ is made where θ lives
+    assert_close(on("cpu", mixed), want)
+    tvs = [{n: m[n] - base[n] for n in DEVICE_SHAPES} for m in models]
+    got = merge(device_rules(5, on("cuda", center))[rule_name], [on("cuda", tv) for tv in tvs])
+    assert all(t.device.type == "cuda" for t in got.values())
+    assert_close(on("cpu", got), merge(device_rules(5, center)[rule_name], tvs))

@@ -95,7 +95,7 @@ class CClipRule(Rule):
             weighted_sum_into(out, values, self.coeffs)
         else:
             weighted_sum_into(out, values, self.coeffs[1:])
-            out.add_(self.center[name].reshape(-1)[s].to(out.dtype), alpha=float(self.coeffs[0]))
+            out.add_(self.center[name].reshape(-1)[s].to(out.device, out.dtype), alpha=float(self.coeffs[0]))
 
     def params(self) -> dict:
         return {"rule": self.name, "radius": self.radius if self.radius_used is None else self.radius_used, "iterations": self.iterations}

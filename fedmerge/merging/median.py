@@ -17,7 +17,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors
+from fedmerge.merging.tensors import Tensors, stacked
 
 EVEN_RULES = ("mean", "lower")
 NETWORK_MAX_CLIENTS = 32
@@ -100,7 +100,7 @@ class MedianRule(Rule):
 
     def merge_integer(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The median, by the same even-count rule, rounded: for booleans the majority (a tie keeps the base)."""
-        ranked = torch.sort(torch.stack(tensors), dim=0).values[list(_middle_positions(len(tensors), self.even))]
+        ranked = torch.sort(stacked(tensors, torch.int64), dim=0).values[list(_middle_positions(len(tensors), self.even))]
         return torch.round(ranked.to(torch.float64).mean(0)).to(torch.int64)
 
     def params(self) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from fedmerge.merging.tensors import (
-    CHUNK, Tensors, TaskVector, apply_update, chunk_of, chunks, is_floating, operand_dtype, operands,
+    Tensors, TaskVector, apply_update, chunk_of, chunk_size, chunks, is_floating, operand_dtype, operands, stacked,
 )
 from fedmerge.merging.validate import check_task_vectors
 from fedmerge.merging.weights import client_weights
@@ -53,9 +53,9 @@ class Rule:
 
     def merge_integer(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Δ for an integer buffer (a counter): the p-weighted mean, rounded, as int64."""
-        stacked = torch.stack([t.to(torch.float64) for t in tensors])
-        p = torch.as_tensor(self.p, dtype=torch.float64).view(-1, *([1] * (stacked.dim() - 1)))
-        return torch.round((stacked * p).sum(0)).to(torch.int64)
+        values = stacked(tensors, torch.float64)
+        p = torch.as_tensor(self.p, dtype=torch.float64, device=values.device).view(-1, *([1] * (values.dim() - 1)))
+        return torch.round((values * p).sum(0)).to(torch.int64)
 
     def params(self) -> dict:
         """The rule's parameters, for results and checkpoint metadata."""
@@ -73,8 +73,9 @@ def iter_merge(
     The entrance of the merging core: tensor names, shapes and dtypes are checked first, from metadata
     (:func:`~fedmerge.merging.validate.check_task_vectors`), and clients of weight 0 are dropped (never read).
     If ``squared_norms`` (length T) is given, each present client's ‖τ_t‖² over the floating tensors is
-    added to it; a non-finite entry flags non-finite values. Chunks of a tensor are shared among worker
-    threads, each running torch single-threaded.
+    added to it; a non-finite entry flags non-finite values. Each Δ is made on the device of the first
+    client's tensor (a :class:`TaskVector`'s base θ); on the CPU the chunks of a tensor are shared among
+    worker threads, each running torch single-threaded, and on an accelerator one thread runs them in order.
     """
     names = check_task_vectors(task_vectors, names)
     present = rule.present_clients(len(task_vectors))
@@ -99,24 +100,26 @@ def iter_merge(
 def _merge_floating(
     rule: Rule, name: str, ops: list, pool: ThreadPoolExecutor, workers: int
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Δ for one floating tensor, its chunks split into contiguous ranges, one per worker; and each ‖τ_t‖²."""
-    dtype = operand_dtype(ops[0])
-    out = torch.empty(ops[0].shape, dtype=dtype)
+    """Δ for one floating tensor, on the first operand's device, its chunks split into contiguous ranges, one
+    per worker (one worker off the CPU); and each ‖τ_t‖²."""
+    dtype, device = operand_dtype(ops[0]), ops[0].device
+    out = torch.empty(ops[0].shape, dtype=dtype, device=device)
     flat_out = out.view(-1)
-    slices = list(chunks(flat_out.numel()))
-    workers = min(workers, len(slices))
+    size = chunk_size(device)
+    slices = list(chunks(flat_out.numel(), size))
+    workers = min(workers if device.type == "cpu" else 1, len(slices))
     ranges = [slices[k * len(slices) // workers : (k + 1) * len(slices) // workers] for k in range(workers)]
 
     def work(part: list[slice]) -> np.ndarray:
-        scratch = torch.empty(len(ops), min(CHUNK, flat_out.numel()), dtype=dtype)
-        norms = torch.zeros(len(ops), dtype=torch.float64)
+        scratch = torch.empty(len(ops), min(size, flat_out.numel()), dtype=dtype, device=device)
+        norms = torch.zeros(len(ops), dtype=torch.float64, device=device)
         for s in part:
             values = scratch[:, : s.stop - s.start]
             for op, row in zip(ops, values):
-                chunk_of(op, s, dtype, row)
+                chunk_of(op, s, row)
             norms += torch.linalg.vector_norm(values, dim=1).to(torch.float64) ** 2
             rule.merge_chunk(name, s, values, flat_out[s])
-        return norms.numpy()
+        return norms.cpu().numpy()  # T numbers, once per tensor
 
     parts = [work(ranges[0])] if workers == 1 else list(pool.map(work, ranges))
     return out, np.sum(parts, axis=0)
