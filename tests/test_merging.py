@@ -1,5 +1,6 @@
 """The merging core against the reference math of DESIGN.md, exactly."""
 
+from collections.abc import Mapping
 from types import SimpleNamespace
 
 import numpy as np
@@ -261,17 +262,24 @@ def test_plain_task_vectors_are_checked_against_the_first_and_names_against_the_
         list(iter_merge(FedAvgRule(), lazy, ["w", "nope"]))
 
 
-class Described(dict):
-    """A mapping that describes its tensors by ``specs`` and must not be read (as a checkpoint is)."""
+class Described(Mapping):
+    """A mapping that describes its tensors by ``specs`` and must not be read (as a checkpoint is); its ``in``
+    is Mapping's, which reads the tensor."""
 
     def __init__(self, tensors):
-        super().__init__(tensors)
+        self.tensors = dict(tensors)
         self.specs = {k: SimpleNamespace(shape=tuple(v.shape), dtype=v.dtype) for k, v in tensors.items()}
         self.reads = 0
 
     def __getitem__(self, name):
         self.reads += 1
-        return super().__getitem__(name)
+        return self.tensors[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
 
 
 def test_the_check_reads_metadata_only():

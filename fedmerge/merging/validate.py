@@ -18,7 +18,8 @@ def _describe(tensors: Tensors, name: str) -> tuple[tuple[int, ...], object]:
 
 
 def _check(label: str, tensors: Tensors, expected: dict, reference: str) -> None:
-    missing = [name for name in expected if name not in tensors]
+    held = getattr(tensors, "specs", None) or tensors  # membership from metadata: a Mapping's `in` reads the tensor
+    missing = [name for name in expected if name not in held]
     if missing:
         raise FedmergeError(
             f"{label} lacks tensor {missing[0]!r} ({len(missing)} of {reference} tensors missing); every client "
