@@ -54,7 +54,7 @@ class TrainConfig:
     weight_decay : L2 penalty for sgd / momentum, decoupled weight decay for adamw.
     grad_clip : clip the global gradient norm to this value; None for no clipping.
     precision : "fp32" | "bf16" | "fp16": autocast of the forward pass and loss to that dtype (the weights
-        stay float32); fp16 adds torch's gradient scaler and is meant for GPUs: on the CPU use bf16.
+        keep their dtype); fp16 adds torch's gradient scaler and is meant for GPUs: on the CPU use bf16.
     num_workers : DataLoader worker processes reading a lazy train set (0: in the client's process).
     pin_memory : pin batches bound for a GPU (faster host-to-device copies).
     seed : seeds the minibatch order and the model's own randomness (dropout).
