@@ -475,3 +475,99 @@ def test_the_summary_counts_one_model_in_the_singular(tmp_path, capsys):
     base_path, paths = save_files(tmp_path, *make_models(1))
     assert main(["merge", "--base", base_path, "--models", *paths, "--out", str(tmp_path / "m.safetensors")]) == 0
     assert "merged 1 model into" in capsys.readouterr().err
+
+
+# --- devices: --device cpu|cuda|auto ---------------------------------------------------------------------
+
+
+def method_options(case: str) -> dict:
+    options, _, _ = CASES[case]
+    return {k: v for k, v in {"method": case if case in ("task-arithmetic", "fedavg") else None, **options}.items() if v is not None}
+
+
+def test_device_cuda_without_cuda_is_refused_before_reading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(Checkpoint, "__init__", lambda *a: pytest.fail("a checkpoint was opened"))
+    err = run_failing(tmp_path, capsys, *save_files(tmp_path, *make_models()), "--device", "cuda")
+    assert "CUDA is not available on this machine" in err and "use --device cpu" in err
+
+
+def test_device_auto_without_cuda_merges_on_the_cpu_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base, models = make_models()
+    out = merge_checkpoints(*save_files(tmp_path, base, models), tmp_path / "m.safetensors", method="median", device="auto")
+    assert_same(load_file(out), merged_model(MedianRule(), base, models))
+    assert metadata_of(out)["device"] == "cpu"
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "gpu"])
+def test_an_unknown_device_is_refused(tmp_path, device):
+    with pytest.raises(FedmergeError, match=rf"unknown device '{device}'; choose one of cpu, cuda, auto \(or cuda:N\)"):
+        merge_checkpoints(*save_files(tmp_path, *make_models()), tmp_path / "m.safetensors", device=device)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_buffer_of_a_merge_is_made_on_the_default_device(tmp_path, monkeypatch, case):
+    """With the default device set to meta, a buffer made without naming the inputs' device would fail (CPU
+    stand-in for a buffer made on the CPU beside CUDA inputs; see tests/test_merging.py)."""
+    monkeypatch.setattr("fedmerge.merging.rule.available_cores", lambda: 1)  # the device context is per thread
+    _, rule, server_lr = CASES[case]
+    base, models = make_models()
+    paths = save_files(tmp_path, base, models)
+    with torch.device("meta"):
+        out = merge_checkpoints(*paths, tmp_path / "m.safetensors", **method_options(case))
+    assert_same(load_file(out), merged_model(rule, base, models, server_lr))
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_near(actual: dict, expected: dict) -> None:
+    """Same names and dtypes, integers equal, floating values within float32 rounding (one 16-bit step)."""
+    assert sorted(actual) == sorted(expected)
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.dtype == want.dtype and got.device.type == "cpu", name
+        if not want.is_floating_point():
+            assert torch.equal(got, want), name
+            continue
+        tol = 1e-5 if want.dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("case", CASES)
+def test_every_method_on_cuda_equals_the_cpu(tmp_path, case):
+    paths = save_files(tmp_path, *make_models())
+    cpu = merge_checkpoints(*paths, tmp_path / "cpu.safetensors", **method_options(case))
+    cuda = merge_checkpoints(*paths, tmp_path / "cuda.safetensors", device="cuda", **method_options(case))
+    assert_near(load_file(cuda), load_file(cpu))
+    assert metadata_of(cuda)["device"] == "cuda" and metadata_of(cpu)["device"] == "cpu"
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("method", ["task-arithmetic", "median", "cclip"])
+def test_the_command_on_cuda_equals_the_cpu_over_shards_and_many_chunks(tmp_path, monkeypatch, method):
+    monkeypatch.setattr("fedmerge.merging.tensors.DEVICE_CHUNK", 16)  # every tensor in several chunks
+    base, models = make_models(4)
+    save_directory(tmp_path / "base", base, shards=3)
+    for t, model in enumerate(models):
+        save_directory(tmp_path / f"m{t}", model, shards=2)
+    command = ["merge", "--base", str(tmp_path / "base"), "--models", *(str(tmp_path / f"m{t}") for t in range(4)),
+               "--method", method, "--quiet"]
+    assert main([*command, "--device", "cpu", "--out", str(tmp_path / "on-cpu")]) == 0
+    assert main([*command, "--device", "cuda", "--out", str(tmp_path / "on-gpu")]) == 0
+    assert sorted(os.listdir(tmp_path / "on-gpu")) == sorted(os.listdir(tmp_path / "on-cpu"))
+    assert_near(read_directory(tmp_path / "on-gpu"), read_directory(tmp_path / "on-cpu"))
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_checkpoints_read_into_pinned_memory_for_cuda(tmp_path):
+    base, _ = make_models()
+    save_directory(tmp_path / "base", base)
+    with Checkpoint(tmp_path / "base", pin_memory=True) as checkpoint:
+        tensor = checkpoint["embed.weight"]
+        assert tensor.is_pinned() and torch.equal(tensor, base["embed.weight"])

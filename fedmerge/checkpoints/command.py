@@ -22,6 +22,10 @@ Inputs: .safetensors files, Hugging Face model directories (sharded safetensors 
 PyTorch .bin/.pt files (loaded with torch.load(weights_only=True); nothing else is ever unpickled).
 A model holding NaN or infinite values is refused, naming its file and tensor, and nothing is written;
 --skip-nonfinite leaves such models out instead. A model of weight 0 (--weights) is left out unread.
+
+Device: the arithmetic runs on the CPU by default. --device cuda reads tensors on the CPU, merges them on
+the GPU and writes them from the CPU; the result equals the CPU's within float rounding (--device auto:
+cuda when torch.cuda.is_available()).
 """
 
 EPILOG = """\
@@ -30,6 +34,7 @@ examples:
   fedmerge merge --base base.safetensors --models a.safetensors b.safetensors --method median --out m.safetensors
   fedmerge merge --base B --models A1 A2 A3 --method fednova --lr-sums 0.5 1.0 2.0 --out merged
   fedmerge merge --base B --models A1 A2 A3 --method cclip --rho 12.5 --out merged
+  fedmerge merge --base B --models A1 A2 A3 --method median --device cuda --out merged
 """
 
 
@@ -57,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB; default: the base's sharding",
     )
     io.add_argument("--quiet", action="store_true", help="no progress bars")
+    io.add_argument(
+        "--device", default="cpu", metavar="{cpu,cuda,auto}",
+        help="where the arithmetic runs: cpu (default), cuda or cuda:N (read and written on the CPU, merged on "
+        "the GPU), or auto (cuda when available)",
+    )
 
     rule = parser.add_argument_group("method")
     rule.add_argument("--method", choices=METHODS, default="task-arithmetic", help="the merging rule (default: %(default)s)")
@@ -96,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
             steps=args.steps, lr_sums=args.lr_sums, rho=args.rho, iterations=args.iterations, even=args.even,
             max_shard_size=args.max_shard_size, skip_nonfinite=args.skip_nonfinite, force=args.force,
-            progress=not args.quiet,
+            progress=not args.quiet, device=args.device,
         )
     left_out = 0
     for warning in caught:

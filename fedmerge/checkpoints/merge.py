@@ -4,6 +4,9 @@ Tensors stream from the inputs through the merging core's :func:`fedmerge.mergin
 into the output, so memory holds a few tensors at a time (about T + 3 of the largest, in float32),
 whatever the model's size. bfloat16 and float16 stay in their dtype; arithmetic is in float32.
 
+With ``device="cuda"`` tensors are still read on the CPU (into pinned memory), copied to the GPU without
+waiting, merged there, and brought back to the CPU to be written.
+
 Non-finite inputs are caught by the merge's own pass: a model's ‖τ_t‖² turns non-finite at the first
 tensor holding NaN or ±inf, and that tensor is then checked exactly (a norm alone may overflow). Such a
 model stops the merge, naming its file and tensor, or, when asked, is left out and the merge restarts.
@@ -34,16 +37,58 @@ from fedmerge.checkpoints.writer import (
 )
 
 PER_MODEL = ("weights", "steps", "lr_sums")  # options with one value per model
+DEVICES = ("cpu", "cuda", "auto")
 CONVENTION = (
     "merged = base + server_lr * delta, delta the rule's mean-scale update (FedAvg: the mean task vector); "
     "Task Arithmetic's scaling lambda = server_lr / T"
 )
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device a merge computes on: ``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (cuda when
+    ``torch.cuda.is_available()``). Raises :class:`FedmergeError` for an unknown device or one that is absent."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise FedmergeError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)} (or cuda:N).")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FedmergeError(
+            "CUDA is not available on this machine (torch.cuda.is_available() is False); use --device cpu "
+            "(device='cpu'), or --device auto to take a GPU only where there is one."
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise FedmergeError(f"there is no {resolved}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return resolved
+
+
+class _OnDevice(Mapping[str, torch.Tensor]):
+    """A checkpoint whose tensors are copied to ``device`` as they are read (without waiting, from pinned memory)."""
+
+    def __init__(self, tensors: Checkpoint, device: torch.device) -> None:
+        self._tensors, self._device = tensors, device
+        self.specs = tensors.specs
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name].to(self._device, non_blocking=self._device.type == "cuda")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors  # from the specs, without reading
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 class _ReuseLast(Mapping[str, torch.Tensor]):
     """A mapping that reads each tensor once while it is asked for repeatedly (the base, by every τ_t)."""
 
-    def __init__(self, tensors: Checkpoint) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._tensors = tensors
         self.specs = tensors.specs  # shapes and dtypes for the merging core's check, without reading
         self._last: tuple[str, torch.Tensor] | None = None
@@ -89,7 +134,8 @@ def _watch(merged: Iterator, base: Mapping, models: Sequence[Mapping], squared_n
         yield name, tensor
 
 
-def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Sequence, left_out: Sequence) -> dict:
+def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Sequence, left_out: Sequence,
+            device: torch.device) -> dict:
     """What the output's metadata says about how it was made (read after the rule's first pass)."""
     return {
         "fedmerge_version": __version__,
@@ -102,6 +148,7 @@ def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Se
         "base": str(base),
         "models": [str(m) for m in models],
         "left_out": list(left_out),
+        "device": str(device),
     }
 
 
@@ -123,6 +170,7 @@ def merge_checkpoints(
     skip_nonfinite: bool = False,
     force: bool = False,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Merge fine-tuned checkpoints of one base into a new checkpoint at ``out``.
 
@@ -143,6 +191,9 @@ def merge_checkpoints(
         the models merged (β = λ·T).
     force : replace an existing ``out``.
     progress : show progress bars (on a terminal).
+    device : where the arithmetic runs: "cpu" (default), "cuda" (or "cuda:N"; tensors are read on the CPU,
+        merged on the GPU and written from the CPU; results equal the CPU's within float rounding) or "auto"
+        (cuda when ``torch.cuda.is_available()``). Recorded in the output's metadata.
 
     Returns the output path. Raises :class:`FedmergeError` naming the file and tensor on bad input
     (non-finite values included, unless ``skip_nonfinite``); nothing is left at ``out`` if the merge fails.
@@ -151,6 +202,7 @@ def merge_checkpoints(
     options = dict(weights=weights, steps=steps, lr_sums=lr_sums, rho=rho, iterations=iterations, even=even)
     build_rule(method, len(models), **options)  # every option checked before any file is read
     resolve_server_lr(len(models), scaling, server_lr)
+    device = resolve_device(device)
     if out.name.endswith(".safetensors") and max_shard_size is not None:
         raise FedmergeError(f"the output {out} is a single file; drop max_shard_size or give a directory.")
     max_size = None if max_shard_size is None else parse_size(max_shard_size)
@@ -158,8 +210,9 @@ def merge_checkpoints(
 
     with ExitStack() as stack:
         stack.enter_context(single_threaded())
-        source = stack.enter_context(Checkpoint(base))
-        finetuned = [stack.enter_context(Checkpoint(model)) for model in models]
+        pin = device.type == "cuda"
+        source = stack.enter_context(Checkpoint(base, pin))
+        finetuned = [stack.enter_context(Checkpoint(model, pin)) for model in models]
         check_compatible(source, finetuned)
         specs = source.specs
         single_file = out.name.endswith(".safetensors")
@@ -171,10 +224,10 @@ def merge_checkpoints(
             beta = resolve_server_lr(len(kept), scaling, server_lr)
 
             def record() -> dict:  # called after the rule's first pass
-                return _record(method, rule, chosen["weights"], beta, base, _pick(models, kept), left_out)
+                return _record(method, rule, chosen["weights"], beta, base, _pick(models, kept), left_out, device)
 
             try:
-                _write(out, shards, source, _pick(finetuned, kept), rule, beta, record, force, progress)
+                _write(out, shards, source, _pick(finetuned, kept), rule, beta, record, force, progress, device)
                 return out
             except _NonFinite as bad:
                 culprit = source if bad.model is None else finetuned[kept[bad.model]]
@@ -199,13 +252,15 @@ def _pick(values: Sequence | None, kept: Sequence[int]) -> list | None:
 
 
 def _write(out: Path, shards: Sequence[Shard], source: Checkpoint, finetuned: Sequence[Checkpoint], rule: Rule,
-           beta: float, record: Callable[[], dict], force: bool, progress: bool) -> None:
-    """One pass: merge and write every shard; raises :class:`_NonFinite` (nothing written) on bad values."""
+           beta: float, record: Callable[[], dict], force: bool, progress: bool, device: torch.device) -> None:
+    """One pass: merge on ``device`` and write every shard (from the CPU); raises :class:`_NonFinite` (nothing
+    written) on bad values."""
     specs, single_file = source.specs, out.name.endswith(".safetensors")
     names = [name for shard in shards for name in shard.names]
+    finetuned = [_OnDevice(model, device) for model in finetuned]
     with MergeProgress(len(names), len(shards), progress) as display:
         display.preparing()
-        base, squared_norms = _ReuseLast(source), np.zeros(len(finetuned))
+        base, squared_norms = _ReuseLast(_OnDevice(source, device)), np.zeros(len(finetuned))
         merged = _watch(iter_merged_model(rule, base, finetuned, beta, names, squared_norms), base, finetuned, squared_norms)
         first = next(merged)  # runs the rule's first pass (CCLIP's norms) before any file is written
         metadata = record()

@@ -23,15 +23,16 @@ STANDARD_NAMES = ("model.safetensors", "pytorch_model.bin")  # beside them, e.g.
 
 
 class SafetensorsFile:
-    """One safetensors file: its tensor specs, read by positioned reads."""
+    """One safetensors file: its tensor specs, read by positioned reads (into pinned memory if asked)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pin_memory: bool = False) -> None:
         self.path = path
+        self.pin_memory = pin_memory
         self.specs, self.metadata = read_header(path)
         self._fd = os.open(path, os.O_RDONLY)
 
     def read(self, name: str) -> torch.Tensor:
-        return read_tensor(self._fd, self.specs[name])
+        return read_tensor(self._fd, self.specs[name], self.pin_memory)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -82,9 +83,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _open_file(path: Path) -> SafetensorsFile | TorchFile:
+def _open_file(path: Path, pin_memory: bool) -> SafetensorsFile | TorchFile:
     if path.name.endswith(SAFETENSORS_SUFFIXES):
-        return SafetensorsFile(path)
+        return SafetensorsFile(path, pin_memory)
     if path.name.endswith(TORCH_SUFFIXES):
         return TorchFile(path)
     raise FedmergeError(f"{path}: unknown checkpoint format; give a .safetensors, .bin, .pt or .pth file or a model directory.")
@@ -149,13 +150,16 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     ----------
     path : str or Path
         A weight file or a model directory (see the module docstring).
+    pin_memory : bool (default False)
+        Read safetensors tensors into page-locked memory, for fast non-blocking copies to a CUDA device
+        (needs CUDA). PyTorch files are memory-mapped and never pinned.
 
     Attributes: ``specs`` (name → :class:`TensorSpec`, shard by shard in file order), ``files`` (the weight
     files), ``directory`` (the model directory, or None for a lone file), ``config`` (its config.json, or
     None). Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, pin_memory: bool = False) -> None:
         self.path = Path(path)
         self.directory = self.path if self.path.is_dir() else None
         self.files, index = find_weight_files(self.path)
@@ -163,7 +167,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._owner: dict[str, SafetensorsFile | TorchFile] = {}
         try:
             for file in self.files:
-                self._files.append(_open_file(file))
+                self._files.append(_open_file(file, pin_memory))
             self.specs = self._collect_specs(index)
         except BaseException:
             self.close()

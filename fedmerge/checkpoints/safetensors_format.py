@@ -94,9 +94,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     return dict(sorted(specs.items(), key=lambda item: item[1].offset)), dict(metadata)
 
 
-def read_tensor(fd: int, spec: TensorSpec) -> torch.Tensor:
-    """Read one tensor from an open file descriptor into its own memory."""
-    buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
+def read_tensor(fd: int, spec: TensorSpec, pin_memory: bool = False) -> torch.Tensor:
+    """Read one tensor from an open file descriptor into its own CPU memory (page-locked if ``pin_memory``)."""
+    buffer = torch.empty(spec.nbytes, dtype=torch.uint8, device="cpu", pin_memory=pin_memory)
     view = memoryview(buffer.numpy())
     done = 0
     while done < spec.nbytes:
@@ -131,5 +131,6 @@ def layout(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> tupl
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A tensor's raw bytes (little-endian, row-major), without a copy when it is contiguous."""
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    """A tensor's raw bytes (little-endian, row-major), copied to the CPU if it lives elsewhere; without a
+    copy when it is a contiguous CPU tensor."""
+    return memoryview(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
