@@ -8,9 +8,10 @@ mergekit time / fedmerge time.
 mergekit is not a dependency of fedmerge: it is installed into its own virtual environment,
 ``benchmarks/.mergekit-venv``, on first use. Both tools compute in float32 and write bfloat16
 (mergekit: ``dtype: float32``, ``out_dtype: bfloat16``; its ``weight`` per model is λ, ``normalize: false``),
-so they compute the same θ + λ·Σ_t τ_t.
+so they compute the same θ + λ·Σ_t τ_t. ``--device cuda`` runs both tools' arithmetic on the GPU
+(fedmerge ``--device cuda``, mergekit ``--cuda``); both still read and write on the CPU.
 
-    python benchmarks/merge.py [--layers 8] [--hidden 1024] [--scaling 0.3] [--keep]
+    python benchmarks/merge.py [--layers 8] [--hidden 1024] [--scaling 0.3] [--device cpu|cuda|auto] [--keep]
 """
 
 import argparse
@@ -182,8 +183,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each merge; the best time is kept")
     parser.add_argument("--methods", nargs="*", default=["median", "cclip"],
                         help="other fedmerge methods to time (mergekit has no equivalent)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where both tools do the arithmetic (auto: cuda when available)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine; use --device cpu or auto.")
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
     why_not = ensure_mergekit()
     work = Path(tempfile.mkdtemp(prefix="fedmerge-bench-"))
@@ -192,7 +198,8 @@ def main() -> None:
         config = llama_config(args.layers, args.hidden, args.intermediate, args.vocab)
         params = sum(torch.Size(s).numel() for s in shapes.values())
         largest = max(torch.Size(s).numel() for s in shapes.values())
-        print(f"writing a base and {NUM_MODELS} fine-tunes of {params / 1e6:.0f}M parameters (bfloat16) in {work}")
+        print(f"writing a base and {NUM_MODELS} fine-tunes of {params / 1e6:.0f}M parameters (bfloat16) in {work}; "
+              f"arithmetic on the {'GPU' if on_gpu else 'CPU'}")
         base = write_model(work / "base", shapes, config, None, seed=0)
         models = [work / f"ft{i}" for i in range(NUM_MODELS)]
         expected = {name: t.float() for name, t in base.items()}
@@ -205,13 +212,14 @@ def main() -> None:
         expected = {name: t.to(torch.bfloat16).float() for name, t in expected.items()}
 
         fedmerge = [sys.executable, "-m", "fedmerge.cli", "merge", "--base", str(work / "base"), "--models",
-                    *map(str, models), "--quiet"]
+                    *map(str, models), "--quiet", "--device", "cuda" if on_gpu else "cpu"]
         out = work / "fedmerge"
         runs = {"fedmerge task-arithmetic": ([*fedmerge, "--scaling", str(args.scaling), "--out", str(out)], out)}
         if why_not is None:
             for precision in ("float32", "bfloat16"):
                 out, config_file = work / precision, mergekit_config(work, models, args.scaling, precision == "float32")
-                runs[f"mergekit ({precision} math)"] = ([str(MERGEKIT), str(config_file), str(out), "--quiet"], out)
+                gpu = ["--cuda"] if on_gpu else []
+                runs[f"mergekit ({precision} math)"] = ([str(MERGEKIT), str(config_file), str(out), "--quiet", *gpu], out)
         for method in args.methods:
             out = work / method
             runs[f"fedmerge {method}"] = ([*fedmerge, "--method", method, "--out", str(out)], out)

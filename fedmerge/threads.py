@@ -3,7 +3,8 @@
 On a shared CPU torch's intra-op threads spin waiting for cores that other processes hold: measured
 here, a chunked merge ran 6x slower and tiny training steps tens of times slower with 2 intra-op
 threads than with 1. fedmerge therefore runs kernels single-threaded and parallelises over independent
-work (clients, chunk ranges) instead.
+work (clients, chunk ranges) instead. Only CPU kernels are concerned: on a GPU the guard changes nothing,
+and the merging driver runs its chunks in one thread there.
 """
 
 import os
