@@ -9,7 +9,7 @@ import torch
 
 from fedmerge import FedmergeError
 from fedmerge.merging import (
-    CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, TaskVector, cclip, chi_square,
+    CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, OnDevice, TaskVector, cclip, chi_square,
     effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model, median, merge, merged_model,
     scaling_to_server_lr, server_lr_to_scaling,
 )
@@ -427,6 +427,14 @@ def test_no_buffer_is_made_on_the_default_device(small_chunks, monkeypatch, num_
     assert_close(got, expected, tol=0)
     want = [np.sqrt(sum(float((p[n].double() ** 2).sum()) for n in DEVICE_SHAPES)) for p in plain]
     np.testing.assert_allclose(gram_norms, want, rtol=1e-6)
+
+
+def test_on_device_reads_a_tensor_once_and_describes_it_without_reading():
+    base, _, _ = setup(1)
+    described = Described(base)
+    tensors = OnDevice(described, "cpu")
+    assert "w" in tensors and "nope" not in tensors and tensors.specs is described.specs and described.reads == 0
+    assert tensors["w"] is tensors["w"] and described.reads == 1
 
 
 def test_a_cclip_center_may_hold_the_floating_tensors_only():

@@ -26,7 +26,7 @@ import torch
 from fedmerge import __version__
 from fedmerge.errors import FedmergeError
 from fedmerge.files import staged
-from fedmerge.merging import Rule, iter_merged_model
+from fedmerge.merging import OnDevice, Rule, iter_merged_model
 from fedmerge.threads import single_threaded
 from fedmerge.checkpoints.methods import build_rule, resolve_server_lr
 from fedmerge.checkpoints.progress import MergeProgress
@@ -63,46 +63,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise FedmergeError(f"there is no {resolved}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     return resolved
-
-
-class _OnDevice(Mapping[str, torch.Tensor]):
-    """A checkpoint whose tensors are copied to ``device`` as they are read (without waiting, from pinned memory)."""
-
-    def __init__(self, tensors: Checkpoint, device: torch.device) -> None:
-        self._tensors, self._device = tensors, device
-        self.specs = tensors.specs
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._tensors[name].to(self._device, non_blocking=self._device.type == "cuda")
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors  # from the specs, without reading
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-
-class _ReuseLast(Mapping[str, torch.Tensor]):
-    """A mapping that reads each tensor once while it is asked for repeatedly (the base, by every τ_t)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._tensors = tensors
-        self.specs = tensors.specs  # shapes and dtypes for the merging core's check, without reading
-        self._last: tuple[str, torch.Tensor] | None = None
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if self._last is None or self._last[0] != name:
-            self._last = (name, self._tensors[name])
-        return self._last[1]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
 
 
 class ModelLeftOut(UserWarning):
@@ -257,10 +217,10 @@ def _write(out: Path, shards: Sequence[Shard], source: Checkpoint, finetuned: Se
     written) on bad values."""
     specs, single_file = source.specs, out.name.endswith(".safetensors")
     names = [name for shard in shards for name in shard.names]
-    finetuned = [_OnDevice(model, device) for model in finetuned]
+    finetuned = [OnDevice(model, device) for model in finetuned]
     with MergeProgress(len(names), len(shards), progress) as display:
         display.preparing()
-        base, squared_norms = _ReuseLast(_OnDevice(source, device)), np.zeros(len(finetuned))
+        base, squared_norms = OnDevice(source, device), np.zeros(len(finetuned))  # the base is read once per tensor
         merged = _watch(iter_merged_model(rule, base, finetuned, beta, names, squared_norms), base, finetuned, squared_norms)
         first = next(merged)  # runs the rule's first pass (CCLIP's norms) before any file is written
         metadata = record()

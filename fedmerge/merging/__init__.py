@@ -11,11 +11,11 @@ from fedmerge.merging.fednova import FedNovaRule, effective_steps, fednova
 from fedmerge.merging.median import MedianRule, median
 from fedmerge.merging.rule import Rule, iter_merge, iter_merged_model, merge, merged_model
 from fedmerge.merging.scale import scaling_to_server_lr, server_lr_to_scaling
-from fedmerge.merging.tensors import TaskVector, apply_update
+from fedmerge.merging.tensors import OnDevice, TaskVector, apply_update
 from fedmerge.merging.weights import chi_square, client_weights, effective_weights
 
 __all__ = [
-    "CClipRule", "FedAvgRule", "FedGMARule", "FedNovaRule", "MedianRule", "Rule", "TaskVector",
+    "CClipRule", "FedAvgRule", "FedGMARule", "FedNovaRule", "MedianRule", "OnDevice", "Rule", "TaskVector",
     "apply_update", "cclip", "chi_square", "client_weights", "effective_steps", "effective_weights",
     "fedavg", "fedgma", "fednova", "iter_merge", "iter_merged_model", "median", "merge", "merged_model",
     "scaling_to_server_lr", "server_lr_to_scaling",

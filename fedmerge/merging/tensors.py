@@ -94,6 +94,31 @@ class TaskVector(Mapping[str, torch.Tensor]):
         return len(self.base)
 
 
+class OnDevice(Mapping[str, torch.Tensor]):
+    """``tensors`` read onto ``device``: each tensor is copied there when read (without waiting on CUDA, which
+    is asynchronous from pinned memory), and the last one is kept, so the reads of one name by every τ_t (the
+    base's) read and copy it once. Metadata (``specs``) and ``in`` pass through without reading."""
+
+    def __init__(self, tensors: Tensors, device: torch.device | str) -> None:
+        self.tensors, self.device = tensors, torch.device(device)
+        self.specs = getattr(tensors, "specs", None)
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.tensors[name].to(self.device, non_blocking=self.device.type == "cuda"))
+        return self._last[1]
+
+    def __contains__(self, name: object) -> bool:
+        return name in (self.tensors if self.specs is None else self.specs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 def operands(task_vectors: Sequence[Tensors], name: str) -> list[Operand]:
     """Every client's tensor ``name``, lazily where the task vector allows it."""
     return [tv.operand(name) if isinstance(tv, TaskVector) else tv[name] for tv in task_vectors]
