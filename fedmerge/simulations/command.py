@@ -72,7 +72,7 @@ def run_command(args) -> int:
     from fedmerge.simulations.runner import run  # Flower's simulation stack: loaded only to run
 
     spec = spec_from_args(args)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
     if args.dry_run:
         console.print_json(json.dumps(spec.to_dict()))
         return 0
@@ -85,6 +85,9 @@ def run_command(args) -> int:
     console.print(f"results: {run_dir}  (results.json, summary.csv, tasks.csv, rounds.csv; `fedmerge report {run_dir}`)")
     return 0
 
+
+LOG_WIDTH = 140
+"""Columns of the results table when the output is a file, not a terminal (rich would wrap at 80)."""
 
 SCORE_NOTES = (
     "mean loss: each task's test loss, averaged over tasks; distance to optimum: ‖θ − θ*‖ to the minimiser of the "
@@ -150,7 +153,7 @@ def list_command(args) -> int:
     from fedmerge.simulations.presets import preset_names, preset_path
     from fedmerge.simulations.spec import load_toml
     from fedmerge.strategies import STRATEGIES
-    from fedmerge.tasks import SUITES
+    from fedmerge.tasks import find_suite, installed
 
     console = Console()
     strategies = Table(title="strategies (fedmerge.strategies, --strategy)")
@@ -158,12 +161,18 @@ def list_command(args) -> int:
     strategies.add_column("rule")
     for name, cls in STRATEGIES.items():
         strategies.add_row(name, sys.modules[cls.__module__].__doc__.splitlines()[0])
-    suites = Table(title="task suites (suite = ..., options under \\[suite_options])")
-    suites.add_column("name")
-    suites.add_column("description")
-    suites.add_column("options (default)")
-    for suite in SUITES.values():
-        suites.add_row(suite.name, suite.description, ", ".join(f"{k}={v.default!r}" for k, v in suite.options.items()))
+    suites = Table(title="task suites (suite = NAME or 'module:function'; options under \\[suite_options])")
+    for column in ("name", "from", "description", "options (default)"):
+        suites.add_column(column)
+    for name, path in installed().items():
+        origin = "built-in" if path.startswith("fedmerge.") else f"plugin {path}"
+        try:
+            suite = find_suite(name)
+        except FedmergeError as error:
+            suites.add_row(name, origin, f"[red]cannot be loaded:[/] {error}", "")
+            continue
+        options = "its own" if suite.options is None else ", ".join(f"{k}={v.default!r}" for k, v in suite.options.items())
+        suites.add_row(name, origin, suite.description, options)
     presets = Table(title="presets (fedmerge run PRESET)")
     presets.add_column("name")
     presets.add_column("description")

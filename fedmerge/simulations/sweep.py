@@ -45,6 +45,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir, write_file
 from fedmerge.simulations.presets import load_experiment, shipped_names, shipped_path
 from fedmerge.simulations.spec import Spec, _suggest, directory_name, load_toml
+from fedmerge.tasks.suites import search_beside
 
 SWEEP_KEYS = ("name", "description", "base", "grid")
 MANIFEST = "sweep.json"
@@ -95,6 +96,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not source.exists() and not str(path).endswith(".toml"):
         source = study_path(str(path))
     data = load_toml(source)
+    search_beside(source)
     return sweep_from_dict(data, source=str(source), default_name=re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem))
 
 

@@ -32,6 +32,9 @@ def pretrain_options(fraction_default: float, steps_default: int, lr_default: fl
     }
 
 
+IN_MEMORY_EVAL_BATCH = 4096
+"""The built-in suites' models are small and their data in memory: evaluate in large batches."""
+
 # A task maker turns (inputs, labels) into the task's (inputs, labels): a transform or a label filter.
 TaskMaker = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,7 +53,8 @@ def _federation(
 
     return Federation(
         suite=suite, tasks=tasks, options=options, seed=seed, metric="accuracy", model_fn=model_fn,
-        loss_fn=F.cross_entropy, pretrain_fn=pretrain_fn, cache_key=cache_key, global_test=global_test,
+        loss_fn=F.cross_entropy, theta0=pretrain_fn, cache_key=cache_key, global_test=global_test,
+        eval_batch_size=IN_MEMORY_EVAL_BATCH,
     )
 
 

@@ -3,65 +3,85 @@
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, default_collate
 
 from fedmerge.errors import FedmergeError
 from fedmerge.tasks.cache import load_or_build
+from fedmerge.tasks.weights import load_weights
 
-EVAL_BATCH = 4096
+
+def forward(model: nn.Module, inputs: Any, head: int | None = None) -> torch.Tensor:
+    """The model's output for a batch: ``model(inputs)``, or ``model(inputs, head)`` for multi-head models."""
+    return model(inputs) if head is None else model(inputs, head)
 
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """One client's task: its train / val / test data and the model head it uses.
+    """One client's task: its train / val / test data and, for multi-head models, the head it uses.
 
-    ``train.tensors`` is ``(inputs, targets)``. For label-skewed suites ``val`` and ``test`` follow the
-    client's label distribution (subsets of the federation's global sets).
+    Each split is a map-style :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs, loaded lazily
+    where the data is large (an image folder); a :class:`~torch.utils.data.TensorDataset` is the in-memory
+    fast path. ``head`` None means the model is called as ``model(x)``; an int ``h`` as ``model(x, h)``.
+    For label-skewed suites ``val`` and ``test`` follow the client's label distribution.
     """
 
     name: str
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
-    head: int = 0
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    head: int | None = None
 
-    def split(self, name: str) -> TensorDataset:
+    def split(self, name: str) -> Dataset:
         """The ``train``, ``val`` or ``test`` set."""
         if name not in ("train", "val", "test"):
             raise FedmergeError(f"split must be 'train', 'val' or 'test', got {name!r}.")
         return getattr(self, name)
 
 
+Theta0 = Callable[[nn.Module], Mapping[str, torch.Tensor]] | str | Path | None
+"""Where θ0 comes from: a function that pretrains the fresh model and returns its state dict, a weights file
+(``.safetensors``, or ``.pt``/``.bin`` read with ``weights_only``), or None: the model's own weights as
+``model_fn`` built them (e.g. ``AutoModel.from_pretrained(directory)`` or torchvision weights it loads)."""
+
+
 @dataclass(eq=False)
 class Federation:
-    """What a suite builds: T tasks (index = client id = Flower partition id) and everything to train on them.
+    """What a suite returns: T tasks (index = client id = Flower partition id) and everything to train them.
 
-    Attributes
+    Parameters
     ----------
-    suite : the suite's name.
     tasks : one :class:`Task` per client.
-    options : the resolved suite options (defaults filled in).
-    seed : the seed everything was drawn from.
-    metric : ``"accuracy"`` for classification suites, ``"loss"`` for regression (quadratic).
-    global_test : the whole test set (label-skewed suites), else ``None``.
-    pretrained : θ0's state dict (computed on first access, cached on disk when ``cache_key`` is set).
+    model_fn : builds a fresh model (its random initialisation is drawn from the run's seed).
+    loss_fn : ``loss_fn(output, target)``, the mean loss over a batch (default: cross-entropy).
+    metric : ``"accuracy"`` (classification: top-1 of ``output.argmax(1)``) or ``"loss"``.
+    theta0 : where the pretrained base comes from (:data:`Theta0`).
+    cache_key : if given, θ0 is cached on disk under this key (put everything that changes it in it).
+    global_test : the whole test set (label-skewed suites), else None.
+    eval_batch_size : batch size of evaluation and of the λ/ρ selection.
+    optimum_fn : suites that know their optima (quadratic) return ``{"theta": ..., "tasks": [...]}``.
+    suite, options, seed : filled in by :func:`fedmerge.tasks.load_suite`.
+
+    ``pretrained`` is θ0's state dict (made on first access, then read from the cache when keyed).
     """
 
-    suite: str
     tasks: list[Task]
-    options: dict[str, Any]
-    seed: int
-    metric: str
     model_fn: Callable[[], nn.Module]
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    pretrain_fn: Callable[[nn.Module], dict[str, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    metric: str = "accuracy"
+    theta0: Theta0 = None
     cache_key: dict | None = None
-    global_test: TensorDataset | None = None
+    global_test: Dataset | None = None
+    eval_batch_size: int = 256
     optimum_fn: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
+    suite: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
 
     def build_model(self) -> nn.Module:
         """A fresh model, its initial weights drawn from the federation's seed (global RNG left as it was)."""
@@ -71,22 +91,55 @@ class Federation:
 
     @cached_property
     def pretrained(self) -> dict[str, torch.Tensor]:
-        """θ0: pretrained once on held-out data (never a client's train data), then read from the cache."""
+        """θ0's state dict on the CPU: made once (:data:`Theta0`), then read from the cache when keyed."""
         if self.cache_key is None:
-            return self.pretrain_fn(self.build_model())
-        return load_or_build("pretrained", self.cache_key, lambda: self.pretrain_fn(self.build_model()))
+            return self._make_theta0()
+        return load_or_build("pretrained", self.cache_key, self._make_theta0)
+
+    def _make_theta0(self) -> dict[str, torch.Tensor]:
+        model = self.build_model()
+        if callable(self.theta0):
+            try:
+                state = self.theta0(model)
+            except FedmergeError:
+                raise
+            except Exception as error:  # the suite's own pretraining failed: say so, without a traceback
+                raise FedmergeError(f"making θ0 failed: {type(error).__name__}: {error}") from None
+        elif self.theta0 is not None:
+            state = load_weights(self.theta0)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as error:  # another architecture: torch names the tensors
+                raise FedmergeError(f"theta0 {self.theta0} does not fit the suite's model: {error}") from None
+        else:
+            state = model.state_dict()
+        return {name: t.detach().cpu().contiguous().clone() for name, t in state.items()}
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The suite's training loss: the mean over the batch."""
         return self.loss_fn(output, target)
 
-    def model_from(self, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> nn.Module:
-        """The model itself, or a fresh model loaded with the given state dict."""
+    def model_from(self, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
+        """The model itself, or a fresh model on ``device`` (default CPU) loaded with the given state dict.
+
+        A state dict may hold a subset of the model's tensors (what the clients train): the others keep θ0.
+        """
         if isinstance(model_or_state_dict, nn.Module):
             return model_or_state_dict
         model = self.build_model()
-        model.load_state_dict(dict(model_or_state_dict))
-        return model
+        model.load_state_dict(self.complete(model_or_state_dict))
+        return model.to(device) if device is not None else model
+
+    @cached_property
+    def trained_names(self) -> list[str]:
+        """The state-dict entries the clients train and send: all but the frozen parameters
+        (``requires_grad=False``), which stay at θ0 everywhere and never travel."""
+        frozen = {name for name, p in self.build_model().named_parameters() if not p.requires_grad}
+        return [name for name in self.pretrained if name not in frozen]
+
+    def complete(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A whole state dict from the trained entries ``state``: the frozen rest is θ0's."""
+        return {**self.pretrained, **state} if len(state) < len(self.pretrained) else dict(state)
 
     @torch.no_grad()
     def evaluate(
@@ -100,25 +153,42 @@ class Federation:
 
     @torch.no_grad()
     def evaluate_data(
-        self, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], data: TensorDataset, head: int = 0
+        self, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], data: Dataset, head: int | None = None
     ) -> dict[str, float]:
-        """As :meth:`evaluate`, on any data set (e.g. :attr:`global_test`) through ``head``."""
+        """As :meth:`evaluate`, on any data set (e.g. :attr:`global_test`) through ``head``, on the model's device."""
+        from fedmerge.tasks.loading import eval_batches
+
         model = self.model_from(model_or_state_dict)
         was_training = model.training
         model.eval()
-        x, y = data.tensors
-        loss, correct = 0.0, 0
-        for start in range(0, len(x), EVAL_BATCH):
-            output = model(x[start : start + EVAL_BATCH], head)
-            target = y[start : start + EVAL_BATCH]
-            loss += float(self.loss_fn(output, target)) * len(target)
+        device = next(model.parameters()).device
+        loss, correct, count = 0.0, 0, 0
+        for x, y in eval_batches(data, self.eval_batch_size, device=device):
+            output = forward(model, x, head)
+            loss += float(self.loss_fn(output, y)) * len(y)
             if self.metric == "accuracy":
-                correct += int((output.argmax(1) == target).sum())
+                correct += int((output.argmax(1) == y).sum())
+            count += len(y)
         model.train(was_training)
-        result = {"loss": loss / len(x)}
+        result = {"loss": loss / count}
         if self.metric == "accuracy":
-            result["accuracy"] = correct / len(x)
+            result["accuracy"] = correct / count
         return result
+
+    def check_fits(self) -> None:
+        """Make θ0, then run two examples of every task's splits through it and the loss: a dataset that does
+        not fit the model fails here, naming the task and split, not inside a client hours later."""
+        model = self.model_from(self.pretrained).eval()
+        for t, task in enumerate(self.tasks):
+            for split in ("train", "val", "test"):
+                data = task.split(split)
+                try:
+                    x, y = default_collate([data[i] for i in range(min(2, len(data)))])
+                    with torch.no_grad():
+                        self.loss_fn(forward(model, x, task.head), y)
+                except Exception as error:
+                    raise FedmergeError(f"task {t} ({task.name}): its {split} data does not fit the model and loss "
+                                        f"({type(error).__name__}: {error}).") from None
 
     def optimum(self) -> dict[str, Any] | None:
         """Quadratic suite: ``{"theta": optimum of the uniform objective, "tasks": per-task optima}``; else None."""

@@ -66,5 +66,5 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
     return Federation(
         suite="quadratic", tasks=tasks, options=options, seed=seed, metric="loss",
         model_fn=lambda: Point(dim), loss_fn=squared_error,
-        pretrain_fn=lambda model: {"theta": torch.zeros(dim)}, optimum_fn=optimum,
+        theta0=lambda model: {"theta": torch.zeros(dim)}, optimum_fn=optimum, eval_batch_size=n,
     )

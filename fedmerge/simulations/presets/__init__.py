@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fedmerge.errors import FedmergeError
 from fedmerge.simulations.spec import load_toml
+from fedmerge.tasks.suites import search_beside
 
 PACKAGE = __name__
 FOLDERS = {"preset": None, "study": "studies"}
@@ -42,5 +43,6 @@ def load_experiment(source: str | None) -> dict:
     if source is None:
         return load_toml(preset_path("default"))
     if source.endswith(".toml") or Path(source).exists():
+        search_beside(source)
         return load_toml(source)
     return load_toml(preset_path(source))

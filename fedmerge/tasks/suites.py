@@ -1,0 +1,97 @@
+"""Finding a suite: a built-in name, an installed plugin's name, or any ``module:function`` import path.
+
+All three are the same thing: a function ``build(num_clients, options, seed)`` that returns a
+:class:`~fedmerge.tasks.federation.Federation`. Its module may declare ``OPTIONS`` (a mapping of option name
+→ :class:`~fedmerge.tasks.options.Option`: defaults and checks, applied before ``build`` is called) and a
+one-line ``DESCRIPTION``; without ``OPTIONS`` the options are passed to ``build`` as given, for it to check.
+
+Installed packages register suites under the entry-point group ``fedmerge.suites``::
+
+    [project.entry-points."fedmerge.suites"]
+    my-tasks = "my_package.tasks:build"
+"""
+
+import importlib
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from fedmerge.errors import FedmergeError
+from fedmerge.tasks.options import Option
+
+GROUP = "fedmerge.suites"
+BUILTIN = {
+    "quadratic": "fedmerge.tasks.quadratic:build",
+    "mnist1d": "fedmerge.tasks.mnist1d:build",
+    "digits": "fedmerge.tasks.digits:build",
+    "vision": "fedmerge.tasks.vision:build",
+}
+"""The suites that ship with fedmerge, found like any other."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A suite found by :func:`find_suite`: its ``name`` and import ``path``, its ``build`` function, a
+    one-line ``description`` and its declared ``options`` (None when ``build`` checks its own)."""
+
+    name: str
+    path: str
+    build: Callable[..., Any]
+    description: str
+    options: Mapping[str, Option] | None
+
+
+def installed() -> dict[str, str]:
+    """Suite name → import path: the built-in suites, then the installed plugins."""
+    found = dict(BUILTIN)
+    for entry in entry_points(group=GROUP):
+        found.setdefault(entry.name, entry.value)
+    return found
+
+
+def find_suite(name: str) -> Suite:
+    """The suite called ``name`` (built-in or plugin) or at import path ``name`` (``module:function``).
+
+    The module is imported from ``sys.path`` (an experiment file's folder is put there when the file is
+    read). Raises :class:`FedmergeError` naming the import path and what is wrong.
+    """
+    path = installed().get(name, name)
+    module_name, sep, function = path.partition(":")
+    if not sep or not module_name or not function:
+        known = ", ".join(installed())
+        raise FedmergeError(f"unknown suite {name!r}; choose one of {known}, or give your own as 'module:function' "
+                            "(a function returning a fedmerge.tasks.Federation; see docs/suites.md).")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            raise FedmergeError(f"suite {path!r}: no module {module_name!r} on the Python path; put {module_name}.py "
+                                "beside the experiment file, or install the package that has it.") from None
+        raise FedmergeError(f"suite {path!r}: importing {module_name} failed: {error}") from None
+    except Exception as error:  # the user's module itself is broken
+        raise FedmergeError(f"suite {path!r}: importing {module_name} failed: {type(error).__name__}: {error}") from None
+    build = getattr(module, function, None)
+    if not callable(build):
+        raise FedmergeError(f"suite {path!r}: module {module_name} has no function {function!r}.")
+    options = getattr(module, "OPTIONS", None)
+    if options is not None and not (isinstance(options, Mapping) and all(isinstance(o, Option) for o in options.values())):
+        raise FedmergeError(f"suite {path!r}: {module_name}.OPTIONS must map option names to fedmerge.tasks.Option.")
+    description = getattr(module, "DESCRIPTION", None) or (module.__doc__ or "").strip().split("\n")[0]
+    return Suite(name, path, build, description, options)
+
+
+def search_beside(file: str | Path) -> None:
+    """Let ``module:function`` suites be found beside an experiment or sweep file (appended to ``sys.path``,
+    which Flower passes on to its Ray workers)."""
+    folder = str(Path(file).resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
+
+
+def options_key(options: Mapping[str, Any]) -> str:
+    """A hashable, order-free key for resolved options (plugins may take lists and tables)."""
+    return json.dumps(options, sort_keys=True, default=str)
