@@ -82,8 +82,8 @@ def test_a_diverged_client_is_left_out_of_every_round_and_each_record_sits_on_it
     _, _, results = started_and_results
     norms = results["diagnostics"]["task_vector_norms"]
     assert norms[2] is None and all(math.isfinite(n) for n in norms[:2])  # NaN written as null: strict JSON
-    for run in results["runs"]:
-        merged = run["history"][1:] if run["rounds"] > 1 else run["history"]
+    for entry_run in results["runs"]:
+        merged = entry_run["history"][1:] if entry_run["rounds"] > 1 else entry_run["history"]
         assert [entry["aggregation"]["server_round"] for entry in merged] == [entry["round"] for entry in merged]
         for entry in merged:
             assert entry["aggregation"]["client_ids"] == [0, 1]

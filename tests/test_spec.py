@@ -160,7 +160,7 @@ def test_values_are_stored_in_their_type():
     got = Spec.from_flat({"server.server_lr": "2", "engine.client_gpus": "0", "strategy.cclip.radius": "1",
                           "engine.ray_address": "127.0.0.1:6379", "name": "2024"}, BASE)
     assert got.server["server_lr"] == 2.0 and isinstance(got.server["server_lr"], float)
-    assert got.engine == {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": "127.0.0.1:6379"}
+    assert got.engine == {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": "127.0.0.1:6379", "server_device": "auto"}
     assert got.strategy["cclip"]["radius"] == 1.0 and got.name == "2024"
 
 

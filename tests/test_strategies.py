@@ -361,3 +361,33 @@ def test_by_default_no_evaluate_message_is_sent(server_app):
     grid = InProcessGrid(train_only_app(1.0), 2)
     assert list(FedAvg().configure_evaluate(1, arrays_record({"w": np.zeros(1)}), ConfigRecord(), grid)) == []
     assert len(list(FedAvg(fraction_evaluate=1.0).configure_evaluate(1, arrays_record({"w": np.zeros(1)}), ConfigRecord(), grid))) == 2
+
+
+def test_cclip_takes_a_second_round_of_a_model_with_an_integer_buffer():
+    """The center CClip keeps holds only floating tensors; round 2 must not look up the integer buffer in it."""
+    rng = np.random.default_rng(3)
+    base = {**model(rng), "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
+    clients = [{**model(rng), "bn.num_batches_tracked": np.array(9, dtype=np.int64)} for _ in range(3)]
+    strategy = CClip(radius=0.5, center="previous")
+    first, _ = strategy.merge_replies(1, [reply(10 + t, c, num_examples=1, client_id=t) for t, c in enumerate(clients)],
+                                      arrays_record(base))
+    second, _ = strategy.merge_replies(2, [reply(20 + t, as_numpy(first), num_examples=1, client_id=t) for t in range(3)], first)
+    assert second["bn.num_batches_tracked"].numpy().item() == first["bn.num_batches_tracked"].numpy().item() == 9
+    assert_records_close(second, first)  # every client sent the global model back: nothing moves
+
+
+def test_a_strategy_on_a_device_this_machine_lacks_is_refused_and_cpu_is_the_default():
+    assert FedAvg().device.type == "cpu" and FedAvg(device="auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(FedmergeError, match="device cuda: CUDA is not available"):
+            FedAvg(device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_aggregates_on_the_gpu_as_on_the_cpu(name):
+    base, _, replies = federation(5)
+    on_cpu, _ = STRATEGIES[name]().merge_replies(1, replies, arrays_record(base))
+    on_gpu, _ = STRATEGIES[name](device="cuda").merge_replies(1, replies, arrays_record(base))
+    assert_records_close(on_gpu, on_cpu, tol=1e-5)

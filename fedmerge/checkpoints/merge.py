@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedmerge import __version__
+from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.files import staged
 from fedmerge.merging import OnDevice, Rule, iter_merged_model
@@ -37,32 +38,10 @@ from fedmerge.checkpoints.writer import (
 )
 
 PER_MODEL = ("weights", "steps", "lr_sums")  # options with one value per model
-DEVICES = ("cpu", "cuda", "auto")
 CONVENTION = (
     "merged = base + server_lr * delta, delta the rule's mean-scale update (FedAvg: the mean task vector); "
     "Task Arithmetic's scaling lambda = server_lr / T"
 )
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The device a merge computes on: ``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (cuda when
-    ``torch.cuda.is_available()``). Raises :class:`FedmergeError` for an unknown device or one that is absent."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise FedmergeError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)} (or cuda:N).")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FedmergeError(
-            "CUDA is not available on this machine (torch.cuda.is_available() is False); use --device cpu "
-            "(device='cpu'), or --device auto to take a GPU only where there is one."
-        )
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise FedmergeError(f"there is no {resolved}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    return resolved
 
 
 class ModelLeftOut(UserWarning):

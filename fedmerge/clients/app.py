@@ -8,6 +8,7 @@ node config; a deployed SuperNode may override its own settings there too
 
 from collections.abc import Mapping
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -31,8 +32,23 @@ def round_steps(total: int, server_round: int, num_rounds: int, same_compute: bo
     return first, server_round * total // num_rounds - first
 
 
+def client_device(engine: Mapping) -> str:
+    """Where this client trains: the GPU Ray gave it (``engine.client_gpus`` > 0), else the CPU."""
+    wants_gpu = float(engine.get("client_gpus", 0) or 0) > 0
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def release_gpu_memory() -> None:
+    """Hand cached GPU memory back: a Ray worker otherwise keeps it after its client is done."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def local_training(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
-    """Train this client for one round on the message's arrays; the reply's content."""
+    """Train this client for one round on the message's arrays; the reply's content.
+
+    The reply carries back exactly the tensors received (what the clients train), as CPU arrays.
+    """
     config = unflatten(run_config)
     client_id = int(node_config["partition-id"])
     num_clients = int(config["clients"])
@@ -53,12 +69,15 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
         bool(round_config.get("same-compute", True)),
     )
     received = arrays.to_torch_state_dict()
-    model = fed.model_from(received)
+    model = fed.model_from(received, client_device(config.get("engine", {})))
     result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
     own = fed.evaluate(model, task, "val")
+    trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in received}
+    del model
+    release_gpu_memory()
     kind, scale = corruptions(config.get("training", {}), num_clients)[client_id]
     seed = client_seed(int(config["seed"]), client_id) + int(round_config["server-round"])
-    weights = corrupt(model.state_dict(), received, kind, scale, seed)
+    weights = corrupt(trained, received, kind, scale, seed)
     metrics = contract.train_reply_metrics(
         num_examples=result.num_examples,
         num_steps=result.num_steps,

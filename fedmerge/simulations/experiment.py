@@ -10,12 +10,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from torch.utils.data import Dataset, Subset
 
 from fedmerge import contract
 from fedmerge.clients.settings import corruptions
 from fedmerge.clients.trainer import full_gradient
+from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import TaskVector, apply_update
 from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, norms
@@ -27,6 +30,8 @@ from fedmerge.strategies.arrays import RecordTensors
 from fedmerge.tasks import Federation, load_suite
 
 Progress = Callable[[str], None]
+ZETA2_EXAMPLES = 10_000
+"""At most this many training examples per task go into the ζ² diagnostic."""
 
 
 class Experiment:
@@ -48,7 +53,8 @@ class Experiment:
         spec = self.spec
         start = time.perf_counter()
         fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
-        base = ArrayRecord(fed.pretrained)
+        base = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})  # only what trains travels
+        self.device = resolve_device(spec.engine["server_device"], "engine.server_device")
         self.timings["suite"] = time.perf_counter() - start
 
         replies = self._one_shot_replies(base)
@@ -62,7 +68,7 @@ class Experiment:
                 **({"optimum": {"theta": optimum["theta"].tolist(), "tasks": [c.tolist() for c in optimum["tasks"]]}}
                    if optimum is not None else {}),
             },
-            "pretrained": evaluation.evaluate(fed, base, "test", own_test),
+            "pretrained": evaluation.evaluate(fed, base, "test", own_test, self.device),
             "clients": clients,
             "diagnostics": self._diagnostics(fed, base, replies),
             "runs": [],
@@ -105,25 +111,27 @@ class Experiment:
         for reply in replies:
             metrics = dict(reply.content[contract.METRICS])
             t = int(metrics[contract.CLIENT_ID])
-            arrays = reply.content[contract.ARRAYS]
+            own_model = fed.model_from(evaluation.state_dict(reply.content[contract.ARRAYS]), self.device)
             clients.append({
                 "id": t,
                 "task": fed.tasks[t].name,
                 "settings": {**vars(configs[t]), "corruption": corrupted[t][0], "corruption_scale": corrupted[t][1]},
                 "reply": metrics,
-                "own": {split: fed.evaluate(evaluation.state_dict(arrays), fed.tasks[t], split) for split in ("val", "test")},
+                "own": {split: fed.evaluate(own_model, fed.tasks[t], split) for split in ("val", "test")},
             })
         return clients
 
     def _diagnostics(self, fed: Federation, base: ArrayRecord, replies: Sequence[Message]) -> dict:
-        """Task-vector norms and cosines, and ζ² from every task's full gradient at θ0."""
+        """Task-vector norms and cosines, and ζ² from every task's gradient at θ0 (over its whole training set,
+        or a seeded sample of :data:`ZETA2_EXAMPLES` where it is larger: the server reads every task here)."""
         started = time.perf_counter()
         base_tensors = RecordTensors(base)
         names = list(base)
         task_vectors = [TaskVector(RecordTensors(r.content[contract.ARRAYS]), base_tensors) for r in replies]
         gram = gram_matrix(task_vectors, names)
-        model = fed.model_from(fed.pretrained)
-        gradients = [full_gradient(model, task.train, fed.loss, task.head) for task in fed.tasks]
+        model = fed.model_from(fed.pretrained, self.device)
+        gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head)
+                     for task in fed.tasks]
         p = [1.0 / len(gradients)] * len(gradients)
         self.task_vector_norms = norms(gram).tolist()
         diagnostics = {
@@ -153,13 +161,13 @@ class Experiment:
                 raise FedmergeError(f"{name}: no client's update could be merged ({reasons}).")
             for scaling in scalings:
                 arrays = _scaled(base, merged, scaling * num_clients)
-                val = evaluation.evaluate(fed, arrays, "val", own_val)
+                val = evaluation.evaluate(fed, arrays, "val", own_val, self.device)
                 entry = {"scaling": scaling, **options, "val_score": evaluation.score(val)}
                 selection.append(entry)
                 if best is None or entry["val_score"] > best[0]["val_score"]:
                     best = (entry, arrays, strategy.rounds[-1])
         chosen, arrays, record = best
-        test = evaluation.evaluate(fed, arrays, "test", own_test)
+        test = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
         self.progress(f"{name}: one-shot merged (λ={chosen['scaling']:g})")
         return {
             "strategy": name,
@@ -168,7 +176,7 @@ class Experiment:
             "selection": selection,
             "history": [{"round": 1, **test, "aggregation": record.to_dict()}],
             "final": test,
-        }, evaluation.state_dict(arrays)
+        }, fed.complete(evaluation.state_dict(arrays))
 
     # -- multi-round federated learning -------------------------------------------------------------
     def _multi_round(self, fed, name, base, rounds, own_test) -> tuple[dict, dict]:
@@ -177,7 +185,7 @@ class Experiment:
         history = []
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            summary = evaluation.evaluate(fed, arrays, "test", own_test)
+            summary = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
             history.append({"round": server_round, **summary})
             if server_round:
                 self.progress(f"{name}: round {server_round}/{rounds}")
@@ -202,10 +210,17 @@ class Experiment:
             "selected": {"server_lr": server_lr, "scaling": server_lr / self.spec.clients},
             "history": history,
             "final": history[-1],
-        }, evaluation.state_dict(result.arrays)
+        }, fed.complete(evaluation.state_dict(result.arrays))
 
     def _round_config(self, rounds: int) -> ConfigRecord:
         return ConfigRecord({"num-rounds": rounds, "same-compute": self.spec.same_compute})
+
+
+def _sample(data: Dataset, size: int, seed: int) -> Dataset:
+    """``data`` itself, or a seeded random subset of ``size`` examples of it."""
+    if len(data) <= size:
+        return data
+    return Subset(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size].tolist())
 
 
 def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float) -> ArrayRecord:

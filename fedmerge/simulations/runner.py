@@ -19,6 +19,7 @@ from flwr.simulation import run_simulation
 
 from fedmerge.clients.app import client_app
 from fedmerge.clients.trainer import total_steps
+from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir
 from fedmerge.simulations.progress import ProgressDisplay
@@ -29,9 +30,13 @@ from fedmerge.tasks import load_suite
 
 
 def check_runnable(spec: Spec) -> None:
-    """What needs the data: suite options, and enough local steps to split over the rounds."""
+    """What needs the data: the suite builds, its data fits its model, and every client has enough local
+    steps to split over the rounds."""
     fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
-    fed.pretrained  # pretrain (or read the cache) here, once, before the clients need it
+    try:
+        fed.check_fits()  # also pretrains θ0 (or reads the cache) here, once, before the clients need it
+    except FedmergeError as error:
+        raise FedmergeError(f"suite {spec.suite!r}: {error}") from None
     if spec.same_compute:
         most_rounds = max(spec.rounds)
         for t, (config, task) in enumerate(zip(spec.client_configs(), fed.tasks)):
@@ -79,8 +84,10 @@ def check_reachable(ray_address: str, seconds: float = 5.0) -> None:
 
 
 def check_resources(spec: Spec) -> None:
-    """Refuse per-client CPU/GPU requests that no node can ever meet (Ray would wait for them forever)."""
+    """Refuse per-client CPU/GPU requests that no node can ever meet (Ray would wait for them forever),
+    and a server device this machine does not have."""
     engine = spec.engine
+    resolve_device(engine["server_device"], "engine.server_device")
     cpus, gpus, where = available_resources(engine["ray_address"])
     for key, asked, have, unit in (("client_cpus", engine["client_cpus"], cpus, "CPUs"),
                                    ("client_gpus", engine["client_gpus"], gpus, "GPUs")):

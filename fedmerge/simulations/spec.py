@@ -75,6 +75,8 @@ ENGINE = {
     "client_cpus": Option(1.0, "Ray CPUs per client", positive_float),
     "client_gpus": Option(0.0, "Ray GPUs per client (a fraction shares a GPU)", non_negative_float),
     "ray_address": Option("", "an existing Ray cluster to attach to; empty: a fresh local one", string),
+    "server_device": Option("auto", "where the server evaluates and selects λ/ρ: auto (cuda when available) | cpu | cuda",
+                            choice("auto", "cpu", "cuda")),
 }
 TABLES = ("suite_options", "training", "server", "strategy", "engine")
 
@@ -145,15 +147,18 @@ class Spec:
 
     def validate(self) -> None:
         """Check what the keys alone cannot: known strategies and suite, suite options, client table."""
-        from fedmerge.tasks import SUITES  # the suite registry; the data is built later, by the runner
+        from fedmerge.tasks import find_suite, installed  # the data is built later, by the runner
 
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             problem = f"unknown strategy {unknown[0]!r}{_suggest(unknown[0], STRATEGIES)}" if unknown else "no strategy given"
             raise FedmergeError(f"{problem}; choose from {', '.join(STRATEGIES)}.")
-        if self.suite not in SUITES:
-            raise FedmergeError(f"unknown suite {self.suite!r}{_suggest(self.suite, SUITES)}; choose one of {', '.join(SUITES)}.")
-        resolve(self.suite, SUITES[self.suite].options, dict(self.suite_options))
+        if ":" not in self.suite and self.suite not in installed():
+            raise FedmergeError(f"unknown suite {self.suite!r}{_suggest(self.suite, installed())}; choose one of "
+                                f"{', '.join(installed())}, or give your own as 'module:function' (docs/suites.md).")
+        suite = find_suite(self.suite)
+        if suite.options is not None:
+            resolve(self.suite, suite.options, dict(self.suite_options))
         if not self.rounds:
             raise FedmergeError("'rounds' is empty; give the round counts to compare, e.g. rounds = [1, 5].")
         self.client_configs()
@@ -176,7 +181,8 @@ class Spec:
         flower.setLevel(logging.ERROR)  # the server evaluates every task itself: no federated-evaluation warning
         try:
             return STRATEGIES[name](
-                min_train_nodes=self.clients, min_available_nodes=self.clients, fraction_evaluate=0.0, **options
+                min_train_nodes=self.clients, min_available_nodes=self.clients, fraction_evaluate=0.0,
+                device=self.engine["server_device"], **options
             )
         finally:
             flower.setLevel(level)

@@ -18,8 +18,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedmerge import contract
+from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
-from fedmerge.merging import Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
+from fedmerge.merging import OnDevice, Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
 from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
 from fedmerge.strategies.round_record import RoundRecord
@@ -50,6 +51,9 @@ class MergingStrategy(FlowerFedAvg):
     train_metrics_aggr_fn : callable or None (default None)
         ``(list[RecordDict], weighted_by_key) -> MetricRecord`` over the accepted replies; its output is
         added to the round's metrics (its keys win). None: the round's per-client metrics only.
+    device : "cpu" | "cuda" | "cuda:N" | "auto" (default "cpu")
+        Where the rule runs. Replies arrive and the new model leaves as CPU arrays (Flower's wire); with a
+        GPU each tensor is copied there, merged, and copied back.
     fraction_train, min_train_nodes, min_evaluate_nodes, min_available_nodes, arrayrecord_key,
     configrecord_key, evaluate_metrics_aggr_fn
         As in Flower's FedAvg.
@@ -76,6 +80,7 @@ class MergingStrategy(FlowerFedAvg):
         configrecord_key: str = contract.CONFIG,
         train_metrics_aggr_fn: MetricsAggregator | None = None,
         evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
+        device: str = "cpu",
     ) -> None:
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise FedmergeError(f"server_lr (β) must be a positive number, got {server_lr!r}.")
@@ -96,6 +101,7 @@ class MergingStrategy(FlowerFedAvg):
         self.train_metrics_aggr_fn = train_metrics_aggr_fn  # Flower's default would average per-client lists
         self.server_lr = float(server_lr)
         self.weighting = weighting
+        self.device = resolve_device(device, "device")
         self.rounds: list[RoundRecord] = []
         self._global_arrays: ArrayRecord | None = None
 
@@ -204,8 +210,8 @@ class MergingStrategy(FlowerFedAvg):
         """One pass of the rule over the accepted replies: new arrays, the rule used, and each ‖τ_t‖²."""
         weights = [r.metrics[self.weighted_by_key] for r in accepted] if self._by_key else None
         rule = self.build_rule(accepted, weights)
-        base = RecordTensors(global_arrays)
-        task_vectors = [TaskVector(RecordTensors(r.arrays), base) for r in accepted]
+        base = OnDevice(RecordTensors(global_arrays), self.device)
+        task_vectors = [TaskVector(OnDevice(RecordTensors(r.arrays), self.device), base) for r in accepted]
         squared_norms = np.zeros(len(accepted))
         arrays = ArrayRecord()
         for name, delta in iter_merge(rule, task_vectors, list(global_arrays), squared_norms):
