@@ -10,6 +10,11 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merging.tensors import Tensors, TaskVector
 
 
+def describe(tensors: Tensors) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Every tensor's (shape, dtype), from metadata where the mapping has ``specs``."""
+    return {name: _describe(tensors, name) for name in tensors}
+
+
 def _describe(tensors: Tensors, name: str) -> tuple[tuple[int, ...], object]:
     """(shape, dtype) of ``tensors[name]``, from the mapping's ``specs`` where it has them."""
     specs = getattr(tensors, "specs", None)
@@ -17,31 +22,26 @@ def _describe(tensors: Tensors, name: str) -> tuple[tuple[int, ...], object]:
     return tuple(tensor.shape), tensor.dtype
 
 
-def _check(label: str, tensors: Tensors, expected: dict, reference: str) -> None:
+def check_like(label: str, tensors: Tensors, expected: dict, reference: str, advice: str | None = None) -> None:
+    """``tensors`` must hold exactly the names of ``expected`` (:func:`describe` of the reference), with its
+    shapes and dtypes. The message names ``label``, the tensor and ``reference``, and ends with ``advice``
+    (default: a hint per kind of mismatch)."""
     held = getattr(tensors, "specs", None) or tensors  # membership from metadata: a Mapping's `in` reads the tensor
+    same_set = advice or f"every client must hold exactly {reference} tensors"
     missing = [name for name in expected if name not in held]
     if missing:
-        raise FedmergeError(
-            f"{label} lacks tensor {missing[0]!r} ({len(missing)} of {reference} tensors missing); every client "
-            f"must hold exactly {reference} tensors."
-        )
+        raise FedmergeError(f"{label} lacks tensor {missing[0]!r} ({len(missing)} of {reference} tensors missing); {same_set}.")
     extra = [name for name in tensors if name not in expected]
     if extra:
-        raise FedmergeError(
-            f"{label} has tensor {extra[0]!r}, which is not among {reference} ({len(extra)} extra); every client "
-            f"must hold exactly {reference} tensors."
-        )
+        raise FedmergeError(f"{label} has tensor {extra[0]!r}, which is not among {reference} ({len(extra)} extra); {same_set}.")
     for name, (shape, dtype) in expected.items():
         got_shape, got_dtype = _describe(tensors, name)
         if got_shape != shape:
-            raise FedmergeError(
-                f"{label}: tensor {name!r} has shape {got_shape} but {reference} has {shape}; is it a model of "
-                "another size or architecture?"
-            )
+            raise FedmergeError(f"{label}: tensor {name!r} has shape {got_shape} but {reference} has {shape}; "
+                                f"{advice or 'is it a model of another size or architecture?'}.")
         if got_dtype != dtype:
-            raise FedmergeError(
-                f"{label}: tensor {name!r} is {got_dtype} but {reference} is {dtype}; give every model in one dtype."
-            )
+            raise FedmergeError(f"{label}: tensor {name!r} is {got_dtype} but {reference} is {dtype}; "
+                                f"{advice or 'give every model in one dtype'}.")
 
 
 def check_task_vectors(task_vectors: Sequence[Tensors], names: Sequence[str] | None = None) -> list[str]:
@@ -55,13 +55,13 @@ def check_task_vectors(task_vectors: Sequence[Tensors], names: Sequence[str] | N
         raise FedmergeError("nothing to merge: give at least one task vector (one client).")
     first = task_vectors[0]
     reference, what = (first.base, "the base's") if isinstance(first, TaskVector) else (first, "client 0's")
-    expected = {name: _describe(reference, name) for name in reference}
+    expected = describe(reference)
     for t, tv in enumerate(task_vectors):
         if isinstance(tv, TaskVector):
             if tv.base is not reference:
-                _check(f"client {t}'s base", tv.base, expected, what)
+                check_like(f"client {t}'s base", tv.base, expected, what)
             tv = tv.finetuned
-        _check(f"client {t}", tv, expected, what)
+        check_like(f"client {t}", tv, expected, what)
     if names is None:
         return list(expected)
     unknown = [name for name in names if name not in expected]

@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedmerge import contract
 from fedmerge.errors import FedmergeError
-from fedmerge.strategies.arrays import array_view
+from fedmerge.merging.validate import check_like, describe
+from fedmerge.strategies.arrays import RecordTensors, array_view
 
 CONTRACT_DOC = "see docs/client-contract.md"
 
@@ -53,33 +54,6 @@ def non_finite_tensor(arrays: ArrayRecord) -> str | None:
     return None
 
 
-def _check_arrays(node_id: int, arrays: ArrayRecord, global_arrays: ArrayRecord) -> None:
-    missing = [k for k in global_arrays if k not in arrays]
-    if missing:
-        raise FedmergeError(
-            f"node {node_id}: reply lacks tensor '{missing[0]}' of the global model "
-            f"({len(missing)} missing); a client must send back every tensor it received ({CONTRACT_DOC})."
-        )
-    extra = [k for k in arrays if k not in global_arrays]
-    if extra:
-        raise FedmergeError(
-            f"node {node_id}: reply has tensor '{extra[0]}' that the global model does not have; "
-            f"send back exactly the tensors received ({CONTRACT_DOC})."
-        )
-    for name, sent in global_arrays.items():
-        got = arrays[name]
-        if tuple(got.shape) != tuple(sent.shape):
-            raise FedmergeError(
-                f"node {node_id}: tensor '{name}' has shape {tuple(got.shape)}, the global model's has "
-                f"{tuple(sent.shape)}; train the model the server sent without resizing it."
-            )
-        if got.dtype != sent.dtype:
-            raise FedmergeError(
-                f"node {node_id}: tensor '{name}' has dtype {got.dtype}, the global model's has {sent.dtype}; "
-                "send the weights back in the dtype received."
-            )
-
-
 def _check_metric(node_id: int, metrics: dict, key: str) -> None:
     value = metrics.get(key)
     if value is None:
@@ -96,6 +70,7 @@ def check_replies(
 ) -> tuple[list[ClientReply], list[Exclusion]]:
     """Split replies into accepted ones (ordered by client id) and exclusions; raise on a contract breach."""
     accepted, excluded = [], []
+    expected = describe(RecordTensors(global_arrays))
     for message in replies:
         node_id = message.metadata.src_node_id
         if message.has_error():
@@ -109,7 +84,8 @@ def check_replies(
             )
         arrays = next(iter(content.array_records.values()))
         metrics = dict(next(iter(content.metric_records.values())))
-        _check_arrays(node_id, arrays, global_arrays)
+        check_like(f"node {node_id}'s reply", RecordTensors(arrays), expected, "the global model's",
+                   f"a client sends back exactly the tensors it received, as received ({CONTRACT_DOC})")
         for key in required_metrics:
             _check_metric(node_id, metrics, key)
         accepted.append(ClientReply(node_id, arrays, metrics, content))
