@@ -29,6 +29,7 @@ BUILTIN = {
     "mnist1d": "fedmerge.tasks.mnist1d:build",
     "digits": "fedmerge.tasks.digits:build",
     "vision": "fedmerge.tasks.vision:build",
+    "clip": "fedmerge.tasks.clip:build",
 }
 """The suites that ship with fedmerge, found like any other."""
 
