@@ -63,6 +63,30 @@ def wrong_shape(num_clients, options, seed):
 
 def raises(num_clients, options, seed):
     raise OSError("images/ is not there")
+
+
+def bad_model(num_clients, options, seed):
+    fed = build(num_clients, options, seed)
+    fed.model_fn = lambda: torch.nn.Linear("three", 1)
+    return fed
+
+
+def wrong_theta0(num_clients, options, seed):
+    fed = build(num_clients, options, seed)
+    fed.theta0 = lambda model: {{"weight": torch.zeros(2, 2)}}
+    return fed
+
+
+def frozen_bias(num_clients, options, seed):
+    fed = build(num_clients, options, seed)
+    fed.model_fn = lambda: _linear_with_frozen_bias(options["features"])
+    return fed
+
+
+def _linear_with_frozen_bias(features):
+    model = torch.nn.Linear(features, 1)
+    model.bias.requires_grad_(False)
+    return model
 '''
 
 
@@ -111,6 +135,8 @@ def test_a_suite_beside_the_experiment_file_is_found_and_built(tmp_path, monkeyp
     ("lines:raises", r"suite 'lines:raises' failed to build its federation: OSError: images/ is not there"),
     ("lines:wrong_shape", r"suite 'lines:wrong_shape': task 0 \(line0\): its train data does not fit the model and loss"),
     ("lnes", r"unknown suite 'lnes'.*'module:function'"),
+    ("lines:bad_model", r"suite 'lines:bad_model': model_fn failed: TypeError"),
+    ("lines:wrong_theta0", r"suite 'lines:wrong_theta0': θ0 from the suite's theta0 does not fit the suite's model"),
 ])
 def test_a_broken_plugin_fails_before_ray_starts_naming_the_import_path(suite, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -157,5 +183,25 @@ def test_theta0_from_a_weights_file_and_a_file_of_another_model_refused(tmp_path
         fed = load_suite("theta_lines:build", 2, {}, 0)
         assert all(torch.equal(fed.pretrained[k], v) for k, v in weights.items())
     load_suite.cache_clear()
-    with pytest.raises(FedmergeError, match=r"theta0 .*theta0.pt does not fit the suite's model"):
+    with pytest.raises(FedmergeError, match=r"θ0 from .*theta0.pt does not fit the suite.s model"):
         load_suite("theta_lines:build", 2, {"features": 4}, 0).pretrained
+
+
+def test_frozen_parameters_are_neither_sent_nor_sent_back(tmp_path, monkeypatch):
+    """The server's model holds only what the clients train; a client replies with exactly those tensors."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedmerge.clients.app import local_training
+    from replies import _metadata
+
+    monkeypatch.setattr(sys, "path", [str(write_suite(tmp_path)), *sys.path])
+    fed = load_suite("lines:frozen_bias", 2, {}, 0)
+    assert fed.trained_names == ["weight"] and set(fed.pretrained) == {"weight", "bias"}
+    spec = Spec.from_dict({"name": "frozen", "suite": "lines:frozen_bias", "clients": 2, "training": {"steps": 3, "lr": 0.1}})
+    sent = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
+    message = Message(content=RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}),
+                      metadata=_metadata(1))
+    reply = local_training(spec.to_flat(), {"partition-id": 1, "num-partitions": 2}, message)
+    (arrays,) = reply.array_records.values()
+    assert list(arrays) == ["weight"]
+    assert not torch.equal(torch.from_numpy(arrays["weight"].numpy()), fed.pretrained["weight"])  # it trained

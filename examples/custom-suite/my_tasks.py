@@ -18,6 +18,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.models import VisionTransformer
 from torchvision.transforms import v2
 
+from fedmerge.errors import FedmergeError
+from fedmerge.files import staged
 from fedmerge.tasks import Federation, Option, Task
 from fedmerge.tasks.options import boolean, non_negative_int, positive_int
 from fedmerge.tasks.pretrain import pretrain
@@ -47,18 +49,21 @@ def texture(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def draw_images(root: Path, per_kind: int) -> Path:
-    """``root/train/<kind>/*.png`` and ``root/test/<kind>/*.png``, drawn once (same images every time)."""
-    done = root / f".drawn-{per_kind}"
-    if not done.exists():
+    """``<root>/<per_kind>/{train,test}/<kind>/*.png``, drawn once (the same images every time) and put in
+    place whole, so that clients starting together never see half a folder."""
+    target = root / str(per_kind)
+    if not target.exists():
         rng = np.random.default_rng(0)
-        for split, count in (("train", per_kind), ("test", max(1, per_kind // 3))):
-            for kind in KINDS:
-                folder = root / split / kind
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in range(count):
-                    Image.fromarray(texture(kind, rng)).save(folder / f"{i:04d}.png")
-        done.touch()
-    return root
+        try:
+            with staged(target, directory=True) as staging:
+                for split, count in (("train", per_kind), ("test", max(1, per_kind // 3))):
+                    for kind in KINDS:
+                        (staging / split / kind).mkdir(parents=True)
+                        for i in range(count):
+                            Image.fromarray(texture(kind, rng)).save(staging / split / kind / f"{i:04d}.png")
+        except FedmergeError:  # another process put the same images in place first
+            pass
+    return target
 
 
 def vit(freeze_patch_embedding: bool) -> torch.nn.Module:

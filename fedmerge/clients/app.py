@@ -70,11 +70,13 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
     )
     received = arrays.to_torch_state_dict()
     model = fed.model_from(received, client_device(config.get("engine", {})))
-    result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
-    own = fed.evaluate(model, task, "val")
-    trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in received}
-    del model
-    release_gpu_memory()
+    try:
+        result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
+        own = fed.evaluate(model, task, "val")
+        trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in received}
+    finally:  # out of memory included: the Ray worker must not keep the GPU memory of a finished client
+        del model
+        release_gpu_memory()
     kind, scale = corruptions(config.get("training", {}), num_clients)[client_id]
     seed = client_seed(int(config["seed"]), client_id) + int(round_config["server-round"])
     weights = corrupt(trained, received, kind, scale, seed)

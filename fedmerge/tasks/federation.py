@@ -63,7 +63,8 @@ class Federation:
     theta0 : where the pretrained base comes from (:data:`Theta0`).
     cache_key : if given, θ0 is cached on disk under this key (put everything that changes it in it).
     global_test : the whole test set (label-skewed suites), else None.
-    eval_batch_size : batch size of evaluation and of the λ/ρ selection.
+    eval_batch_size, eval_num_workers : batch size and DataLoader worker processes of evaluation and of the
+        λ/ρ selection (memory is pinned when evaluating on a GPU).
     optimum_fn : suites that know their optima (quadratic) return ``{"theta": ..., "tasks": [...]}``.
     suite, options, seed : filled in by :func:`fedmerge.tasks.load_suite`.
 
@@ -78,6 +79,7 @@ class Federation:
     cache_key: dict | None = None
     global_test: Dataset | None = None
     eval_batch_size: int = 256
+    eval_num_workers: int = 0
     optimum_fn: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
     suite: str = ""
     options: dict[str, Any] = field(default_factory=dict)
@@ -87,7 +89,12 @@ class Federation:
         """A fresh model, its initial weights drawn from the federation's seed (global RNG left as it was)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return self.model_fn()
+            try:
+                return self.model_fn()
+            except FedmergeError:
+                raise
+            except Exception as error:  # the suite's model_fn is broken: say so, without a traceback
+                raise FedmergeError(f"model_fn failed: {type(error).__name__}: {error}") from None
 
     @cached_property
     def pretrained(self) -> dict[str, torch.Tensor]:
@@ -107,13 +114,14 @@ class Federation:
                 raise FedmergeError(f"making θ0 failed: {type(error).__name__}: {error}") from None
         elif self.theta0 is not None:
             state = load_weights(self.theta0)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as error:  # another architecture: torch names the tensors
-                raise FedmergeError(f"theta0 {self.theta0} does not fit the suite's model: {error}") from None
         else:
             state = model.state_dict()
-        return {name: t.detach().cpu().contiguous().clone() for name, t in state.items()}
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as error:  # another architecture: torch names the tensors
+            source = self.theta0 if isinstance(self.theta0, (str, Path)) else "the suite's theta0"
+            raise FedmergeError(f"θ0 from {source} does not fit the suite's model: {error}") from None
+        return {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The suite's training loss: the mean over the batch."""
@@ -131,15 +139,22 @@ class Federation:
         return model.to(device) if device is not None else model
 
     @cached_property
+    def _layout(self) -> tuple[list[str], set[str]]:
+        """The model's state-dict names, and those of its frozen parameters."""
+        model = self.build_model()
+        return list(model.state_dict()), {name for name, p in model.named_parameters() if not p.requires_grad}
+
+    @property
     def trained_names(self) -> list[str]:
         """The state-dict entries the clients train and send: all but the frozen parameters
         (``requires_grad=False``), which stay at θ0 everywhere and never travel."""
-        frozen = {name for name, p in self.build_model().named_parameters() if not p.requires_grad}
-        return [name for name in self.pretrained if name not in frozen]
+        names, frozen = self._layout
+        return [name for name in names if name not in frozen]
 
     def complete(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A whole state dict from the trained entries ``state``: the frozen rest is θ0's."""
-        return {**self.pretrained, **state} if len(state) < len(self.pretrained) else dict(state)
+        """A whole state dict from the trained entries ``state``: the frozen rest is θ0's (made only if needed)."""
+        missing = [name for name in self._layout[0] if name not in state]
+        return {**{name: self.pretrained[name] for name in missing}, **state}
 
     @torch.no_grad()
     def evaluate(
@@ -163,7 +178,8 @@ class Federation:
         model.eval()
         device = next(model.parameters()).device
         loss, correct, count = 0.0, 0, 0
-        for x, y in eval_batches(data, self.eval_batch_size, device=device):
+        batches = eval_batches(data, self.eval_batch_size, num_workers=self.eval_num_workers, pin_memory=True, device=device)
+        for x, y in batches:
             output = forward(model, x, head)
             loss += float(self.loss_fn(output, y)) * len(y)
             if self.metric == "accuracy":

@@ -53,7 +53,8 @@ def train_batches(
     step. The order comes from one local generator seeded by ``seed`` (the global RNG is untouched): the same
     seed gives the same batches, whatever ``num_workers``. Other than a :class:`TensorDataset`, the data is
     read by a DataLoader with ``num_workers`` persistent worker processes, whose ``random``, numpy and torch
-    generators torch seeds from ``seed`` (random transforms repeat too). ``pin_memory`` pins batches bound
+    generators torch seeds from ``seed``: random transforms repeat for the same seed and ``num_workers``, but
+    draw other values with 0 workers (the main process's RNG) than with some. ``pin_memory`` pins batches bound
     for a GPU and copies them asynchronously.
     """
     size = len(dataset)
