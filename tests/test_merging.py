@@ -487,3 +487,20 @@ def test_a_cuda_base_with_cpu_clients_and_plain_task_vectors_on_cuda(rule_name):
     got = merge(device_rules(5, on("cuda", center))[rule_name], [on("cuda", tv) for tv in tvs])
     assert all(t.device.type == "cuda" for t in got.values())
     assert_close(on("cpu", got), merge(device_rules(5, center)[rule_name], tvs))
+
+
+@pytest.mark.parametrize("center, message", [
+    ({"w": torch.zeros(3)}, r"the center lacks tensor 'b' or holds it in another shape"),
+    ({"w": torch.zeros(2), "b": torch.zeros(1)}, r"the center lacks tensor 'w' or holds it in another shape than the model's \(3,\)"),
+])
+def test_a_cclip_center_of_another_model_is_refused_naming_the_tensor(center, message):
+    base = {"w": torch.zeros(3), "b": torch.zeros(1)}
+    clients = [{"w": torch.randn(3), "b": torch.randn(1)} for _ in range(3)]
+    with pytest.raises(FedmergeError, match=message):
+        merged_model(CClipRule(radius=1.0, center=center), base, clients)
+
+
+def test_a_non_finite_server_lr_is_refused_instead_of_an_all_nan_model():
+    base = {"w": torch.zeros(3)}
+    with pytest.raises(FedmergeError, match=r"server_lr \(β\) must be a finite number, got nan"):
+        merged_model(FedAvgRule(), base, [{"w": torch.ones(3)}], server_lr=float("nan"))

@@ -18,6 +18,7 @@ import torch
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import Tensors, gram_matrix, weighted_sum_into
+from fedmerge.merging.validate import check_center
 
 
 def _distance(gram: np.ndarray, combination: np.ndarray) -> float:
@@ -83,6 +84,8 @@ class CClipRule(Rule):
 
     def prepare(self, task_vectors, names) -> None:
         super().prepare(task_vectors, names)
+        if self.center is not None:
+            check_center(self.center, task_vectors, names)
         basis = ([self.center] if self.center is not None else []) + list(task_vectors)
         gram = gram_matrix(basis, names)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: the driver's norms flag them

@@ -1,11 +1,13 @@
 """The shape of a merging rule and the driver that runs one over task vectors, chunk by chunk."""
 
+import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from fedmerge.errors import FedmergeError
 from fedmerge.merging.tensors import (
     Tensors, TaskVector, apply_update, chunk_of, chunk_size, chunks, is_floating, operand_dtype, operands, stacked,
 )
@@ -140,6 +142,8 @@ def iter_merged_model(
     squared_norms: np.ndarray | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, θ + β·Δ)`` tensor by tensor, with Δ the rule over τ_t = θ_t − θ, in θ's dtypes."""
+    if not math.isfinite(server_lr):
+        raise FedmergeError(f"server_lr (β) must be a finite number, got {server_lr!r}.")
     task_vectors = [TaskVector(model, base) for model in finetuned]
     for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
         updated = apply_update(base[name], delta, server_lr)

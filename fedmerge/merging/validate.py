@@ -7,7 +7,7 @@ as :class:`fedmerge.checkpoints.Checkpoint` has) is described from it without re
 from collections.abc import Sequence
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.tensors import Tensors, TaskVector
+from fedmerge.merging.tensors import OnDevice, Tensors, TaskVector
 
 
 def describe(tensors: Tensors) -> dict[str, tuple[tuple[int, ...], object]]:
@@ -16,7 +16,10 @@ def describe(tensors: Tensors) -> dict[str, tuple[tuple[int, ...], object]]:
 
 
 def _describe(tensors: Tensors, name: str) -> tuple[tuple[int, ...], object]:
-    """(shape, dtype) of ``tensors[name]``, from the mapping's ``specs`` where it has them."""
+    """(shape, dtype) of ``tensors[name]``, from the mapping's ``specs`` where it has them (and from the mapping
+    an :class:`OnDevice` wraps, so that looking is not a copy to the device)."""
+    while isinstance(tensors, OnDevice):
+        tensors = tensors.tensors
     specs = getattr(tensors, "specs", None)
     tensor = tensors[name] if specs is None else specs[name]
     return tuple(tensor.shape), tensor.dtype
@@ -42,6 +45,17 @@ def check_like(label: str, tensors: Tensors, expected: dict, reference: str, adv
         if got_dtype != dtype:
             raise FedmergeError(f"{label}: tensor {name!r} is {got_dtype} but {reference} is {dtype}; "
                                 f"{advice or 'give every model in one dtype'}.")
+
+
+def check_center(center: Tensors, task_vectors: Sequence[Tensors], names: Sequence[str]) -> None:
+    """A center (CCLIP's previous update) must hold every floating tensor to merge, in the model's shape."""
+    first = task_vectors[0]
+    reference = first.base if isinstance(first, TaskVector) else first
+    for name in names:
+        shape, dtype = _describe(reference, name)
+        if getattr(dtype, "is_floating_point", False) and (name not in center or tuple(center[name].shape) != shape):
+            raise FedmergeError(f"the center lacks tensor {name!r} or holds it in another shape than the model's {shape}; "
+                                "give the previous round's update of the same model.")
 
 
 def check_task_vectors(task_vectors: Sequence[Tensors], names: Sequence[str] | None = None) -> list[str]:
