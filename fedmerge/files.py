@@ -16,6 +16,10 @@ from pathlib import Path
 from fedmerge.errors import FedmergeError
 
 
+class TargetAppeared(FedmergeError):
+    """The target of a staged output was created by someone else while it was being written."""
+
+
 def check_output_dir(path: Path, what: str) -> None:
     """Refuse a directory output that can never be written: an existing file at ``path`` or above it.
 
@@ -69,7 +73,7 @@ def staged(target: Path, directory: bool = False, replace: bool = False) -> Iter
 def _move_into_place(staging: Path, target: Path, replace: bool) -> None:
     if target.exists() or target.is_symlink():
         if not replace:
-            raise FedmergeError(f"{target} appeared while it was being written; nothing was replaced.")
+            raise TargetAppeared(f"{target} appeared while it was being written; nothing was replaced.")
         if staging.is_dir() or target.is_dir():
             aside = _staging_name(target, ".old")
             os.replace(target, aside)

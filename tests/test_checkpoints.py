@@ -322,10 +322,14 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == sorted(["base.safetensors", "out"] + [f"model{t}.safetensors" for t in range(3)])
 
 
-def test_output_that_is_an_input_is_refused(tmp_path):
-    base_path, model_paths = save_files(tmp_path, *make_models())
-    with pytest.raises(FedmergeError, match="is one of the inputs"):
+def test_output_that_is_or_holds_an_input_is_refused(tmp_path):
+    (tmp_path / "inputs").mkdir()
+    base_path, model_paths = save_files(tmp_path / "inputs", *make_models())
+    with pytest.raises(FedmergeError, match="is or holds the input"):
         merge_checkpoints(base_path, model_paths, model_paths[0], force=True)
+    with pytest.raises(FedmergeError, match=r"the output .*inputs is or holds the input .*base.safetensors"):
+        merge_checkpoints(base_path, model_paths, tmp_path / "inputs", force=True)
+    assert os.path.exists(base_path) and all(os.path.exists(path) for path in model_paths)
 
 
 def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):

@@ -135,9 +135,11 @@ def test_a_report_replaces_only_a_previous_report_unless_forced(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "run"]
 
 
-@pytest.mark.parametrize("where", ["file", "run", "parent", "cwd", "cwd-parent", "sweep-cells"])
+@pytest.mark.parametrize("where", ["file", "run", "parent", "cwd", "cwd-parent", "sweep-cells", "run-models"])
 def test_a_report_never_replaces_a_file_the_results_or_the_current_directory(tmp_path, monkeypatch, capsys, where):
     run = write_run(tmp_path / "runs" / "run")
+    (run / "models").mkdir()
+    (run / "models" / "fedavg-r1.safetensors").write_text("weights")
     sweep = write_sweep(tmp_path / "sweep", alphas=(1.0,), seeds=(0,))
     (tmp_path / "file").write_text("keep")
     work = tmp_path / "work"
@@ -145,7 +147,8 @@ def test_a_report_never_replaces_a_file_the_results_or_the_current_directory(tmp
     (work / "data.csv").write_text("1,2")
     monkeypatch.chdir(work)
     source, out = {"file": (run, tmp_path / "file"), "run": (run, run), "parent": (run, tmp_path / "runs"),
-                   "cwd": (run, "."), "cwd-parent": (run, ".."), "sweep-cells": (sweep, sweep / "cells")}[where]
+                   "cwd": (run, "."), "cwd-parent": (run, ".."), "sweep-cells": (sweep, sweep / "cells"),
+                   "run-models": (run, run / "models")}[where]
     before = _tree(tmp_path)
     assert main(["report", str(source), "--out", str(out), "--force"]) == 2
     error = capsys.readouterr().err
@@ -220,3 +223,4 @@ def test_the_findings_page_is_atomic_and_follows_the_umask(tmp_path, monkeypatch
     with pytest.raises(OSError):
         write_page([], out, {"total": 1}, tmp_path / "work")
     assert sorted(p.name for p in out.parent.iterdir()) == ["findings", "findings.md"]
+

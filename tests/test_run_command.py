@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 import ray
 from rich.console import Console
 
@@ -119,3 +120,21 @@ def test_a_model_worse_than_theta0_is_marked(started_and_results, shift, marked)
     baseline = (max(finals) - shift) if shift < 0 else (min(finals) - shift)  # above all, or below all
     changed = {**results, "pretrained": {**results["pretrained"], "mean_loss": baseline}}
     assert sum(row[0].endswith("✗") for row in table_rows(changed)) == marked
+
+
+def test_a_run_of_the_same_name_finishing_meanwhile_keeps_its_directory_and_this_one_takes_the_next(tmp_path, monkeypatch):
+    import fedmerge.simulations.results as store
+
+    when = dt.datetime(2026, 1, 2, 3, 4, 5)
+    other = tmp_path / "diverged-client-20260102-030405"
+    real_save = store.save_file
+
+    def save_while_another_run_lands(tensors, path):
+        other.mkdir(exist_ok=True)  # the other run renames its directory into place now
+        real_save(tensors, path)
+
+    monkeypatch.setattr(store, "save_file", save_while_another_run_lands)
+    mine = write_results(SPEC, {"runs": [], "models": {"m": {"w": torch.zeros(2)}}}, tmp_path, started=when)
+    assert mine.name == "diverged-client-20260102-030405-2" and (mine / "models" / "m.safetensors").is_file()
+    assert other.is_dir() and not any(other.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, mine.name]

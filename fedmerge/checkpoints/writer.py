@@ -109,11 +109,12 @@ def copy_side_files(source: Path, directory: Path) -> list[str]:
 
 
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an OUT that exists (without ``force``), that is one of the inputs, or that lies under a file."""
+    """Refuse an OUT that exists (without ``force``), that is or holds one of the inputs, or that lies under a file."""
     check_output_dir(out.parent, f"the output {out}: its directory")
     resolved = out.resolve()
     for path in inputs:
-        if resolved == Path(path).resolve():
-            raise FedmergeError(f"the output {out} is one of the inputs; choose another output path.")
+        if resolved == Path(path).resolve() or resolved in Path(path).resolve().parents:
+            raise FedmergeError(f"the output {out} is or holds the input {path}; replacing it would delete the input. "
+                                "Choose another output path.")
     if out.exists() and not force:
         raise FedmergeError(f"the output {out} already exists; choose another path or pass --force (force=True) to replace it.")

@@ -230,6 +230,11 @@ def check_out(out: Path, collection: Collection, force: bool = False) -> None:
     held = [name for name in (RESULTS, MANIFEST) if (where / name).exists()]
     if held:
         raise FedmergeError(f"--out {out} holds results ({held[0]}); a report never replaces them. Give another folder.")
+    inside = next((source for source in (collection.root, *(run.path for run in collection.runs))
+                   if source.resolve() in where.parents), None)
+    if inside is not None:
+        raise FedmergeError(f"--out {out} is a folder of the results {inside} (not a report); a report never replaces "
+                            f"part of the results. Give a new folder, e.g. --out {collection.root / 'report'}.")
     if not force:
         names = sorted(p.name for p in where.iterdir())
         raise FedmergeError(f"--out {out} exists and is not a fedmerge report (it holds {', '.join(names[:3])}"

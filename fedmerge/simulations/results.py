@@ -21,7 +21,7 @@ import tomli_w
 from safetensors.torch import save_file
 
 from fedmerge.errors import FedmergeError
-from fedmerge.files import staged
+from fedmerge.files import TargetAppeared, staged
 from fedmerge.simulations.spec import Spec
 
 SUMMARY_COLUMNS = (
@@ -102,15 +102,7 @@ def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | N
     with a ``-2``, ``-3``... suffix if a run of the same name started in the same second.
     """
     started = started or dt.datetime.now()
-    if run_dir is None:
-        stem = f"{spec.name}-{started:%Y%m%d-%H%M%S}"
-        run_dir = Path(out) / stem
-        for k in itertools.count(2):
-            if not run_dir.exists():
-                break
-            run_dir = Path(out) / f"{stem}-{k}"
-    run_dir = Path(run_dir)
-    if run_dir.exists():
+    if run_dir is not None and Path(run_dir).exists():
         raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
     results = dict(results)
     models = results.pop("models", {})
@@ -128,10 +120,19 @@ def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | N
         "rounds.csv": _csv(round_rows(results)),
         "spec.toml": tomli_w.dumps(spec.to_dict()),
     }
-    with staged(run_dir, directory=True) as staging:
-        for name, text in files.items():
-            (staging / name).write_text(text)
-        (staging / "models").mkdir()
-        for name, state in models.items():
-            save_file({k: v.contiguous() for k, v in state.items()}, staging / "models" / f"{name}.safetensors")
-    return run_dir
+    stem = f"{spec.name}-{started:%Y%m%d-%H%M%S}"
+    candidates = [Path(run_dir)] if run_dir is not None else (Path(out) / (stem + (f"-{k}" if k > 1 else "")) for k in itertools.count(1))
+    for candidate in candidates:
+        if candidate.exists():
+            continue
+        try:
+            with staged(candidate, directory=True) as staging:
+                for name, text in files.items():
+                    (staging / name).write_text(text)
+                (staging / "models").mkdir()
+                for name, state in models.items():
+                    save_file({k: v.contiguous() for k, v in state.items()}, staging / "models" / f"{name}.safetensors")
+            return candidate
+        except TargetAppeared:  # a run of the same name finished in the same second: take the next name
+            if run_dir is not None:
+                raise
