@@ -153,13 +153,13 @@ class Experiment:
         scalings = evaluation.SCALING_GRID if spec.select else (spec.server["server_lr"] / num_clients,)
         selection, best = [], None
         for options in candidates:
-            self.grid.check_stopped()
             strategy = spec.build_strategy(name, server_lr=1.0, **options)
             merged, _ = strategy.merge_replies(1, replies, base)
             if merged is None:
                 reasons = "; ".join(e["reason"] for e in strategy.rounds[-1].excluded)
                 raise FedmergeError(f"{name}: no client's update could be merged ({reasons}).")
             for scaling in scalings:
+                self.grid.check_stopped()
                 arrays = _scaled(base, merged, scaling * num_clients)
                 val = evaluation.evaluate(fed, arrays, "val", own_val, self.device)
                 entry = {"scaling": scaling, **options, "val_score": evaluation.score(val)}
@@ -185,6 +185,7 @@ class Experiment:
         history = []
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            self.grid.check_stopped()
             summary = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
             history.append({"round": server_round, **summary})
             if server_round:

@@ -1,6 +1,7 @@
 """Progress of a long run: a live bar on a terminal, plain log lines elsewhere (batch jobs, ``nohup``)."""
 
 import sys
+import threading
 import time
 
 from rich.console import Console
@@ -24,6 +25,7 @@ class ProgressDisplay:
         )
         self.task = self.progress.add_task(title, total=total, last="")
         self.started = time.perf_counter()
+        self.lock = threading.Lock()
 
     def __enter__(self) -> "ProgressDisplay":
         self._line("started")
@@ -34,9 +36,10 @@ class ProgressDisplay:
         self.progress.stop()
 
     def advance(self, message: str) -> None:
-        self.done += 1
-        self.progress.update(self.task, advance=1, last=message)
-        self._line(message)
+        with self.lock:
+            self.done += 1
+            self.progress.update(self.task, advance=1, last=message)
+            self._line(message)
 
     def _line(self, message: str) -> None:
         if self.lines:

@@ -138,6 +138,10 @@ def quiet_flower():
             logger.setLevel(level)
 
 
+FLOWER_CRASHES = ("An error was encountered. Ending simulation.", "Simulation Runtime crashed.")
+"""How run_simulation words a failure of its runtime (the cause is chained beneath)."""
+
+
 def root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None:
         error = error.__cause__
@@ -165,11 +169,13 @@ def run(spec: Spec, out: Path = Path("results"), run_dir: Path | None = None, sh
                 num_supernodes=spec.clients,
                 backend_config=backend_config(spec),
             )
-        except RuntimeError as error:  # Flower's "Simulation Runtime crashed" and the like
+        except RuntimeError as error:
+            if not str(error).startswith(FLOWER_CRASHES):
+                raise  # not Flower's runtime: an error of the server's own work, with its traceback
             raise FedmergeError(f"Flower's simulation runtime failed: {root_cause(error)}") from None
         finally:
             stop.set()  # the ServerApp thread stops waiting for replies that will never come
     if not collected:
-        raise FedmergeError("the simulation ended without results; the log above says why.")
+        raise FedmergeError("the simulation ended without results and without an error; please report this.")
     collected.setdefault("timings", {})["total"] = round(time.perf_counter() - started, 3)
     return write_results(spec, collected, out, started=started_at, run_dir=run_dir)

@@ -32,6 +32,13 @@ from fedmerge.tasks.options import (
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+def device_name(key: str, value: Any) -> str:
+    """auto, cpu, cuda or cuda:N (whether this machine has it is checked when the run starts)."""
+    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value)):
+        raise FedmergeError(f"option {key!r} must be auto, cpu, cuda or cuda:N, got {value!r}.")
+    return value
+
+
 def directory_name(key: str, value: Any) -> str:
     """A name fit for a directory: letters, digits, '-', '_', '.', starting with a letter or digit."""
     value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -75,8 +82,8 @@ ENGINE = {
     "client_cpus": Option(1.0, "Ray CPUs per client", positive_float),
     "client_gpus": Option(0.0, "Ray GPUs per client (a fraction shares a GPU)", non_negative_float),
     "ray_address": Option("", "an existing Ray cluster to attach to; empty: a fresh local one", string),
-    "server_device": Option("auto", "where the server evaluates and selects λ/ρ: auto (cuda when available) | cpu | cuda",
-                            choice("auto", "cpu", "cuda")),
+    "server_device": Option("auto", "where the server evaluates, selects λ/ρ and merges: auto (cuda when available) "
+                            "| cpu | cuda | cuda:N", device_name),
 }
 TABLES = ("suite_options", "training", "server", "strategy", "engine")
 
