@@ -175,3 +175,16 @@ def test_fedmerge_run_trains_and_merges_the_image_encoder(clip_run):
     assert all(torch.equal(m["heads.1"], first["heads.1"]) for m in models.values())  # frozen heads: θ0's
     assert not torch.equal(models["fedavg-r2"]["visual_projection.weight"], first["visual_projection.weight"])
 
+
+def test_the_presets_carry_the_papers_recipe():
+    from fedmerge.simulations.presets import load_experiment
+
+    paper, spread = (Spec.from_dict(load_experiment(name)) for name in ("clip-vit-b32-8task", "clip-vit-b32-8task-heterogeneous"))
+    assert paper.suite == spread.suite == "clip" and paper.clients == len(paper.suite_options["datasets"]) == 8
+    configs = paper.client_configs()
+    assert [c.epochs for c in configs] == [35, 76, 12, 11, 5, 15, 14, 4] and {c.steps for c in configs} == {None}
+    assert {(c.optimizer, c.lr, c.weight_decay, c.batch_size, c.schedule, c.warmup_steps, c.grad_clip)
+            for c in configs} == {("adamw", 1e-5, 0.1, 128, "cosine", 500, 1.0)}
+    lrs = [c.lr for c in spread.client_configs()]
+    assert len(set(lrs)) == 8 and max(lrs) / min(lrs) == pytest.approx(10)
+    assert paper.engine["client_gpus"] == 1
