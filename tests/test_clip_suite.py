@@ -14,7 +14,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.simulations.runner import run
 from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import forward, load_suite
-from fedmerge.tasks.clip.data import prompts
+from fedmerge.tasks.clip.data import Pixels, prompts
 from fedmerge.tasks.clip.model import load_clip, zero_shot_head
 from test_vision_suite import write_mnist  # torchvision's MNIST layout
 
@@ -105,7 +105,19 @@ def test_splits_follow_the_layouts_and_the_seed(assets):
     cut = load_suite("clip", 2, options(assets, "MNIST", "EuroSAT", max_examples=5), 1)
     assert [len(task.train) for task in cut.tasks] == [5, 5] and len(cut.tasks[0].test) == 5
     other = load_suite("clip", 2, options(assets, "MNIST", "EuroSAT"), 1)
-    assert other.tasks[1].val.indices != fed.tasks[1].val.indices  # another seed, another draw
+    assert other.tasks[1].val.data.indices != fed.tasks[1].val.data.indices  # another seed, another draw
+    first = fed.tasks[1].test[2]
+    assert list(fed.tasks[1].test.kept) == [2] and torch.equal(fed.tasks[1].test[2][0], first[0])  # decoded once
+
+
+def test_pixels_are_the_image_processors(assets):
+    processor = load_clip(assets[0])[2]
+    pixels = Pixels(processor)
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 60)).astype(np.uint8))
+    crop = pixels.crop(gray)
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
+    expected = processor(images=gray.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pixels.normalize(crop), expected)
 
 
 def test_a_saved_hugging_face_dataset_is_read(assets, tmp_path):

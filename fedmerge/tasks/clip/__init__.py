@@ -12,7 +12,7 @@ import copy
 import torch.nn.functional as F
 
 from fedmerge.errors import FedmergeError
-from fedmerge.tasks.clip.data import Preprocess, splits, templates
+from fedmerge.tasks.clip.data import Pixels, splits, templates
 from fedmerge.tasks.clip.model import ZeroShotCLIP, cached_head, load_clip
 from fedmerge.tasks.federation import Federation, Task
 from fedmerge.tasks.options import Option, boolean, fraction, list_of, positive_int, text
@@ -53,10 +53,10 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
         raise FedmergeError("the clip suite needs option 'root', the directory holding the data sets "
                             "(e.g. --set suite_options.root=/data); docs/clip.md lists the files.")
     clip, tokenizer, processor, directory = load_clip(options["model"])
-    transform = Preprocess(processor)
+    pixels = Pixels(processor)
     tasks, heads = [], []
     for t, name in enumerate(names):
-        train, val, test, classes = splits(name, root, transform, seed, options["val_fraction"], options["max_examples"])
+        train, val, test, classes = splits(name, root, pixels, seed, options["val_fraction"], options["max_examples"])
         tasks.append(Task(name, train, val, test, head=t))
         heads.append(cached_head(clip, tokenizer, directory, classes, templates(name)))
     model = ZeroShotCLIP(clip.vision_model, clip.visual_projection, heads)

@@ -19,10 +19,12 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from fedmerge.config import tomllib
 from fedmerge.errors import FedmergeError
+from fedmerge.threads import single_threaded
 
 TORCHVISION = {
     "Cars": "root/stanford_cars/{devkit/cars_meta.mat, cars_train/, cars_test/, cars_test_annos_withlabels.mat}",
@@ -57,14 +59,43 @@ def readable(label: str) -> str:
     return label.replace("_", " ").replace("/", " ").strip()
 
 
-class Preprocess:
-    """CLIP's image processor as a transform: a PIL image (grayscale too) → its ``(3, H, W)`` pixel values."""
+class Pixels:
+    """CLIP's image processor in two steps: :meth:`crop` (its resize and center crop, as uint8) and
+    :meth:`normalize` (its rescale and normalisation); together exactly the processor's pixel values."""
 
     def __init__(self, processor) -> None:
         self.processor = processor
+        self.scale = processor.rescale_factor if processor.do_rescale else 1.0
+        mean, std = (processor.image_mean, processor.image_std) if processor.do_normalize else (0.0, 1.0)
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (mean, std))
 
-    def __call__(self, image):
-        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+    def crop(self, image) -> torch.Tensor:
+        """A PIL image (grayscale too) → ``(3, H, W)`` uint8, single-threaded (:mod:`fedmerge.threads`)."""
+        with single_threaded():
+            return self.processor(images=image.convert("RGB"), do_rescale=False, do_normalize=False,
+                                  return_tensors="pt")["pixel_values"][0]
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() * self.scale - self.mean) / self.std
+
+
+class Split(Dataset):
+    """``(pixel values, label)`` pairs of a data set whose transform is :meth:`Pixels.crop`. With ``keep``, each
+    crop is kept (uint8) after its first read: evaluation reads val and test at every λ, decoding them once."""
+
+    def __init__(self, data: Dataset, pixels: Pixels, keep: bool = False) -> None:
+        self.data, self.pixels, self.kept = data, pixels, {} if keep else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        item = self.kept.get(index) if self.kept is not None else None
+        if item is None:
+            item = self.data[index]
+            if self.kept is not None:
+                self.kept[index] = item
+        return self.pixels.normalize(item[0]), item[1]
 
 
 class Processed(Dataset):
@@ -185,10 +216,10 @@ def read(name: str, root: str, transform: Callable) -> tuple[Dataset, Dataset | 
     return train, test, listed or [readable(label) for label in own or ()]
 
 
-def splits(name: str, root: str, transform: Callable, seed: int, val_fraction: float, max_examples: int | None):
+def splits(name: str, root: str, pixels: Pixels, seed: int, val_fraction: float, max_examples: int | None):
     """``(train, val, test, class names)`` of data set ``name``: the test split halved (seeded) into val and
-    test, each split cut to ``max_examples`` (seeded) when given."""
-    train, test, classes = read(name, root, transform)
+    test, each split cut to ``max_examples`` (seeded) when given; val and test keep their images once read."""
+    train, test, classes = read(name, root, pixels.crop)
     if not classes:
         raise FedmergeError(f"data set {name!r} has no class names: its data gives none and the clip suite lists none.")
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -205,4 +236,4 @@ def splits(name: str, root: str, transform: Callable, seed: int, val_fraction: f
             return data
         return Subset(data, np.sort(rng.permutation(len(data))[:max_examples]).tolist())
 
-    return cut(train), cut(val), cut(test), classes
+    return Split(cut(train), pixels), Split(cut(val), pixels, keep=True), Split(cut(test), pixels, keep=True), classes
