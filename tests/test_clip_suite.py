@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_vision_suite import write_mnist  # torchvision's MNIST layout
 from torch.utils.data import default_collate
 
 from fedmerge.errors import FedmergeError
@@ -16,7 +17,6 @@ from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import forward, load_suite
 from fedmerge.tasks.clip.data import Pixels, prompts
 from fedmerge.tasks.clip.model import load_clip, zero_shot_head
-from test_vision_suite import write_mnist  # torchvision's MNIST layout
 
 EUROSAT = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
            "Residential", "River", "SeaLake")
@@ -92,7 +92,7 @@ def test_heads_are_frozen_and_only_the_image_encoder_travels(assets):
     torch.testing.assert_close(fed.pretrained["heads.0"], expected)
     torch.testing.assert_close(expected.norm(dim=1), clip.logit_scale.exp().expand(10).detach())
     for task, classes in zip(fed.tasks, (10, 10, 3)):
-        x, y = default_collate([task.train[i] for i in range(4)])
+        x = default_collate([task.train[i] for i in range(4)])[0]
         assert x.shape == (4, 3, 32, 32) and forward(model, x, task.head).shape == (4, classes)
 
 
@@ -137,6 +137,32 @@ def test_a_saved_hugging_face_dataset_is_read(assets, tmp_path):
     x, y = fed.tasks[0].train[0]
     assert x.shape == (3, 32, 32) and y in (0, 1) and len(fed.tasks[0].val) == 2
     assert fed.pretrained["heads.0"].shape == (2, 16)
+
+
+def test_sun397_reads_its_class_names_and_its_official_partition(assets, tmp_path):
+    sun = tmp_path / "SUN397"
+    write_folder(sun / "a", ("abbey",), 4)
+    write_folder(sun / "a" / "apartment_building", ("outdoor",), 4)
+    for path in sun.rglob("*.jpg"):
+        path.rename(path.with_name(f"sun_{path.name}"))
+    (sun / "ClassName.txt").write_text("/a/abbey\n/a/apartment_building/outdoor\n")
+    drawn = load_suite("clip", 1, {"model": assets[0], "root": str(tmp_path), "datasets": ["SUN397"]}, 0)
+    assert [len(drawn.tasks[0].split(s)) for s in ("train", "val", "test")] == [4, 2, 2]  # half drawn as test
+    files = sorted("/" + p.relative_to(sun).as_posix() for p in sun.rglob("sun_*.jpg"))
+    (sun / "Training_01.txt").write_text("\n".join(files[0:3] + files[4:7]))
+    (sun / "Testing_01.txt").write_text("\n".join(files[3:4] + files[7:8]))
+    load_suite.cache_clear()
+    fed = load_suite("clip", 1, {"model": assets[0], "root": str(tmp_path), "datasets": ["sun397"]}, 0)
+    assert [len(fed.tasks[0].split(s)) for s in ("train", "val", "test")] == [6, 1, 1]
+    clip, tokenizer = load_clip(assets[0])[:2]
+    expected = zero_shot_head(clip, tokenizer, ["abbey", "apartment building outdoor"], prompts()["SUN397"]["templates"])
+    torch.testing.assert_close(fed.pretrained["heads.0"], expected)
+
+
+def test_a_data_set_with_other_classes_than_the_suites_is_refused(assets, tmp_path):
+    write_folder(tmp_path / "NWPU-RESISC45", ("airplane", "airport"), 2)
+    with pytest.raises(FedmergeError, match="has 2 classes, but the clip suite's class names for RESISC45 are 45"):
+        load_suite("clip", 1, {"model": assets[0], "root": str(tmp_path), "datasets": ["RESISC45"]}, 0)
 
 
 @pytest.mark.parametrize("change, message", [

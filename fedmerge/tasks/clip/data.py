@@ -30,7 +30,7 @@ TORCHVISION = {
     "Cars": "root/stanford_cars/{devkit/cars_meta.mat, cars_train/, cars_test/, cars_test_annos_withlabels.mat}",
     "DTD": "root/dtd/dtd/{images/<class>/, labels/train1.txt, val1.txt, test1.txt}",
     "EuroSAT": "root/eurosat/2750/<Class>/*.jpg",
-    "GTSRB": "root/gtsrb/GTSRB/{Training/<class>/, Final_Test/Images/, GT-final_test.csv}",
+    "GTSRB": "root/gtsrb/GTSRB/Training/<class>/, root/gtsrb/GTSRB/Final_Test/Images/, root/gtsrb/GT-final_test.csv",
     "MNIST": "root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
     "SUN397": "root/SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg} (with Training_01.txt and Testing_01.txt: "
               "the official partition 1)",

@@ -65,7 +65,7 @@ def model_dir(model: str) -> Path:
 
     try:
         return Path(snapshot_download(model, local_files_only=True))
-    except Exception:  # not a repo id, or not cached
+    except (OSError, ValueError):  # not cached, or not a repo id
         raise FedmergeError(
             f"CLIP model {model!r} is neither a directory nor in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}); fedmerge never downloads. On a machine that is online, "
