@@ -24,7 +24,7 @@ OPTIMIZERS = ("sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
 MOMENTUM = 0.9
-CHUNK = 4096  # examples per forward pass in full_gradient
+CHUNK = 4096  # examples per forward pass in full_gradient, by default
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -237,8 +237,10 @@ def train(
     return TrainResult(num_steps=num_steps, lr_sum=lr_sum, train_loss=float(loss_sum) / num_steps, num_examples=num_examples)
 
 
-def full_gradient(model: nn.Module, dataset: Dataset, loss_fn: LossFn, head: int | None = None) -> dict[str, torch.Tensor]:
-    """∇L at the model's current weights: the gradient of the mean loss over all of ``dataset``, on the model's device.
+def full_gradient(model: nn.Module, dataset: Dataset, loss_fn: LossFn, head: int | None = None,
+                  batch_size: int = CHUNK) -> dict[str, torch.Tensor]:
+    """∇L at the model's current weights: the gradient of the mean loss over all of ``dataset``, on the model's
+    device, ``batch_size`` examples per forward pass.
 
     Returns one tensor per named parameter (zeros where the loss does not depend on it, e.g. other heads or
     frozen parameters). The model is called as ``forward(model, x, head)``; its weights and ``.grad`` fields
@@ -248,7 +250,7 @@ def full_gradient(model: nn.Module, dataset: Dataset, loss_fn: LossFn, head: int
     grads = {name: torch.zeros_like(p) for name, p in params.items()}
     names = [name for name, p in params.items() if p.requires_grad]
     device = next(model.parameters()).device
-    for inputs, targets in eval_batches(dataset, CHUNK, device=device):
+    for inputs, targets in eval_batches(dataset, batch_size, device=device):
         loss = loss_fn(forward(model, inputs, head), targets)
         weight = len(targets) / len(dataset)
         parts = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)

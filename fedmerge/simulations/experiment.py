@@ -130,8 +130,8 @@ class Experiment:
         task_vectors = [TaskVector(RecordTensors(r.content[contract.ARRAYS]), base_tensors) for r in replies]
         gram = gram_matrix(task_vectors, names)
         model = fed.model_from(fed.pretrained, self.device)
-        gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head)
-                     for task in fed.tasks]
+        gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head,
+                                   fed.eval_batch_size) for task in fed.tasks]
         p = [1.0 / len(gradients)] * len(gradients)
         self.task_vector_norms = norms(gram).tolist()
         diagnostics = {
