@@ -575,3 +575,16 @@ def test_checkpoints_read_into_pinned_memory_for_cuda(tmp_path):
     with Checkpoint(tmp_path / "base", pin_memory=True) as checkpoint:
         tensor = checkpoint["embed.weight"]
         assert tensor.is_pinned() and torch.equal(tensor, base["embed.weight"])
+
+
+def test_a_weight_0_model_is_left_out_of_t_and_named(tmp_path, capsys):
+    base_path, model_paths = save_files(tmp_path, *make_models())
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", "--base", base_path, "--models", *model_paths, "--method", "fedavg", "--weights", "1", "0", "1",
+            "--scaling", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"left out {model_paths[1]}: its weight is 0" in err and "merged 2 of 3 models" in err
+    meta = metadata_of(out)
+    assert meta["server_lr"] == 1.0 and meta["left_out"] == [{"model": model_paths[1], "reason": "weight 0"}]
+    assert meta["models"] == [model_paths[0], model_paths[2]]

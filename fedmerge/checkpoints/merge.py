@@ -157,13 +157,18 @@ def merge_checkpoints(
         single_file = out.name.endswith(".safetensors")
         shards = [Shard(out.name, list(specs))] if single_file else plan_shards(source.groups(), specs, max_size)
         kept, left_out = list(range(len(models))), []
+        for t, weight in enumerate(options["weights"] or []):
+            if weight == 0:  # absent under every rule: not in T either (β = λ·T counts the models merged)
+                left_out.append({"model": str(models[t]), "reason": "weight 0"})
+                warnings.warn(ModelLeftOut(f"left out {models[t]}: its weight is 0."), stacklevel=2)
         while True:
             chosen = {key: _pick(options[key], kept) for key in PER_MODEL}
             rule = build_rule(method, len(kept), **{**options, **chosen})
-            beta = resolve_server_lr(len(kept), scaling, server_lr)
+            merged = [t for i, t in enumerate(kept) if not chosen["weights"] or chosen["weights"][i] != 0]
+            beta = resolve_server_lr(len(merged), scaling, server_lr)
 
             def record() -> dict:  # called after the rule's first pass
-                return _record(method, rule, chosen["weights"], beta, base, _pick(models, kept), left_out, device)
+                return _record(method, rule, chosen["weights"], beta, base, _pick(models, merged), left_out, device)
 
             try:
                 _write(out, shards, source, _pick(finetuned, kept), rule, beta, record, force, progress, device)
