@@ -23,6 +23,7 @@ COMMANDS = {
     "sweep": ("fedmerge.simulations.sweep_command", "run a grid of experiments (resumable)"),
     "findings": ("fedmerge.simulations.sweep_command", "reproduce the paper's claims and write docs/findings.md"),
     "report": ("fedmerge.report.command", "tables and figures (Markdown + HTML) from a run or a sweep"),
+    "evaluate": ("fedmerge.simulations.evaluate_command", "merge fine-tuned checkpoints with every rule and evaluate them on a suite's tasks"),
 }
 """Command → (the module that registers it, its one-line help)."""
 

@@ -25,7 +25,7 @@ from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, nor
 from fedmerge.merging.tensors import gram_matrix
 from fedmerge.simulations import evaluation
 from fedmerge.simulations.spec import Spec
-from fedmerge.simulations.watched_grid import WatchedGrid
+from fedmerge.simulations.watched_grid import RunStopped, WatchedGrid
 from fedmerge.strategies.arrays import RecordTensors
 from fedmerge.tasks import Federation, load_suite
 
@@ -41,13 +41,15 @@ class Experiment:
     ``stop`` ends the run promptly (:class:`~fedmerge.simulations.watched_grid.RunStopped`).
     """
 
-    def __init__(self, spec: Spec, grid: Grid, progress: Progress | None = None, timeout: float = 3600.0,
+    def __init__(self, spec: Spec, grid: Grid | None, progress: Progress | None = None, timeout: float = 3600.0,
                  stop: threading.Event | None = None) -> None:
         self.spec = spec
         self.progress = progress or (lambda message: None)
-        self.grid = WatchedGrid(grid, stop or threading.Event(), on_reply=self._client_done)
+        self.stop = stop or threading.Event()
+        self.grid = None if grid is None else WatchedGrid(grid, self.stop, on_reply=self._client_done)
         self.timeout = timeout
         self.timings: dict[str, float] = {}
+        self.device: torch.device | None = None  # the server's: resolved when the work starts
 
     def run(self) -> dict:
         spec = self.spec
@@ -58,9 +60,32 @@ class Experiment:
         self.timings["suite"] = time.perf_counter() - start
 
         replies = self._one_shot_replies(base)
-        clients = self._clients(fed, replies)
-        own_val = [c["own"]["val"].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
-        own_test = [c["own"]["test"].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
+        results = self.merge_one_shot(fed, base, replies)
+        own_test = _own(fed, results["clients"], "test")
+        for rounds in sorted(r for r in spec.rounds if r > 1):
+            for name in spec.strategies:
+                started = time.perf_counter()
+                run, results["models"][f"{name}-r{rounds}"] = self._multi_round(fed, name, base, rounds, own_test)
+                results["runs"].append(run)
+                self.timings[f"{name}/{rounds}"] = time.perf_counter() - started
+        results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return results
+
+    def merge_one_shot(self, fed: Federation, base: ArrayRecord, replies: Sequence[Message],
+                       settings: Sequence[dict] | None = None) -> dict:
+        """Everything after the one-shot round, on the given training ``replies`` (client-id order) from θ0
+        ``base``: each client's own val/test figures, the diagnostics, θ0's test figures, and, if ``spec.rounds``
+        holds 1, every strategy's merge of those same replies with λ (and ρ) chosen on validation.
+
+        No Grid is needed (``fedmerge evaluate`` builds the replies from checkpoints). ``settings`` describes
+        each client in the results (default: its row of the spec's training table). Returns the results as
+        plain data, ``runs`` holding the one-shot runs and ``models`` their merged models.
+        """
+        spec = self.spec
+        if self.device is None:
+            self.device = resolve_device(spec.engine["server_device"], "engine.server_device")
+        clients = self._clients(fed, replies, settings)
+        own_val, own_test = _own(fed, clients, "val"), _own(fed, clients, "test")
         optimum = fed.optimum()
         results = {
             "suite": {
@@ -80,13 +105,6 @@ class Experiment:
                 run, results["models"][f"{name}-r1"] = self._one_shot(fed, name, base, replies, own_val, own_test)
                 results["runs"].append(run)
                 self.timings[f"{name}/1"] = time.perf_counter() - started
-        for rounds in sorted(r for r in spec.rounds if r > 1):
-            for name in spec.strategies:
-                started = time.perf_counter()
-                run, results["models"][f"{name}-r{rounds}"] = self._multi_round(fed, name, base, rounds, own_test)
-                results["runs"].append(run)
-                self.timings[f"{name}/{rounds}"] = time.perf_counter() - started
-        results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return results
 
     # -- the one-shot round -------------------------------------------------------------------------
@@ -104,9 +122,12 @@ class Experiment:
         who = f"client {metrics[contract.CLIENT_ID]}" if contract.CLIENT_ID in metrics else f"node {reply.metadata.src_node_id}"
         self.progress(f"{who} trained ({metrics.get(contract.NUM_STEPS, '?')} steps)")
 
-    def _clients(self, fed: Federation, replies: Sequence[Message]) -> list[dict]:
-        configs = self.spec.client_configs()
-        corrupted = corruptions(self.spec.training, self.spec.clients)
+    def _clients(self, fed: Federation, replies: Sequence[Message], settings: Sequence[dict] | None = None) -> list[dict]:
+        if settings is None:
+            configs = self.spec.client_configs()
+            corrupted = corruptions(self.spec.training, self.spec.clients)
+            settings = [{**vars(configs[t]), "corruption": corrupted[t][0], "corruption_scale": corrupted[t][1]}
+                        for t in range(self.spec.clients)]
         clients = []
         for reply in replies:
             metrics = dict(reply.content[contract.METRICS])
@@ -115,7 +136,7 @@ class Experiment:
             clients.append({
                 "id": t,
                 "task": fed.tasks[t].name,
-                "settings": {**vars(configs[t]), "corruption": corrupted[t][0], "corruption_scale": corrupted[t][1]},
+                "settings": settings[t],
                 "reply": metrics,
                 "own": {split: fed.evaluate(own_model, fed.tasks[t], split) for split in ("val", "test")},
             })
@@ -129,7 +150,7 @@ class Experiment:
         names = list(base)
         task_vectors = [TaskVector(RecordTensors(r.content[contract.ARRAYS]), base_tensors) for r in replies]
         gram = gram_matrix(task_vectors, names)
-        model = fed.model_from(fed.pretrained, self.device)
+        model = fed.model_from(evaluation.state_dict(base), self.device)  # θ0: the suite's, or a given base
         gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head,
                                    fed.eval_batch_size) for task in fed.tasks]
         p = [1.0 / len(gradients)] * len(gradients)
@@ -159,7 +180,7 @@ class Experiment:
                 reasons = "; ".join(e["reason"] for e in strategy.rounds[-1].excluded)
                 raise FedmergeError(f"{name}: no client's update could be merged ({reasons}).")
             for scaling in scalings:
-                self.grid.check_stopped()
+                self._check_stopped()
                 arrays = _scaled(base, merged, scaling * num_clients)
                 val = evaluation.evaluate(fed, arrays, "val", own_val, self.device)
                 entry = {"scaling": scaling, **options, "val_score": evaluation.score(val)}
@@ -185,7 +206,7 @@ class Experiment:
         history = []
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            self.grid.check_stopped()
+            self._check_stopped()
             summary = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
             history.append({"round": server_round, **summary})
             if server_round:
@@ -208,13 +229,22 @@ class Experiment:
         return {
             "strategy": name,
             "rounds": rounds,
-            "selected": {"server_lr": server_lr, "scaling": server_lr / self.spec.clients},
+            "selected": {"server_lr": server_lr},  # λ means nothing over several rounds
             "history": history,
             "final": history[-1],
         }, fed.complete(evaluation.state_dict(result.arrays))
 
+    def _check_stopped(self) -> None:
+        if self.stop.is_set():
+            raise RunStopped("the run was stopped")
+
     def _round_config(self, rounds: int) -> ConfigRecord:
         return ConfigRecord({"num-rounds": rounds, "same-compute": self.spec.same_compute})
+
+
+def _own(fed: Federation, clients: Sequence[dict], split: str) -> list[float] | None:
+    """Each client's own accuracy on ``split`` (what normalised accuracy divides by); None for loss suites."""
+    return [c["own"][split].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
 
 
 def _sample(data: Dataset, size: int, seed: int) -> Dataset:

@@ -1,0 +1,215 @@
+"""`fedmerge evaluate`: fine-tuned checkpoints that already exist, merged with every rule and evaluated on a suite's
+tasks (the one-shot protocol of a simulation, without Ray). A small suite written here: 3 tasks, a tiny MLP with
+frozen heads; its fine-tunes trained with fedmerge's own trainer and saved with safetensors."""
+
+import json
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmerge.cli import main
+from fedmerge.clients.trainer import TrainConfig, train
+from fedmerge.simulations import evaluation
+from fedmerge.simulations.presets import load_experiment
+from fedmerge.strategies import STRATEGIES
+from fedmerge.tasks import load_suite
+
+SUITE = '''
+"""Three 3-class tasks on 8 features; a shared body with one frozen random head per task."""
+import torch
+from torch.utils.data import TensorDataset
+from fedmerge.tasks import Federation, Task
+
+
+class Net(torch.nn.Module):
+    def __init__(self, tasks, width):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh())
+        self.heads = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(3, width), requires_grad=False)
+                                             for _ in range(tasks)])
+
+    def forward(self, x, head):
+        return self.body(x) @ self.heads[head].T
+
+
+def build(num_clients, options, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    tasks = []
+    for t in range(num_clients):
+        w = torch.randn(8, 3, generator=g)
+        x = torch.randn(160, 8, generator=g)
+        y = (x @ w).argmax(1)
+        data = [TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 96), (96, 128), (128, 160))]
+        tasks.append(Task(f"task{t}", *data, head=t))
+    width = options.get("width", 16)
+    return Federation(tasks=tasks, model_fn=lambda: Net(num_clients, width), eval_batch_size=64)
+'''
+
+TRAINED = ("body.0.weight", "body.0.bias")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(experiment file, base, [fine-tunes], folder): θ0 and 3 fine-tunes, each trained 40 steps on its task."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    (folder / "evaltiny.py").write_text(textwrap.dedent(SUITE))
+    experiment = folder / "experiment.toml"
+    experiment.write_text('name = "tiny"\nsuite = "evaltiny:build"\nclients = 3\nseed = 0\n'
+                          'strategies = ["fedavg", "fednova", "fedgma", "median", "cclip"]\n')
+    load_experiment(str(experiment))  # puts the folder on sys.path
+    load_suite.cache_clear()
+    fed = load_suite("evaltiny:build", 3, {}, 0)
+    assert fed.trained_names == list(TRAINED)  # the frozen heads never travel
+    save_file(fed.pretrained, folder / "base.safetensors")
+    models = []
+    for t, task in enumerate(fed.tasks):
+        model = fed.model_from(fed.pretrained)
+        train(model, task, fed.loss, TrainConfig(optimizer="sgd", lr=0.5, steps=40, batch_size=16, seed=t))
+        models.append(folder / f"model{t}.safetensors")
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, models[-1])
+    yield str(experiment), folder / "base.safetensors", models, folder
+    load_suite.cache_clear()
+    sys.modules.pop("evaltiny", None)
+
+
+def evaluate(assets, out, *more, models=None, base=None):
+    experiment, default_base, default_models, _ = assets
+    return main(["evaluate", experiment, "--base", str(base or default_base),
+                 "--models", *map(str, models or default_models), "--out", str(out), "--no-progress",
+                 "--set", "engine.server_device=cpu", *more])
+
+
+@pytest.fixture(scope="module")
+def run_dir(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert evaluate(assets, out) == 0
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+def test_every_strategy_is_merged_and_written(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [(name, 1) for name in STRATEGIES]
+    assert results["spec"]["rounds"] == [1] and results["suite"]["tasks"] == ["task0", "task1", "task2"]
+    assert [c["reply"]["num-examples"] for c in results["clients"]] == [96, 96, 96]
+    assert results["checkpoints"]["models"][2].endswith("model2.safetensors")
+    assert {p.name for p in (run_dir / "models").iterdir()} == {f"{name}-r1.safetensors" for name in STRATEGIES}
+    for run in results["runs"]:
+        assert run["selected"]["server_lr"] == pytest.approx(3 * run["selected"]["scaling"])  # β = λ·T
+        assert len(run["final"]["tasks"]) == 3 and 0 < run["final"]["mean_normalized_accuracy"]
+    assert len(results["diagnostics"]["task_vector_norms"]) == 3
+    assert (run_dir / "summary.csv").read_text().count("\n") == 1 + len(STRATEGIES)
+
+
+def test_the_choice_is_the_argmax_of_the_recorded_mean(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    for run in results["runs"]:
+        best = max(run["selection"], key=lambda entry: entry["val_score"])  # the first of the best
+        chosen = {k: v for k, v in run["selected"].items() if k != "server_lr"}
+        assert chosen == best, run["strategy"]
+    fedgma = next(r for r in results["runs"] if r["strategy"] == "fedgma")
+    assert len(fedgma["selection"]) == len(evaluation.SCALING_GRID) * len(evaluation.FEDGMA_THRESHOLDS)
+
+
+def test_lambda_maximises_the_mean_validation_normalized_accuracy_over_all_tasks(assets, run_dir):
+    """Recomputed here from the checkpoints: for every λ of the grid, θ0 + λ·Σ τ_t, each task's val accuracy over its
+    own fine-tune's, averaged over all the tasks (never a running sum inside a loop over tasks, the paper code's bug)."""
+    _, base, models, _ = assets
+    fed = load_suite("evaltiny:build", 3, {}, 0)
+    theta0, finetuned = load_file(base), [load_file(m) for m in models]
+    own = [fed.evaluate(fed.complete({n: f[n] for n in TRAINED}), task, "val")["accuracy"]
+           for f, task in zip(finetuned, fed.tasks)]
+    means = []
+    for scaling in evaluation.SCALING_GRID:
+        merged = {n: theta0[n] + scaling * sum(f[n] - theta0[n] for f in finetuned) for n in TRAINED}
+        per_task = [fed.evaluate(fed.complete(merged), task, "val")["accuracy"] / own[t] for t, task in enumerate(fed.tasks)]
+        means.append(float(np.mean(per_task)))
+    results = json.loads((run_dir / "results.json").read_text())
+    fedavg = next(r for r in results["runs"] if r["strategy"] == "fedavg")
+    np.testing.assert_allclose([e["val_score"] for e in fedavg["selection"]], means, atol=1e-6)
+    chosen = evaluation.SCALING_GRID.index(fedavg["selected"]["scaling"])
+    assert means[chosen] == pytest.approx(max(means)) and len(set(np.round(means, 6))) > 1
+
+
+def test_own_accuracies_are_the_fine_tunes(assets, run_dir):
+    _, base, models, _ = assets
+    fed = load_suite("evaltiny:build", 3, {}, 0)
+    results = json.loads((run_dir / "results.json").read_text())
+    for t, (client, path) in enumerate(zip(results["clients"], models)):
+        state = fed.complete({n: load_file(path)[n] for n in TRAINED})
+        for split in ("val", "test"):
+            assert client["own"][split]["accuracy"] == pytest.approx(fed.evaluate(state, fed.tasks[t], split)["accuracy"])
+        assert client["settings"]["checkpoint"] == str(path)
+    pretrained = fed.evaluate(fed.complete(load_file(base)), fed.tasks[0], "test")["accuracy"]
+    assert results["pretrained"]["tasks"][0]["accuracy"] == pytest.approx(pretrained)
+
+
+def test_fedmerge_report_reads_the_results(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report").is_dir() and any((run_dir / "report").iterdir())
+
+
+def test_the_table_is_printed(assets, tmp_path, capsys):
+    assert evaluate(assets, tmp_path, "--strategy", "fedavg", "fednova", "--lr-sums", "1", "2", "4", "--set", "select=false") == 0
+    printed = capsys.readouterr().out
+    assert "tiny: 3 clients on evaltiny:build (test)" in printed and "fednova" in printed and "results:" in printed
+    results = json.loads(next(tmp_path.iterdir()).joinpath("results.json").read_text())
+    assert [c["reply"]["lr-sum"] for c in results["clients"]] == [1.0, 2.0, 4.0]
+    assert all(r["selected"]["server_lr"] == 1.0 and len(r["selection"]) == 1 for r in results["runs"])  # β fixed
+
+
+def broken(folder, name, change):
+    state = load_file(folder / "model1.safetensors")
+    change(state)
+    save_file(state, folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "dtype", "count", "steps"])
+def test_bad_inputs_are_named_and_nothing_is_written(assets, tmp_path, capsys, case):
+    folder, models = assets[3], list(assets[2])
+    more, expected = [], []
+    if case == "missing":
+        models[1] = broken(folder, "lacks.safetensors", lambda s: s.pop("body.0.bias"))
+        expected = ["lacks.safetensors", "'body.0.bias'", "missing"]
+    elif case == "shape":
+        models[2] = broken(folder, "wide.safetensors", lambda s: s.update({"body.0.weight": torch.zeros(32, 8)}))
+        expected = ["wide.safetensors", "'body.0.weight'", "shape (32, 8)", "(16, 8)"]
+    elif case == "dtype":
+        models[0] = broken(folder, "half.safetensors", lambda s: s.update({"body.0.bias": s["body.0.bias"].half()}))
+        expected = ["half.safetensors", "'body.0.bias'", "torch.float16"]
+    elif case == "count":
+        models = models[:2]
+        expected = ["2 models given", "3 clients"]
+    else:
+        more = ["--steps", "10", "20"]
+        expected = ["--steps gives 2 values for 3 models"]
+    out = tmp_path / "out"
+    assert evaluate(assets, out, *more, models=models) == 2
+    error = capsys.readouterr().err
+    assert all(text in error for text in expected), error
+    assert "Traceback" not in error and not out.exists()
+
+
+def test_a_base_of_another_model_is_named(assets, tmp_path, capsys):
+    folder = assets[3]
+    other = broken(folder, "other-base.safetensors", lambda s: s.update({"body.0.weight": torch.zeros(16, 9)}))
+    assert evaluate(assets, tmp_path / "out", base=other) == 2
+    assert "other-base.safetensors: tensor 'body.0.weight' has shape (16, 9)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_checkpoints_become_flower_replies():
+    from flwr.app import ArrayRecord
+
+    from fedmerge import contract
+    from fedmerge.simulations.evaluate import checkpoint_reply
+
+    reply = checkpoint_reply(2, ArrayRecord({"w": torch.ones(2)}), 50, 7, 0.35)
+    metrics = reply.content[contract.METRICS]
+    assert dict(metrics) == {"num-examples": 50, "num-steps": 7, "lr-sum": 0.35, "client-id": 2}
+    assert reply.metadata.message_type == "train" and not reply.has_error()
