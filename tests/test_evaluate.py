@@ -213,3 +213,50 @@ def test_the_checkpoints_become_flower_replies():
     metrics = reply.content[contract.METRICS]
     assert dict(metrics) == {"num-examples": 50, "num-steps": 7, "lr-sum": 0.35, "client-id": 2}
     assert reply.metadata.message_type == "train" and not reply.has_error()
+
+
+def test_hugging_face_clip_directories_map_by_name(tmp_path, monkeypatch, capsys):
+    """A tiny CLIP (tests/test_clip_suite.py's) as base, and two fine-tunes of its image encoder saved as CLIPModel
+    directories with save_pretrained (one sharded): the clip suite's trained tensors are CLIPModel's own names."""
+    from test_clip_suite import EUROSAT, tiny_clip, write_folder
+    from test_vision_suite import write_mnist
+    from transformers import CLIPModel
+
+    monkeypatch.setenv("FEDMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, root = tmp_path / "clip", tmp_path / "data"
+    tiny_clip(base)
+    write_mnist(root, 60, 40)
+    write_folder(root / "eurosat" / "2750", EUROSAT, 4)
+    options = {"model": str(base), "root": str(root), "datasets": ["MNIST", "EuroSAT"]}
+    load_suite.cache_clear()
+    fed = load_suite("clip", 2, options, 0)
+    models = []
+    for t, task in enumerate(fed.tasks):
+        model = fed.model_from(fed.pretrained)
+        train(model, task, fed.loss, TrainConfig(optimizer="adamw", lr=1e-3, steps=3, batch_size=8, seed=t))
+        clip = CLIPModel.from_pretrained(base)
+        trained = {n: v for n, v in model.state_dict().items() if n in fed.trained_names}
+        assert not clip.load_state_dict(trained, strict=False).unexpected_keys  # CLIPModel's own names
+        models.append(tmp_path / f"finetuned-{task.name}")
+        clip.save_pretrained(models[-1], **({"max_shard_size": 50_000} if t else {}))
+    assert list(models[1].glob("*.index.json"))  # sharded
+    experiment = tmp_path / "clip.toml"
+    experiment.write_text(f'name = "clip-eval"\nsuite = "clip"\nclients = 2\nstrategies = ["fedavg", "median"]\n'
+                          f'[suite_options]\nmodel = "{base}"\nroot = "{root}"\ndatasets = ["MNIST", "EuroSAT"]\n')
+    out = tmp_path / "results"
+    assert main(["evaluate", str(experiment), "--base", str(base), "--models", *map(str, models), "--out", str(out),
+                 "--no-progress"]) == 0
+    results = json.loads(next(out.iterdir()).joinpath("results.json").read_text())
+    assert [r["strategy"] for r in results["runs"]] == ["fedavg", "median"]
+    own = [fed.evaluate(fed.complete({n: v for n, v in load_file_dir(m).items() if n in fed.trained_names}), task, "test")
+           for m, task in zip(models, fed.tasks)]
+    assert [c["own"]["test"]["accuracy"] for c in results["clients"]] == pytest.approx([o["accuracy"] for o in own])
+    load_suite.cache_clear()
+
+
+def load_file_dir(directory):
+    state = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
