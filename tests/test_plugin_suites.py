@@ -3,6 +3,7 @@ before Ray starts, with θ0 from a weights file; broken plugins named with what 
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import ray
@@ -205,3 +206,22 @@ def test_frozen_parameters_are_neither_sent_nor_sent_back(tmp_path, monkeypatch)
     (arrays,) = reply.array_records.values()
     assert list(arrays) == ["weight"]
     assert not torch.equal(torch.from_numpy(arrays["weight"].numpy()), fed.pretrained["weight"])  # it trained
+
+
+def test_a_fedmerge_folder_beside_the_experiment_does_not_hide_the_package_from_workers(tmp_path, monkeypatch):
+    """Ray workers get the driver's sys.path as PYTHONPATH; a clone named fedmerge/ beside the experiment
+    file must not be imported there as a (namespace) package in place of the real one."""
+    import os
+    import subprocess
+
+    import fedmerge
+
+    home = str(Path(fedmerge.__file__).resolve().parents[1])
+    # the driver as the `fedmerge` console script starts it: the package's folder is not on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p and Path(p).resolve() != Path(home)])
+    (tmp_path / "fedmerge").mkdir()  # a clone of the repository, say: no __init__.py at its top
+    load_experiment(experiment(write_suite(tmp_path), "lines:build"))
+    worker = subprocess.run([sys.executable, "-c", "import fedmerge; print(fedmerge.__file__)"], cwd="/",
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+                            capture_output=True, text=True, timeout=60)
+    assert worker.stdout.strip() == fedmerge.__file__, worker.stderr

@@ -180,3 +180,12 @@ def test_an_unparsable_experiment_file_is_named(tmp_path, capsys):
     bad.write_text("clients = [1, \n")
     assert main(["run", str(bad)]) == 2
     assert f"{bad} is not valid TOML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("strategies=[\"fedavg\", \"fedavg\"]", "'strategies' names 'fedavg' twice"),
+    ("rounds=[1, 1]", "'rounds' names 1 twice"),
+])
+def test_a_strategy_or_round_count_given_twice_is_refused(setting, message, capsys):
+    assert main(["run", "quadratic", "--dry-run", "--set", setting]) == 2
+    assert message in capsys.readouterr().err

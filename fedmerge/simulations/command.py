@@ -17,7 +17,7 @@ Scales: λ is Task Arithmetic's scaling (θ0 + λ·Σ τ_t); β (server.server_l
 mean-scale update (θ ← θ + β·Δ, Δ = Σ p_t τ_t for FedAvg); β = λ·T.
 
 examples:
-  fedmerge run                                        the default preset (about 2 minutes on 2 CPU cores)
+  fedmerge run                                        the default preset (under a minute on 2 CPU cores)
   fedmerge run training-heterogeneity --rounds 1 10
   fedmerge run my-study.toml --set training.lr=[0.01,0.02,0.05,0.1] --set clients=4
   fedmerge run quadratic --strategy fedavg fednova --set 'training.steps={geometric=[10,160]}'
@@ -127,7 +127,7 @@ def summary_table(results: dict):
         worse = baseline is not None and value is not None and (value < baseline if by_accuracy else value > baseline)
         table.add_row(
             run["strategy"] + (" ✗" if worse else ""), str(run["rounds"]),
-            f"{selected['scaling']:.3g}" if run["rounds"] == 1 else "", f"{selected['server_lr']:.3g}",
+            f"{selected['scaling']:.3g}" if "scaling" in selected else "", f"{selected['server_lr']:.3g}",
             "" if rho is None else f"{rho:.3g}", *scores(final), style="red" if worse else None,
         )
     return table

@@ -129,13 +129,13 @@ def quiet_flower():
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+        yield
+    # Only after a run that ended well: after Ctrl-C or a failure the ServerApp thread may still be winding
+    # down, and its strategy's start-up banner must not follow "fedmerge: interrupted" onto the screen.
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
 
 
 FLOWER_CRASHES = ("An error was encountered. Ending simulation.", "Simulation Runtime crashed.")

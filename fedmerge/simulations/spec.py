@@ -160,6 +160,10 @@ class Spec:
         if unknown or not self.strategies:
             problem = f"unknown strategy {unknown[0]!r}{_suggest(unknown[0], STRATEGIES)}" if unknown else "no strategy given"
             raise FedmergeError(f"{problem}; choose from {', '.join(STRATEGIES)}.")
+        for key, values in (("strategies", self.strategies), ("rounds", self.rounds)):
+            repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+            if repeated:
+                raise FedmergeError(f"{key!r} names {repeated[0]!r} twice; give each once.")
         if ":" not in self.suite and self.suite not in installed():
             raise FedmergeError(f"unknown suite {self.suite!r}{_suggest(self.suite, installed())}; choose one of "
                                 f"{', '.join(installed())}, or give your own as 'module:function' (docs/suites.md).")

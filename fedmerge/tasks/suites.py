@@ -87,7 +87,15 @@ def find_suite(name: str) -> Suite:
 
 def search_beside(file: str | Path) -> None:
     """Let ``module:function`` suites be found beside an experiment or sweep file (appended to ``sys.path``,
-    which Flower passes on to its Ray workers)."""
+    which Flower passes on to its Ray workers).
+
+    The folder holding the fedmerge package goes first: otherwise a folder named ``fedmerge`` beside the
+    file (a clone of the repository) would be imported as a namespace package by the workers of an
+    editable install, which has no regular package on ``sys.path``.
+    """
+    home = str(Path(__file__).resolve().parents[2])
+    if home not in sys.path:
+        sys.path.insert(0, home)
     folder = str(Path(file).resolve().parent)
     if folder not in sys.path:
         sys.path.append(folder)
