@@ -203,6 +203,18 @@ def test_a_base_of_another_model_is_named(assets, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_is_not_loaded():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's fedmerge
+    code = ("import sys, fedmerge.simulations.evaluate, fedmerge.simulations.evaluate_command; "
+            "print(sorted(m for m in ('ray', 'flwr.simulation') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "[]"
+
+
 def test_the_checkpoints_become_flower_replies():
     from flwr.app import ArrayRecord
 

@@ -37,6 +37,9 @@ ZETA2_EXAMPLES = 10_000
 class Experiment:
     """Everything one spec asks for, run on ``grid``; :meth:`run` returns the results as plain data.
 
+    :meth:`merge_one_shot` is the part after the one-shot round, on given replies: with ``grid`` None it is
+    all that can run (``fedmerge evaluate``).
+
     ``progress`` is called with a short message after each client's reply, merge and round; setting
     ``stop`` ends the run promptly (:class:`~fedmerge.simulations.watched_grid.RunStopped`).
     """
