@@ -67,22 +67,29 @@ def spec_from_args(args):
 
 
 def run_command(args) -> int:
-    from rich.console import Console
-
     from fedmerge.simulations.runner import run  # Flower's simulation stack: loaded only to run
+
+    return run_and_show(args, lambda spec: run(spec, out=args.out, show_progress=not args.no_progress))
+
+
+def run_and_show(args, make_results) -> int:
+    """The spec of ``args``, printed (``--dry-run``) or handed to ``make_results(spec) -> run_dir``, whose
+    results are then shown: the table, what the scores mean, clients left out, where the files are."""
+    from rich.console import Console
 
     spec = spec_from_args(args)
     console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
     if args.dry_run:
         console.print_json(json.dumps(spec.to_dict()))
         return 0
-    run_dir = run(spec, out=args.out, show_progress=not args.no_progress)
+    run_dir = make_results(spec)
     results = json.loads((run_dir / "results.json").read_text())
     console.print(summary_table(results))
     console.print(SCORE_NOTES[results["suite"]["metric"] == "accuracy"], highlight=False)
     for line in left_out(results):
         console.print(f"[yellow]left out:[/] {line}", highlight=False)
-    console.print(f"results: {run_dir}  (results.json, summary.csv, tasks.csv, rounds.csv; `fedmerge report {run_dir}`)")
+    files = ", ".join(p.name for p in sorted(run_dir.iterdir()) if p.suffix in (".json", ".csv"))
+    console.print(f"results: {run_dir}  ({files}; `fedmerge report {run_dir}`)")
     return 0
 
 

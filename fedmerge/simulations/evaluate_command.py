@@ -1,8 +1,6 @@
 """``fedmerge evaluate``: merge fine-tuned checkpoints that already exist with every rule and evaluate them."""
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -67,25 +65,14 @@ def register(subparsers) -> None:
 
 
 def evaluate_command(args) -> int:
-    from rich.console import Console
-
-    from fedmerge.simulations.command import LOG_WIDTH, SCORE_NOTES, left_out, spec_from_args, summary_table
+    from fedmerge.simulations.command import run_and_show
     from fedmerge.simulations.evaluate import evaluate_checkpoints
     from fedmerge.simulations.progress import ProgressDisplay
 
-    spec = spec_from_args(args)
-    console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
-    if args.dry_run:
-        console.print_json(json.dumps(spec.to_dict()))
-        return 0
-    title = f"{spec.name}: {len(args.models)} checkpoints on {spec.suite}"
-    with ProgressDisplay(len(spec.strategies), title, not args.no_progress) as display:
-        run_dir = evaluate_checkpoints(spec, args.base, args.models, args.out, steps=args.steps, lr_sums=args.lr_sums,
-                                       progress=display.advance)
-    results = json.loads((run_dir / "results.json").read_text())
-    console.print(summary_table(results))
-    console.print(SCORE_NOTES[results["suite"]["metric"] == "accuracy"], highlight=False)
-    for line in left_out(results):
-        console.print(f"[yellow]left out:[/] {line}", highlight=False)
-    console.print(f"results: {run_dir}  (results.json, summary.csv, tasks.csv; `fedmerge report {run_dir}`)")
-    return 0
+    def evaluate(spec):
+        title = f"{spec.name}: {len(args.models)} checkpoints on {spec.suite}"
+        with ProgressDisplay(len(spec.strategies), title, not args.no_progress) as display:
+            return evaluate_checkpoints(spec, args.base, args.models, args.out, steps=args.steps, lr_sums=args.lr_sums,
+                                        progress=display.advance)
+
+    return run_and_show(args, evaluate)
