@@ -138,3 +138,12 @@ def test_a_run_of_the_same_name_finishing_meanwhile_keeps_its_directory_and_this
     assert mine.name == "diverged-client-20260102-030405-2" and (mine / "models" / "m.safetensors").is_file()
     assert other.is_dir() and not any(other.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, mine.name]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_gpu_server_device_validates_anywhere_and_is_refused_at_start_without_cuda(tmp_path, capsys):
+    assert main(["run", "quadratic", "--set", "engine.server_device=cuda", "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["run", "quadratic", "--set", "engine.server_device=cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "engine.server_device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "r").exists()

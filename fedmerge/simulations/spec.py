@@ -175,7 +175,7 @@ class Spec:
         self.client_configs()
         corruptions(self.training, self.clients)
         for name in {*self.strategies, *(n for n, o in self.strategy.items() if o != _defaults(STRATEGY_OPTIONS[n]))}:
-            self.build_strategy(name)
+            self.build_strategy(name, device="cpu")  # its options checked; the device is checked when a run starts
 
     # -- using --------------------------------------------------------------------------------------
     def client_configs(self) -> list[TrainConfig]:
@@ -184,7 +184,7 @@ class Spec:
 
     def build_strategy(self, name: str, **overrides):
         """A fresh strategy object with this spec's server and strategy options."""
-        options = {**self.server, **self.strategy.get(name, {}), **overrides}
+        options = {**self.server, **self.strategy.get(name, {}), "device": self.engine["server_device"], **overrides}
         if name == "cclip" and not options.get("radius"):
             options["radius"] = None
         flower = logging.getLogger("flwr")
@@ -192,8 +192,7 @@ class Spec:
         flower.setLevel(logging.ERROR)  # the server evaluates every task itself: no federated-evaluation warning
         try:
             return STRATEGIES[name](
-                min_train_nodes=self.clients, min_available_nodes=self.clients, fraction_evaluate=0.0,
-                device=self.engine["server_device"], **options
+                min_train_nodes=self.clients, min_available_nodes=self.clients, fraction_evaluate=0.0, **options
             )
         finally:
             flower.setLevel(level)
