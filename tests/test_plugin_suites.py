@@ -84,6 +84,20 @@ def frozen_bias(num_clients, options, seed):
     return fed
 
 
+class Corrupt(Lazy):
+    """Reads well for the first two items (what the up-front check reads), then fails, as a bad file would."""
+    def __getitem__(self, i):
+        if i >= 2:
+            raise ValueError(f"item {{i}} is corrupt")
+        return super().__getitem__(i)
+
+
+def fails_late(num_clients, options, seed):
+    fed = build(num_clients, options, seed)
+    fed.tasks[1] = Task("line1", Corrupt(8, options["features"], 1), fed.tasks[1].val, fed.tasks[1].test)
+    return fed
+
+
 def _linear_with_frozen_bias(features):
     model = torch.nn.Linear(features, 1)
     model.bias.requires_grad_(False)
@@ -225,3 +239,15 @@ def test_a_fedmerge_folder_beside_the_experiment_does_not_hide_the_package_from_
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
                             capture_output=True, text=True, timeout=60)
     assert worker.stdout.strip() == fedmerge.__file__, worker.stderr
+
+
+def test_a_client_failing_inside_ray_is_named_with_what_it_raised(tmp_path, monkeypatch):
+    from fedmerge.simulations.runner import run
+
+    monkeypatch.setattr(sys, "path", [str(write_suite(tmp_path)), *sys.path])
+    spec = Spec.from_dict({"name": "late", "suite": "lines:fails_late", "clients": 2, "strategies": ["fedavg"],
+                           "training": {"steps": 3, "lr": 0.1, "batch_size": 4}})
+    with pytest.raises(FedmergeError, match=r"a client \(node \d+\) failed: client 1: ValueError: item \d+ is corrupt\. "
+                                            r"No results were computed"):
+        run(spec, tmp_path / "results", show_progress=False)
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())

@@ -97,7 +97,11 @@ def client_app(run_config: Mapping | None = None) -> ClientApp:
 
     @app.train()
     def _train(message: Message, context: Context) -> Message:
-        content = local_training(context.run_config if run_config is None else run_config, context.node_config, message)
+        try:
+            content = local_training(context.run_config if run_config is None else run_config, context.node_config, message)
+        except Exception as error:  # the server sees only this text: say which client, and what was raised
+            who = context.node_config.get("partition-id", "?")
+            raise FedmergeError(f"client {who}: {type(error).__name__}: {error}") from error
         return Message(content=content, reply_to=message)
 
     return app

@@ -15,10 +15,11 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from fedmerge import contract
 from fedmerge.errors import FedmergeError
 
 POLL_SECONDS = 0.1
+FLOWER_WRAPPING = "Exception ClientAppException occurred. Message: "
+"""What Flower's simulation puts before the message of an exception raised in a ClientApp."""
 
 
 class RunStopped(Exception):
@@ -26,9 +27,10 @@ class RunStopped(Exception):
 
 
 def failure_reason(reply: Message) -> str:
-    """The last line of what a failed client reported (Flower wraps the exception in its own text)."""
+    """The last line of what a failed client reported, without the wrapping Flower adds around it."""
     lines = [line.strip(" <>'\"") for line in reply.error.reason.splitlines() if line.strip(" <>'\"")]
-    return (lines[-1] if lines else reply.error.reason).rstrip(".")
+    last = lines[-1] if lines else reply.error.reason
+    return last.split(FLOWER_WRAPPING, 1)[-1].rstrip(".")
 
 
 class WatchedGrid(Grid):
@@ -38,7 +40,6 @@ class WatchedGrid(Grid):
         self.grid = grid
         self.stop = stop
         self.on_reply = on_reply or (lambda reply: None)
-        self.clients: dict[int, int] = {}  # node id → client id, learnt from replies that carry it
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -75,12 +76,8 @@ class WatchedGrid(Grid):
                 waiting.discard(reply.metadata.reply_to_message_id)
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    who = f"client {self.clients[node]}" if node in self.clients else "a client"
-                    raise FedmergeError(f"{who} (node {node}) failed: {failure_reason(reply)}. "
+                    raise FedmergeError(f"a client (node {node}) failed: {failure_reason(reply)}. "
                                         "No results were computed from this run.")
-                metrics = next(iter(reply.content.metric_records.values()), {})
-                if contract.CLIENT_ID in metrics:
-                    self.clients[node] = int(metrics[contract.CLIENT_ID])
                 replies.append(reply)
                 self.on_reply(reply)
             if waiting:
