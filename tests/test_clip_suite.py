@@ -139,6 +139,31 @@ def test_a_saved_hugging_face_dataset_is_read(assets, tmp_path):
     assert fed.pretrained["heads.0"].shape == (2, 16)
 
 
+def test_a_hugging_face_dataset_by_id_or_local_folder_is_read_through_load_dataset(assets, tmp_path):
+    """Option 'hub': datasets.load_dataset's path, here a local folder of parquet files (a hub id is read the
+    same way, from the local cache); the other data set still comes from root."""
+    from datasets import ClassLabel, Features
+    from datasets import Dataset as HFDataset
+    from datasets import Image as HFImage
+
+    rng = np.random.default_rng(1)
+    features = Features({"image": HFImage(), "label": ClassLabel(names=list(EUROSAT))})
+    folder = tmp_path / "eurosat-parquet"
+    folder.mkdir()
+    for split, n in (("train", 20), ("test", 10)):
+        images = [Image.fromarray(rng.integers(0, 255, (24, 24, 3)).astype(np.uint8)) for _ in range(n)]
+        HFDataset.from_dict({"image": images, "label": [i % 10 for i in range(n)]}, features=features).to_parquet(
+            folder / f"{split}-00000-of-00001.parquet")
+    options = {"model": assets[0], "root": assets[1], "datasets": ["MNIST", "eurosat"], "hub": {"EuroSAT": str(folder)}}
+    fed = load_suite("clip", 2, options, 0)
+    x, y = fed.tasks[1].train[0]
+    assert fed.tasks[1].name == "EuroSAT" and x.shape == (3, 32, 32) and 0 <= y < 10
+    assert len(fed.tasks[1].train) == 20 and len(fed.tasks[1].val) + len(fed.tasks[1].test) == 10
+    assert fed.pretrained["heads.1"].shape == (10, 16)
+    with pytest.raises(FedmergeError, match=r"data set 'EuroSAT': the Hugging Face dataset .*nowhere.* cannot be read"):
+        load_suite("clip", 1, {"model": assets[0], "datasets": ["EuroSAT"], "hub": {"EuroSAT": str(tmp_path / "nowhere")}}, 0)
+
+
 def test_sun397_reads_its_class_names_and_its_official_partition(assets, tmp_path):
     sun = tmp_path / "SUN397"
     write_folder(sun / "a", ("abbey",), 4)

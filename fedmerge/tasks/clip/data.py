@@ -122,9 +122,20 @@ class Processed(Dataset):
 def _saved(path: Path, transform: Callable):
     from datasets import load_from_disk
 
-    data = load_from_disk(str(path))
+    return _dataset_dict(load_from_disk(str(path)), str(path), transform)
+
+
+def _hub(source: str, transform: Callable):
+    """A Hugging Face dataset by hub id, from the local cache (nothing downloads with HF_HUB_OFFLINE=1), or a
+    local dataset folder ``datasets.load_dataset`` reads (e.g. parquet files named train-*/test-*)."""
+    from datasets import load_dataset
+
+    return _dataset_dict(load_dataset(source), source, transform)
+
+
+def _dataset_dict(data, where: str, transform: Callable):
     if "train" not in data:
-        raise FedmergeError(f"the Hugging Face dataset at {path} has no 'train' split (it has {list(data)}).")
+        raise FedmergeError(f"the Hugging Face dataset {where} has no 'train' split (it has {list(data)}).")
     train = Processed(data["train"], transform)
     names = getattr(data["train"].features[train.label], "names", None)
     return train, Processed(data["test"], transform) if "test" in data else None, names
@@ -188,8 +199,21 @@ def expected(name: str) -> str:
     return "; or ".join(layouts)
 
 
-def read(name: str, root: str, transform: Callable) -> tuple[Dataset, Dataset | None, list[str]]:
-    """``(train, test or None, class names in label order)`` of data set ``name`` under ``root``."""
+def read(name: str, root: str | None, transform: Callable, hub: str | None = None) -> tuple[Dataset, Dataset | None, list[str]]:
+    """``(train, test or None, class names in label order)`` of data set ``name``: the Hugging Face dataset
+    ``hub`` when given, else under ``root``."""
+    if hub is not None:
+        try:
+            train, test, own = _hub(hub, transform)
+        except FedmergeError:
+            raise
+        except Exception as error:  # datasets raises many kinds for a dataset it cannot find offline
+            raise FedmergeError(
+                f"data set {name!r}: the Hugging Face dataset {hub!r} cannot be read ({type(error).__name__}: {error}); "
+                "it must be in the local cache (fetch it once where there is network: python -c \"import datasets; "
+                f"datasets.load_dataset('{hub}')\") or be a local dataset folder."
+            ) from None
+        return train, test, _class_names(name, hub, own)
     base = Path(root).expanduser()
     folders = [base / folder for folder in FOLDERS.get(name, (name,))]
     saved = next((f for f in folders if (f / "dataset_dict.json").is_file()), None)
@@ -209,17 +233,23 @@ def read(name: str, root: str, transform: Callable) -> tuple[Dataset, Dataset | 
             f"data set {name!r} not found under root {str(base)!r} ({reason}); expected {expected(name)}. fedmerge never "
             "downloads: docs/clip.md says where to get each data set, or point option 'root' at it."
         ) from None
+    return train, test, _class_names(name, base, own)
+
+
+def _class_names(name: str, where, own: list[str] | None) -> list[str]:
+    """The suite's class names for ``name`` where it lists them (checked against the data's count), else the data's."""
     listed = prompts().get(name, {}).get("classes")
     if listed and own and len(listed) != len(own):
-        raise FedmergeError(f"data set {name!r} under {base} has {len(own)} classes, but the clip suite's class names "
+        raise FedmergeError(f"data set {name!r} in {where} has {len(own)} classes, but the clip suite's class names "
                             f"for {name} are {len(listed)}; is it another data set?")
-    return train, test, listed or [readable(label) for label in own or ()]
+    return listed or [readable(label) for label in own or ()]
 
 
-def splits(name: str, root: str, pixels: Pixels, seed: int, val_fraction: float, max_examples: int | None):
+def splits(name: str, root: str | None, pixels: Pixels, seed: int, val_fraction: float, max_examples: int | None,
+           hub: str | None = None):
     """``(train, val, test, class names)`` of data set ``name``: the test split halved (seeded) into val and
     test, each split cut to ``max_examples`` (seeded) when given; val and test keep their images once read."""
-    train, test, classes = read(name, root, pixels.crop)
+    train, test, classes = read(name, root, pixels.crop, hub)
     if not classes:
         raise FedmergeError(f"data set {name!r} has no class names: its data gives none and the clip suite lists none.")
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
