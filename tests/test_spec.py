@@ -9,7 +9,7 @@ from fedmerge.cli import main
 from fedmerge.clients.app import round_steps
 from fedmerge.clients.settings import per_client, with_node_overrides
 from fedmerge.simulations.command import spec_from_args
-from fedmerge.simulations.presets import load_experiment, preset_names
+from fedmerge.simulations.presets import load_experiment, shipped_names
 from fedmerge.simulations.spec import Spec
 
 BASE = {"suite": "quadratic", "clients": 4, "strategies": ["fedavg", "fednova"], "rounds": [1, 3],
@@ -25,7 +25,7 @@ def args(experiment=None, *overrides, **flags):
                               rounds=flags.get("rounds"), seed=flags.get("seed"))
 
 
-@pytest.mark.parametrize("name", preset_names())
+@pytest.mark.parametrize("name", shipped_names())
 def test_every_shipped_preset_is_a_valid_spec(name):
     assert Spec.from_dict(load_experiment(name)).name == name
 

@@ -8,8 +8,9 @@ import pytest
 
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
+from fedmerge.simulations.presets import shipped_names
 from fedmerge.simulations.sweep import (
-    MANIFEST, cell_dir, is_complete, load_sweep, run_sweep, study_names, sweep_from_dict,
+    MANIFEST, cell_dir, is_complete, load_sweep, run_sweep, sweep_from_dict,
 )
 from report_data import results
 
@@ -87,8 +88,8 @@ def test_an_unknown_study_is_named_with_the_shipped_ones():
 
 
 def test_shipped_studies_are_valid():
-    assert {"quadratic", "training-heterogeneity", "data-heterogeneity", "robustness"} <= set(study_names())
-    for name in study_names():
+    assert {"quadratic", "training-heterogeneity", "data-heterogeneity", "robustness"} <= set(shipped_names("study"))
+    for name in shipped_names("study"):
         assert load_sweep(name).cells
     assert main(["list"]) == 0
 

@@ -157,7 +157,7 @@ def list_command(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedmerge.simulations.presets import preset_names, preset_path
+    from fedmerge.simulations.presets import shipped_names, shipped_path
     from fedmerge.simulations.spec import load_toml
     from fedmerge.strategies import STRATEGIES
     from fedmerge.tasks import find_suite, installed
@@ -183,8 +183,8 @@ def list_command(args) -> int:
     presets = Table(title="presets (fedmerge run PRESET)")
     presets.add_column("name")
     presets.add_column("description")
-    for name in preset_names():
-        presets.add_row(name, load_toml(preset_path(name)).get("description", ""))
+    for name in shipped_names():
+        presets.add_row(name, load_toml(shipped_path(name)).get("description", ""))
     for table in (strategies, suites, presets):
         console.print(table)
     return 0

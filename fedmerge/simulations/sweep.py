@@ -43,7 +43,7 @@ from typing import Any
 from fedmerge.clients.settings import is_spread
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir, write_file
-from fedmerge.simulations.presets import load_experiment, shipped_names, shipped_path
+from fedmerge.simulations.presets import load_experiment, shipped_path
 from fedmerge.simulations.spec import Spec, _suggest, directory_name, load_toml
 from fedmerge.tasks.suites import search_beside
 
@@ -94,7 +94,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """Parse and validate a sweep file (or a shipped study name): every cell's spec, before anything runs."""
     source = Path(path)
     if not source.exists() and not str(path).endswith(".toml"):
-        source = study_path(str(path))
+        source = shipped_path(str(path), "study")
     data = load_toml(source)
     search_beside(source)
     return sweep_from_dict(data, source=str(source), default_name=re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem))
@@ -232,12 +232,6 @@ def _slug(levels: Mapping[str, str], limit: int = 60) -> str:
 
 
 # -- shipped studies ---------------------------------------------------------------------------------
-def study_names() -> list[str]:
-    return shipped_names("study")
-
-
-def study_path(name: str) -> Path:
-    return shipped_path(name, "study")
 
 
 # -- running -----------------------------------------------------------------------------------------

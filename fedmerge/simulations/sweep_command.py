@@ -61,7 +61,8 @@ def sweep_command(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedmerge.simulations.sweep import load_sweep, run_sweep, study_names, study_path
+    from fedmerge.simulations.presets import shipped_names, shipped_path
+    from fedmerge.simulations.sweep import load_sweep, run_sweep
     from fedmerge.simulations.spec import load_toml
 
     console = Console()
@@ -69,8 +70,8 @@ def sweep_command(args) -> int:
         table = Table(title="shipped studies (fedmerge sweep STUDY)")
         table.add_column("name")
         table.add_column("description")
-        for name in study_names():
-            table.add_row(name, load_toml(study_path(name)).get("description", ""))
+        for name in shipped_names("study"):
+            table.add_row(name, load_toml(shipped_path(name, "study")).get("description", ""))
         console.print(table)
         return 0
     if not args.file:

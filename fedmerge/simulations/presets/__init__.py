@@ -30,19 +30,13 @@ def shipped_path(name: str, kind: str = "preset") -> Path:
     return Path(str(path))
 
 
-def preset_names() -> list[str]:
-    return shipped_names("preset")
-
-
-def preset_path(name: str) -> Path:
-    return shipped_path(name, "preset")
 
 
 def load_experiment(source: str | None) -> dict:
     """The nested spec of a preset name or a TOML file path (``None``: the ``default`` preset)."""
     if source is None:
-        return load_toml(preset_path("default"))
+        return load_toml(shipped_path("default"))
     if source.endswith(".toml") or Path(source).exists():
         search_beside(source)
         return load_toml(source)
-    return load_toml(preset_path(source))
+    return load_toml(shipped_path(source))
