@@ -104,6 +104,32 @@ def ensure_mergekit() -> str | None:
     return None if MERGEKIT.exists() else "mergekit installed but mergekit-yaml is missing"
 
 
+# The yardstick: what anyone would write in 25 lines. Each shard whole in memory, float32 torch ops on every
+# core (or the GPU), save_file per shard.
+PLAIN_LOOP = """
+import json, os, shutil, sys, torch
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+base, out, scaling, device = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+models = [Path(p) for p in sys.argv[5:]]
+torch.set_num_threads(len(os.sched_getaffinity(0)))
+out.mkdir()
+index = json.loads((base / "model.safetensors.index.json").read_text())
+for shard in sorted(set(index["weight_map"].values())):
+    files = [safe_open(d / shard, "pt") for d in [base, *models]]
+    merged = {}
+    for name in files[0].keys():
+        theta = files[0].get_tensor(name).to(device, torch.float32)
+        total = torch.zeros_like(theta)
+        for f in files[1:]:
+            total += f.get_tensor(name).to(device, torch.float32) - theta
+        merged[name] = (theta + scaling * total).to(torch.bfloat16).cpu()
+    save_file(merged, out / shard, metadata={"format": "pt"})
+for name in ("model.safetensors.index.json", "config.json"):
+    shutil.copy(base / name, out / name)
+"""
+
 # Runs the command from a small process and reports its peak RSS: a child forked straight from this
 # (large) process would inherit this process's resident size as its ru_maxrss.
 LAUNCHER = """
@@ -181,15 +207,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--scaling", type=float, default=0.3, help="Task Arithmetic's λ (mergekit's weight)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each merge; the best time is kept")
-    parser.add_argument("--methods", nargs="*", default=["median", "cclip"],
-                        help="other fedmerge methods to time (mergekit has no equivalent)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                        help="where both tools do the arithmetic (auto: cuda when available)")
+    parser.add_argument("--methods", nargs="*", default=["median", "cclip", "ties", "dare-ties"],
+                        help="other fedmerge methods to time")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine; use --device cpu or auto.")
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    gpu = torch.cuda.is_available()
 
     why_not = ensure_mergekit()
     work = Path(tempfile.mkdtemp(prefix="fedmerge-bench-"))
@@ -199,7 +221,7 @@ def main() -> None:
         params = sum(torch.Size(s).numel() for s in shapes.values())
         largest = max(torch.Size(s).numel() for s in shapes.values())
         print(f"writing a base and {NUM_MODELS} fine-tunes of {params / 1e6:.0f}M parameters (bfloat16) in {work}; "
-              f"arithmetic on the {'GPU' if on_gpu else 'CPU'}")
+              f"{os.cpu_count()} cores, {'a GPU: ' + torch.cuda.get_device_name() if gpu else 'no GPU'}")
         base = write_model(work / "base", shapes, config, None, seed=0)
         models = [work / f"ft{i}" for i in range(NUM_MODELS)]
         expected = {name: t.float() for name, t in base.items()}
@@ -211,49 +233,64 @@ def main() -> None:
         del base
         expected = {name: t.to(torch.bfloat16).float() for name, t in expected.items()}
 
+        devices = ["cpu", "cuda"] if gpu else ["cpu"]
+        runs = {}
+        for device in devices:
+            out = work / f"plain-{device}"
+            runs[f"plain loop ({device})"] = (
+                [sys.executable, "-c", PLAIN_LOOP, str(work / "base"), str(out), str(args.scaling), device,
+                 *map(str, models)], out)
         fedmerge = [sys.executable, "-m", "fedmerge.cli", "merge", "--base", str(work / "base"), "--models",
-                    *map(str, models), "--quiet", "--device", "cuda" if on_gpu else "cpu"]
-        out = work / "fedmerge"
-        runs = {"fedmerge task-arithmetic": ([*fedmerge, "--scaling", str(args.scaling), "--out", str(out)], out)}
+                    *map(str, models), "--quiet"]
+        for device in devices:
+            out = work / f"fedmerge-{device}"
+            runs[f"fedmerge ({device})"] = ([*fedmerge, "--device", device, "--scaling", str(args.scaling), "--out", str(out)], out)
         if why_not is None:
-            for precision in ("float32", "bfloat16"):
-                out, config_file = work / precision, mergekit_config(work, models, args.scaling, precision == "float32")
-                gpu = ["--cuda"] if on_gpu else []
-                runs[f"mergekit ({precision} math)"] = ([str(MERGEKIT), str(config_file), str(out), "--quiet", *gpu], out)
+            for device in devices:
+                out, config_file = work / f"mergekit-{device}", mergekit_config(work, models, args.scaling, True)
+                runs[f"mergekit ({device})"] = (
+                    [str(MERGEKIT), str(config_file), str(out), "--quiet", *(["--cuda"] if device == "cuda" else [])], out)
         for method in args.methods:
             out = work / method
-            runs[f"fedmerge {method}"] = ([*fedmerge, "--method", method, "--out", str(out)], out)
+            runs[f"fedmerge {method} (cpu)"] = ([*fedmerge, "--method", method, "--out", str(out)], out)
         rows = {label: (float("inf"), 0.0) for label in runs}
         for _ in range(args.repeat):  # rounds over all merges, so a busy moment hits them alike
             for label, (command, out) in runs.items():
                 elapsed, rss = measure(command, out)
                 rows[label] = (min(rows[label][0], elapsed), max(rows[label][1], rss))
 
-        print(f"\n{'merge (best of ' + str(args.repeat) + ')':<28}{'time (s)':>10}{'peak RSS (MiB)':>16}")
+        print(f"\n{'task arithmetic, λ = ' + str(args.scaling) + ' (best of ' + str(args.repeat) + ')':<36}"
+              f"{'time (s)':>10}{'peak RSS (MiB)':>16}")
         for label, (elapsed, rss) in rows.items():
-            print(f"{label:<28}{elapsed:>10.2f}{rss:>16.0f}")
+            print(f"{label:<36}{elapsed:>10.2f}{rss:>16.0f}")
         print(f"({params / 1e6:.0f}M parameters, {params * 2 / 2**20:.0f} MiB per checkpoint; largest tensor "
               f"{largest * 2 / 2**20:.0f} MiB in bfloat16, {largest * 4 / 2**20:.0f} MiB in float32; "
               f"peak RSS includes about 750 MiB of the torch import)")
 
-        ours = read_merged(work / "fedmerge")
-        equal, worst, close = agreement(ours, expected)
-        print(f"\nfedmerge vs θ + λ·Σ_t τ_t computed here in float32, rounded: {equal:.2%} equal, max |diff| {worst:.1e}")
-        if not close:
-            raise SystemExit("fedmerge's output is not θ + λ·Σ_t τ_t")
+        print()
+        for device in devices:
+            ours = read_merged(work / f"fedmerge-{device}")
+            equal, worst, close = agreement(ours, expected)
+            print(f"fedmerge ({device}) vs θ + λ·Σ_t τ_t computed here in float32, rounded: {equal:.2%} equal, "
+                  f"max |diff| {worst:.1e}")
+            if not close:
+                raise SystemExit(f"fedmerge's output on {device} is not θ + λ·Σ_t τ_t")
+            if why_not is None:
+                equal, worst, close = agreement(ours, read_merged(work / f"mergekit-{device}"))
+                print(f"fedmerge vs mergekit ({device}): {equal:.2%} equal, max |diff| {worst:.1e}, "
+                      f"{'within' if close else 'NOT within'} one bfloat16 rounding step")
+                if not close:
+                    raise SystemExit("fedmerge and mergekit disagree")
+        print()
+        for device in devices:
+            ours = rows[f"fedmerge ({device})"][0]
+            print(f"fedmerge/plain time ratio ({device}): {ours / rows[f'plain loop ({device})'][0]:.2f}")
         if why_not is not None:
-            print(f"mergekit is unavailable here ({why_not}); nothing to compare with.")
-            print("mergekit/fedmerge time ratio: n/a (mergekit could not be installed)")
+            print(f"mergekit is unavailable here ({why_not}); mergekit/fedmerge time ratio: n/a")
             return
-        for precision in ("float32", "bfloat16"):
-            equal, worst, close = agreement(ours, read_merged(work / precision))
-            print(f"fedmerge vs mergekit ({precision} math): {equal:.2%} equal, max |diff| {worst:.1e}, "
-                  f"{'within' if close else 'NOT within'} one bfloat16 rounding step")
-            if precision == "float32" and not close:
-                raise SystemExit("fedmerge and mergekit disagree")
-        fedmerge_time = rows["fedmerge task-arithmetic"][0]
-        print(f"mergekit (bfloat16 math)/fedmerge time ratio: {rows['mergekit (bfloat16 math)'][0] / fedmerge_time:.2f}")
-        print(f"mergekit/fedmerge time ratio: {rows['mergekit (float32 math)'][0] / fedmerge_time:.2f}")
+        for device in devices:
+            ours = rows[f"fedmerge ({device})"][0]
+            print(f"mergekit/fedmerge time ratio ({device}): {rows[f'mergekit ({device})'][0] / ours:.2f}")
     finally:
         if args.keep:
             print(f"kept {work}")

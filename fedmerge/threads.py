@@ -25,6 +25,6 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def available_cores(limit: int = 4) -> int:
-    """Cores this process may use, at most ``limit``."""
-    return max(1, min(limit, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def available_cores() -> int:
+    """Cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -4,12 +4,14 @@ import json
 import os
 import stat
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import fedmerge.checkpoints.reader as reader_module
 from fedmerge.checkpoints import Checkpoint, merge_checkpoints
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
@@ -450,13 +452,23 @@ def test_a_norm_that_overflows_is_not_taken_for_nonfinite_values(tmp_path):
     assert_same(load_file(out), merged_model(FedAvgRule(), base, models))
 
 
-def test_each_input_tensor_is_read_once(tmp_path, monkeypatch):
+def test_each_input_byte_is_read_once_a_chunk_at_a_time(tmp_path, monkeypatch):
     base, models = make_models()
     base_path, paths = save_files(tmp_path, base, models)
-    reads, real = Counter(), Checkpoint.__getitem__
-    monkeypatch.setattr(Checkpoint, "__getitem__", lambda self, name: reads.update([(self.path.name, name)]) or real(self, name))
+    monkeypatch.setattr("fedmerge.merging.tensors.CHUNK", 7)  # every tensor in several chunks
+    bytes_read, reads, real = Counter(), Counter(), reader_module.read_bytes
+
+    def counted(fd, spec, start, buffer):
+        bytes_read.update({(spec.file.name, spec.offset): buffer.numel()})
+        reads.update([(spec.file.name, spec.offset)])
+        return real(fd, spec, start, buffer)
+
+    monkeypatch.setattr(reader_module, "read_bytes", counted)
     merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method="median")
-    assert len(reads) == 4 * len(base) and set(reads.values()) == {1}
+    specs = {(p.name, spec.offset): spec.nbytes for p in [Path(base_path), *map(Path, paths)]
+             for spec in Checkpoint(p).specs.values()}
+    assert dict(bytes_read) == specs  # every byte of every input once, no more
+    assert max(reads.values()) > 1  # in chunks, never a whole tensor at once
 
 
 # --- --rho 0 and the summary line ----------------------------------------------------------------------

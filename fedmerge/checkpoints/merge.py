@@ -1,11 +1,13 @@
 """The Python API of offline merging: ``merge_checkpoints(base, models, out, method=...)``.
 
 Tensors stream from the inputs through the merging core's :func:`fedmerge.merging.iter_merged_model`
-into the output, so memory holds a few tensors at a time (about T + 3 of the largest, in float32),
-whatever the model's size. bfloat16 and float16 stay in their dtype; arithmetic is in float32.
+into the output: every core reads chunks of the inputs (positioned reads, no whole input tensor is ever
+held), computes θ + β·Δ of its chunk in float32 and stores it in the output tensor in θ's dtype, while a
+writer thread writes the previous tensors. Memory holds a few output tensors (the one being merged and at
+most three waiting to be written) plus T + 3 chunks per core, whatever the model's size.
 
-With ``device="cuda"`` tensors are still read on the CPU (into pinned memory), copied to the GPU without
-waiting, merged there, and brought back to the CPU to be written.
+With ``device="cuda"`` chunks are still read on the CPU (into pinned memory, by every core), copied to the
+GPU, merged there, and each finished tensor is brought back to the CPU to be written.
 
 Non-finite inputs are caught by the merge's own pass: a model's ‖τ_t‖² turns non-finite at the first
 tensor holding NaN or ±inf, and that tensor is then checked exactly (a norm alone may overflow). Such a
@@ -16,6 +18,7 @@ import itertools
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,7 +30,7 @@ from fedmerge import __version__
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.files import staged
-from fedmerge.merging import OnDevice, Rule, iter_merged_model
+from fedmerge.merging import Rule, iter_merged_model
 from fedmerge.threads import single_threaded
 from fedmerge.checkpoints.methods import build_rule, resolve_server_lr
 from fedmerge.checkpoints.progress import MergeProgress
@@ -201,11 +204,11 @@ def _write(out: Path, shards: Sequence[Shard], source: Checkpoint, finetuned: Se
     written) on bad values."""
     specs, single_file = source.specs, out.name.endswith(".safetensors")
     names = [name for shard in shards for name in shard.names]
-    finetuned = [OnDevice(model, device) for model in finetuned]
-    with MergeProgress(len(names), len(shards), progress) as display:
+    with MergeProgress(len(names), len(shards), progress) as display, ThreadPoolExecutor(1) as writer:
         display.preparing()
-        base, squared_norms = OnDevice(source, device), np.zeros(len(finetuned))  # the base is read once per tensor
-        merged = _watch(iter_merged_model(rule, base, finetuned, beta, names, squared_norms), base, finetuned, squared_norms)
+        squared_norms = np.zeros(len(finetuned))
+        merged = iter_merged_model(rule, source, finetuned, beta, names, squared_norms, device)
+        merged = _watch(merged, source, finetuned, squared_norms)
         first = next(merged)  # runs the rule's first pass (CCLIP's norms) before any file is written
         metadata = record()
         header = {"format": "pt", "fedmerge": json.dumps(metadata)}
@@ -213,7 +216,7 @@ def _write(out: Path, shards: Sequence[Shard], source: Checkpoint, finetuned: Se
         with staged(out, directory=not single_file, replace=force) as target:
             for shard in shards:
                 path = target if single_file else target / shard.filename
-                write_shard(path, {name: specs[name] for name in shard.names}, tensors, header)
+                write_shard(path, {name: specs[name] for name in shard.names}, tensors, header, writer)
                 display.shard_done()
             if not single_file:
                 if len(shards) > 1:

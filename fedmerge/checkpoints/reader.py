@@ -8,13 +8,14 @@ with ``torch.load(weights_only=True, mmap=True)``: a pickle that would run code 
 import json
 import os
 import pickle
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from fedmerge.errors import FedmergeError
-from fedmerge.checkpoints.safetensors_format import TensorSpec, nbytes, read_header, read_tensor
+from fedmerge.checkpoints.safetensors_format import TensorSpec, nbytes, read_bytes, read_header, read_tensor
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -34,8 +35,34 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self._fd, self.specs[name], self.pin_memory)
 
+    def reader(self, name: str) -> "SliceReader":
+        return SliceReader(self._fd, self.specs[name], self.pin_memory)
+
     def close(self) -> None:
         os.close(self._fd)
+
+
+_buffers = threading.local()  # each thread's read buffer, grown as needed and reused: no allocation per read
+
+
+class SliceReader:
+    """One tensor of a safetensors file, read a flat slice at a time into the calling thread's buffer (the
+    merging core's :class:`~fedmerge.merging.tensors.SliceReader`)."""
+
+    def __init__(self, fd: int, spec: TensorSpec, pin_memory: bool) -> None:
+        self.fd, self.spec, self.pin_memory = fd, spec, pin_memory
+        self.shape, self.dtype = torch.Size(spec.shape), spec.dtype
+
+    def read(self, s: slice) -> torch.Tensor:
+        itemsize = self.dtype.itemsize
+        size = (s.stop - s.start) * itemsize
+        key = "pinned" if self.pin_memory else "plain"
+        buffer = getattr(_buffers, key, None)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(max(size, 1 << 20), dtype=torch.uint8, pin_memory=self.pin_memory)
+            setattr(_buffers, key, buffer)
+        read_bytes(self.fd, self.spec, s.start * itemsize, buffer[:size])
+        return buffer[:size].view(self.dtype)
 
 
 class TorchFile:
@@ -52,6 +79,9 @@ class TorchFile:
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def reader(self, name: str) -> torch.Tensor:
+        return self._tensors[name]  # memory-mapped: slices of it are read when touched
 
     def close(self) -> None:
         self._tensors = {}
@@ -221,6 +251,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         except KeyError:
             raise KeyError(f"{self.path}: no tensor {name!r}") from None
         return owner.read(name)
+
+    def reader(self, name: str) -> "SliceReader | torch.Tensor":
+        """Tensor ``name`` to be read a flat slice at a time (the merging core reads checkpoints this way)."""
+        return self._owner[name].reader(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self.specs

@@ -97,14 +97,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
 def read_tensor(fd: int, spec: TensorSpec, pin_memory: bool = False) -> torch.Tensor:
     """Read one tensor from an open file descriptor into its own CPU memory (page-locked if ``pin_memory``)."""
     buffer = torch.empty(spec.nbytes, dtype=torch.uint8, device="cpu", pin_memory=pin_memory)
-    view = memoryview(buffer.numpy())
-    done = 0
-    while done < spec.nbytes:
-        count = os.preadv(fd, [view[done : done + MAX_READ]], spec.offset + done)
-        if count == 0:
-            raise FedmergeError(f"{spec.file}: truncated while reading a tensor at byte {spec.offset + done}.")
-        done += count
+    read_bytes(fd, spec, 0, buffer)
     return buffer.view(spec.dtype).reshape(spec.shape)
+
+
+def read_bytes(fd: int, spec: TensorSpec, start: int, buffer: torch.Tensor) -> None:
+    """Fill the uint8 CPU tensor ``buffer`` with the tensor's bytes from byte ``start`` of it on."""
+    view = memoryview(buffer.numpy())
+    done, size = 0, len(view)
+    while done < size:
+        count = os.preadv(fd, [view[done : done + MAX_READ]], spec.offset + start + done)
+        if count == 0:
+            raise FedmergeError(f"{spec.file}: truncated while reading a tensor at byte {spec.offset + start + done}.")
+        done += count
 
 
 def layout(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:

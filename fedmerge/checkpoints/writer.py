@@ -7,8 +7,11 @@ Hugging Face's layout:
 """
 
 import json
+import os
 import re
 import shutil
+from collections import deque
+from concurrent.futures import Executor, Future, wait
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,19 +77,40 @@ def write_shard(
     specs: Mapping[str, TensorSpec],
     tensors: Iterator[tuple[str, torch.Tensor]],
     metadata: Mapping[str, str],
+    writer: Executor,
 ) -> None:
-    """Write the tensors of ``specs`` as one safetensors file, taking them one at a time from ``tensors``."""
+    """Write the tensors of ``specs`` as one safetensors file, taking them one at a time from ``tensors``.
+
+    Each tensor is written by ``writer`` (one thread) while the next one is made; at most two wait, so memory
+    holds a few tensors whatever the shard's size. Every write has ended when this returns or raises.
+    """
     header, offsets = layout(specs, metadata)
+    pending: deque[Future] = deque()
     with open(path, "wb") as f:
-        f.write(header)
-        for expected in specs:
-            name, tensor = next(tensors)
-            spec = specs[name]
-            if name != expected or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise RuntimeError(f"writer expected {expected!r} {spec.dtype} {spec.shape}, got {name!r}")
-            f.seek(offsets[name])
-            f.write(tensor_bytes(tensor))
-            del tensor  # let it go before the next one is merged
+        try:
+            f.write(header)
+            f.flush()
+            for expected in specs:
+                name, tensor = next(tensors)
+                spec = specs[name]
+                if name != expected or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                    raise RuntimeError(f"writer expected {expected!r} {spec.dtype} {spec.shape}, got {name!r}")
+                pending.append(writer.submit(_put, f.fileno(), tensor, offsets[name]))
+                del tensor  # the writer holds it until written
+                while len(pending) > 2:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:
+            wait(pending)  # never close the file under a write
+
+
+def _put(fd: int, tensor: torch.Tensor, offset: int) -> None:
+    """Write a tensor's bytes at ``offset`` (positioned writes; a write may be short)."""
+    data = tensor_bytes(tensor)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def write_index(directory: Path, shards: Sequence[Shard], specs: Mapping[str, TensorSpec], metadata: Mapping) -> None:

@@ -1,5 +1,6 @@
 """The shape of a merging rule and the driver that runs one over task vectors, chunk by chunk."""
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,8 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.tensors import (
-    Tensors, TaskVector, apply_update, chunk_of, chunk_size, chunks, is_floating, operand_dtype, operands, stacked,
+    Tensors, TaskVector, Term, accumulation_dtype, apply_update, chunk_size, chunks, read_chunk, read_whole, stacked,
+    terms,
 )
 from fedmerge.merging.validate import check_task_vectors
 from fedmerge.merging.weights import client_weights
@@ -45,6 +47,10 @@ class Rule:
         """First pass, before any tensor is merged. Resolves p_t; subclasses may add more."""
         self.p = client_weights(self.per_client(self.weights), len(task_vectors))
 
+    def prepare_tensor(self, name: str, found: Sequence[Term], dtype: torch.dtype, device: torch.device) -> None:
+        """Called before the chunks of each floating tensor, with every present client's term of it (rules that
+        need a per-tensor statistic, such as TIES's magnitude threshold, read it here)."""
+
     def merge_chunk(self, name: str, s: slice, values: torch.Tensor, out: torch.Tensor) -> None:
         """Write Δ for the chunk ``s`` of tensor ``name`` into ``out``, from the T clients' τ chunks.
 
@@ -69,16 +75,25 @@ def iter_merge(
     task_vectors: Sequence[Tensors],
     names: Sequence[str] | None = None,
     squared_norms: np.ndarray | None = None,
+    device: torch.device | str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, Δ)`` tensor by tensor; Δ is in the accumulation dtype (int64 for integer buffers).
 
     The entrance of the merging core: tensor names, shapes and dtypes are checked first, from metadata
     (:func:`~fedmerge.merging.validate.check_task_vectors`), and clients of weight 0 are dropped (never read).
     If ``squared_norms`` (length T) is given, each present client's ‖τ_t‖² over the floating tensors is
-    added to it; a non-finite entry flags non-finite values. Each Δ is made on the device of the first
-    client's tensor (a :class:`TaskVector`'s base θ); on the CPU the chunks of a tensor are shared among
-    worker threads, each running torch single-threaded, and on an accelerator one thread runs them in order.
+    added to it; a non-finite entry flags non-finite values. Δ is made on ``device`` (default: where the first
+    client's tensor, or its base θ, lives; the CPU for tensors read from disk). See :func:`_drive`.
     """
+    yield from _drive(rule, task_vectors, names, squared_norms, device, None)
+
+
+def _drive(rule, task_vectors, names, squared_norms, device, server_lr) -> Iterator[tuple[str, torch.Tensor]]:
+    """The driver. Each tensor is cut into chunks that worker threads take in turn (one chunk per step, so they
+    stay busy), each with its own scratch rows: read every client's chunk (a task vector's base once), run the
+    rule, and, when ``server_lr`` is given, write θ + β·Δ in θ's dtype right there. On the CPU every core works,
+    each running torch single-threaded; on an accelerator one thread does, or every core when the inputs are read
+    from disk (the reads overlap; the device runs the arithmetic in turn)."""
     names = check_task_vectors(task_vectors, names)
     present = rule.present_clients(len(task_vectors))
     task_vectors = [task_vectors[t] for t in present]
@@ -87,50 +102,92 @@ def iter_merge(
         with single_threaded():
             rule.prepare(task_vectors, names)
         for name in names:
-            ops = operands(task_vectors, name)
-            if not is_floating(ops[0]):
-                yield name, rule.merge_integer([op.to(torch.int64) for op in ops])
+            found = terms(task_vectors, name)
+            where = torch.device(device) if device is not None else _home(found[0])
+            if not found[0].floating:
+                delta, base = _merge_integer(rule, found, where)
+                yield name, delta if server_lr is None else apply_update(base, delta, server_lr)
                 continue
             with single_threaded():
-                out, norms = _merge_floating(rule, name, ops, pool, workers)
+                out, norms = _merge_floating(rule, name, found, where, pool, workers, server_lr, squared_norms is not None)
             if squared_norms is not None:
                 squared_norms[present] += norms
             yield name, out
             del out  # the caller holds it now; keep at most one Δ alive while the next tensor is read
 
 
+def _home(term: Term) -> torch.device:
+    """Where the work on a tensor runs by default: where its base (else its value) lives; readers are on the CPU."""
+    held = term.value if term.base is None else term.base
+    return held.device if isinstance(held, torch.Tensor) else torch.device("cpu")
+
+
+def _merge_integer(rule: Rule, found: list[Term], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Δ of an integer buffer, and the first term's base as stored (every source read once, whole: they are small)."""
+    read: dict[int, torch.Tensor] = {}
+
+    def whole(src) -> torch.Tensor:
+        if id(src) not in read:
+            read[id(src)] = read_whole(src, src.dtype, device)
+        return read[id(src)]
+
+    values = [whole(t.value).to(torch.int64) - (0 if t.base is None else whole(t.base).to(torch.int64)) for t in found]
+    return rule.merge_integer(values), None if found[0].base is None else whole(found[0].base)
+
+
+def _given_dtype(term: Term) -> torch.dtype:
+    """The dtype :func:`merge` returns a tensor in: a task vector's accumulation dtype (int64 for integer
+    buffers), else the client tensor's own."""
+    if term.base is None:
+        return term.value.dtype
+    return accumulation_dtype(term.base.dtype) if term.floating else torch.int64
+
+
 def _merge_floating(
-    rule: Rule, name: str, ops: list, pool: ThreadPoolExecutor, workers: int
+    rule: Rule, name: str, found: list[Term], device: torch.device, pool: ThreadPoolExecutor, workers: int,
+    server_lr: float | None, want_norms: bool,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Δ for one floating tensor, on the first operand's device, its chunks split into contiguous ranges, one
-    per worker (one worker off the CPU); and each ‖τ_t‖²."""
-    dtype, device = operand_dtype(ops[0]), ops[0].device
-    out = torch.empty(ops[0].shape, dtype=dtype, device=device)
+    """One floating tensor: Δ in the accumulation dtype, or θ + β·Δ in θ's dtype (``server_lr`` given); and each
+    client's ‖τ_t‖² (zeros unless ``want_norms``)."""
+    dtype = accumulation_dtype((found[0].value if found[0].base is None else found[0].base).dtype)
+    numel = found[0].shape.numel()
+    out = torch.empty(found[0].shape, dtype=found[0].base.dtype if server_lr is not None else dtype, device=device)
     flat_out = out.view(-1)
     size = chunk_size(device)
-    slices = list(chunks(flat_out.numel(), size))
-    workers = min(workers if device.type == "cpu" else 1, len(slices))
-    ranges = [slices[k * len(slices) // workers : (k + 1) * len(slices) // workers] for k in range(workers)]
+    slices = list(chunks(numel, size))
+    reads_disk = any(not isinstance(term.value, torch.Tensor) for term in found)
+    workers = min(workers if device.type == "cpu" or reads_disk else 1, len(slices))
+    rule.prepare_tensor(name, found, dtype, device)
+    taken = itertools.count()  # next() on a count is atomic under the GIL: each chunk goes to one worker
 
-    def work(part: list[slice]) -> np.ndarray:
-        scratch = torch.empty(len(ops), min(size, flat_out.numel()), dtype=dtype, device=device)
-        norms = torch.zeros(len(ops), dtype=torch.float64, device=device)
-        for s in part:
-            values = scratch[:, : s.stop - s.start]
-            for op, row in zip(ops, values):
-                chunk_of(op, s, row)
-            norms += torch.linalg.vector_norm(values, dim=1).to(torch.float64) ** 2
-            rule.merge_chunk(name, s, values, flat_out[s])
+    def work() -> np.ndarray:
+        width = min(size, numel)
+        rows = torch.empty(len(found), width, dtype=dtype, device=device)
+        base_row = torch.empty(width, dtype=dtype, device=device)
+        delta = torch.empty(width, dtype=dtype, device=device) if server_lr is not None else None
+        norms = torch.zeros(len(found), dtype=torch.float64, device=device)
+        while (k := next(taken)) < len(slices):
+            s = slices[k]
+            n = s.stop - s.start
+            values = rows[:, :n]
+            theta = read_chunk(found, s, values, base_row[:n])
+            if want_norms:
+                norms += torch.linalg.vector_norm(values, dim=1).to(torch.float64) ** 2
+            if delta is None:
+                rule.merge_chunk(name, s, values, flat_out[s])
+            else:
+                rule.merge_chunk(name, s, values, delta[:n])
+                flat_out[s].copy_(torch.add(theta, delta[:n], alpha=server_lr, out=delta[:n]))
         return norms.cpu().numpy()  # T numbers, once per tensor
 
-    parts = [work(ranges[0])] if workers == 1 else list(pool.map(work, ranges))
+    parts = [work()] if workers == 1 else [f.result() for f in [pool.submit(work) for _ in range(workers)]]
     return out, np.sum(parts, axis=0)
 
 
 def merge(rule: Rule, task_vectors: Sequence[Tensors]) -> dict[str, torch.Tensor]:
     """Δ = the rule over the task vectors, each tensor in the dtype the first task vector gives it."""
     deltas = dict(iter_merge(rule, task_vectors))
-    return {name: delta.to(operands(task_vectors[:1], name)[0].dtype) for name, delta in deltas.items()}
+    return {name: delta.to(_given_dtype(terms(task_vectors[:1], name)[0])) for name, delta in deltas.items()}
 
 
 def iter_merged_model(
@@ -140,15 +197,14 @@ def iter_merged_model(
     server_lr: float = 1.0,
     names: Sequence[str] | None = None,
     squared_norms: np.ndarray | None = None,
+    device: torch.device | str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, θ + β·Δ)`` tensor by tensor, with Δ the rule over τ_t = θ_t − θ, in θ's dtypes."""
+    """Yield ``(name, θ + β·Δ)`` tensor by tensor, with Δ the rule over τ_t = θ_t − θ, in θ's dtypes, on
+    ``device`` (default: θ's). θ + β·Δ is computed chunk by chunk beside Δ (in the accumulation dtype), so no
+    whole Δ is ever held."""
     if not math.isfinite(server_lr):
         raise FedmergeError(f"server_lr (β) must be a finite number, got {server_lr!r}.")
-    task_vectors = [TaskVector(model, base) for model in finetuned]
-    for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
-        updated = apply_update(base[name], delta, server_lr)
-        del delta
-        yield name, updated
+    yield from _drive(rule, [TaskVector(model, base) for model in finetuned], names, squared_norms, device, float(server_lr))
 
 
 def merged_model(

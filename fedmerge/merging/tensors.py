@@ -1,15 +1,19 @@
 """Tensor plumbing shared by every rule: lazy task vectors, accumulation dtypes, chunked passes.
 
 Rules never see whole task vectors. The driver walks each tensor in cache-sized chunks, computes the
-chunk of every client's τ_t = θ_t − θ right there, and hands the rule those chunks; so a rule over T
-clients reads each input once and holds one output tensor plus T chunks.
+chunk of every client's τ_t = θ_t − θ right there (θ's chunk read once for all clients), and hands the rule
+those chunks; so a rule over T clients reads each input once and holds one output tensor plus T chunks per
+worker. Inputs are tensors, or :class:`SliceReader` s of tensors still on disk, read a chunk at a time.
 
-Devices: the work on a tensor runs where the first client's tensor lives (for a :class:`TaskVector`, its
-base θ), and every buffer is made there; another client's chunks are copied there as they are read.
+Devices: the work on a tensor runs on the device asked for, by default where the first client's tensor (for
+a :class:`TaskVector`, its base θ) lives, and every buffer is made there; chunks are copied there as they
+are read.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -36,34 +40,88 @@ def chunks(numel: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, numel))
 
 
-class Difference:
-    """θ_t − θ for one tensor, produced chunk by chunk in the accumulation dtype (never held whole)."""
+class SliceReader(Protocol):
+    """A tensor kept where it is stored (a checkpoint on disk) and read a flat slice at a time.
 
-    def __init__(self, finetuned: torch.Tensor, base: torch.Tensor) -> None:
-        self.finetuned = finetuned.reshape(-1)
-        self.base = base.reshape(-1)
-        self.shape = base.shape
-        self.dtype = accumulation_dtype(base.dtype)
-        self.device = base.device
+    A mapping of tensors offers these through a ``reader(name)`` method; the driver then never reads a whole
+    tensor, only the chunks it is merging, from as many threads as it runs.
+    """
 
-    def chunk(self, s: slice, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The chunk ``s`` in ``out``'s dtype on its device (default: the accumulation dtype on θ's device)."""
-        dtype, device = (self.dtype, self.device) if out is None else (out.dtype, out.device)
-        return torch.sub(self.finetuned[s].to(device, dtype), self.base[s].to(device, dtype), out=out)
+    shape: torch.Size
+    dtype: torch.dtype
 
-    def full(self) -> torch.Tensor:
-        return self.chunk(slice(None)).view(self.shape)
+    def read(self, s: slice) -> torch.Tensor:
+        """The flat elements ``s`` as a CPU tensor of :attr:`dtype`, valid until this thread reads again."""
 
 
-Operand = torch.Tensor | Difference
+Source = torch.Tensor | SliceReader
 
 
-def chunk_of(operand: Operand, s: slice, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The chunk ``s`` of a flattened operand, written into ``out`` (its dtype, on its device) if given."""
-    if isinstance(operand, Difference):
-        return operand.chunk(s, out)
-    values = operand.reshape(-1)[s]
-    return values if out is None else out.copy_(values)
+def source(tensors: Tensors, name: str) -> Source:
+    """Tensor ``name`` as a slice reader where the mapping offers one (``reader``), else the tensor itself."""
+    reader = getattr(tensors, "reader", None)
+    return tensors[name] if reader is None else reader(name)
+
+
+def read_into(src: Source, s: slice, out: torch.Tensor) -> torch.Tensor:
+    """The flat elements ``s`` of ``src`` copied into ``out``, converted to its dtype and moved to its device."""
+    return out.copy_(src.reshape(-1)[s] if isinstance(src, torch.Tensor) else src.read(s))
+
+
+def read_whole(src: Source, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """All of ``src`` in ``dtype`` on ``device``."""
+    out = torch.empty(src.shape, dtype=dtype, device=device)
+    read_into(src, slice(0, out.numel()), out.view(-1))
+    return out
+
+
+@dataclass(frozen=True)
+class Term:
+    """One client's tensor to merge: ``value`` − ``base`` for a task vector, ``value`` alone otherwise."""
+
+    value: Source
+    base: Source | None = None
+
+    @property
+    def floating(self) -> bool:
+        return (self.value if self.base is None else self.base).dtype.is_floating_point
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.value.shape)
+
+    def whole(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The whole term (θ_t − θ for a task vector) in ``dtype`` on ``device``."""
+        value = read_whole(self.value, dtype, device)
+        return value if self.base is None else value.sub_(read_whole(self.base, dtype, device))
+
+
+def terms(vectors: Sequence[Tensors], name: str) -> list[Term]:
+    """Every vector's tensor ``name``; task vectors of one base share its source, so it is read once per chunk."""
+    bases: dict[int, Source] = {}
+    found = []
+    for vector in vectors:
+        if isinstance(vector, TaskVector):
+            base = bases.setdefault(id(vector.base), source(vector.base, name))
+            found.append(Term(source(vector.finetuned, name), base))
+        else:
+            found.append(Term(source(vector, name)))
+    return found
+
+
+def read_chunk(found: Sequence[Term], s: slice, values: torch.Tensor, base_row: torch.Tensor) -> torch.Tensor | None:
+    """Chunk ``s`` of every term into the rows of ``values``; a shared base is read once, into ``base_row``.
+
+    Returns ``base_row`` holding the base's chunk when every term is a task vector of that base, else None.
+    """
+    shared = found[0].base if all(term.base is found[0].base for term in found) else None
+    if shared is not None:
+        read_into(shared, s, base_row)
+    for term, row in zip(found, values):
+        read_into(term.value, s, row)
+        if term.base is not None:
+            row.sub_(base_row if term.base is shared else read_into(term.base, s, torch.empty_like(row)))
+    return None if shared is None else base_row
 
 
 class TaskVector(Mapping[str, torch.Tensor]):
@@ -77,15 +135,11 @@ class TaskVector(Mapping[str, torch.Tensor]):
         self.finetuned = finetuned
         self.base = base
 
-    def operand(self, name: str) -> Operand:
+    def __getitem__(self, name: str) -> torch.Tensor:
         base = self.base[name]
         if base.is_floating_point():
-            return Difference(self.finetuned[name], base)
+            return self.finetuned[name].to(base.device, accumulation_dtype(base.dtype)) - base.to(accumulation_dtype(base.dtype))
         return self.finetuned[name].to(base.device, torch.int64) - base.to(torch.int64)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        operand = self.operand(name)
-        return operand.full() if isinstance(operand, Difference) else operand
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
@@ -119,19 +173,6 @@ class OnDevice(Mapping[str, torch.Tensor]):
         return len(self.tensors)
 
 
-def operands(task_vectors: Sequence[Tensors], name: str) -> list[Operand]:
-    """Every client's tensor ``name``, lazily where the task vector allows it."""
-    return [tv.operand(name) if isinstance(tv, TaskVector) else tv[name] for tv in task_vectors]
-
-
-def is_floating(operand: Operand) -> bool:
-    return isinstance(operand, Difference) or operand.is_floating_point()
-
-
-def operand_dtype(operand: Operand) -> torch.dtype:
-    return operand.dtype if isinstance(operand, Difference) else accumulation_dtype(operand.dtype)
-
-
 def stacked(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The tensors stacked in ``dtype`` on the first one's device."""
     return torch.stack([t.to(tensors[0].device, dtype) for t in tensors])
@@ -154,15 +195,20 @@ def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
     CCLIP center) may hold the floating tensors only."""
     gram = None
     for name in names:
-        last = operands(vectors[-1:], name)[0]
-        if not is_floating(last):
+        if not terms(vectors[-1:], name)[0].floating:
             continue
-        ops = operands(vectors[:-1], name) + [last]
-        device = ops[0].device
+        found = terms(vectors, name)
+        first = found[0].value
+        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
         if gram is None:
-            gram = torch.zeros(len(ops), len(ops), dtype=torch.float64, device=device)
-        for s in chunks(ops[0].shape.numel(), chunk_size(device)):
-            x = torch.stack([chunk_of(op, s).to(device, torch.float64) for op in ops])
+            gram = torch.zeros(len(found), len(found), dtype=torch.float64, device=device)
+        size = chunk_size(device)
+        values = torch.empty(len(found), min(size, found[0].shape.numel()), dtype=torch.float64, device=device)
+        base_row = torch.empty(values.shape[1], dtype=torch.float64, device=device)
+        for s in chunks(found[0].shape.numel(), size):
+            n = s.stop - s.start
+            x = values[:, :n]
+            read_chunk(found, s, x, base_row[:n])
             gram += x @ x.T
     return np.zeros((len(vectors), len(vectors))) if gram is None else gram.cpu().numpy()
 
