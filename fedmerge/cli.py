@@ -21,7 +21,7 @@ COMMANDS = {
     "list": ("fedmerge.simulations.command", "list strategies, task suites and presets"),
     "merge": ("fedmerge.checkpoints.command", "merge fine-tuned checkpoints of one base model offline (streaming, any size)"),
     "sweep": ("fedmerge.simulations.sweep_command", "run a grid of experiments (resumable)"),
-    "findings": ("fedmerge.simulations.sweep_command", "reproduce the paper's claims and write docs/findings.md"),
+    "findings": ("fedmerge.studies.command", "test the paper's claims (study sweeps, paired statistics) and write docs/findings.md"),
     "report": ("fedmerge.report.command", "tables and figures (Markdown + HTML) from a run or a sweep"),
     "evaluate": ("fedmerge.simulations.evaluate_command", "merge fine-tuned checkpoints with every rule and evaluate them on a suite's tasks"),
 }

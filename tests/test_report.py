@@ -12,9 +12,9 @@ from scipy import stats
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.report import figures, load_runs, write_report
-from fedmerge.report.findings import claim_training_heterogeneity, run_findings, write_page
+from fedmerge.report.findings import claim_training_heterogeneity, write_findings, write_page
 from fedmerge.report.records import aggregate, rows
-from fedmerge.report.stats import mean_ci
+from fedmerge.report.stats import format_paired, mean_ci, paired, sign
 from report_data import write_grid, write_run, write_sweep
 
 
@@ -186,13 +186,35 @@ def test_figures_keep_legends_off_the_data_bars_from_zero_and_panels_apart(tmp_p
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), figure.name
 
 
-@pytest.mark.parametrize("nova_shift, wording", [(-0.05, r"recovers [1-9]\d% of the drop"), (-0.2, r"widens the drop by \d+%")])
-def test_the_findings_word_a_negative_recovery_as_widening_the_drop(tmp_path, nova_shift, wording):
+SEEDS5 = (0, 1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("ta_16x, nova_16x, verdict, wording", [
+    (-0.1, -0.02, "reproduces", "recovers"),          # TA drops, FedNova beats TA in every seed
+    (-0.1, -0.2, "partly", "widens the drop"),         # TA drops, FedNova below TA
+    (0.0, 0.0, "does not reproduce", "changes nothing significant"),
+])
+def test_claim_2_is_decided_on_paired_intervals_over_seeds(tmp_path, ta_16x, nova_16x, verdict, wording):
     study = write_grid(tmp_path / "study", "spread", {
         "1x": {"strategies": ("fedavg", "fednova"), "rounds": (1,), "shift": {"fednova": -0.02}},
-        "16x": {"strategies": ("fedavg", "fednova"), "rounds": (1,), "shift": {"fedavg": -0.1, "fednova": nova_shift - 0.02}}})
+        "16x": {"strategies": ("fedavg", "fednova"), "rounds": (1,), "shift": {"fedavg": ta_16x, "fednova": nova_16x - 0.02}}},
+        seeds=SEEDS5)
     claim = claim_training_heterogeneity(load_runs(study))
-    assert re.search(wording, claim.summary) and "-" not in claim.summary.split("FedNova")[1], claim.summary
+    assert claim.verdict == verdict and wording in claim.summary, claim.summary
+    assert "5 seeds" in claim.summary
+    table = claim.body[1].split("\n\n", 1)[1]
+    assert "fednova − TA" in table and ("▲" in table) == (verdict == "reproduces")
+
+
+def test_paired_intervals_are_narrower_than_unpaired_ones_when_seeds_share_noise():
+    ta = {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.8, 4: 0.55}
+    other = {s: v + 0.02 + 0.001 * s for s, v in ta.items()}
+    diff = paired(other, ta)
+    assert diff[0] == pytest.approx(0.022) and diff[2] == 5 and sign(diff) == 1
+    assert mean_ci(list(other.values()))[1] > 10 * diff[1]
+    assert sign(paired(ta, other)) == -1 and sign(paired({0: 0.1, 1: -0.1}, {0: 0, 1: 0})) == 0
+    assert format_paired(diff).endswith("▲") and "▲" not in format_paired(paired({0: 0.1, 1: -0.1}, {0: 0, 1: 0}))
+    assert sign(paired({0: 0.3}, {0: 0.1})) == 0  # one seed: no interval, no verdict
 
 
 def test_findings_refuse_to_overwrite_what_is_not_theirs_and_no_run_says_to_run(tmp_path, capsys):
@@ -205,7 +227,7 @@ def test_findings_refuse_to_overwrite_what_is_not_theirs_and_no_run_says_to_run(
     (tmp_path / "pics" / "holiday.png").write_bytes(b"png")
     for out in (tmp_path / "README.md", tmp_path / "pics.md", tmp_path / "pics"):
         with pytest.raises(FedmergeError, match=f"--out {out}"):
-            run_findings(out, work, run=True)
+            write_findings(work, out)
     assert (tmp_path / "README.md").read_text() == "mine" and (tmp_path / "pics" / "holiday.png").exists()
 
 
@@ -223,4 +245,3 @@ def test_the_findings_page_is_atomic_and_follows_the_umask(tmp_path, monkeypatch
     with pytest.raises(OSError):
         write_page([], out, {"total": 1}, tmp_path / "work")
     assert sorted(p.name for p in out.parent.iterdir()) == ["findings", "findings.md"]
-

@@ -1,4 +1,4 @@
-"""``fedmerge sweep`` (a grid of runs, resumable) and ``fedmerge findings`` (the paper's claims, reproduced)."""
+"""``fedmerge sweep``: a grid of runs, resumable (``fedmerge findings`` is :mod:`fedmerge.studies.command`)."""
 
 import argparse
 from pathlib import Path
@@ -29,13 +29,6 @@ examples:
   fedmerge report sweeps/alpha                       tables and figures over the cells (means, 95% CIs)
 """
 
-FINDINGS_HELP = """\
-Reproduce the paper's claims on fedmerge's own suites: run the shipped study sweeps (resumable, under
---work), test each claim by explicit rules, and write a Markdown page with the numbers, a verdict per claim
-and figures (PNGs beside the page, in <page-stem>/). About 15 minutes on 2 CPU cores.
-"""
-
-
 def register(subparsers) -> None:
     sweep = subparsers.add_parser("sweep", description=SWEEP_HELP,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,15 +39,6 @@ def register(subparsers) -> None:
     sweep.add_argument("--list", action="store_true", help="list the shipped studies")
     sweep.add_argument("--no-progress", action="store_true", help="no live progress bar inside each cell")
     sweep.set_defaults(handler=sweep_command)
-
-    findings = subparsers.add_parser("findings", description=FINDINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    findings.add_argument("--out", type=Path, default=Path("docs/findings.md"), metavar="FILE.md",
-                          help="the page to write (default: docs/findings.md); figures go to docs/findings/")
-    findings.add_argument("--work", type=Path, default=Path("results/studies"), metavar="DIR",
-                          help="where the study sweeps run (resumable; default: results/studies)")
-    findings.add_argument("--no-run", action="store_true", help="write the page from the sweeps already in --work")
-    findings.add_argument("--no-progress", action="store_true", help="no live progress bar inside each cell")
-    findings.set_defaults(handler=findings_command)
 
 
 def sweep_command(args) -> int:
@@ -90,11 +74,4 @@ def sweep_command(args) -> int:
         return 0
     run_sweep(sweep, out, show_progress=not args.no_progress, log=lambda line: console.print(line, highlight=False))
     console.print(f"report: fedmerge report {out}")
-    return 0
-
-
-def findings_command(args) -> int:
-    from fedmerge.report.findings import run_findings
-
-    run_findings(args.out, args.work, run=not args.no_run, show_progress=not args.no_progress)
     return 0
