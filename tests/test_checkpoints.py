@@ -15,7 +15,9 @@ import fedmerge.checkpoints.reader as reader_module
 from fedmerge.checkpoints import Checkpoint, merge_checkpoints
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
-from fedmerge.merging import CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, merged_model
+from fedmerge.merging import (
+    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, TiesRule, merged_model,
+)
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
 
@@ -92,10 +94,13 @@ CASES = {
     "fedavg": (dict(weights=[1, 2, 3], server_lr=0.8), FedAvgRule([1, 2, 3]), 0.8),
     "fednova-steps": (dict(method="fednova", steps=[1, 2, 4]), FedNovaRule([1, 2, 4]), 1.0),
     "fednova-lr-sums": (dict(method="fednova", lr_sums=[0.5, 0.1, 0.2], scaling=0.5), FedNovaRule([0.5, 0.1, 0.2]), 1.5),
-    "fedgma": (dict(method="fedgma", rho=0.6, weights=[3, 1, 1]), FedGMARule(0.6, [3, 1, 1]), 1.0),
+    "fedgma": (dict(method="fedgma", threshold=0.6, weights=[3, 1, 1]), FedGMARule(0.6, [3, 1, 1]), 1.0),
     "median": (dict(method="median"), MedianRule(), 1.0),
-    "cclip": (dict(method="cclip", rho=0.5, iterations=2), CClipRule(0.5, 2), 1.0),
+    "cclip": (dict(method="cclip", radius=0.5, iterations=2), CClipRule(0.5, 2), 1.0),
     "cclip-median-radius": (dict(method="cclip"), CClipRule(), 1.0),
+    "ties": (dict(method="ties", density=0.4, weights=[1, 1, 2]), TiesRule(0.4, [1, 1, 2]), 1.0),
+    "dare-linear": (dict(method="dare-linear", density=0.5, seed=3, scaling=0.5), DareRule(0.5, 3, False), 1.5),
+    "dare-ties": (dict(method="dare-ties", seed=4), DareRule(0.2, 4, True), 1.0),
 }
 
 
@@ -301,13 +306,21 @@ def test_missing_shard(tmp_path, capsys):
 def test_options_checked_before_reading(tmp_path, capsys):
     base_path, model_paths = save_files(tmp_path, *make_models())
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--steps", "1", "2")
-    assert "got 2 values of steps (--steps) for 3 models; give one per model" in err
+    assert "--steps (steps) needs one value per model: 3 models, 2 values" in err
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--steps", "1", "-2", "3")
+    assert "'--steps (steps)' must be a positive number, got -2.0" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova")
     assert "needs the models' effective steps" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "median", "--rho", "0.5")
-    assert "rho (--rho) is only used by method 'fedgma' or 'cclip'" in err
+    assert "--rho is only used by method 'cclip' or 'fedgma', not 'median'; drop it" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--weights", "1", "1", "1")
     assert "not 'task-arithmetic'" in err
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "ties", "--density", "0")
+    assert "'--density (density)' must be a number in (0, 1], got 0.0" in err
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "ties", "--seed", "1")
+    assert "--seed is only used by method 'dare-linear' or 'dare-ties', not 'ties'" in err
+    with pytest.raises(FedmergeError, match="unknown method 'tie' \\(did you mean 'ties'\\?\\)"):
+        merge_checkpoints(base_path, model_paths, tmp_path / "m", method="tie")
 
 
 def test_existing_output_needs_force(tmp_path, capsys):
@@ -484,7 +497,7 @@ def test_cclip_rho_zero_means_the_median_norm_as_in_experiment_specs(tmp_path, c
     assert metadata_of(out)["rule"]["radius"] == pytest.approx(rule.radius_used)
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
-    assert "(default, or 0: the median of the task-vector norms)" in " ".join(capsys.readouterr().out.split())
+    assert "(0: the median of the clients' distances to the center) (default 0.0)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_the_summary_counts_one_model_in_the_singular(tmp_path, capsys):

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedmerge.merging.fedgma import THRESHOLDS
 from fedmerge.cli import main
 from fedmerge.clients.trainer import TrainConfig, train
 from fedmerge.simulations import evaluation
 from fedmerge.simulations.presets import load_experiment
-from fedmerge.strategies import STRATEGIES
+from fedmerge.simulations.spec import TOP
 from fedmerge.tasks import load_suite
 
 SUITE = '''
@@ -90,19 +91,21 @@ def run_dir(assets, tmp_path_factory):
     (run_dir,) = out.iterdir()
     return run_dir
 
+DEFAULT_STRATEGIES = TOP["strategies"].default
+
 
 def test_every_strategy_is_merged_and_written(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
-    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [(name, 1) for name in STRATEGIES]
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [(name, 1) for name in DEFAULT_STRATEGIES]
     assert results["spec"]["rounds"] == [1] and results["suite"]["tasks"] == ["task0", "task1", "task2"]
     assert [c["reply"]["num-examples"] for c in results["clients"]] == [96, 96, 96]
     assert results["checkpoints"]["models"][2].endswith("model2.safetensors")
-    assert {p.name for p in (run_dir / "models").iterdir()} == {f"{name}-r1.safetensors" for name in STRATEGIES}
+    assert {p.name for p in (run_dir / "models").iterdir()} == {f"{name}-r1.safetensors" for name in DEFAULT_STRATEGIES}
     for run in results["runs"]:
         assert run["selected"]["server_lr"] == pytest.approx(3 * run["selected"]["scaling"])  # β = λ·T
         assert len(run["final"]["tasks"]) == 3 and 0 < run["final"]["mean_normalized_accuracy"]
     assert len(results["diagnostics"]["task_vector_norms"]) == 3
-    assert (run_dir / "summary.csv").read_text().count("\n") == 1 + len(STRATEGIES)
+    assert (run_dir / "summary.csv").read_text().count("\n") == 1 + len(DEFAULT_STRATEGIES)
 
 
 def test_the_choice_is_the_argmax_of_the_recorded_mean(run_dir):
@@ -112,7 +115,7 @@ def test_the_choice_is_the_argmax_of_the_recorded_mean(run_dir):
         chosen = {k: v for k, v in run["selected"].items() if k != "server_lr"}
         assert chosen == best, run["strategy"]
     fedgma = next(r for r in results["runs"] if r["strategy"] == "fedgma")
-    assert len(fedgma["selection"]) == len(evaluation.SCALING_GRID) * len(evaluation.FEDGMA_THRESHOLDS)
+    assert len(fedgma["selection"]) == len(evaluation.SCALING_GRID) * len(THRESHOLDS)
 
 
 def test_lambda_maximises_the_mean_validation_normalized_accuracy_over_all_tasks(assets, run_dir):

@@ -9,7 +9,8 @@ import torch
 
 from fedmerge import FedmergeError
 from fedmerge.merging import (
-    CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, OnDevice, TaskVector, cclip, chi_square,
+    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, OnDevice, TaskVector, TiesRule, cclip,
+    chi_square,
     effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model, median, merge, merged_model,
     scaling_to_server_lr, server_lr_to_scaling,
 )
@@ -333,7 +334,8 @@ def poisoned(num_clients=4):
 
 @pytest.mark.parametrize("make_rule", [
     lambda w: FedAvgRule(w), lambda w: FedNovaRule([1, 2, 3, 4][: len(w)], w), lambda w: FedGMARule(0.6, w),
-    lambda w: CClipRule(None, 2, None, w), lambda w: CClipRule(0.5, 1, None, w),
+    lambda w: CClipRule(None, 2, None, w), lambda w: CClipRule(0.5, 1, None, w), lambda w: TiesRule(0.3, w),
+    lambda w: DareRule(0.5, 3, False, w), lambda w: DareRule(0.5, 3, True, w),
 ])
 def test_a_client_of_weight_zero_is_absent_under_every_weighted_rule(make_rule):
     base, models, weights = poisoned()
@@ -386,6 +388,10 @@ def device_rules(num_clients, center=None):
         "median-lower": MedianRule("lower"),
         "cclip": CClipRule(None, 2, center, weights),
         "cclip-radius": CClipRule(0.5, 1, None, weights),
+        "ties": TiesRule(0.3, weights),
+        "ties-dense": TiesRule(1.0, weights),
+        "dare-linear": DareRule(0.4, 7, False, weights),
+        "dare-ties": DareRule(0.4, 7, True, weights),
     }
 
 

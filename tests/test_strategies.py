@@ -204,10 +204,12 @@ def test_a_reply_without_exactly_one_array_record_is_refused():
         (lambda: FedAvg(server_lr=0), "server_lr"),
         (lambda: FedAvg(weighting="by-loss"), "weighting must be one of"),
         (lambda: FedNova(normalize_by="time"), "normalize_by"),
-        (lambda: FedGMA(threshold=2), "at most 1"),
-        (lambda: Median(even="upper"), "even-count"),
-        (lambda: CClip(radius=0), "radius"),
-        (lambda: CClip(center="mean"), "center must be one of"),
+        (lambda: FedGMA(threshold=2), "'FedGMA.threshold' must be a number ≤ 1"),
+        (lambda: Median(even="upper"), "'Median.even' must be one of mean, lower"),
+        (lambda: CClip(radius=-1), "'CClip.radius' must be a number ≥ 0"),
+        (lambda: CClip(center="mean"), "'CClip.center' must be one of previous, zero"),
+        (lambda: STRATEGIES["ties"](density=0), r"'Ties.density' must be a number in \(0, 1\]"),
+        (lambda: STRATEGIES["dare-ties"](seed=-1), "'DareTies.seed' must be"),
     ],
 )
 def test_bad_strategy_parameters_are_refused(make, message):

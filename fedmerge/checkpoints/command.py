@@ -6,7 +6,8 @@ import time
 import warnings
 
 from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
-from fedmerge.checkpoints.methods import FEDGMA_DEFAULT_RHO, METHODS
+from fedmerge.checkpoints.methods import MERGE_METHODS, flags, params_from_flags
+from fedmerge.merging import Method, Param
 
 DESCRIPTION = """\
 Merge fine-tuned checkpoints θ_1..θ_T of one base θ into a new checkpoint, tensor by tensor, in a few
@@ -35,6 +36,8 @@ examples:
   fedmerge merge --base B --models A1 A2 A3 --method fednova --lr-sums 0.5 1.0 2.0 --out merged
   fedmerge merge --base B --models A1 A2 A3 --method cclip --rho 12.5 --out merged
   fedmerge merge --base B --models A1 A2 A3 --method median --device cuda --out merged
+  fedmerge merge --base B --models A1 A2 A3 --method ties --density 0.2 --out merged
+  fedmerge merge --base B --models A1 A2 A3 --method dare-ties --density 0.3 --seed 1 --out merged
 """
 
 
@@ -42,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``fedmerge merge`` to the command line."""
     parser = subparsers.add_parser(
         "merge",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, epilog=_methods() + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = parser.add_argument_group("inputs and output")
     io.add_argument("--base", required=True, metavar="BASE", help="the pretrained checkpoint θ (file or directory)")
@@ -69,31 +72,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
 
     rule = parser.add_argument_group("method")
-    rule.add_argument("--method", choices=METHODS, default="task-arithmetic", help="the merging rule (default: %(default)s)")
+    rule.add_argument("--method", choices=MERGE_METHODS, default="task-arithmetic", metavar="METHOD",
+                      help="the merging rule, one of the methods listed below (default: %(default)s)")
     scale = rule.add_mutually_exclusive_group()
     scale.add_argument("--scaling", type=float, metavar="λ", help="Task Arithmetic's λ: θ + λ·Σ_t τ_t (β = λ·T)")
     scale.add_argument("--server-lr", type=float, metavar="β", help="server learning rate β: θ + β·Δ, Δ mean-scale")
     rule.add_argument(
         "--weights", type=float, nargs="+", metavar="W",
-        help="per-model weights p_t, normalised to sum 1, e.g. example counts (fedavg, fednova, fedgma, cclip; "
-        "default uniform)",
+        help="per-model weights p_t, normalised to sum 1, e.g. example counts (every method but task-arithmetic and "
+        "median; default uniform)",
     )
-    rule.add_argument("--steps", type=float, nargs="+", metavar="K", help="fednova: each model's local step count a_t")
-    rule.add_argument(
-        "--lr-sums", type=float, nargs="+", metavar="S",
-        help="fednova: each model's sum of learning rates Σ_k η_t^(k) as a_t (instead of --steps)",
-    )
-    rule.add_argument(
-        "--rho", type=float, metavar="ρ",
-        help=f"fedgma: sign-agreement threshold, at most 1 (default {FEDGMA_DEFAULT_RHO}; ≤ 0 gives fedavg); cclip: clipping radius "
-        "in the L2 norm over the whole task vector (default, or 0: the median of the task-vector norms)",
-    )
-    rule.add_argument("--iterations", type=int, metavar="L", help="cclip: clipping iterations (default 1)")
-    rule.add_argument(
-        "--even", choices=("mean", "lower"),
-        help="median with an even number of models: average the two middle values (mean, default) or take the lower",
-    )
+    for flag, users in flags().items():
+        rule.add_argument(flag, dest=_dest(flag), metavar=_metavar(users[0][1]), help=_flag_help(users),
+                          **({"type": float, "nargs": "+"} if users[0][1].per_model else {"type": _type(users)}))
     parser.set_defaults(handler=run)
+
+
+def _methods() -> str:
+    """The methods, one line each, for the end of ``--help``."""
+    width = max(map(len, MERGE_METHODS)) + 2
+    return "methods:\n" + "".join(f"  {name:<{width}}{m.summary}\n" for name, m in MERGE_METHODS.items()) + "\n"
+
+
+def _dest(flag: str) -> str:
+    return "param_" + flag.lstrip("-").replace("-", "_")
+
+
+def _metavar(param: Param) -> str:
+    return {"threshold": "ρ", "radius": "ρ", "iterations": "L", "density": "K", "steps": "A", "lr_sums": "A"}.get(
+        param.name, param.name.upper())
+
+
+def _type(users: list[tuple[Method, Param]]):
+    """The flag's value type, from its defaults (a flag shared by methods has one type)."""
+    default = users[0][1].option.default
+    return int if isinstance(default, int) and not isinstance(default, bool) else float if isinstance(default, float) else str
+
+
+def _flag_help(users: list[tuple[Method, Param]]) -> str:
+    """Each method's meaning of the flag, with its default (methods sharing the parameter named together)."""
+    shared: dict[int, tuple[list[str], Param]] = {}
+    for method, param in users:
+        shared.setdefault(id(param), ([], param))[0].append(method.name)
+    return "; ".join(
+        f"{', '.join(names)}: {param.option.help}"
+        + ("" if param.option.default is None else f" (default {param.option.default})")
+        for names, param in shared.values()
+    ).replace("%", "%%")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         out = merge_checkpoints(
             args.base, args.models, args.out,
             method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
-            steps=args.steps, lr_sums=args.lr_sums, rho=args.rho, iterations=args.iterations, even=args.even,
+            **params_from_flags(args.method, {flag: getattr(args, _dest(flag)) for flag in flags()}),
             max_shard_size=args.max_shard_size, skip_nonfinite=args.skip_nonfinite, force=args.force,
             progress=not args.quiet, device=args.device,
         )

@@ -32,7 +32,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.files import staged
 from fedmerge.merging import Rule, iter_merged_model
 from fedmerge.threads import single_threaded
-from fedmerge.checkpoints.methods import build_rule, resolve_server_lr
+from fedmerge.checkpoints.methods import build_rule, per_model_params, resolve_server_lr
 from fedmerge.checkpoints.progress import MergeProgress
 from fedmerge.checkpoints.reader import Checkpoint
 from fedmerge.checkpoints.validate import check_compatible
@@ -40,7 +40,6 @@ from fedmerge.checkpoints.writer import (
     Shard, check_output, copy_side_files, parse_size, plan_shards, write_index, write_shard,
 )
 
-PER_MODEL = ("weights", "steps", "lr_sums")  # options with one value per model
 CONVENTION = (
     "merged = base + server_lr * delta, delta the rule's mean-scale update (FedAvg: the mean task vector); "
     "Task Arithmetic's scaling lambda = server_lr / T"
@@ -103,16 +102,12 @@ def merge_checkpoints(
     scaling: float | None = None,
     server_lr: float | None = None,
     weights: Sequence[float] | None = None,
-    steps: Sequence[float] | None = None,
-    lr_sums: Sequence[float] | None = None,
-    rho: float | None = None,
-    iterations: int | None = None,
-    even: str | None = None,
     max_shard_size: int | str | None = None,
     skip_nonfinite: bool = False,
     force: bool = False,
     progress: bool = False,
     device: str | torch.device = "cpu",
+    **params,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base into a new checkpoint at ``out``.
 
@@ -122,11 +117,12 @@ def merge_checkpoints(
     models : the fine-tuned checkpoints θ_t, T ≥ 1 of them, with exactly the base's tensors.
     out : a directory (Hugging Face layout, the base's config and tokenizer files copied) or, if it ends in
         ``.safetensors``, a single file.
-    method : "task-arithmetic", "fedavg", "fednova", "fedgma", "median" or "cclip".
+    method : "task-arithmetic" or any of :data:`fedmerge.merging.METHODS` ("fedavg", "fednova", "fedgma", "median",
+        "cclip", "ties", "dare-linear", "dare-ties").
     scaling : Task Arithmetic's λ: merged = θ + λ·Σ_t τ_t for FedAvg. Exclusive with ``server_lr``.
     server_lr : β: merged = θ + β·Δ, Δ the rule's mean-scale update; β = λ·T. Neither given: β = 1.
-    weights, steps, lr_sums, rho, iterations, even : the method's options, see
-        :func:`fedmerge.checkpoints.methods.build_rule`. A model of weight 0 is left out (never read).
+    weights : per-model weights p_t (normalised to sum 1) for the weighted methods. A model of weight 0 is left
+        out (never read).
     max_shard_size : bytes (int) or a size like "5GB" per output shard; default: the base's sharding.
     skip_nonfinite : leave out the models holding NaN or ±inf (each with a :class:`ModelLeftOut` warning,
         and listed under ``left_out`` in the output's metadata) instead of refusing them; λ then counts
@@ -137,11 +133,16 @@ def merge_checkpoints(
         merged on the GPU and written from the CPU; results equal the CPU's within float rounding) or "auto"
         (cuda when ``torch.cuda.is_available()``). Recorded in the output's metadata.
 
+    **params : the method's parameters, named as in its record (:func:`fedmerge.merging.find_method`), e.g.
+        ``threshold=0.3`` (fedgma), ``radius=12.5`` (cclip), ``density=0.2`` (ties, dare-*), ``steps=[...]`` or
+        ``lr_sums=[...]`` (fednova, one value per model); each defaults as its record says.
+
     Returns the output path. Raises :class:`FedmergeError` naming the file and tensor on bad input
     (non-finite values included, unless ``skip_nonfinite``); nothing is left at ``out`` if the merge fails.
     """
     out, models = Path(out), list(models)
-    options = dict(weights=weights, steps=steps, lr_sums=lr_sums, rho=rho, iterations=iterations, even=even)
+    options = dict(params, weights=weights)
+    per_model = ["weights", *per_model_params(method)]
     build_rule(method, len(models), **options)  # every option checked before any file is read
     resolve_server_lr(len(models), scaling, server_lr)
     device = resolve_device(device)
@@ -165,7 +166,7 @@ def merge_checkpoints(
                 left_out.append({"model": str(models[t]), "reason": "weight 0"})
                 warnings.warn(ModelLeftOut(f"left out {models[t]}: its weight is 0."), stacklevel=2)
         while True:
-            chosen = {key: _pick(options[key], kept) for key in PER_MODEL}
+            chosen = {key: _pick(options.get(key), kept) for key in per_model}
             rule = build_rule(method, len(kept), **{**options, **chosen})
             merged = [t for i, t in enumerate(kept) if not chosen["weights"] or chosen["weights"][i] != 0]
             beta = resolve_server_lr(len(merged), scaling, server_lr)

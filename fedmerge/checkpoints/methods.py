@@ -1,79 +1,79 @@
-"""Merging methods by name: each maps onto a rule of :mod:`fedmerge.merging`, the one implementation of it.
+"""Merging methods for ``fedmerge merge``: the registry's records (:data:`fedmerge.merging.METHODS`), each
+method's parameters taken by the flags its record names, plus ``task-arithmetic``.
 
 ``task-arithmetic`` and ``fedavg`` are the same rule (Δ = Σ_t p_t τ_t); Task Arithmetic is uniform and is
 usually given its scaling λ, FedAvg may weight the models. Options a method does not use are refused
 rather than ignored, and everything is checked against the number of models before any file is read.
 """
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging import (
-    CClipRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, Rule, client_weights, scaling_to_server_lr,
+from fedmerge.merging import METHODS, Method, Param, Rule, client_weights, find_method, scaling_to_server_lr
+
+TASK_ARITHMETIC = dataclasses.replace(
+    METHODS["fedavg"], name="task-arithmetic", weighted=False,
+    summary="Task Arithmetic: θ + λ·Σ_t τ_t, the uniform mean of the task vectors scaled (Ilharco et al. 2023)",
 )
-from fedmerge.merging.weights import positive_per_client
-
-METHODS = ("task-arithmetic", "fedavg", "fednova", "fedgma", "median", "cclip")
-WEIGHTED = ("fedavg", "fednova", "fedgma", "cclip")
-FEDGMA_DEFAULT_RHO = 0.5
+MERGE_METHODS: dict[str, Method] = {TASK_ARITHMETIC.name: TASK_ARITHMETIC, **METHODS}
 
 
-def _refuse(option: str, value, method: str, used_by: Sequence[str]) -> None:
-    if value is not None and method not in used_by:
-        raise FedmergeError(
-            f"{option} is only used by method {' or '.join(repr(m) for m in used_by)}, not {method!r}; drop it."
-        )
+def merge_method(name: str) -> Method:
+    """The record of a ``fedmerge merge`` method, ``task-arithmetic`` included."""
+    return MERGE_METHODS[name] if name == TASK_ARITHMETIC.name else find_method(name)
 
 
-def build_rule(
-    method: str,
-    num_models: int,
-    *,
-    weights: Sequence[float] | None = None,
-    steps: Sequence[float] | None = None,
-    lr_sums: Sequence[float] | None = None,
-    rho: float | None = None,
-    iterations: int | None = None,
-    even: str | None = None,
-) -> Rule:
-    """The rule of ``method`` over ``num_models`` task vectors, its options checked.
+def flags() -> dict[str, list[tuple[Method, Param]]]:
+    """Every ``fedmerge merge`` flag of a method parameter, with the methods (and their parameter) using it."""
+    found: dict[str, list[tuple[Method, Param]]] = {}
+    for method in MERGE_METHODS.values():
+        for param in method.scoped("merge").values():
+            found.setdefault(param.cli_flag, []).append((method, param))
+    return found
 
-    Parameters
-    ----------
-    weights : per-model weights p_t (normalised to sum 1); for fedavg, fednova, fedgma, cclip.
-    steps, lr_sums : FedNova's effective steps a_t: local step counts, or sums of learning rates (one of them).
-    rho : FedGMA's sign-agreement threshold (default 0.5) or CCLIP's clipping radius (default, or 0 as in
-        experiment specs: the median task-vector norm).
-    iterations : CCLIP's clipping iterations L (default 1).
-    even : Median's rule for an even number of models, "mean" (default) or "lower".
-    """
-    if method not in METHODS:
-        raise FedmergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    _refuse("weights (--weights)", weights, method, WEIGHTED)
-    _refuse("steps (--steps)", steps, method, ("fednova",))
-    _refuse("lr_sums (--lr-sums)", lr_sums, method, ("fednova",))
-    _refuse("rho (--rho)", rho, method, ("fedgma", "cclip"))
-    _refuse("iterations (--iterations)", iterations, method, ("cclip",))
-    _refuse("even (--even)", even, method, ("median",))
+
+def params_from_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's parameters from flag values (``--rho`` → FedGMA's threshold or CCLIP's radius); a flag the
+    method does not use is refused, naming the methods that do."""
+    record = merge_method(method)
+    by_flag = {param.cli_flag: param.name for param in record.scoped("merge").values()}
+    params = {}
+    for flag, value in given.items():
+        if value is None:
+            continue
+        if flag not in by_flag:
+            users = sorted({m.name for m, _ in flags()[flag]})
+            raise FedmergeError(f"{flag} is only used by method {' or '.join(map(repr, users))}, not {method!r}; drop it.")
+        params[by_flag[flag]] = value
+    return params
+
+
+def build_rule(method: str, num_models: int, weights: Sequence[float] | None = None, **params) -> Rule:
+    """The rule of ``method`` over ``num_models`` task vectors, its parameters (named as in its record, e.g.
+    ``density``, ``threshold``; per-model ones with one value per model) and ``weights`` checked."""
+    record = merge_method(method)
+    if weights is not None and not record.weighted:
+        users = ", ".join(m.name for m in MERGE_METHODS.values() if m.weighted)
+        raise FedmergeError(f"weights (--weights) are only used by methods {users}, not {method!r}; drop them.")
     if weights is not None:
         client_weights(weights, num_models, "model")
-    if method in ("task-arithmetic", "fedavg"):
-        return FedAvgRule(weights)
-    if method == "fednova":
-        if (steps is None) == (lr_sums is None):
-            raise FedmergeError(
-                "method 'fednova' needs the models' effective steps a_t: give either steps (--steps, local step "
-                "counts) or lr_sums (--lr-sums, sums of learning rates), one value per model."
-            )
-        what = "steps (--steps)" if steps is not None else "lr_sums (--lr-sums)"
-        effective = positive_per_client(steps if steps is not None else lr_sums, num_models, what, "model")
-        return FedNovaRule(effective.tolist(), weights)
-    if method == "fedgma":
-        return FedGMARule(FEDGMA_DEFAULT_RHO if rho is None else rho, weights)
-    if method == "median":
-        return MedianRule("mean" if even is None else even)
-    return CClipRule(rho or None, 1 if iterations is None else iterations, None, weights)
+    label = {name: f"{p.cli_flag} ({name})" for name, p in record.scoped("merge").items()}
+    resolved = record.resolve({k: v for k, v in params.items() if v is not None}, "merge", lambda p: label[p.name])
+    for name, param in record.scoped("merge").items():
+        if param.per_model and resolved[name] is not None:
+            values = list(resolved[name])
+            if len(values) != num_models:
+                raise FedmergeError(f"{label[name]} needs one value per model: {num_models} models, {len(values)} values.")
+            resolved[name] = [param.option.check(label[name], v) for v in values]
+    return record.build(weights, **resolved)
+
+
+def per_model_params(method: str) -> list[str]:
+    """The names of the method's parameters that hold one value per model."""
+    return [name for name, p in merge_method(method).scoped("merge").items() if p.per_model]
 
 
 def resolve_server_lr(num_models: int, scaling: float | None = None, server_lr: float | None = None) -> float:

@@ -1,22 +1,29 @@
 """The merging core: one rule per file over task vectors (name → tensor mappings). No Flower, no files.
 
+Each rule's file ends with its method's record (:mod:`fedmerge.merging.method`); :data:`METHODS` holds them
+all by name (:mod:`fedmerge.merging.registry`).
+
 Every rule returns a mean-scale update Δ; the new model is θ + β·Δ (β, the server learning rate, is 1 by
 default; Task Arithmetic's λ is β = λ·T, see :mod:`fedmerge.merging.scale`).
 """
 
 from fedmerge.merging.cclip import CClipRule, cclip
+from fedmerge.merging.dare import DareRule, dare
 from fedmerge.merging.fedavg import FedAvgRule, fedavg
 from fedmerge.merging.fedgma import FedGMARule, fedgma
 from fedmerge.merging.fednova import FedNovaRule, effective_steps, fednova
 from fedmerge.merging.median import MedianRule, median
+from fedmerge.merging.method import Method, Param
+from fedmerge.merging.registry import METHODS, find_method
 from fedmerge.merging.rule import Rule, iter_merge, iter_merged_model, merge, merged_model
 from fedmerge.merging.scale import scaling_to_server_lr, server_lr_to_scaling
 from fedmerge.merging.tensors import OnDevice, TaskVector, apply_update
+from fedmerge.merging.ties import TiesRule, ties
 from fedmerge.merging.weights import chi_square, client_weights, effective_weights
 
 __all__ = [
-    "CClipRule", "FedAvgRule", "FedGMARule", "FedNovaRule", "MedianRule", "OnDevice", "Rule", "TaskVector",
-    "apply_update", "cclip", "chi_square", "client_weights", "effective_steps", "effective_weights",
-    "fedavg", "fedgma", "fednova", "iter_merge", "iter_merged_model", "median", "merge", "merged_model",
-    "scaling_to_server_lr", "server_lr_to_scaling",
+    "METHODS", "CClipRule", "DareRule", "FedAvgRule", "FedGMARule", "FedNovaRule", "MedianRule", "Method", "OnDevice",
+    "Param", "Rule", "TaskVector", "TiesRule", "apply_update", "cclip", "chi_square", "client_weights", "dare",
+    "effective_steps", "effective_weights", "fedavg", "fedgma", "fednova", "find_method", "iter_merge",
+    "iter_merged_model", "median", "merge", "merged_model", "scaling_to_server_lr", "server_lr_to_scaling", "ties",
 ]

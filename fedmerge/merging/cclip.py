@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from fedmerge.errors import FedmergeError
+from fedmerge.options import Option, choice, non_negative_float, positive_int
+from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import Tensors, gram_matrix, weighted_sum_into
 from fedmerge.merging.validate import check_center
@@ -71,11 +73,11 @@ class CClipRule(Rule):
         weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(weights)
-        if radius is not None and not (np.isfinite(radius) and radius > 0):
-            raise FedmergeError(f"CCLIP's radius ρ must be a positive number (or None for the median norm), got {radius}.")
+        if radius is not None and not (np.isfinite(radius) and radius >= 0):
+            raise FedmergeError(f"CCLIP's radius ρ must be a positive number (0 or None: the median norm), got {radius}.")
         if int(iterations) != iterations or iterations < 1:
             raise FedmergeError(f"CCLIP's iterations L must be a positive integer, got {iterations}.")
-        self.radius = None if radius is None else float(radius)
+        self.radius = float(radius) if radius else None
         self.iterations = int(iterations)
         self.center = center
         self.coeffs: np.ndarray | None = None
@@ -114,3 +116,30 @@ def cclip(
     """Δ = v_L of centered clipping with radius ρ (``radius``; None: the median distance to the center),
     L ``iterations`` and ``center`` (0 if None)."""
     return merge(CClipRule(radius, iterations, center, weights), task_vectors)
+
+
+CENTERS = ("previous", "zero")
+RADII = 5  # ρ candidates searched one-shot
+
+
+def radius_grid(task_vector_norms: Sequence[float]) -> list[float]:
+    """CCLIP's ρ grid: evenly spaced between the smallest and the largest finite task-vector norm."""
+    finite = [n for n in task_vector_norms if np.isfinite(n)] or [1.0]
+    low, high = min(finite), max(finite)
+    step = (high - low) / (RADII - 1)
+    return sorted({max(low + k * step, 1e-12) for k in range(RADII)})
+
+
+METHOD = Method(
+    "cclip", CClipRule, "centered clipping: the mean of the task vectors clipped to radius ρ around a center "
+    "(Karimireddy et al. 2021)",
+    params=(
+        Param("radius", Option(0.0, "ρ, the clipping radius in the L2 norm over the whole task vector (0: the median "
+                               "of the clients' distances to the center)", non_negative_float), flag="--rho"),
+        Param("iterations", Option(1, "L, the clipping iterations", positive_int)),
+        Param("center", Option("previous", "v_0 after the first round: the previous round's Δ (previous) or 0 (zero)",
+                               choice(*CENTERS)), scope="strategy"),
+    ),
+    tuned="radius", grid=radius_grid,
+    make=lambda weights, radius=0.0, iterations=1: CClipRule(radius, iterations, None, weights),
+)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedmerge.merging.method import Method
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import Tensors, weighted_sum_into
 
@@ -24,3 +25,6 @@ class FedAvgRule(Rule):
 def fedavg(task_vectors: Sequence[Tensors], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """Δ = Σ_t p_t τ_t, with p from ``weights`` (e.g. example counts; ``None`` is uniform)."""
     return merge(FedAvgRule(weights), task_vectors)
+
+
+METHOD = Method("fedavg", FedAvgRule, "the p-weighted mean of the task vectors (FedAvg; Task Arithmetic when uniform)")

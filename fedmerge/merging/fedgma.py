@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from fedmerge.errors import FedmergeError
+from fedmerge.options import Option, at_most
+from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import Tensors, weighted_sum_into
 
@@ -41,3 +43,12 @@ def fedgma(
 ) -> dict[str, torch.Tensor]:
     """Δ = m ⊙ Σ_t p_t τ_t with the sign-agreement mask m of threshold ρ (``threshold``)."""
     return merge(FedGMARule(threshold, weights), task_vectors)
+
+
+THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # the paper's search grid for ρ
+METHOD = Method(
+    "fedgma", FedGMARule, "the mean, damped where the clients' signs disagree (Tenison et al. 2022)",
+    params=(Param("threshold", Option(0.5, "ρ, the sign-agreement threshold, at most 1 (≤ 0: fedavg)", at_most(1.0)),
+                  flag="--rho"),),
+    tuned="threshold", grid=lambda norms: list(THRESHOLDS),
+)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from fedmerge.errors import FedmergeError
+from fedmerge.options import Option, choice, positive_float
+from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import Tensors, weighted_sum_into
 from fedmerge.merging.weights import positive_per_client
@@ -68,3 +70,26 @@ def fednova(
     """Δ = ā · Σ_t p_t τ_t / a_t with a_t the step counts (``steps``) or learning-rate sums (``lr-sum``)."""
     a = effective_steps(normalize_by, num_steps, lr_sums)
     return merge(FedNovaRule(a, weights), task_vectors)
+
+
+def _given_steps(weights, steps=None, lr_sums=None) -> FedNovaRule:
+    """FedNova over models whose a_t are given, one value per model (``fedmerge merge``)."""
+    if (steps is None) == (lr_sums is None):
+        raise FedmergeError(
+            "method 'fednova' needs the models' effective steps a_t: give either steps (--steps, local step counts) "
+            "or lr_sums (--lr-sums, sums of learning rates), one value per model."
+        )
+    return FedNovaRule(steps if steps is not None else lr_sums, weights)
+
+
+METHOD = Method(
+    "fednova", FedNovaRule, "the mean of τ_t / a_t rescaled by ā, a_t each client's effective steps (Wang et al. 2020)",
+    params=(
+        Param("normalize_by", Option("lr-sum", "a_t from each reply's num-steps (steps) or its sum of learning rates "
+                                     "(lr-sum)", choice(*NORMALIZE_BY)), scope="strategy"),
+        Param("steps", Option(None, "each model's local step count a_t", positive_float), scope="merge", per_model=True),
+        Param("lr_sums", Option(None, "each model's sum of learning rates Σ_k η_t^(k) as a_t (instead of --steps)",
+                                positive_float), scope="merge", per_model=True),
+    ),
+    make=_given_steps,
+)

@@ -16,6 +16,8 @@ from functools import lru_cache
 import torch
 
 from fedmerge.errors import FedmergeError
+from fedmerge.options import Option, choice
+from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import Tensors, stacked
 
@@ -110,3 +112,11 @@ class MedianRule(Rule):
 def median(task_vectors: Sequence[Tensors], even: str = "mean") -> dict[str, torch.Tensor]:
     """Δ_j = median_t τ_t,j; ``even`` = ``mean`` (true median) or ``lower`` for an even client count."""
     return merge(MedianRule(even), task_vectors)
+
+
+METHOD = Method(
+    "median", MedianRule, "the coordinate-wise median of the task vectors, unweighted (Yin et al. 2018)",
+    params=(Param("even", Option("mean", "with an even number of clients: average the two middle values (mean) or "
+                                 "take the lower (lower)", choice(*EVEN_RULES))),),
+    weighted=False,
+)

@@ -129,7 +129,7 @@ def summary_table(results: dict):
     table.add_row("clients' own", "", "", "", "", *scores(own_summary), style="dim", end_section=True)
     for run in results["runs"]:
         selected, final = run["selected"], run["final"]
-        rho = selected.get("threshold", selected.get("radius"))
+        rho = selected.get("rho")
         value = final.get(keys[1 if by_accuracy else 0])
         worse = baseline is not None and value is not None and (value < baseline if by_accuracy else value > baseline)
         table.add_row(
@@ -159,15 +159,16 @@ def list_command(args) -> int:
 
     from fedmerge.simulations.presets import shipped_names, shipped_path
     from fedmerge.simulations.spec import load_toml
-    from fedmerge.strategies import STRATEGIES
+    from fedmerge.merging import METHODS
     from fedmerge.tasks import find_suite, installed
 
     console = Console()
-    strategies = Table(title="strategies (fedmerge.strategies, --strategy)")
-    strategies.add_column("name")
-    strategies.add_column("rule")
-    for name, cls in STRATEGIES.items():
-        strategies.add_row(name, sys.modules[cls.__module__].__doc__.splitlines()[0])
+    strategies = Table(title="strategies (fedmerge.strategies, --strategy; options under \\[strategy.NAME])")
+    for column in ("name", "rule", "options (default)"):
+        strategies.add_column(column)
+    for name, method in METHODS.items():
+        options = ", ".join(f"{p.name}={p.option.default!r}" for p in method.scoped("strategy").values())
+        strategies.add_row(name, method.summary, options)
     suites = Table(title="task suites (suite = NAME or 'module:function'; options under \\[suite_options])")
     for column in ("name", "from", "description", "options (default)"):
         suites.add_column(column)

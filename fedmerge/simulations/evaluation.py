@@ -17,9 +17,6 @@ from fedmerge.tasks import Federation
 
 SCALING_GRID = tuple(round(0.05 * k, 2) for k in range(1, 41))
 """Task Arithmetic's λ candidates, 0.05 to 2.00 (the paper's grid); β = λ·T."""
-FEDGMA_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
-CCLIP_RADII = 5
-"""CCLIP's ρ candidates: this many values evenly spaced between the smallest and largest task-vector norm."""
 
 
 def state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ same replies (choosing λ, and ρ for FedGMA and CCLIP, on the validation splits
 the strategy's own ``start()`` from θ0, with the clients splitting their local steps over the rounds.
 """
 
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from fedmerge.clients.settings import corruptions
 from fedmerge.clients.trainer import full_gradient
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
-from fedmerge.merging import TaskVector, apply_update
+from fedmerge.merging import METHODS, TaskVector, apply_update
 from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, norms
 from fedmerge.merging.tensors import gram_matrix
 from fedmerge.simulations import evaluation
@@ -169,11 +168,9 @@ class Experiment:
     def _one_shot(self, fed, name, base, replies, own_val, own_test) -> tuple[dict, dict]:
         """Merge the one-shot replies, choosing λ (and ρ) on validation; test figures and model at the choice."""
         spec, num_clients = self.spec, len(replies)
-        candidates = [{}]
-        if spec.select and name == "fedgma":
-            candidates = [{"threshold": rho} for rho in evaluation.FEDGMA_THRESHOLDS]
-        elif spec.select and name == "cclip":
-            candidates = [{"radius": rho} for rho in _cclip_radii(self.task_vector_norms)]
+        method, candidates = METHODS[name], [{}]
+        if spec.select and method.tuned is not None:
+            candidates = [{method.tuned: rho} for rho in method.grid(self.task_vector_norms)]
         scalings = evaluation.SCALING_GRID if spec.select else (spec.server["server_lr"] / num_clients,)
         selection, best = [], None
         for options in candidates:
@@ -186,7 +183,8 @@ class Experiment:
                 self._check_stopped()
                 arrays = _scaled(base, merged, scaling * num_clients)
                 val = evaluation.evaluate(fed, arrays, "val", own_val, self.device)
-                entry = {"scaling": scaling, **options, "val_score": evaluation.score(val)}
+                entry = {"scaling": scaling, **options, **({"rho": options[method.tuned]} if options else {}),
+                         "val_score": evaluation.score(val)}
                 selection.append(entry)
                 if best is None or entry["val_score"] > best[0]["val_score"]:
                     best = (entry, arrays, strategy.rounds[-1])
@@ -261,11 +259,3 @@ def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float) -> ArrayRe
     """θ0 + β·Δ from θ0 and the β = 1 result θ0 + Δ."""
     base_tensors, delta = RecordTensors(base), TaskVector(RecordTensors(merged), RecordTensors(base))
     return ArrayRecord({name: apply_update(base_tensors[name], delta[name], server_lr) for name in base})
-
-
-def _cclip_radii(task_vector_norms: Sequence[float]) -> list[float]:
-    """CCLIP's ρ grid: evenly spaced between the smallest and the largest finite task-vector norm."""
-    finite = [n for n in task_vector_norms if math.isfinite(n)] or [1.0]
-    low, high = min(finite), max(finite)
-    step = (high - low) / (evaluation.CCLIP_RADII - 1)
-    return sorted({max(low + k * step, 1e-12) for k in range(evaluation.CCLIP_RADII)})

@@ -49,7 +49,7 @@ def summary_rows(results: dict) -> list[dict]:
             "rounds": run["rounds"],
             "scaling_lambda": selected.get("scaling"),
             "server_lr_beta": selected.get("server_lr"),
-            "rho": selected.get("threshold", selected.get("radius")),
+            "rho": selected.get("rho"),
             **{k: final.get(k) for k in SUMMARY_COLUMNS[5:]},
         })
     return rows

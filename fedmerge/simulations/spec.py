@@ -19,13 +19,11 @@ from fedmerge.clients.settings import TRAINING_KEYS, client_table, corruptions, 
 from fedmerge.clients.trainer import TrainConfig
 from fedmerge.config import parse_value, tomllib, unflatten
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.fednova import NORMALIZE_BY
-from fedmerge.merging.median import EVEN_RULES
+from fedmerge.merging import METHODS
 from fedmerge.strategies import STRATEGIES
 from fedmerge.strategies.base import WEIGHTINGS
-from fedmerge.strategies.cclip import CENTERS
-from fedmerge.tasks.options import (
-    Option, at_most, boolean, choice, list_of, non_negative_float, non_negative_int, positive_float, positive_int,
+from fedmerge.options import (
+    Option, boolean, choice, list_of, non_negative_float, non_negative_int, positive_float, positive_int,
     resolve, string, text,
 )
 
@@ -58,7 +56,8 @@ TOP = {
     "seed": Option(0, "every random choice flows from it", non_negative_int),
     "suite": Option("mnist1d", "the task suite (fedmerge list)", text),
     "clients": Option(4, "T, the number of clients", positive_int),
-    "strategies": Option(list(STRATEGIES), "the strategies to compare", list_of(text)),
+    "strategies": Option(["fedavg", "fednova", "fedgma", "median", "cclip"], "the strategies to compare (the paper's "
+                         "five by default; also ties, dare-linear, dare-ties)", list_of(text)),
     "rounds": Option([1], "the round counts to compare: 1 is one-shot merging", list_of(positive_int)),
     "same_compute": Option(True, "split each client's local steps over the rounds", boolean),
     "select": Option(True, "one-shot: choose λ (and ρ) on the validation splits", boolean),
@@ -67,17 +66,8 @@ SERVER = {
     "server_lr": Option(1.0, "β in θ ← θ + β·Δ (mean-scale) for multi-round runs", positive_float),
     "weighting": Option("uniform", " | ".join(WEIGHTINGS), choice(*WEIGHTINGS)),
 }
-STRATEGY_OPTIONS = {
-    "fedavg": {},
-    "fednova": {"normalize_by": Option("lr-sum", " | ".join(NORMALIZE_BY), choice(*NORMALIZE_BY))},
-    "fedgma": {"threshold": Option(0.5, "ρ, the sign-agreement threshold (≤ 0: FedAvg)", at_most(1.0))},
-    "median": {"even": Option("mean", " | ".join(EVEN_RULES), choice(*EVEN_RULES))},
-    "cclip": {
-        "radius": Option(0.0, "ρ, the clipping radius (0: the median distance to the center, each round)", non_negative_float),
-        "iterations": Option(1, "L, the clipping iterations", positive_int),
-        "center": Option("previous", " | ".join(CENTERS), choice(*CENTERS)),
-    },
-}
+STRATEGY_OPTIONS = {name: {p.name: p.option for p in method.scoped("strategy").values()} for name, method in METHODS.items()}
+"""strategy.<method>.<param>: every merging method's record (fedmerge.merging.registry) gives its keys."""
 ENGINE = {
     "client_cpus": Option(1.0, "Ray CPUs per client", positive_float),
     "client_gpus": Option(0.0, "Ray GPUs per client (a fraction shares a GPU)", non_negative_float),
@@ -185,8 +175,6 @@ class Spec:
     def build_strategy(self, name: str, **overrides):
         """A fresh strategy object with this spec's server and strategy options."""
         options = {**self.server, **self.strategy.get(name, {}), "device": self.engine["server_device"], **overrides}
-        if name == "cclip" and not options.get("radius"):
-            options["radius"] = None
         flower = logging.getLogger("flwr")
         level = flower.level
         flower.setLevel(logging.ERROR)  # the server evaluates every task itself: no federated-evaluation warning

@@ -4,7 +4,8 @@ Each is a drop-in for any ServerApp: ``strategy.start(grid=grid, initial_arrays=
 Replies follow the client contract in :mod:`fedmerge.contract`.
 """
 
-from fedmerge.strategies.base import MergingStrategy
+from fedmerge.merging.registry import METHODS
+from fedmerge.strategies.base import MergingStrategy, MethodStrategy, strategy_for
 from fedmerge.strategies.cclip import CClip
 from fedmerge.strategies.fedavg import FedAvg
 from fedmerge.strategies.fedgma import FedGMA
@@ -12,6 +13,13 @@ from fedmerge.strategies.fednova import FedNova
 from fedmerge.strategies.median import Median
 from fedmerge.strategies.round_record import RoundRecord
 
-STRATEGIES = {"fedavg": FedAvg, "fednova": FedNova, "fedgma": FedGMA, "median": Median, "cclip": CClip}
+_WRITTEN = {"fedavg": FedAvg, "fednova": FedNova, "fedgma": FedGMA, "median": Median, "cclip": CClip}
+STRATEGIES: dict[str, type[MethodStrategy]] = {name: _WRITTEN.get(name) or strategy_for(m) for name, m in METHODS.items()}
+"""One strategy per merging method; those without a class of their own (TIES, DARE) are made from the record."""
 
-__all__ = ["STRATEGIES", "CClip", "FedAvg", "FedGMA", "FedNova", "Median", "MergingStrategy", "RoundRecord"]
+Ties, DareLinear, DareTies = STRATEGIES["ties"], STRATEGIES["dare-linear"], STRATEGIES["dare-ties"]
+
+__all__ = [
+    "STRATEGIES", "CClip", "DareLinear", "DareTies", "FedAvg", "FedGMA", "FedNova", "Median", "MergingStrategy",
+    "MethodStrategy", "RoundRecord", "Ties",
+]

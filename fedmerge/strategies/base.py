@@ -21,6 +21,7 @@ from fedmerge import contract
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import OnDevice, Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
+from fedmerge.merging.method import Method
 from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
 from fedmerge.strategies.round_record import RoundRecord
@@ -241,6 +242,50 @@ class MergingStrategy(FlowerFedAvg):
         if all(isinstance(x, (int, float)) for x in losses):
             record.train_losses = [float(x) for x in losses]
         return record
+
+
+class MethodStrategy(MergingStrategy):
+    """A strategy whose rule is a merging method's record (:mod:`fedmerge.merging.registry`).
+
+    The method's parameters are keyword arguments, defaulted and checked by the record (e.g. ``density=0.2``
+    for TIES); every other keyword is :class:`MergingStrategy`'s. Each round's rule is built from them and
+    the replies' weights.
+    """
+
+    method: Method
+
+    def __init__(self, **kwargs) -> None:
+        declared = self.method.scoped("strategy")
+        given = {key: kwargs.pop(key) for key in list(kwargs) if key in declared}
+        self.params = self.method.resolve(given, "strategy", lambda p: f"{type(self).__name__}.{p.name}")
+        super().__init__(**kwargs)
+
+    @property
+    def weighted(self) -> bool:
+        return self.method.weighted
+
+    def __getattr__(self, name: str):
+        params = self.__dict__.get("params", {})
+        if name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def rule_params(self) -> dict:
+        return dict(self.params)
+
+    def build_rule(self, replies, weights) -> Rule:
+        return self.method.build(weights, **self.params)
+
+
+def strategy_for(method: Method) -> type[MethodStrategy]:
+    """The Flower strategy of a method: a :class:`MethodStrategy` subclass named after it (``dare-ties`` →
+    ``DareTies``)."""
+    name = "".join(part.capitalize() for part in method.name.split("-"))
+    params = "".join(f"\n    {p.name} : default {p.option.default!r}\n        {p.option.help}."
+                     for p in method.scoped("strategy").values())
+    doc = (f"{method.summary}, as a Flower strategy: θ ← θ + β·Δ.\n\n    Parameters\n    ----------{params}\n"
+           "    **kwargs\n        As :class:`fedmerge.strategies.base.MergingStrategy`.\n    ")
+    return type(name, (MethodStrategy,), {"method": method, "__doc__": doc, "__module__": __name__})
 
 
 def _excluded(exclusions: Sequence[Exclusion]) -> list[dict]:

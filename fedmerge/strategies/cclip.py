@@ -5,20 +5,17 @@ v_0 = center, v_{l+1} = v_l + Σ_t p_t clip(τ_t − v_l, ρ), clip(x, ρ) = x �
 update. The center is 0 in the first round and, with ``center="previous"``, the previous round's Δ after.
 """
 
-from fedmerge.errors import FedmergeError
-from fedmerge.merging import CClipRule
-from fedmerge.strategies.base import MergingStrategy
-
-CENTERS = ("previous", "zero")
+from fedmerge.merging.cclip import METHOD, CClipRule
+from fedmerge.strategies.base import MethodStrategy
 
 
-class CClip(MergingStrategy):
+class CClip(MethodStrategy):
     """Centered clipping.
 
     Parameters
     ----------
-    radius : float or None (default None)
-        ρ. None picks, each round, the median of the clients' distances to the center.
+    radius : float (default 0)
+        ρ. 0 (or None) picks, each round, the median of the clients' distances to the center.
     iterations : int (default 1)
         L, the clipping iterations.
     center : "previous" | "zero" (default "previous")
@@ -27,24 +24,19 @@ class CClip(MergingStrategy):
         As :class:`fedmerge.strategies.base.MergingStrategy`.
     """
 
-    def __init__(self, *, radius: float | None = None, iterations: int = 1, center: str = "previous", **kwargs) -> None:
-        CClipRule(radius, iterations)  # validates ρ and L
-        if center not in CENTERS:
-            raise FedmergeError(f"CCLIP's center must be one of {CENTERS}, got {center!r}.")
+    method = METHOD
+
+    def __init__(self, **kwargs) -> None:
+        if kwargs.get("radius", 0) is None:
+            kwargs["radius"] = 0.0  # None, as before: the median distance
         super().__init__(**kwargs)
-        self.radius = radius
-        self.iterations = iterations
-        self.center = center
         self._previous: dict | None = None
         self._current: dict = {}
 
-    def rule_params(self):
-        return {"radius": self.radius, "iterations": self.iterations, "center": self.center}
-
     def build_rule(self, replies, weights):
         self._current = {}
-        center = self._previous if self.center == "previous" else None
-        return CClipRule(self.radius, self.iterations, center, weights)
+        center = self._previous if self.params["center"] == "previous" else None
+        return CClipRule(self.params["radius"], self.params["iterations"], center, weights)
 
     def observe_update(self, name, delta):
         if delta.is_floating_point():

@@ -4,12 +4,11 @@ McMahan et al., AISTATS 2017. One round from a pretrained θ0 with β = λ·T is
 scaling λ (Ilharco et al., ICLR 2023); β = 1 with uniform p is the average of the fine-tuned models.
 """
 
-from fedmerge.merging import FedAvgRule
-from fedmerge.strategies.base import MergingStrategy
+from fedmerge.merging.fedavg import METHOD
+from fedmerge.strategies.base import MethodStrategy
 
 
-class FedAvg(MergingStrategy):
+class FedAvg(MethodStrategy):
     """Federated Averaging over task vectors, with a server learning rate β (see :class:`MergingStrategy`)."""
 
-    def build_rule(self, replies, weights):
-        return FedAvgRule(weights)
+    method = METHOD

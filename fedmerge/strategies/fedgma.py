@@ -4,11 +4,11 @@ Tenison et al., "Gradient Masked Averaging for Federated Learning", TMLR 2023. A
 m_j = 1 if A_j ≥ ρ else A_j. ρ ≤ 0 gives FedAvg.
 """
 
-from fedmerge.merging import FedGMARule
-from fedmerge.strategies.base import MergingStrategy
+from fedmerge.merging.fedgma import METHOD
+from fedmerge.strategies.base import MethodStrategy
 
 
-class FedGMA(MergingStrategy):
+class FedGMA(MethodStrategy):
     """Gradient-masked averaging.
 
     Parameters
@@ -19,13 +19,4 @@ class FedGMA(MergingStrategy):
         As :class:`fedmerge.strategies.base.MergingStrategy`.
     """
 
-    def __init__(self, *, threshold: float = 0.5, **kwargs) -> None:
-        FedGMARule(threshold)  # validates ρ
-        super().__init__(**kwargs)
-        self.threshold = threshold
-
-    def rule_params(self):
-        return {"threshold": self.threshold}
-
-    def build_rule(self, replies, weights):
-        return FedGMARule(self.threshold, weights)
+    method = METHOD

@@ -5,15 +5,13 @@ NeurIPS 2020. a_t is the client's ``num-steps`` or its ``lr-sum`` (Σ_k η_t^(k)
 """
 
 from fedmerge import contract
-from fedmerge.merging import FedNovaRule
-from fedmerge.merging.fednova import NORMALIZE_BY
-from fedmerge.errors import FedmergeError
-from fedmerge.strategies.base import MergingStrategy
+from fedmerge.merging.fednova import METHOD, FedNovaRule
+from fedmerge.strategies.base import MethodStrategy
 
 _KEY = {"steps": contract.NUM_STEPS, "lr-sum": contract.LR_SUM}
 
 
-class FedNova(MergingStrategy):
+class FedNova(MethodStrategy):
     """Normalised averaging.
 
     Parameters
@@ -25,14 +23,7 @@ class FedNova(MergingStrategy):
         As :class:`fedmerge.strategies.base.MergingStrategy` (``server_lr``, ``weighting``, sampling).
     """
 
-    def __init__(self, *, normalize_by: str = "lr-sum", **kwargs) -> None:
-        if normalize_by not in NORMALIZE_BY:
-            raise FedmergeError(f"FedNova's normalize_by must be one of {NORMALIZE_BY}, got {normalize_by!r}.")
-        super().__init__(**kwargs)
-        self.normalize_by = normalize_by
-
-    def rule_params(self):
-        return {"normalize_by": self.normalize_by}
+    method = METHOD
 
     def required_metrics(self):
         return (*super().required_metrics(), _KEY[self.normalize_by])

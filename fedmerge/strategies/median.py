@@ -4,11 +4,11 @@ Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical 
 With β = 1 and ``even="mean"`` this is Flower's FedMedian, computed several times faster.
 """
 
-from fedmerge.merging import MedianRule
-from fedmerge.strategies.base import MergingStrategy
+from fedmerge.merging.median import METHOD
+from fedmerge.strategies.base import MethodStrategy
 
 
-class Median(MergingStrategy):
+class Median(MethodStrategy):
     """Coordinate-wise median of the task vectors (unweighted).
 
     Parameters
@@ -20,15 +20,4 @@ class Median(MergingStrategy):
         As :class:`fedmerge.strategies.base.MergingStrategy`.
     """
 
-    weighted = False
-
-    def __init__(self, *, even: str = "mean", **kwargs) -> None:
-        MedianRule(even)  # validates the even-count rule
-        super().__init__(**kwargs)
-        self.even = even
-
-    def rule_params(self):
-        return {"even": self.even}
-
-    def build_rule(self, replies, weights):
-        return MedianRule(self.even)
+    method = METHOD

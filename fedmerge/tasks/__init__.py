@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from fedmerge.errors import FedmergeError
 from fedmerge.tasks.federation import Federation, Task, forward
-from fedmerge.tasks.options import Option, resolve
+from fedmerge.options import Option, resolve
 from fedmerge.tasks.suites import Suite, find_suite, installed, options_key
 from fedmerge.tasks.weights import load_weights
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedmerge.tasks.federation import Federation, Task
-from fedmerge.tasks.options import Option, fraction, non_negative_int, positive_float
+from fedmerge.options import Option, fraction, non_negative_int, positive_float
 from fedmerge.tasks.partition import label_partition, label_proportions, matching_subset, split_indices
 from fedmerge.tasks.pretrain import pretrain
 

@@ -13,7 +13,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.tasks import classification
 from fedmerge.tasks.federation import Federation
 from fedmerge.tasks.models import mlp
-from fedmerge.tasks.options import Option, choice, positive_int
+from fedmerge.options import Option, choice, positive_int
 from fedmerge.tasks.partition import split_indices
 from fedmerge.tasks.transforms import task_transforms
 

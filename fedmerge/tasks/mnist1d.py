@@ -12,7 +12,7 @@ from fedmerge.tasks import classification
 from fedmerge.tasks.cache import load_or_build
 from fedmerge.tasks.federation import Federation
 from fedmerge.tasks.models import mlp
-from fedmerge.tasks.options import Option, choice, positive_int
+from fedmerge.options import Option, choice, positive_int
 from fedmerge.tasks.partition import PARTITION_OPTIONS, PARTITIONS
 from fedmerge.tasks.transforms import task_transforms
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from fedmerge.errors import FedmergeError
-from fedmerge.tasks.options import Option, positive_float, positive_int
+from fedmerge.options import Option, positive_float, positive_int
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 

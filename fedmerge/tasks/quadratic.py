@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from fedmerge.errors import FedmergeError
 from fedmerge.tasks.federation import Federation, Task
 from fedmerge.tasks.models import Point
-from fedmerge.tasks.options import Option, non_negative_float, positive_float, positive_int
+from fedmerge.options import Option, non_negative_float, positive_float, positive_int
 
 OPTIONS = {
     "dim": Option(10, "dimension of θ", positive_int),

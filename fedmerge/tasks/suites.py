@@ -2,7 +2,7 @@
 
 All three are the same thing: a function ``build(num_clients, options, seed)`` that returns a
 :class:`~fedmerge.tasks.federation.Federation`. Its module may declare ``OPTIONS`` (a mapping of option name
-→ :class:`~fedmerge.tasks.options.Option`: defaults and checks, applied before ``build`` is called) and a
+→ :class:`~fedmerge.options.Option`: defaults and checks, applied before ``build`` is called) and a
 one-line ``DESCRIPTION``; without ``OPTIONS`` the options are passed to ``build`` as given, for it to check.
 
 Installed packages register suites under the entry-point group ``fedmerge.suites``::
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.errors import FedmergeError
-from fedmerge.tasks.options import Option
+from fedmerge.options import Option
 
 GROUP = "fedmerge.suites"
 BUILTIN = {

@@ -22,7 +22,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.tasks import classification
 from fedmerge.tasks.federation import Federation
 from fedmerge.tasks.models import cnn
-from fedmerge.tasks.options import Option, choice, positive_int, text
+from fedmerge.options import Option, choice, positive_int, text
 from fedmerge.tasks.partition import PARTITION_OPTIONS, PARTITIONS, split_indices
 
 VERSION = 1

@@ -15,7 +15,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.tasks.clip.data import Pixels, splits, templates
 from fedmerge.tasks.clip.model import ZeroShotCLIP, cached_head, load_clip
 from fedmerge.tasks.federation import Federation, Task
-from fedmerge.tasks.options import Option, boolean, fraction, list_of, positive_int, text
+from fedmerge.options import Option, boolean, fraction, list_of, positive_int, text
 
 DATASETS = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
 ALIASES = {name.lower(): name for name in DATASETS} | {"stanfordcars": "Cars", "stanford_cars": "Cars"}

@@ -1,0 +1,84 @@
+"""DARE: drop each task-vector entry at random and rescale the rest, then average or elect signs (TIES).
+
+Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
+Free Lunch", ICML 2024. Each entry of τ_t is kept with probability k (density) and the kept ones are
+rescaled by 1/k, so E[τ̃_t] = τ_t; then ``dare-linear``: Δ = Σ_t p_t τ̃_t, or ``dare-ties``: TIES's elected
+sign and disjoint mean over the τ̃_t (see :mod:`fedmerge.merging.ties`).
+
+The draws come from a counter-based hash of (seed, tensor name, client, position), not from a stateful
+generator, so they are the same whatever the chunking, the thread that merges a chunk, or the device: a
+merge on the GPU equals the CPU's.
+"""
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+from fedmerge.merging.method import Method, Param
+from fedmerge.merging.rule import Rule, merge
+from fedmerge.merging.tensors import weighted_sum_into
+from fedmerge.merging.ties import DENSITY, disjoint_mean_into
+from fedmerge.options import Option, non_negative_int, proportion
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons's lowbias32) of int64 values in [0, 2³²), elementwise."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def keep_mask(seed: int, name: str, client: int, s: slice, density: float, device: torch.device) -> torch.Tensor:
+    """Whether each position of ``s`` of tensor ``name`` is kept for ``client``: a uniform draw below ``density``."""
+    key = zlib.crc32(f"{seed}/{client}/{name}".encode())
+    position = torch.arange(s.start, s.stop, dtype=torch.int64, device=device)
+    draw = _mix32(_mix32((position & _MASK32) ^ key) ^ (position >> 32))
+    return draw < int(density * 2**32)
+
+
+class DareRule(Rule):
+    """Random drop and rescale, then the weighted mean (``elect_sign=False``) or TIES's disjoint mean."""
+
+    name = "dare"
+
+    def __init__(self, density: float = 0.2, seed: int = 0, elect_sign: bool = False,
+                 weights: Sequence[float] | None = None) -> None:
+        super().__init__(weights)
+        self.density = proportion("DARE density", density)
+        self.seed = non_negative_int("DARE seed", seed)
+        self.elect_sign = elect_sign
+        self.name = "dare-ties" if elect_sign else "dare-linear"
+
+    def merge_chunk(self, name, s, values, out):
+        if self.density < 1:
+            for client, row in zip(self.present, values):
+                row.mul_(keep_mask(self.seed, name, int(client), s, self.density, row.device)).div_(self.density)
+        if self.elect_sign:
+            disjoint_mean_into(out, values, self.p)
+        else:
+            weighted_sum_into(out, values, self.p)
+
+    def params(self) -> dict:
+        return {"rule": self.name, "density": self.density, "seed": self.seed}
+
+
+def dare(task_vectors, density: float = 0.2, seed: int = 0, elect_sign: bool = False,
+         weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """Δ of DARE with density k, the draws' ``seed``, then the mean or (``elect_sign``) TIES's disjoint mean."""
+    return merge(DareRule(density, seed, elect_sign, weights), task_vectors)
+
+
+SEED = Param("seed", Option(0, "the seed of the random drops (the same seed drops the same entries)", non_negative_int))
+LINEAR = Method(
+    "dare-linear", DareRule, "DARE: drop entries at random, rescale by 1/k, average (Yu et al. 2024)",
+    params=(DENSITY, SEED), make=lambda weights, **params: DareRule(**params, elect_sign=False, weights=weights),
+)
+TIES = Method(
+    "dare-ties", DareRule, "DARE's random drop and rescale, then TIES's elected sign and disjoint mean",
+    params=(DENSITY, SEED), make=lambda weights, **params: DareRule(**params, elect_sign=True, weights=weights),
+)

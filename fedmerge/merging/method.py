@@ -1,0 +1,89 @@
+"""A merging method's one declarative record: its rule, its parameters and how they are searched.
+
+Every other layer reads these records instead of restating a rule's parameters: the experiment spec's
+``strategy.<method>.<param>`` keys and the Flower strategies (:mod:`fedmerge.strategies`), ``fedmerge merge``'s
+flags and checks (:mod:`fedmerge.checkpoints`), and the one-shot search on validation splits
+(:mod:`fedmerge.simulations`). Adding a method is its rule's file, with its record, and one line in
+:mod:`fedmerge.merging.registry`.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedmerge.errors import FedmergeError
+from fedmerge.merging.rule import Rule
+from fedmerge.options import Option
+
+SCOPES = ("both", "strategy", "merge")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method.
+
+    ``name`` is the rule's keyword and the spec's key; ``option`` gives its default, one-line help and check.
+    ``scope``: ``both`` (a spec key and a ``fedmerge merge`` flag), ``strategy`` (a spec key only, used by the
+    Flower strategy, e.g. where FedNova's a_t comes from in the replies) or ``merge`` (a flag only, e.g. a_t
+    given per model). ``flag`` is its ``fedmerge merge`` flag (default ``--name``); ``per_model`` flags take one
+    value per model.
+    """
+
+    name: str
+    option: Option
+    scope: str = "both"
+    flag: str | None = None
+    per_model: bool = False
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merging method.
+
+    ``make(weights, **params)`` builds its :class:`Rule` (default: ``rule(**params, weights=weights)``, or
+    without weights when the method is not ``weighted``, i.e. ignores p_t). ``tuned`` names the parameter the
+    one-shot search chooses on validation alongside λ (reported as ρ), over ``grid(task_vector_norms)``.
+    """
+
+    name: str
+    rule: type[Rule]
+    summary: str
+    params: tuple[Param, ...] = ()
+    weighted: bool = True
+    tuned: str | None = None
+    grid: Callable[[Sequence[float]], list[float]] | None = None
+    make: Callable[..., Rule] | None = None
+
+    def scoped(self, scope: str) -> dict[str, Param]:
+        """The parameters of ``scope`` (``strategy`` or ``merge``), those of scope ``both`` included."""
+        return {p.name: p for p in self.params if p.scope in ("both", scope)}
+
+    def resolve(self, given: Mapping[str, Any], scope: str, label: str | None = None) -> dict[str, Any]:
+        """Every parameter of ``scope``: its default, or the value ``given``, checked; unknown names refused.
+
+        ``label(param)`` names a parameter in messages (default: ``<method>.<name>``); per-model values are
+        left to :meth:`build`, which knows the number of models.
+        """
+        declared = self.scoped(scope)
+        label = label or (lambda p: f"{self.name}.{p.name}")
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            known = ", ".join(declared) or "none"
+            raise FedmergeError(f"method {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}.")
+        resolved = {}
+        for name, param in declared.items():
+            value = given.get(name, param.option.default)
+            if value is not None and not param.per_model:
+                value = param.option.check(label(param), value)
+            resolved[name] = value
+        return resolved
+
+    def build(self, weights: Sequence[float] | None = None, **params) -> Rule:
+        """The rule with these (resolved) parameters and client weights."""
+        if self.make is not None:
+            return self.make(weights, **params)
+        return self.rule(**params, weights=weights) if self.weighted else self.rule(**params)

@@ -1,0 +1,27 @@
+"""Every merging method by name, each its rule's one record (:class:`~fedmerge.merging.method.Method`).
+
+Adding a method: its rule's file with its record, and one entry here.
+"""
+
+import difflib
+
+from fedmerge.errors import FedmergeError
+from fedmerge.merging.cclip import METHOD as CCLIP
+from fedmerge.merging.dare import LINEAR as DARE_LINEAR, TIES as DARE_TIES
+from fedmerge.merging.fedavg import METHOD as FEDAVG
+from fedmerge.merging.fedgma import METHOD as FEDGMA
+from fedmerge.merging.fednova import METHOD as FEDNOVA
+from fedmerge.merging.median import METHOD as MEDIAN
+from fedmerge.merging.method import Method
+from fedmerge.merging.ties import METHOD as TIES
+
+METHODS: dict[str, Method] = {m.name: m for m in (FEDAVG, FEDNOVA, FEDGMA, MEDIAN, CCLIP, TIES, DARE_LINEAR, DARE_TIES)}
+
+
+def find_method(name: str, what: str = "method") -> Method:
+    """The record of method ``name``; an unknown name is refused with the closest one and the list."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise FedmergeError(f"unknown {what} {name!r}{hint}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name]
