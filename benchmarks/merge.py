@@ -186,17 +186,78 @@ def agreement(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) ->
     return equal / total, worst, close
 
 
-def mergekit_config(work: Path, models: list[Path], scaling: float, float32: bool) -> Path:
-    """A task_arithmetic config: θ + Σ_t weight·τ_t with weight = λ, arithmetic in float32 or bfloat16."""
+def mergekit_config(work: Path, models: list[Path], method: str, weight: float, normalize: bool, **params) -> Path:
+    """A mergekit config: θ + Σ_t weight·(the method's τ_t), divided by Σ weights where ``normalize``; arithmetic
+    in float32, written in bfloat16."""
     config = {
-        "merge_method": "task_arithmetic", "base_model": str(work / "base"),
-        "models": [{"model": str(m), "parameters": {"weight": scaling}} for m in models],
-        "parameters": {"normalize": False},
-        **({"dtype": "float32", "out_dtype": "bfloat16"} if float32 else {"dtype": "bfloat16"}),
+        "merge_method": method, "base_model": str(work / "base"),
+        "models": [{"model": str(m), "parameters": {"weight": weight, **params}} for m in models],
+        "parameters": {"normalize": normalize}, "dtype": "float32", "out_dtype": "bfloat16",
     }
-    path = work / f"mergekit-{'float32' if float32 else 'bfloat16'}.yml"
+    path = work / f"mergekit-{method}.yml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
+
+
+def deviation(merged: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Mean and root-mean-square of merged − reference over every element."""
+    total = squares = count = 0.0
+    for name, value in merged.items():
+        difference = (value - reference[name]).double()
+        total += float(difference.sum())
+        squares += float((difference ** 2).sum())
+        count += difference.numel()
+    return total / count, (squares / count) ** 0.5
+
+
+MERGEKIT_TWINS = {"ties": "ties", "dare-linear": "dare_linear", "dare-ties": "dare_ties"}
+"""fedmerge's methods and mergekit's of the same rule (mergekit with normalize: true and λ = 1, so both give
+θ + Δ with Δ mean-scale; fedmerge's default β = 1)."""
+
+
+def compare_methods(work: Path, args: argparse.Namespace, mean: dict[str, torch.Tensor]) -> None:
+    """TIES against mergekit's element by element; DARE, random in both, by what it estimates (θ + mean τ)."""
+    for method, theirs in MERGEKIT_TWINS.items():
+        if method not in args.methods:
+            continue
+        ours, other = read_merged(work / method), read_merged(work / f"mergekit-{method}")
+        if method == "ties":
+            differ, unexplained, total = ties_disagreements(work, ours, other, args.density)
+            print(f"fedmerge ties vs mergekit ties (density {args.density}): {1 - differ / total:.4%} of elements "
+                  f"within one bfloat16 rounding step; every other one ({differ - unexplained} of {total}) at a "
+                  "coordinate where a model's |τ_t| ties with its trimming threshold (mergekit's unstable sort "
+                  "keeps arbitrary ones of those, fedmerge the first by position)"
+                  + (f"; {unexplained} elsewhere" if unexplained else ""))
+            if unexplained:
+                raise SystemExit("fedmerge's TIES and mergekit's disagree beyond ties at the threshold")
+            continue
+        (bias, rms), (their_bias, their_rms) = deviation(ours, mean), deviation(other, mean)
+        print(f"fedmerge {method} vs mergekit {theirs} (density {args.density}), each against θ + mean τ: bias "
+              f"{bias:.1e} vs {their_bias:.1e}, RMS {rms:.2e} vs {their_rms:.2e} (ratio {rms / their_rms:.2f})")
+        if method == "dare-linear" and not 0.8 < rms / their_rms < 1.25:
+            raise SystemExit("fedmerge's DARE and mergekit's differ in how far they stray from the mean")
+
+
+def ties_disagreements(work: Path, ours: dict, theirs: dict, density: float) -> tuple[int, int, int]:
+    """How many elements of the two TIES merges differ by more than one bfloat16 rounding step, how many of
+    those lie where no model's |τ_t| equals its trimming threshold (unexplained), and the element count."""
+    eps = torch.finfo(torch.bfloat16).eps
+    base, models = read_merged(work / "base"), [read_merged(work / f"ft{i}") for i in range(NUM_MODELS)]
+    differ = unexplained = total = 0
+    for name, a in ours.items():
+        b = theirs[name]
+        off = (a - b).abs() > eps * torch.maximum(a.abs(), b.abs()) + 1e-6
+        total += a.numel()
+        if not off.any():
+            continue
+        tied = torch.zeros_like(off)
+        for model in models:
+            magnitude = (model[name] - base[name]).abs()
+            keep = max(1, int(density * magnitude.numel()))
+            tied |= magnitude == torch.kthvalue(magnitude.view(-1), magnitude.numel() - keep + 1).values
+        differ += int(off.sum())
+        unexplained += int((off & ~tied).sum())
+    return differ, unexplained, total
 
 
 def main() -> None:
@@ -207,8 +268,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--scaling", type=float, default=0.3, help="Task Arithmetic's λ (mergekit's weight)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each merge; the best time is kept")
-    parser.add_argument("--methods", nargs="*", default=["median", "cclip", "ties", "dare-ties"],
-                        help="other fedmerge methods to time")
+    parser.add_argument("--methods", nargs="*", default=["median", "cclip", "ties", "dare-linear", "dare-ties"],
+                        help="other fedmerge methods to time (TIES and DARE beside mergekit's)")
+    parser.add_argument("--density", type=float, default=0.2, help="TIES's and DARE's density k")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
@@ -225,10 +287,12 @@ def main() -> None:
         base = write_model(work / "base", shapes, config, None, seed=0)
         models = [work / f"ft{i}" for i in range(NUM_MODELS)]
         expected = {name: t.float() for name, t in base.items()}
+        mean = {name: t.float() for name, t in base.items()}  # θ + (1/T)·Σ_t τ_t: what DARE estimates
         for i, path in enumerate(models, start=1):
             tuned = write_model(path, shapes, config, base, seed=i)
             for name in expected:
                 expected[name] += args.scaling * (tuned[name].float() - base[name].float())
+                mean[name] += (tuned[name].float() - base[name].float()) / NUM_MODELS
             del tuned
         del base
         expected = {name: t.to(torch.bfloat16).float() for name, t in expected.items()}
@@ -247,12 +311,18 @@ def main() -> None:
             runs[f"fedmerge ({device})"] = ([*fedmerge, "--device", device, "--scaling", str(args.scaling), "--out", str(out)], out)
         if why_not is None:
             for device in devices:
-                out, config_file = work / f"mergekit-{device}", mergekit_config(work, models, args.scaling, True)
+                out = work / f"mergekit-{device}"
+                config_file = mergekit_config(work, models, "task_arithmetic", args.scaling, False)
                 runs[f"mergekit ({device})"] = (
                     [str(MERGEKIT), str(config_file), str(out), "--quiet", *(["--cuda"] if device == "cuda" else [])], out)
         for method in args.methods:
             out = work / method
-            runs[f"fedmerge {method} (cpu)"] = ([*fedmerge, "--method", method, "--out", str(out)], out)
+            density = ["--density", str(args.density)] if method in MERGEKIT_TWINS else []
+            runs[f"fedmerge {method} (cpu)"] = ([*fedmerge, "--method", method, *density, "--out", str(out)], out)
+            if method in MERGEKIT_TWINS and why_not is None:
+                out = work / f"mergekit-{method}"
+                config_file = mergekit_config(work, models, MERGEKIT_TWINS[method], 1.0, True, density=args.density)
+                runs[f"mergekit {MERGEKIT_TWINS[method]} (cpu)"] = ([str(MERGEKIT), str(config_file), str(out), "--quiet"], out)
         rows = {label: (float("inf"), 0.0) for label in runs}
         for _ in range(args.repeat):  # rounds over all merges, so a busy moment hits them alike
             for label, (command, out) in runs.items():
@@ -281,6 +351,8 @@ def main() -> None:
                       f"{'within' if close else 'NOT within'} one bfloat16 rounding step")
                 if not close:
                     raise SystemExit("fedmerge and mergekit disagree")
+        if why_not is None:
+            compare_methods(work, args, mean)
         print()
         for device in devices:
             ours = rows[f"fedmerge ({device})"][0]

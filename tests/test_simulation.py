@@ -19,7 +19,7 @@ SPEC = Spec.from_dict({
     "name": "simulation-test",
     "suite": "quadratic",
     "clients": 4,
-    "strategies": ["fedavg", "fednova"],
+    "strategies": ["fedavg", "fednova", "dare-ties"],  # dare-ties: its random drops, seeded, through real Ray
     "rounds": [1, ROUNDS],
     "same_compute": False,
     "training": {"lr": LR, "steps": STEPS, "batch_size": 1000},  # full batch: gradient descent
@@ -55,7 +55,7 @@ def test_a_run_directory_holds_every_result_file(runs, results):
     assert {p.name for p in (runs[0] / "models").iterdir()} == {f"{s}-r{r}.safetensors" for s in SPEC.strategies for r in SPEC.rounds}
     assert Spec.from_dict(results["spec"]) == SPEC
     assert set(results["versions"]) >= {"flwr", "ray", "torch"}
-    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [("fedavg", 1), ("fednova", 1), ("fedavg", ROUNDS), ("fednova", ROUNDS)]
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [(s, r) for r in SPEC.rounds for s in SPEC.strategies]
     assert len(results["runs"][2]["history"]) == ROUNDS + 1  # θ0, then every round
 
 
@@ -71,7 +71,7 @@ def without_run_identity(document):
 def test_the_same_seed_gives_the_same_numbers(runs):
     first, second = (without_run_identity(json.loads((d / "results.json").read_text())) for d in runs)
     assert first == second
-    for name in ("fedavg-r1", f"fednova-r{ROUNDS}"):
+    for name in ("fedavg-r1", f"fednova-r{ROUNDS}", "dare-ties-r1", f"dare-ties-r{ROUNDS}"):
         assert torch.equal(model(runs[0], name), model(runs[1], name))
 
 

@@ -147,3 +147,10 @@ def test_the_merged_model_is_theta_plus_beta_delta():
     delta = ties(tvs, 0.2)
     for k in SHAPES:
         assert torch.allclose(merged[k], base[k] + 0.7 * delta[k], rtol=1e-12)
+
+
+def test_an_exactly_cancelling_sum_elects_plus_as_in_16_bit_checkpoints():
+    base = {"w": torch.zeros(1)}
+    taus = [-0.004150390625, 0.00732421875, -0.003173828125]  # bfloat16-exact values summing to exactly 0
+    got = ties([TaskVector({"w": torch.tensor([t])}, base) for t in taus], density=1.0)["w"]
+    assert got.item() == 0.00732421875  # + elected: only the positive entry agrees

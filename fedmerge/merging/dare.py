@@ -5,9 +5,9 @@ Free Lunch", ICML 2024. Each entry of τ_t is kept with probability k (density) 
 rescaled by 1/k, so E[τ̃_t] = τ_t; then ``dare-linear``: Δ = Σ_t p_t τ̃_t, or ``dare-ties``: TIES's elected
 sign and disjoint mean over the τ̃_t (see :mod:`fedmerge.merging.ties`).
 
-The draws come from a counter-based hash of (seed, tensor name, client, position), not from a stateful
-generator, so they are the same whatever the chunking, the thread that merges a chunk, or the device: a
-merge on the GPU equals the CPU's.
+The draws are made on the CPU in blocks of 65536 positions, each block by a generator seeded from (seed,
+client, tensor name, block), so they are the same whatever the chunking, the thread that merges a chunk,
+or the device (the mask is copied there): a merge on the GPU equals the CPU's.
 """
 
 import zlib
@@ -21,24 +21,24 @@ from fedmerge.merging.tensors import weighted_sum_into
 from fedmerge.merging.ties import DENSITY, disjoint_mean_into
 from fedmerge.options import Option, non_negative_int, proportion
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (Wellons's lowbias32) of int64 values in [0, 2³²), elementwise."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+BLOCK = 1 << 16  # draws are made in blocks of this many positions, each from its own seeded generator
 
 
 def keep_mask(seed: int, name: str, client: int, s: slice, density: float, device: torch.device) -> torch.Tensor:
-    """Whether each position of ``s`` of tensor ``name`` is kept for ``client``: a uniform draw below ``density``."""
-    key = zlib.crc32(f"{seed}/{client}/{name}".encode())
-    position = torch.arange(s.start, s.stop, dtype=torch.int64, device=device)
-    draw = _mix32(_mix32((position & _MASK32) ^ key) ^ (position >> 32))
-    return draw < int(density * 2**32)
+    """Whether each position of ``s`` of tensor ``name`` is kept for ``client``: a uniform draw below ``density``.
+
+    Position j's draw is element j mod BLOCK of block j // BLOCK, drawn on the CPU by a generator seeded from
+    (seed, client, name, block): the same whatever slices are asked for, and copied to ``device``.
+    """
+    key = f"{seed}/{client}/{name}/"
+    first, last = s.start // BLOCK, (s.stop - 1) // BLOCK
+    draws = torch.empty((last - first + 1) * BLOCK, device="cpu")
+    generator = torch.Generator()
+    for k, block in enumerate(range(first, last + 1)):
+        generator.manual_seed(zlib.crc32(f"{key}{block}".encode()))  # the CPU generator keeps 32 bits of a seed
+        torch.rand(BLOCK, generator=generator, out=draws[k * BLOCK : (k + 1) * BLOCK], device="cpu")
+    start = s.start - first * BLOCK
+    return (draws[start : start + s.stop - s.start] < density).to(device)
 
 
 class DareRule(Rule):

@@ -3,7 +3,7 @@
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -47,9 +47,12 @@ class Rule:
         """First pass, before any tensor is merged. Resolves p_t; subclasses may add more."""
         self.p = client_weights(self.per_client(self.weights), len(task_vectors))
 
-    def prepare_tensor(self, name: str, found: Sequence[Term], dtype: torch.dtype, device: torch.device) -> None:
+    def prepare_tensor(
+        self, name: str, found: Sequence[Term], dtype: torch.dtype, device: torch.device, pool: Executor
+    ) -> None:
         """Called before the chunks of each floating tensor, with every present client's term of it (rules that
-        need a per-tensor statistic, such as TIES's magnitude threshold, read it here)."""
+        need a per-tensor statistic, such as TIES's magnitude threshold, read it here; ``pool`` runs work in
+        parallel, torch single-threaded)."""
 
     def merge_chunk(self, name: str, s: slice, values: torch.Tensor, out: torch.Tensor) -> None:
         """Write Δ for the chunk ``s`` of tensor ``name`` into ``out``, from the T clients' τ chunks.
@@ -157,7 +160,7 @@ def _merge_floating(
     slices = list(chunks(numel, size))
     reads_disk = any(not isinstance(term.value, torch.Tensor) for term in found)
     workers = min(workers if device.type == "cpu" or reads_disk else 1, len(slices))
-    rule.prepare_tensor(name, found, dtype, device)
+    rule.prepare_tensor(name, found, dtype, device, pool)
     taken = itertools.count()  # next() on a count is atomic under the GIL: each chunk goes to one worker
 
     def work() -> np.ndarray:

@@ -22,13 +22,20 @@ from fedmerge.options import Option, proportion
 
 def disjoint_mean_into(out: torch.Tensor, values: torch.Tensor, p: Sequence[float]) -> torch.Tensor:
     """TIES's elected sign and disjoint mean of the rows of ``values`` (T, n) with weights ``p``, into ``out``.
-    ``values`` is overwritten."""
-    weights = _coefficients(tuple(map(float, p)), values.dtype, values.device)
-    elected = torch.where(weights @ values >= 0, 1.0, -1.0).to(values.dtype)
+    ``values`` is overwritten.
+
+    Equal weights drop out of both the sign and the mean, so then the rows are summed as they are: entries
+    that cancel exactly (common in 16-bit checkpoints) elect +, as the rule says, instead of a sign left by
+    rounding each p_t·τ_t. Unequal weights multiply each row first (not a matrix product, whose fused
+    multiply-adds would not cancel p·x against p·(−x)).
+    """
+    weights = None if len(set(p)) == 1 else _coefficients(tuple(map(float, p)), values.dtype, values.device).view(-1, 1)
+    if weights is not None:
+        values.mul_(weights)
+    elected = torch.where(values.sum(0) >= 0, 1.0, -1.0).to(values.dtype)
     agree = torch.sign(values).eq_(elected).to(values.dtype)  # (T, n): 1 where the entry's sign is the elected one
-    values.mul_(agree)
-    total = weights @ agree
-    torch.div(weights @ values, total, out=out)
+    total = agree.sum(0) if weights is None else (agree * weights).sum(0)
+    torch.div(values.mul_(agree).sum(0), total, out=out)
     return out.masked_fill_(total == 0, 0.0)
 
 
@@ -42,18 +49,18 @@ class TiesRule(Rule):
         self.density = proportion("TIES density", density)
         self.cutoffs: list[tuple[float, int]] = []
 
-    def prepare_tensor(self, name: str, found: Sequence[Term], dtype: torch.dtype, device: torch.device) -> None:
-        """Each client's magnitude threshold on this tensor, and the last position kept among ties at it."""
-        self.cutoffs = []
-        if self.density >= 1:
-            return
-        for term in found:
-            magnitude = term.whole(dtype, device).abs_().view(-1)
-            keep = max(1, int(self.density * magnitude.numel()))
-            threshold = torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values
-            above = int((magnitude > threshold).sum())
-            tied = torch.nonzero(magnitude == threshold).view(-1)
-            self.cutoffs.append((float(threshold), int(tied[keep - above - 1])))
+    def prepare_tensor(self, name, found, dtype, device, pool) -> None:
+        """Each client's magnitude threshold on this tensor, and the last position kept among ties at it (the
+        clients in parallel, each reading its whole τ_t)."""
+        self.cutoffs = [] if self.density >= 1 else list(pool.map(lambda term: self._cutoff(term, dtype, device), found))
+
+    def _cutoff(self, term: Term, dtype: torch.dtype, device: torch.device) -> tuple[float, int]:
+        magnitude = term.whole(dtype, device).abs_().view(-1)
+        keep = max(1, int(self.density * magnitude.numel()))
+        threshold = torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values
+        above = int((magnitude > threshold).sum())
+        tied = torch.nonzero(magnitude == threshold).view(-1)
+        return float(threshold), int(tied[keep - above - 1])
 
     def merge_chunk(self, name, s, values, out):
         if self.cutoffs:
