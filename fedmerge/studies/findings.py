@@ -30,6 +30,7 @@ def run_findings(out: Path = Path("docs/findings.md"), work: Path = Path("result
     if not run and (missing := missing_results(work)):
         raise FedmergeError(f"--no-run: no results of {', '.join(missing)} in --work {work}; run `fedmerge findings "
                             f"--work {work}` without --no-run first (about 20 minutes on 2 cores; finished cells are reused).")
+    previous = _read_timings(work)
     timings: dict[str, float] = {}
     if run:
         from fedmerge.simulations.sweep import load_sweep, run_sweep
@@ -37,19 +38,38 @@ def run_findings(out: Path = Path("docs/findings.md"), work: Path = Path("result
 
         sweeps = {name: load_sweep(name) for name in STUDIES}  # validate every study before running any
         for name, sweep in sweeps.items():
-            begun = time.perf_counter()
+            before, begun = _finished(work / name), time.perf_counter()
             run_sweep(sweep, work / name, show_progress=show_progress, log=log)
-            timings[name] = time.perf_counter() - begun
+            if _finished(work / name) > before:  # cells ran: this is (part of) the cost from nothing
+                timings[name] = time.perf_counter() - begun
         begun = time.perf_counter()
         write_file(work / "exactness.json", json.dumps(exactness.check(), indent=1))
         timings["exactness"] = time.perf_counter() - begun
-        begun = time.perf_counter()
-        fednova.run_study(work, log=log)
-        timings[fednova.NAME] = time.perf_counter() - begun
-    timings["total"] = time.perf_counter() - started
-    write_file(work / TIMINGS, json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
+        before, begun = len(list((work / fednova.NAME / "cells").glob("*.json"))), time.perf_counter()
+        computed = []
+        fednova.run_study(work, log=lambda line: (computed.append(line), log(line)))
+        if computed:
+            timings[fednova.NAME] = time.perf_counter() - begun
+    measured = {**previous.get("studies", {}), **{k: round(v, 1) for k, v in timings.items()}}
+    timings = {"studies": measured, "this_run": round(time.perf_counter() - started, 1)}
+    write_file(work / TIMINGS, json.dumps(timings, indent=1))
     path, claims = write_findings(work, out, timings)
     for claim in claims:
         log(f"claim {claim.number}: {claim.verdict} — {claim.summary}")
-    log(f"findings: {path} ({timings['total']:.0f} s)")
+    log(f"findings: {path} ({timings['this_run']:.0f} s)")
     return path
+
+
+def _finished(folder: Path) -> int:
+    return len(list(folder.glob("cells/*/results.json")))
+
+
+def _read_timings(work: Path) -> dict:
+    """The last measured seconds of each study (kept while its cells are reused), or nothing."""
+    try:
+        data = json.loads((work / TIMINGS).read_text())
+    except (OSError, ValueError):
+        return {}
+    if "studies" not in data:  # the first format: study → seconds, plus "total"
+        data = {"studies": {k: v for k, v in data.items() if k != "total"}}
+    return data if isinstance(data.get("studies"), dict) else {}
