@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
 
-from fedmerge.strategies import CClip, FedAvg, FedGMA, FedNova, Median
+from fedmerge.strategies import CClip, DareTies, FedAvg, FedGMA, FedNova, Median, Ties
 
 SHAPES = {  # 25.4M parameters, the largest tensor 16.8M
     "embed.weight": (4096, 4096),
@@ -99,6 +99,8 @@ def main() -> None:
         "fedmerge FedGMA": lambda r: FedGMA(threshold=0.5).merge_replies(1, r, base)[0],
         "fedmerge Median": lambda r: Median().merge_replies(1, r, base)[0],
         "fedmerge CCLIP": lambda r: CClip(radius=None).merge_replies(1, r, base)[0],
+        "fedmerge TIES": lambda r: Ties().merge_replies(1, r, base)[0],
+        "fedmerge DARE-TIES": lambda r: DareTies().merge_replies(1, r, base)[0],
     }
     times, memory, outputs = {}, {}, {}
     for name, run in methods.items():

@@ -510,3 +510,16 @@ def test_a_non_finite_server_lr_is_refused_instead_of_an_all_nan_model():
     base = {"w": torch.zeros(3)}
     with pytest.raises(FedmergeError, match=r"server_lr \(β\) must be a finite number, got nan"):
         merged_model(FedAvgRule(), base, [{"w": torch.ones(3)}], server_lr=float("nan"))
+
+
+def test_fednova_by_norm_is_the_mean_direction_at_the_mean_length():
+    _, _, tvs = setup(4)
+    p = np.array([1, 1, 2, 4]) / 8
+    norms = np.sqrt([sum(float((tv[k].double() ** 2).sum()) for k in SHAPES) for tv in tvs])
+    got = fednova(tvs, normalize_by="norm", weights=[1, 1, 2, 4])
+    for k in SHAPES:
+        expected = np.dot(p, norms) * np.tensordot(p / norms, stacked(tvs, k), 1)
+        np.testing.assert_allclose(got[k].double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    rule = FedNovaRule(None)
+    merge(rule, tvs)
+    assert rule.params()["normalize_by"] == "norm" and rule.params()["effective_steps"] == pytest.approx(norms, rel=1e-5)

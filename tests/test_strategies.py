@@ -113,6 +113,17 @@ def test_fednova_uses_the_reported_effective_steps():
     assert metrics["effective-weights"] == pytest.approx(list(a / a.sum()))
 
 
+def test_fednova_by_norm_needs_no_metric_and_rescales_by_the_task_vector_norms():
+    base, clients, _ = federation(3)
+    replies = [reply(i + 1, c, num_examples=10) for i, c in enumerate(clients)]  # no num-steps, no lr-sum
+    merged, metrics = FedNova(normalize_by="norm").merge_replies(1, replies, arrays_record(base))
+    a = np.array(metrics["task-vector-norms"])
+    want = {k: base[k] + a.mean() * sum(((c[k] - base[k]) / at) for c, at in zip(clients, a)) / 3 for k in SHAPES}
+    for k in SHAPES:
+        np.testing.assert_allclose(merged[k].numpy(), want[k], atol=1e-5)
+    assert FedNova(normalize_by="norm").required_metrics() == ()
+
+
 def test_failed_and_non_finite_clients_are_left_out_and_recorded():
     base, clients, replies = federation(3)
     bad = dict(clients[0])

@@ -8,6 +8,7 @@ import warnings
 from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
 from fedmerge.checkpoints.methods import MERGE_METHODS, flags, params_from_flags
 from fedmerge.merging import Method, Param
+from fedmerge.options import boolean
 
 DESCRIPTION = """\
 Merge fine-tuned checkpoints θ_1..θ_T of one base θ into a new checkpoint, tensor by tensor, in a few
@@ -83,8 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "median; default uniform)",
     )
     for flag, users in flags().items():
-        rule.add_argument(flag, dest=_dest(flag), metavar=_metavar(users[0][1]), help=_flag_help(users),
-                          **({"type": float, "nargs": "+"} if users[0][1].per_model else {"type": _type(users)}))
+        rule.add_argument(flag, dest=_dest(flag), help=_flag_help(users), **_kind(users[0][1]))
     parser.set_defaults(handler=run)
 
 
@@ -103,10 +103,16 @@ def _metavar(param: Param) -> str:
         param.name, param.name.upper())
 
 
-def _type(users: list[tuple[Method, Param]]):
-    """The flag's value type, from its defaults (a flag shared by methods has one type)."""
-    default = users[0][1].option.default
-    return int if isinstance(default, int) and not isinstance(default, bool) else float if isinstance(default, float) else str
+def _kind(param: Param) -> dict:
+    """How argparse reads the flag: one value per model, a switch (a parameter checked as a boolean), or one
+    value of its default's type (a flag shared by methods has one type)."""
+    if param.per_model:
+        return {"type": float, "nargs": "+", "metavar": _metavar(param)}
+    if param.option.check is boolean:
+        return {"action": "store_const", "const": True}
+    default = param.option.default
+    kind = int if isinstance(default, int) and not isinstance(default, bool) else float if isinstance(default, float) else str
+    return {"type": kind, "metavar": _metavar(param)}
 
 
 def _flag_help(users: list[tuple[Method, Param]]) -> str:
