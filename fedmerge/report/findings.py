@@ -554,7 +554,8 @@ def claim_fednova_update_size(cells: list[dict]) -> Claim:
         "mean_t ‖τ_t‖ · mean_t τ_t / ‖τ_t‖, every client's direction with equal weight) equals the lr-sum normaliser in "
         "the linear regime and does not over-correct in the saturated one. Against FedAvg (one-shot / over rounds; ▲ "
         "better, ▼ worse, = interval holds zero): " + ", ".join(stance(r) for r in recipes) + ". Against FedNova (Σ lr) "
-        "one-shot: " + ", ".join(f"{r} {_short(norm_vs_lr[r])}" for r in recipes) + ".")
+        "one-shot: " + ", ".join(f"{r} {_short(norm_vs_lr[r])}" for r in recipes) + ". fedmerge ships it as FedNova's "
+        "`normalize_by = \"norm\"` (experiments and the Flower strategy) and `fedmerge merge --method fednova --by-norm`.")
     claim.figures.append(_norm_figure(by))
     claim.figures.append(_normaliser_figure(by))
     return claim

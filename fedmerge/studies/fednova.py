@@ -9,7 +9,7 @@ the effective steps a_t of FedNova (Δ = ā Σ_t p_t τ_t / a_t):
 * ``none``: a_t = 1 (FedAvg, Task Arithmetic);
 * ``steps``: a_t = K_t, the step count;
 * ``lr-sum``: a_t = Σ_k η_t^(k), the sum of the learning rates;
-* ``norm`` (a norm-aware prototype): a_t = ‖τ_t‖, so each client enters with a unit-norm direction and the
+* ``norm`` (shipped as FedNova's ``normalize_by="norm"``): a_t = ‖τ_t‖, so each client enters with a unit-norm direction and the
   merge keeps the mean norm (ā = mean ‖τ_t‖). In the linear regime ‖τ_t‖ ∝ Σ η, so this is ``lr-sum``; where
   updates saturate it stops dividing a client's update by work that did not move it.
 
