@@ -307,21 +307,21 @@ def test_missing_shard(tmp_path, capsys):
 def test_options_checked_before_reading(tmp_path, capsys):
     base_path, model_paths = save_files(tmp_path, *make_models())
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--steps", "1", "2")
-    assert "--steps (steps) needs one value per model: 3 models, 2 values" in err
+    assert "--steps needs one value per model: 3 models, 2 values" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--steps", "1", "-2", "3")
-    assert "'--steps (steps)' must be a positive number, got -2.0" in err
+    assert "'--steps' must be a positive number, got -2.0" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova")
     assert "needs the models' effective steps" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--by-norm", "--steps", "1", "2", "3")
     assert "needs the models' effective steps a_t, one way" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "median", "--rho", "0.5")
-    assert "--rho is only used by method 'cclip' or 'fedgma', not 'median'; drop it" in err
+    assert "--rho is only used by methods 'cclip' or 'fedgma', not 'median'; drop it" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--weights", "1", "1", "1")
     assert "not 'task-arithmetic'" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "ties", "--density", "0")
-    assert "'--density (density)' must be a number in (0, 1], got 0.0" in err
+    assert "'--density' must be a number in (0, 1], got 0.0" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "ties", "--seed", "1")
-    assert "--seed is only used by method 'dare-linear' or 'dare-ties', not 'ties'" in err
+    assert "--seed is only used by methods 'dare-linear' or 'dare-ties', not 'ties'" in err
     with pytest.raises(FedmergeError, match="unknown method 'tie' \\(did you mean 'ties'\\?\\)"):
         merge_checkpoints(base_path, model_paths, tmp_path / "m", method="tie")
 

@@ -45,8 +45,10 @@ def params_from_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if flag not in by_flag:
-            users = sorted({m.name for m, _ in flags()[flag]})
-            raise FedmergeError(f"{flag} is only used by method {' or '.join(map(repr, users))}, not {method!r}; drop it.")
+            users = [repr(name) for name in sorted({m.name for m, _ in flags()[flag]})]
+            which = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} or {users[-1]}"
+            raise FedmergeError(f"{flag} is only used by method{'s' if len(users) > 1 else ''} {which}, not {method!r}; "
+                                "drop it.")
         params[by_flag[flag]] = value
     return params
 
@@ -60,7 +62,7 @@ def build_rule(method: str, num_models: int, weights: Sequence[float] | None = N
         raise FedmergeError(f"weights (--weights) are only used by methods {users}, not {method!r}; drop them.")
     if weights is not None:
         client_weights(weights, num_models, "model")
-    label = {name: f"{p.cli_flag} ({name})" for name, p in record.scoped("merge").items()}
+    label = {name: p.cli_flag for name, p in record.scoped("merge").items()}
     resolved = record.resolve({k: v for k, v in params.items() if v is not None}, "merge", lambda p: label[p.name])
     for name, param in record.scoped("merge").items():
         if param.per_model and resolved[name] is not None:
