@@ -71,12 +71,12 @@ def _finish_interrupted() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
-    try:
+    try:  # Ctrl-C while the command's modules load (torch takes seconds) ends as quietly as during its run
+        parser = build_parser(_command(argv))
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
         return int(args.handler(args) or 0)
     except FedmergeError as error:
         print(f"fedmerge: error: {error}", file=sys.stderr)

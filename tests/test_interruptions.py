@@ -112,3 +112,23 @@ def test_a_crash_of_flowers_simulation_runtime_ends_the_run_instead_of_hanging(t
     assert "fedmerge: error: Flower's simulation runtime failed" in process.stderr
     assert "Traceback" not in process.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_ctrl_c_while_the_command_loads_exits_quietly(tmp_path):
+    """Ctrl-C while torch is still being imported (seconds, before the command runs) ends like one during the run."""
+    from safetensors.torch import save_file
+    import torch
+
+    for name in ("base", "a", "b"):
+        save_file({"w": torch.randn(64, 64)}, tmp_path / f"{name}.safetensors")
+    process, log = start(["merge", "--base", "base.safetensors", "--models", "a.safetensors", "b.safetensors",
+                          "--out", "merged.safetensors"], tmp_path)
+    deadline = time.monotonic() + 60
+    while b"libtorch" not in Path(f"/proc/{process.pid}/maps").read_bytes():  # torch's import has begun
+        assert process.poll() is None and time.monotonic() < deadline, tail(log)
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    assert wait_for_exit(process, log, within=20) == 130
+    output = log.read_text()
+    assert "fedmerge: interrupted" in output and "Traceback" not in output
+    assert not (tmp_path / "merged.safetensors").exists()
