@@ -7,6 +7,7 @@ import warnings
 
 from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
 from fedmerge.checkpoints.methods import MERGE_METHODS, flags, params_from_flags
+from fedmerge.checkpoints.trainer_state import CHOICES as TRAINER_STATE_CHOICES
 from fedmerge.merging import Method, Param
 from fedmerge.options import boolean
 
@@ -22,6 +23,14 @@ So Task Arithmetic with λ = 0.3 over 3 models is --scaling 0.3, or equally --se
 
 Inputs: .safetensors files, Hugging Face model directories (sharded safetensors with their index), or
 PyTorch .bin/.pt files (loaded with torch.load(weights_only=True); nothing else is ever unpickled).
+A model may also be a PEFT LoRA adapter directory of the base (adapter_config.json with
+adapter_model.safetensors): it is merged as θ_t = θ + ΔW, ΔW = (lora_alpha/r)·B·A per adapted layer
+(alpha/√r with use_rslora), computed a chunk at a time; adapters and full checkpoints mix freely, and
+the output is always a full checkpoint. An adapter of another base, or one that is more than B·A (DoRA,
+trained biases, modules_to_save), is refused, naming the adapter and the tensor.
+FedNova's a_t: --steps, --lr-sums or --by-norm; given none, each model's trainer_state.json (written by
+Hugging Face's Trainer beside it) gives its global_step, or with --trainer-state lr-sum its summed
+learning rates.
 A model holding NaN or infinite values is refused, naming its file and tensor, and nothing is written;
 --skip-nonfinite leaves such models out instead. A model of weight 0 (--weights) is left out unread.
 
@@ -35,6 +44,8 @@ examples:
   fedmerge merge --base llama-2-7b --models math code chat --scaling 0.3 --out merged
   fedmerge merge --base base.safetensors --models a.safetensors b.safetensors --method median --out m.safetensors
   fedmerge merge --base B --models A1 A2 A3 --method fednova --lr-sums 0.5 1.0 2.0 --out merged
+  fedmerge merge --base llama --models lora-math lora-code --scaling 0.5 --out merged
+  fedmerge merge --base B --models run1/checkpoint-500 run2/checkpoint-900 --method fednova --trainer-state lr-sum --out merged
   fedmerge merge --base B --models A1 A2 A3 --method cclip --rho 12.5 --out merged
   fedmerge merge --base B --models A1 A2 A3 --method median --device cuda --out merged
   fedmerge merge --base B --models A1 A2 A3 --method ties --density 0.2 --out merged
@@ -85,6 +96,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     for flag, users in flags().items():
         rule.add_argument(flag, dest=_dest(flag), help=_flag_help(users), **_kind(users[0][1]))
+    rule.add_argument(
+        "--trainer-state", choices=TRAINER_STATE_CHOICES, metavar="{steps,lr-sum}",
+        help="fednova: read each a_t from the model directory's trainer_state.json (Hugging Face Trainer): its "
+        "global_step (steps; what fednova does when no --steps, --lr-sums or --by-norm is given) or the sum of its "
+        "logged learning rates, interpolated between logging steps (lr-sum)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -137,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
             **params_from_flags(args.method, {flag: getattr(args, _dest(flag)) for flag in flags()}),
             max_shard_size=args.max_shard_size, skip_nonfinite=args.skip_nonfinite, force=args.force,
-            progress=not args.quiet, device=args.device,
+            progress=not args.quiet, device=args.device, trainer_state=args.trainer_state,
         )
     left_out = 0
     for warning in caught:

@@ -32,8 +32,10 @@ from fedmerge.errors import FedmergeError
 from fedmerge.files import staged
 from fedmerge.merging import Rule, iter_merged_model
 from fedmerge.threads import single_threaded
+from fedmerge.checkpoints.adapters import is_adapter, open_model
 from fedmerge.checkpoints.methods import build_rule, per_model_params, resolve_server_lr
 from fedmerge.checkpoints.progress import MergeProgress
+from fedmerge.checkpoints.trainer_state import effective_steps
 from fedmerge.checkpoints.reader import Checkpoint
 from fedmerge.checkpoints.validate import check_compatible
 from fedmerge.checkpoints.writer import (
@@ -107,6 +109,7 @@ def merge_checkpoints(
     force: bool = False,
     progress: bool = False,
     device: str | torch.device = "cpu",
+    trainer_state: str | None = None,
     **params,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base into a new checkpoint at ``out``.
@@ -114,7 +117,9 @@ def merge_checkpoints(
     Parameters
     ----------
     base : the pretrained checkpoint θ (a file or a model directory).
-    models : the fine-tuned checkpoints θ_t, T ≥ 1 of them, with exactly the base's tensors.
+    models : the fine-tuned models θ_t, T ≥ 1 of them: checkpoints with exactly the base's tensors, or PEFT LoRA
+        adapter directories of the base (``adapter_config.json`` + ``adapter_model.safetensors``; read as
+        θ_t = θ + ΔW, see :mod:`fedmerge.checkpoints.adapters`), mixed freely.
     out : a directory (Hugging Face layout, the base's config and tokenizer files copied) or, if it ends in
         ``.safetensors``, a single file.
     method : "task-arithmetic" or any of :data:`fedmerge.merging.METHODS` ("fedavg", "fednova", "fedgma", "median",
@@ -132,6 +137,9 @@ def merge_checkpoints(
     device : where the arithmetic runs: "cpu" (default), "cuda" (or "cuda:N"; tensors are read on the CPU,
         merged on the GPU and written from the CPU; results equal the CPU's within float rounding) or "auto"
         (cuda when ``torch.cuda.is_available()``). Recorded in the output's metadata.
+    trainer_state : fednova only: read each a_t from the model directory's ``trainer_state.json``, its
+        ``global_step`` ("steps", also what fednova does when no ``steps``, ``lr_sums`` or ``by_norm`` is given) or
+        its logged learning rates summed ("lr-sum"); see :mod:`fedmerge.checkpoints.trainer_state`.
 
     **params : the method's parameters, named as in its record (:func:`fedmerge.merging.find_method`), e.g.
         ``threshold=0.3`` (fedgma), ``radius=12.5`` (cclip), ``density=0.2`` (ties, dare-*), ``steps=[...]`` or
@@ -141,6 +149,11 @@ def merge_checkpoints(
     (non-finite values included, unless ``skip_nonfinite``); nothing is left at ``out`` if the merge fails.
     """
     out, models = Path(out), list(models)
+    a_from = None
+    if method == "fednova":
+        params, a_from = effective_steps(models, params, trainer_state)
+    elif trainer_state is not None:
+        raise FedmergeError(f"trainer_state (--trainer-state) is only used by method 'fednova', not {method!r}; drop it.")
     options = dict(params, weights=weights)
     per_model = ["weights", *per_model_params(method)]
     build_rule(method, len(models), **options)  # every option checked before any file is read
@@ -154,8 +167,11 @@ def merge_checkpoints(
     with ExitStack() as stack:
         stack.enter_context(single_threaded())
         pin = device.type == "cuda"
+        if is_adapter(base):
+            raise FedmergeError(f"the base {base} is a PEFT adapter; give the full model it adapts as the base, and "
+                                "adapters among the models (--models).")
         source = stack.enter_context(Checkpoint(base, pin))
-        finetuned = [stack.enter_context(Checkpoint(model, pin)) for model in models]
+        finetuned = [stack.enter_context(open_model(model, source, pin)) for model in models]
         check_compatible(source, finetuned)
         specs = source.specs
         single_file = out.name.endswith(".safetensors")
@@ -172,7 +188,8 @@ def merge_checkpoints(
             beta = resolve_server_lr(len(merged), scaling, server_lr)
 
             def record() -> dict:  # called after the rule's first pass
-                return _record(method, rule, chosen["weights"], beta, base, _pick(models, merged), left_out, device)
+                made = _record(method, rule, chosen["weights"], beta, base, _pick(models, merged), left_out, device)
+                return made if a_from is None else {**made, "effective_steps_from": a_from}
 
             try:
                 _write(out, shards, source, _pick(finetuned, kept), rule, beta, record, force, progress, device)
