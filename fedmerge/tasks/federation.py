@@ -66,6 +66,9 @@ class Federation:
     eval_batch_size, eval_num_workers : batch size and DataLoader worker processes of evaluation and of the
         λ/ρ selection (memory is pinned when evaluating on a GPU).
     optimum_fn : suites that know their optima (quadratic) return ``{"theta": ..., "tasks": [...]}``.
+    evaluate_fn : for suites scored by other means than the loss and ``output.argmax(1)`` (generation):
+        ``evaluate_fn(model, data, head)`` with the model in eval mode on its device, gradients off, returns
+        ``{"loss": ...}`` plus ``"accuracy"`` (in [0, 1]) when ``metric`` is ``"accuracy"``. None: the default.
     suite, options, seed : filled in by :func:`fedmerge.tasks.load_suite`.
 
     ``pretrained`` is θ0's state dict (made on first access, then read from the cache when keyed).
@@ -81,6 +84,7 @@ class Federation:
     eval_batch_size: int = 256
     eval_num_workers: int = 0
     optimum_fn: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
+    evaluate_fn: Callable[[nn.Module, Dataset, int | None], Mapping[str, float]] | None = field(default=None, repr=False)
     suite: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -176,6 +180,11 @@ class Federation:
         model = self.model_from(model_or_state_dict)
         was_training = model.training
         model.eval()
+        if self.evaluate_fn is not None:  # the suite's own scoring (e.g. exact match after generation)
+            try:
+                return dict(self.evaluate_fn(model, data, head))
+            finally:
+                model.train(was_training)
         device = next(model.parameters()).device
         loss, correct, count = 0.0, 0, 0
         batches = eval_batches(data, self.eval_batch_size, num_workers=self.eval_num_workers, pin_memory=True, device=device)
