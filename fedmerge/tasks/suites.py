@@ -30,6 +30,7 @@ BUILTIN = {
     "digits": "fedmerge.tasks.digits:build",
     "vision": "fedmerge.tasks.vision:build",
     "clip": "fedmerge.tasks.clip:build",
+    "causal-lm": "fedmerge.tasks.causal_lm:build",
 }
 """The suites that ship with fedmerge, found like any other."""
 

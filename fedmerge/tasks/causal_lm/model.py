@@ -1,0 +1,79 @@
+"""The causal language model and its tokenizer, from a local directory or the local Hugging Face cache (never
+downloaded).
+
+The model keeps its own class and state-dict names (``model.layers.0.self_attn.q_proj.weight``, ...), so the
+models fedmerge writes load into ``AutoModelForCausalLM`` as they are, and the task vectors of checkpoints made
+elsewhere line up with it. fedmerge calls it as ``model(input_ids)``; the suite's loss reads ``.logits``.
+"""
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from fedmerge.errors import FedmergeError
+
+FILES = "config.json, model.safetensors (or pytorch_model.bin) and the tokenizer's files (tokenizer.json, ...)"
+
+
+@contextlib.contextmanager
+def quiet():
+    """No loading reports, generation warnings or progress bars from transformers."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def model_dir(model: str) -> Path:
+    """The directory of ``model``: itself if it is one, else its snapshot in the local Hugging Face cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model.startswith(("/", ".", "~")) or path.exists():
+        raise FedmergeError(f"option 'model': the model directory {path} does not exist; give a directory holding "
+                            f"{FILES} (save_pretrained writes them), or a Hugging Face model name in the local cache.")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except (OSError, ValueError):  # not cached, or not a repo id
+        raise FedmergeError(
+            f"option 'model': {model!r} is neither a directory nor in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); fedmerge never downloads. On a machine that is online, `hf download {model}` "
+            f"caches it (copy the cache over, or set HF_HOME), or set option 'model' to a directory holding {FILES}."
+        ) from None
+
+
+def load_tokenizer(directory: Path, model: str):
+    """The model's tokenizer (``AutoTokenizer``, local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet():
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise FedmergeError(f"option 'model': the tokenizer of {model!r} could not be loaded from {directory} ({error}); "
+                            f"the directory needs {FILES}, as save_pretrained writes them.") from None
+
+
+def load_model(directory: Path, model: str) -> torch.nn.Module:
+    """The full model in float32 (``AutoModelForCausalLM``, local files only), every parameter trained.
+
+    The one place the suite's model is made: a LoRA variant wraps what this returns.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet():
+            return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise FedmergeError(f"option 'model': {model!r} could not be loaded as a causal language model from {directory} "
+                            f"({error}); the directory needs {FILES}, as save_pretrained writes them.") from None
