@@ -312,3 +312,22 @@ def test_the_merged_models_load_into_transformers_as_they_are(llm_run, assets):
     assert not torch.equal(models["fedavg-r1"]["lm_head.weight"], models["fedavg-r2"]["lm_head.weight"])
     assert not torch.equal(models["fedavg-r1"]["model.layers.0.self_attn.q_proj.weight"],
                            AutoModelForCausalLM.from_pretrained(assets[0]).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_the_preset_reads_gsm8k_style_files(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fedmerge.simulations.presets import load_experiment
+
+    preset = load_experiment("causal-lm-small")
+    tasks = []
+    for name, seed in (("gsm8k", 0), ("math", 1), ("arith", 2)):
+        rows = [{"question": r["prompt"], "answer": r["response"]} for r in addition(20, seed)]
+        tasks.append(write_jsonl(tmp_path / f"{name}.jsonl", rows))
+    spec = Spec.from_dict({**preset, "suite_options": {**preset["suite_options"], "model": assets[0], "tasks": tasks}})
+    assert spec.suite == "causal-lm" and spec.clients == 3 and spec.client_configs()[0].precision == "bf16"
+    fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
+    assert [t.name for t in fed.tasks] == ["gsm8k", "math", "arith"] and fed.metric == "accuracy"
+    prompt = AutoTokenizer.from_pretrained(assets[0]).decode(fed.tasks[0].val.prompts[0], skip_special_tokens=True)
+    assert prompt.startswith("Question: What is ") and prompt.endswith("?\nAnswer: ")
+    assert [len(t.val) for t in fed.tasks] == [1, 1, 1]  # 5% of 20
