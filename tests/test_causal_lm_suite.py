@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -331,3 +332,43 @@ def test_the_preset_reads_gsm8k_style_files(assets, tmp_path):
     prompt = AutoTokenizer.from_pretrained(assets[0]).decode(fed.tasks[0].val.prompts[0], skip_special_tokens=True)
     assert prompt.startswith("Question: What is ") and prompt.endswith("?\nAnswer: ")
     assert [len(t.val) for t in fed.tasks] == [1, 1, 1]  # 5% of 20
+
+
+def test_with_lora_only_the_adapters_train_travel_and_change(assets):
+    from fedmerge.strategies import FedAvg
+    from fedmerge.strategies.arrays import to_array
+    from flwr.app import ArrayRecord
+    from replies import reply
+
+    fed = load_suite("causal-lm", 2, options(assets, lora_r=4, lora_alpha=8), 0)
+    names = fed.trained_names
+    assert len(names) == 2 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names)  # 2 layers × q, v × A, B
+    load_suite.cache_clear()  # another process builds the suite again: the same θ0, adapters included
+    again = load_suite("causal-lm", 2, options(assets, lora_r=4, lora_alpha=8), 0)
+    assert all(torch.equal(fed.pretrained[n], again.pretrained[n]) for n in names)
+    states = []
+    for task in fed.tasks:
+        model = fed.model_from(fed.pretrained)
+        before = fed.evaluate(model, task, "val")["loss"]
+        train(model, task, fed.loss, TrainConfig(optimizer="adamw", lr=1e-2, steps=20, batch_size=8))
+        state = model.state_dict()
+        frozen = [n for n in state if n not in names]
+        assert all(torch.equal(state[n], fed.pretrained[n]) for n in frozen)  # the base stays at θ0
+        assert any(not torch.equal(state[n], fed.pretrained[n]) for n in names if ".lora_B." in n)
+        assert fed.evaluate(model, task, "val")["loss"] < before  # the adapters learn the task
+        states.append({n: state[n].numpy() for n in names})
+    base = ArrayRecord({n: to_array(fed.pretrained[n]) for n in names})
+    merged, _ = FedAvg().merge_replies(1, [reply(t + 1, s, num_examples=10) for t, s in enumerate(states)], base)
+    assert set(merged) == set(names)  # only the adapters are merged ("factors": A and B averaged apart)
+    for n in names:
+        np.testing.assert_allclose(merged[n].numpy(), (states[0][n] + states[1][n]) / 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_r": 0}, "'lora_r' must be a positive integer"),
+    ({"lora_r": 4, "lora_target_modules": ["qkv"]}, "the model has no module named 'qkv'"),
+    ({"lora_r": 4, "lora_dropout": 1.0}, r"'lora_dropout' must be a number in \[0, 1\)"),
+])
+def test_lora_mistakes_are_named(assets, change, message):
+    with pytest.raises(FedmergeError, match=message):
+        load_suite("causal-lm", 2, options(assets, **change), 0)

@@ -3,8 +3,9 @@ LLM experiment is three such fine-tunes merged).
 
 The model and its tokenizer come from a local directory or the local Hugging Face cache
 (:mod:`fedmerge.tasks.causal_lm.model`), the tasks from JSONL files or ``save_to_disk`` folders
-(:mod:`fedmerge.tasks.causal_lm.data`); nothing downloads. Every parameter trains (full fine-tuning); the loss
-counts the response tokens only. A task is scored by its held-out loss and, with an answer extractor, by exact
+(:mod:`fedmerge.tasks.causal_lm.data`); nothing downloads. Every parameter trains (full fine-tuning), or, with
+``lora_r``, only LoRA adapters (peft) do, and only they travel and are merged; the loss counts the response
+tokens only. A task is scored by its held-out loss and, with an answer extractor, by exact
 match of the final answer after greedy generation (:mod:`fedmerge.tasks.causal_lm.scoring`), which is the
 suite's ``accuracy``: normalised accuracy divides it by the client's own. θ0 is the model's own weights.
 docs/llm.md.
@@ -14,9 +15,9 @@ import copy
 from pathlib import Path
 
 from fedmerge.errors import FedmergeError
-from fedmerge.options import Option, fraction, list_of, positive_int, string, text
+from fedmerge.options import Option, fraction, list_of, non_negative_float, positive_float, positive_int, string, text
 from fedmerge.tasks.causal_lm.data import encode, examples, read_rows, split_indices, texts
-from fedmerge.tasks.causal_lm.model import load_model, load_tokenizer, model_dir
+from fedmerge.tasks.causal_lm.model import load_model, load_tokenizer, model_dir, with_lora
 from fedmerge.tasks.causal_lm.scoring import Scorer, answer_extractor, response_loss
 from fedmerge.tasks.federation import Federation, Task
 
@@ -45,7 +46,15 @@ def at_least_two(name: str, value) -> int:
     return value
 
 
-DESCRIPTION = "A causal language model fully fine-tuned on one instruction data set per client (JSONL or save_to_disk)."
+def dropout(name: str, value) -> float:
+    value = non_negative_float(name, value)
+    if value >= 1:
+        raise FedmergeError(f"option {name!r} must be a number in [0, 1), got {value!r}.")
+    return value
+
+
+DESCRIPTION = ("A causal language model fine-tuned (fully, or LoRA adapters) on one instruction data set per client "
+               "(JSONL or save_to_disk).")
 OPTIONS = {
     "model": Option(None, "a directory written by save_pretrained, or a Hugging Face model name in the local cache "
                     "(required)", text),
@@ -65,6 +74,11 @@ OPTIONS = {
                      "module:function (text -> answer or None)", extractor_name),
     "max_new_tokens": Option(256, "token limit of the greedy generation scored by exact match", positive_int),
     "eval_batch_size": Option(16, "examples per batch in evaluation and generation", positive_int),
+    "lora_r": Option(None, "LoRA's rank r: train only LoRA adapters (peft) of this rank on lora_target_modules; "
+                     "unset: full fine-tuning", positive_int),
+    "lora_alpha": Option(16.0, "LoRA's α: the adapters add (α/r)·B·A", positive_float),
+    "lora_dropout": Option(0.0, "dropout on the adapters' input while training", dropout),
+    "lora_target_modules": Option(["q_proj", "v_proj"], "the modules (by name) that get adapters", list_of(text)),
 }
 
 
@@ -94,6 +108,9 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
     tasks = [_task(t, path, name, tokenizer, extract, pad_id, options, seed)
              for t, (path, name) in enumerate(zip(paths, task_names(paths)))]
     model = load_model(directory, options["model"])
+    if options["lora_r"] is not None:
+        model = with_lora(model, options["lora_r"], options["lora_alpha"], options["lora_dropout"],
+                          options["lora_target_modules"], seed)
     scorer = Scorer(tokenizer, extract, options["max_new_tokens"], options["eval_batch_size"], pad_id)
     return Federation(tasks=tasks, model_fn=lambda: copy.deepcopy(model), loss_fn=response_loss,
                       metric="loss" if extract is None else "accuracy", evaluate_fn=scorer,

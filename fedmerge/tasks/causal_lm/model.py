@@ -77,3 +77,21 @@ def load_model(directory: Path, model: str) -> torch.nn.Module:
     except (OSError, ValueError, KeyError) as error:
         raise FedmergeError(f"option 'model': {model!r} could not be loaded as a causal language model from {directory} "
                             f"({error}); the directory needs {FILES}, as save_pretrained writes them.") from None
+
+
+def with_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str], seed: int):
+    """``model`` with LoRA adapters (peft) on ``target_modules``: only their factors A and B train, so only they
+    travel between server and clients and are merged; the base weights stay frozen at θ0. A's random start is
+    drawn from ``seed``, so every process that builds the suite starts from the same θ0 (B starts at 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [module for module in target_modules if module not in names]
+    if missing:
+        raise FedmergeError(f"option 'lora_target_modules': the model has no module named {missing[0]!r}; its modules "
+                            f"include {', '.join(sorted(n for n in names if n)[:12])}.")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with quiet():
+            return get_peft_model(model, config)
