@@ -423,7 +423,7 @@ def test_no_buffer_is_made_on_the_default_device(small_chunks, monkeypatch, num_
     base, models = device_models(num_clients)
     center = {n: 0.1 * (models[0][n] - base[n]) for n in DEVICE_SHAPES}
     plain = [{n: m[n] - base[n] for n in DEVICE_SHAPES} for m in models]
-    tensors._coefficients.cache_clear()  # no coefficients made on the CPU by an earlier test
+    tensors.coefficients.cache_clear()  # no coefficients made on the CPU by an earlier test
     with torch.device("meta"):
         assert torch.empty(1).device.type == "meta"
         got = merged_model(device_rules(num_clients, center)[rule_name], base, models, 0.7)
@@ -523,3 +523,10 @@ def test_fednova_by_norm_is_the_mean_direction_at_the_mean_length():
     rule = FedNovaRule(None)
     merge(rule, tvs)
     assert rule.params()["normalize_by"] == "norm" and rule.params()["effective_steps"] == pytest.approx(norms, rel=1e-5)
+
+
+def test_fednova_by_norm_counts_a_zero_update_at_its_length_zero():
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    models = [{"w": torch.zeros(2, dtype=torch.float64)}, {"w": torch.tensor([0.1, 0.0], dtype=torch.float64)}]
+    got = fednova([TaskVector(m, base) for m in models], normalize_by="norm")["w"]
+    assert torch.allclose(got, torch.tensor([0.025, 0.0], dtype=torch.float64))  # mean length 0.05 × mean direction

@@ -189,3 +189,9 @@ def test_an_unparsable_experiment_file_is_named(tmp_path, capsys):
 def test_a_strategy_or_round_count_given_twice_is_refused(setting, message, capsys):
     assert main(["run", "quadratic", "--dry-run", "--set", setting]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_random_rules_seed_flows_from_the_runs_seed():
+    spec = Spec.from_dict({"seed": 3, "suite": "quadratic", "strategies": ["dare-ties"], "strategy": {"dare-ties": {"seed": 1}}})
+    assert spec.build_strategy("dare-ties").params["seed"] == 4
+    assert Spec.from_dict({"seed": 5, "suite": "quadratic", "strategies": ["dare-linear"]}).build_strategy("dare-linear").seed == 5

@@ -127,7 +127,9 @@ def test_bad_parameters_are_refused(make, message):
 
 
 @pytest.mark.parametrize("name, rule", [
-    ("ties", TiesRule(0.3)), ("dare-linear", DareRule(0.3, 2, False)), ("dare-ties", DareRule(0.3, 2, True)),
+    ("ties", TiesRule(0.3)),
+    ("dare-linear", DareRule(0.3, 2, False, clients=[1, 2, 3, 4], draw=1)),  # drops by client id and round
+    ("dare-ties", DareRule(0.3, 2, True, clients=[1, 2, 3, 4], draw=1)),
 ])
 def test_each_is_a_flower_strategy_that_merges_like_its_rule(name, rule):
     base, models, _ = setup()
@@ -139,6 +141,17 @@ def test_each_is_a_flower_strategy_that_merges_like_its_rule(name, rule):
     for key in SHAPES:
         np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-12)
     assert strategy.rounds[0].rule["rule"] == name
+
+
+def test_dare_strategies_drop_anew_each_round_whatever_the_order_replies_arrive_in():
+    base, models, _ = setup()
+    numpy = lambda tensors: {k: v.numpy() for k, v in tensors.items()}  # noqa: E731
+    replies = [reply(i + 1, numpy(m), num_examples=10) for i, m in enumerate(models)]
+    merge = lambda r, order: STRATEGIES["dare-linear"](density=0.5).merge_replies(r, order, arrays_record(numpy(base)))[0]  # noqa: E731
+    first, again, reordered, second = merge(1, replies), merge(1, replies), merge(1, replies[::-1]), merge(2, replies)
+    assert np.array_equal(first["w"].numpy(), again["w"].numpy())
+    np.testing.assert_allclose(first["w"].numpy(), reordered["w"].numpy(), rtol=1e-12)
+    assert not np.array_equal(first["w"].numpy(), second["w"].numpy())
 
 
 def test_the_merged_model_is_theta_plus_beta_delta():
@@ -154,3 +167,12 @@ def test_an_exactly_cancelling_sum_elects_plus_as_in_16_bit_checkpoints():
     taus = [-0.004150390625, 0.00732421875, -0.003173828125]  # bfloat16-exact values summing to exactly 0
     got = ties([TaskVector({"w": torch.tensor([t])}, base) for t in taus], density=1.0)["w"]
     assert got.item() == 0.00732421875  # + elected: only the positive entry agrees
+
+
+def test_ties_on_a_model_of_nan_leaves_the_verdict_to_the_non_finite_check():
+    base, models, _ = setup(3)
+    models[1]["w"] = torch.full_like(models[1]["w"], float("nan"))
+    norms = np.zeros(3)
+    merged = dict(iter_merged_model(TiesRule(0.2), base, models, squared_norms=norms))  # no crash in the threshold
+    assert not np.isfinite(norms[1]) and np.all(np.isfinite(norms[[0, 2]]))
+    assert set(merged) == set(SHAPES)

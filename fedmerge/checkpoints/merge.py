@@ -7,7 +7,8 @@ writer thread writes the previous tensors. Memory holds a few output tensors (th
 most three waiting to be written) plus T + 3 chunks per core, whatever the model's size.
 
 With ``device="cuda"`` chunks are still read on the CPU (into pinned memory, by every core), copied to the
-GPU, merged there, and each finished tensor is brought back to the CPU to be written.
+GPU (each copy waits for itself; the cores' reads and copies overlap one another), merged there, and each
+finished tensor is brought back to the CPU to be written.
 
 Non-finite inputs are caught by the merge's own pass: a model's ‖τ_t‖² turns non-finite at the first
 tensor holding NaN or ±inf, and that tensor is then checked exactly (a norm alone may overflow). Such a

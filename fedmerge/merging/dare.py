@@ -18,19 +18,23 @@ import torch
 from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import weighted_sum_into
-from fedmerge.merging.ties import DENSITY, disjoint_mean_into
+from fedmerge.merging.ties import DENSITIES, DENSITY, disjoint_mean_into
 from fedmerge.options import Option, non_negative_int, proportion
 
 BLOCK = 1 << 16  # draws are made in blocks of this many positions, each from its own seeded generator
 
 
-def keep_mask(seed: int, name: str, client: int, s: slice, density: float, device: torch.device) -> torch.Tensor:
-    """Whether each position of ``s`` of tensor ``name`` is kept for ``client``: a uniform draw below ``density``.
+def keep_mask(seed: int, name: str, client: int, s: slice, density: float, device: torch.device,
+              draw: int = 0) -> torch.Tensor:
+    """Whether each position of ``s`` of tensor ``name`` is kept for ``client`` in draw ``draw`` (a round): a
+    uniform draw below ``density``.
 
     Position j's draw is element j mod BLOCK of block j // BLOCK, drawn on the CPU by a generator seeded from
-    (seed, client, name, block): the same whatever slices are asked for, and copied to ``device``.
+    (seed, draw, client, name, block): the same whatever slices are asked for, and copied to ``device``. The CPU
+    generator takes 32-bit seeds, so among many blocks a few pairs share their pattern (about n²/2³³ pairs for n
+    blocks in all): harmless for the drops' statistics, since such blocks lie at unrelated places.
     """
-    key = f"{seed}/{client}/{name}/"
+    key = f"{seed}/{draw}/{client}/{name}/"
     first, last = s.start // BLOCK, (s.stop - 1) // BLOCK
     draws = torch.empty((last - first + 1) * BLOCK, device="cpu")
     generator = torch.Generator()
@@ -47,17 +51,20 @@ class DareRule(Rule):
     name = "dare"
 
     def __init__(self, density: float = 0.2, seed: int = 0, elect_sign: bool = False,
-                 weights: Sequence[float] | None = None) -> None:
+                 weights: Sequence[float] | None = None, clients: Sequence[int] | None = None, draw: int = 0) -> None:
         super().__init__(weights)
         self.density = proportion("DARE density", density)
         self.seed = non_negative_int("DARE seed", seed)
         self.elect_sign = elect_sign
+        self.clients = clients  # each client's identity in the draws (default: its position)
+        self.draw = draw  # a round's number: each round drops other entries
         self.name = "dare-ties" if elect_sign else "dare-linear"
 
     def merge_chunk(self, name, s, values, out):
         if self.density < 1:
-            for client, row in zip(self.present, values):
-                row.mul_(keep_mask(self.seed, name, int(client), s, self.density, row.device)).div_(self.density)
+            for t, row in zip(self.present, values):
+                client = int(t) if self.clients is None else int(self.clients[t])
+                row.mul_(keep_mask(self.seed, name, client, s, self.density, row.device, self.draw)).div_(self.density)
         if self.elect_sign:
             disjoint_mean_into(out, values, self.p)
         else:
@@ -76,9 +83,11 @@ def dare(task_vectors, density: float = 0.2, seed: int = 0, elect_sign: bool = F
 SEED = Param("seed", Option(0, "the seed of the random drops (the same seed drops the same entries)", non_negative_int))
 LINEAR = Method(
     "dare-linear", DareRule, "DARE: drop entries at random, rescale by 1/k, average (Yu et al. 2024)",
-    params=(DENSITY, SEED), make=lambda weights, **params: DareRule(**params, elect_sign=False, weights=weights),
+    params=(DENSITY, SEED), tuned="density", grid=lambda norms: list(DENSITIES),
+    make=lambda weights, **params: DareRule(**params, elect_sign=False, weights=weights),
 )
 TIES = Method(
     "dare-ties", DareRule, "DARE's random drop and rescale, then TIES's elected sign and disjoint mean",
-    params=(DENSITY, SEED), make=lambda weights, **params: DareRule(**params, elect_sign=True, weights=weights),
+    params=(DENSITY, SEED), tuned="density", grid=lambda norms: list(DENSITIES),
+    make=lambda weights, **params: DareRule(**params, elect_sign=True, weights=weights),
 )

@@ -60,11 +60,11 @@ class FedNovaRule(Rule):
         super().prepare(task_vectors, names)
         if self.effective_steps is None:
             with np.errstate(invalid="ignore"):  # non-finite inputs: the driver's norms flag them
-                norms = np.sqrt(np.maximum(np.diag(gram_matrix(task_vectors, names)), 0.0))
-            a = np.where(norms > 0, norms, 1.0)  # a zero update adds nothing, whatever its a_t
-            self.measured = a
-        else:
-            a = positive_per_client(self.per_client(self.effective_steps), len(task_vectors), "effective steps (a_t)")
+                self.measured = np.sqrt(np.maximum(np.diag(gram_matrix(task_vectors, names)), 0.0))
+            mean_length = float(np.dot(self.p, self.measured))
+            self.coeffs = mean_length * self.p / np.where(self.measured > 0, self.measured, 1.0)  # 0/1: a zero τ_t adds 0
+            return
+        a = positive_per_client(self.per_client(self.effective_steps), len(task_vectors), "effective steps (a_t)")
         self.coeffs = float(np.dot(self.p, a)) * self.p / a
 
     def merge_chunk(self, name, s, values, out):

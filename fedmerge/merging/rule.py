@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -162,6 +163,7 @@ def _merge_floating(
     workers = min(workers if device.type == "cpu" or reads_disk else 1, len(slices))
     rule.prepare_tensor(name, found, dtype, device, pool)
     taken = itertools.count()  # next() on a count is atomic under the GIL: each chunk goes to one worker
+    stop = threading.Event()  # set when the tensor is abandoned (an error, Ctrl-C): the other workers stop too
 
     def work() -> np.ndarray:
         width = min(size, numel)
@@ -169,7 +171,7 @@ def _merge_floating(
         base_row = torch.empty(width, dtype=dtype, device=device)
         delta = torch.empty(width, dtype=dtype, device=device) if server_lr is not None else None
         norms = torch.zeros(len(found), dtype=torch.float64, device=device)
-        while (k := next(taken)) < len(slices):
+        while not stop.is_set() and (k := next(taken)) < len(slices):
             s = slices[k]
             n = s.stop - s.start
             values = rows[:, :n]
@@ -183,7 +185,10 @@ def _merge_floating(
                 flat_out[s].copy_(torch.add(theta, delta[:n], alpha=server_lr, out=delta[:n]))
         return norms.cpu().numpy()  # T numbers, once per tensor
 
-    parts = [work()] if workers == 1 else [f.result() for f in [pool.submit(work) for _ in range(workers)]]
+    try:
+        parts = [work()] if workers == 1 else [f.result() for f in [pool.submit(work) for _ in range(workers)]]
+    finally:
+        stop.set()
     return out, np.sum(parts, axis=0)
 
 

@@ -179,14 +179,14 @@ def stacked(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor
 
 
 @lru_cache(maxsize=64)
-def _coefficients(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def coefficients(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The coefficients as a tensor on ``device``, made once (not copied to the device for every chunk)."""
     return torch.tensor(values, dtype=dtype, device=device)
 
 
 def weighted_sum_into(out: torch.Tensor, values: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
     """out = Σ_t c_t x_t for the rows x_t of ``values`` (T, n): one matrix-vector product on their device."""
-    return out.copy_(_coefficients(tuple(map(float, coeffs)), values.dtype, values.device) @ values)
+    return out.copy_(coefficients(tuple(map(float, coeffs)), values.dtype, values.device) @ values)
 
 
 def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 
 from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Term, _coefficients
+from fedmerge.merging.tensors import Term, coefficients
 from fedmerge.options import Option, proportion
 
 
@@ -29,7 +29,7 @@ def disjoint_mean_into(out: torch.Tensor, values: torch.Tensor, p: Sequence[floa
     rounding each p_t·τ_t. Unequal weights multiply each row first (not a matrix product, whose fused
     multiply-adds would not cancel p·x against p·(−x)).
     """
-    weights = None if len(set(p)) == 1 else _coefficients(tuple(map(float, p)), values.dtype, values.device).view(-1, 1)
+    weights = None if len(set(p)) == 1 else coefficients(tuple(map(float, p)), values.dtype, values.device).view(-1, 1)
     if weights is not None:
         values.mul_(weights)
     elected = torch.where(values.sum(0) >= 0, 1.0, -1.0).to(values.dtype)
@@ -55,7 +55,7 @@ class TiesRule(Rule):
         self.cutoffs = [] if self.density >= 1 else list(pool.map(lambda term: self._cutoff(term, dtype, device), found))
 
     def _cutoff(self, term: Term, dtype: torch.dtype, device: torch.device) -> tuple[float, int]:
-        magnitude = term.whole(dtype, device).abs_().view(-1)
+        magnitude = term.whole(dtype, device).abs_().nan_to_num_(0.0, 0.0, 0.0).view(-1)  # non-finite: norms flag it
         keep = max(1, int(self.density * magnitude.numel()))
         threshold = torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values
         above = int((magnitude > threshold).sum())
@@ -84,9 +84,10 @@ def ties(task_vectors, density: float = 0.2, weights: Sequence[float] | None = N
     return merge(TiesRule(density, weights), task_vectors)
 
 
+DENSITIES = (0.1, 0.2, 0.3, 0.5)  # searched one-shot beside λ (the TIES paper's top-k of 10-30%, and a denser one)
 DENSITY = Param("density", Option(0.2, "k, the share of each task vector's entries kept, in (0, 1] (per tensor)",
                                   proportion))
 METHOD = Method(
     "ties", TiesRule, "TIES-merging: the top-k% of each task vector, an elected sign, the disjoint mean (Yadav et al. 2023)",
-    params=(DENSITY,),
+    params=(DENSITY,), tuned="density", grid=lambda norms: list(DENSITIES),
 )

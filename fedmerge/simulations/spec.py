@@ -175,6 +175,8 @@ class Spec:
     def build_strategy(self, name: str, **overrides):
         """A fresh strategy object with this spec's server and strategy options."""
         options = {**self.server, **self.strategy.get(name, {}), "device": self.engine["server_device"], **overrides}
+        if "seed" in options:  # a random rule's draws flow from the run's seed too
+            options["seed"] += self.seed
         flower = logging.getLogger("flwr")
         level = flower.level
         flower.setLevel(logging.ERROR)  # the server evaluates every task itself: no federated-evaluation warning
