@@ -191,7 +191,7 @@ def test_a_data_set_with_other_classes_than_the_suites_is_refused(assets, tmp_pa
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": "/nowhere/tiny-clip"}, "CLIP model directory /nowhere/tiny-clip does not exist"),
+    ({"model": "/nowhere/tiny-clip"}, "CLIP model: the model directory /nowhere/tiny-clip does not exist"),
     ({"model": "someone/no-such-clip"}, "'someone/no-such-clip' is neither a directory nor in the local Hugging Face cache"),
     ({"datasets": ["MNIST", "SVHN"]}, "data set 'SVHN' not found under root"),
     ({"datasets": ["MNIST", "RESISC45"]}, "NWPU-RESISC45"),

@@ -6,50 +6,20 @@ models fedmerge writes load into ``AutoModelForCausalLM`` as they are, and the t
 elsewhere line up with it. fedmerge calls it as ``model(input_ids)``; the suite's loss reads ``.logits``.
 """
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 from fedmerge.errors import FedmergeError
+from fedmerge.tasks import hub
+from fedmerge.tasks.hub import quiet
 
 FILES = "config.json, model.safetensors (or pytorch_model.bin) and the tokenizer's files (tokenizer.json, ...)"
 
 
-@contextlib.contextmanager
-def quiet():
-    """No loading reports, generation warnings or progress bars from transformers."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def model_dir(model: str) -> Path:
-    """The directory of ``model``: itself if it is one, else its snapshot in the local Hugging Face cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if model.startswith(("/", ".", "~")) or path.exists():
-        raise FedmergeError(f"option 'model': the model directory {path} does not exist; give a directory holding "
-                            f"{FILES} (save_pretrained writes them), or a Hugging Face model name in the local cache.")
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        return Path(snapshot_download(model, local_files_only=True))
-    except (OSError, ValueError):  # not cached, or not a repo id
-        raise FedmergeError(
-            f"option 'model': {model!r} is neither a directory nor in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}); fedmerge never downloads. On a machine that is online, `hf download {model}` "
-            f"caches it (copy the cache over, or set HF_HOME), or set option 'model' to a directory holding {FILES}."
-        ) from None
+    """The directory of ``model``: itself, or its snapshot in the local Hugging Face cache."""
+    return hub.model_dir(model, FILES)
 
 
 def load_tokenizer(directory: Path, model: str):

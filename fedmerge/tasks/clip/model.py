@@ -1,6 +1,5 @@
 """CLIP's image encoder with frozen zero-shot heads, from a local Hugging Face model (never downloaded)."""
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmerge.errors import FedmergeError
+from fedmerge.tasks import hub
 from fedmerge.tasks.cache import load_or_build
+from fedmerge.tasks.hub import quiet
 
 VERSION = 1  # of the heads' computation, in their cache key
 TEXT_BATCH = 256
@@ -37,41 +38,9 @@ class ZeroShotCLIP(nn.Module):
         return F.normalize(features, dim=-1) @ self.heads[head].T
 
 
-@contextlib.contextmanager
-def _quiet():
-    """No loading reports or progress bars from transformers while loading."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def model_dir(model: str) -> Path:
-    """The directory of ``model``: itself if it is one, else its snapshot in the local Hugging Face cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if model.startswith(("/", ".", "~")):
-        raise FedmergeError(f"CLIP model directory {path} does not exist; give a directory holding {FILES} "
-                            "(save_pretrained writes them), or a Hugging Face model name in the local cache.")
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        return Path(snapshot_download(model, local_files_only=True))
-    except (OSError, ValueError):  # not cached, or not a repo id
-        raise FedmergeError(
-            f"CLIP model {model!r} is neither a directory nor in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}); fedmerge never downloads. On a machine that is online, "
-            f"`hf download {model}` caches it (copy the cache over, or set HF_HOME), or set option 'model' to a "
-            f"directory holding {FILES}."
-        ) from None
+    """The directory of ``model``: itself, or its snapshot in the local Hugging Face cache."""
+    return hub.model_dir(model, FILES, "CLIP model")
 
 
 def load_clip(model: str):
@@ -80,7 +49,7 @@ def load_clip(model: str):
 
     directory = model_dir(model)
     try:
-        with _quiet():
+        with quiet():
             clip = CLIPModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True)
