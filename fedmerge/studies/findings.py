@@ -29,7 +29,7 @@ def run_findings(out: Path = Path("docs/findings.md"), work: Path = Path("result
     check_page_out(out)
     if not run and (missing := missing_results(work)):
         raise FedmergeError(f"--no-run: no results of {', '.join(missing)} in --work {work}; run `fedmerge findings "
-                            f"--work {work}` without --no-run first (about 20 minutes on 2 cores; finished cells are reused).")
+                            f"--work {work}` without --no-run first (about 15 minutes on 2 cores; finished cells are reused).")
     previous = _read_timings(work)
     timings: dict[str, float] = {}
     if run:
