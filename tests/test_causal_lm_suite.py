@@ -372,3 +372,30 @@ def test_with_lora_only_the_adapters_train_travel_and_change(assets):
 def test_lora_mistakes_are_named(assets, change, message):
     with pytest.raises(FedmergeError, match=message):
         load_suite("causal-lm", 2, options(assets, **change), 0)
+
+
+def test_fedmerge_evaluate_merges_peft_adapters_on_the_language_model_suite(assets, tmp_path):
+    """LoRA fine-tunes saved by peft (with a Trainer-style trainer_state.json) are merged and evaluated in place of
+    full checkpoints; FedNova's a_t come from the trainer states."""
+    from fedmerge.simulations.evaluate import evaluate_checkpoints
+
+    lora = load_suite("causal-lm", 2, options(assets, lora_r=4, lora_alpha=8), 0)
+    adapters = []
+    for t, task in enumerate(lora.tasks):
+        model = lora.model_from(lora.pretrained)
+        train(model, task, lora.loss, TrainConfig(optimizer="adamw", lr=1e-2, steps=30, batch_size=8))
+        folder = tmp_path / f"adapter{t}"
+        model.save_pretrained(folder)
+        history = [{"step": k, "learning_rate": 0.01} for k in range(1, 30 + 10 * t + 1)]
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 30 + 10 * t, "log_history": history}))
+        adapters.append(folder)
+    load_suite.cache_clear()
+    spec = Spec.from_dict({"name": "adapters", "suite": "causal-lm", "clients": 2, "strategies": ["fedavg", "fednova"],
+                           "suite_options": options(assets)})
+    run_dir = evaluate_checkpoints(spec, assets[0], adapters, tmp_path / "out")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["strategy"] for r in results["runs"]] == ["fedavg", "fednova"]
+    assert [c["reply"]["num-steps"] for c in results["clients"]] == [30, 40]  # global_step from trainer_state.json
+    assert [c["reply"]["lr-sum"] for c in results["clients"]] == pytest.approx([0.3, 0.4])
+    own, pretrained = [c["own"]["test"]["loss"] for c in results["clients"]], results["pretrained"]["tasks"]
+    assert all(o < p["loss"] for o, p in zip(own, pretrained))  # each adapter learned its task

@@ -25,7 +25,9 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from fedmerge import contract
+from fedmerge.checkpoints.adapters import open_model
 from fedmerge.checkpoints.reader import Checkpoint
+from fedmerge.checkpoints.trainer_state import global_step, lr_sum, read_state, state_file
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir
 from fedmerge.merging.validate import check_like, describe
@@ -88,6 +90,21 @@ def _read(trained: _Trained) -> ArrayRecord:
     return ArrayRecord({name: trained[name] for name in trained})
 
 
+def _from_trainer_state(models: Sequence[Path], what: str) -> list[float] | None:
+    """Each model's a_t from the trainer_state.json beside it (``steps``: its global_step; ``lr-sum``: its logged
+    learning rates summed), when every model has one that holds it; else None."""
+    files = [state_file(model) for model in models]
+    if any(file is None for file in files):
+        return None
+    states = [(read_state(file), file) for file in files]
+    if what == "steps":
+        return [global_step(state, file) for state, file in states]
+    try:
+        return [lr_sum(state, file) for state, file in states]
+    except FedmergeError:  # no learning rate logged: FedNova by lr-sum needs --lr-sums
+        return None
+
+
 def _per_model(option: str, values: Sequence | None, count: int, default: float) -> list:
     if values is None:
         return [default] * count
@@ -118,10 +135,12 @@ def evaluate_checkpoints(
         ``spec.clients`` must equal ``len(models)``; its strategies, strategy options, ``server.weighting``,
         ``select`` and ``engine.server_device`` are used as in a simulation. Only the one-shot protocol runs
         (``rounds`` is taken as [1]); the training table is not used.
-    base, models : θ0 and θ_1..θ_T: ``.safetensors`` files or Hugging Face model directories (sharded or not).
+    base, models : θ0 and θ_1..θ_T: ``.safetensors`` files or Hugging Face model directories (sharded or not); a
+        model may also be a PEFT LoRA adapter directory of ``base`` (θ_t = θ0 + s·B·A).
     out : the parent directory of the results directory (``<name>-<timestamp>``), unless ``run_dir`` names it.
-    steps, lr_sums : each model's local step count and sum of learning rates (FedNova's a_t); default 1 each
-        (FedNova then equals FedAvg). Each reply's ``num-examples`` is the size of its task's train split.
+    steps, lr_sums : each model's local step count and sum of learning rates (FedNova's a_t); by default read
+        from each model directory's trainer_state.json (its global_step; its logged learning rates summed) when
+        every model has one, else 1 each (FedNova then equals FedAvg). Each reply's ``num-examples`` is the size of its task's train split.
     progress : called with a short message after each merge.
 
     Returns the results directory (``fedmerge report`` reads it). Raises :class:`FedmergeError` naming the file
@@ -136,8 +155,9 @@ def evaluate_checkpoints(
             f"{len(models)} models given but experiment {spec.name!r} has {spec.clients} clients (one task per model, "
             f"in order); give {spec.clients} models, or --set clients={len(models)} with the suite's options to match."
         )
-    steps = _per_model("--steps", steps, len(models), 1)
-    lr_sums = _per_model("--lr-sums", lr_sums, len(models), 1.0)
+    steps = _per_model("--steps", steps if steps is not None else _from_trainer_state(models, "steps"), len(models), 1)
+    lr_sums = _per_model("--lr-sums", lr_sums if lr_sums is not None else _from_trainer_state(models, "lr-sum"),
+                         len(models), 1.0)
     if run_dir is not None and Path(run_dir).exists():
         raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
     check_output_dir(Path(run_dir).parent if run_dir is not None else Path(out), "--out")
@@ -170,7 +190,8 @@ def _load(fed: Federation, suite: str, base: Path, models: Sequence[Path], steps
     names = fed.trained_names
     expected = describe({name: fed.pretrained[name] for name in names})
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(Checkpoint(path)) for path in (base, *models)]
+        source = stack.enter_context(Checkpoint(base))
+        checkpoints = [source, *(stack.enter_context(open_model(path, source)) for path in models)]
         trained = [_check(checkpoint, expected, suite) for checkpoint in checkpoints]
         base_arrays = _read(trained[0])
         replies = [checkpoint_reply(t, _read(tensors), len(fed.tasks[t].train), steps[t], lr_sums[t])

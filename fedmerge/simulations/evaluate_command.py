@@ -9,8 +9,8 @@ tasks: the one-shot protocol of `fedmerge run`, with your checkpoints in place o
 
 EXPERIMENT is a preset or a TOML file, as `fedmerge run` takes it. Its suite (and suite options) defines the
 tasks, one per model, in order (MODEL 1 was fine-tuned on task 1, ...), so `clients` must equal the number
-of models. BASE is θ0, each MODEL a θ_t fine-tuned from it: .safetensors files or Hugging Face model
-directories (sharded or not). From each, exactly the tensors the suite's model trains are taken, by name
+of models. BASE is θ0, each MODEL a θ_t fine-tuned from it: .safetensors files, Hugging Face model
+directories (sharded or not), or PEFT LoRA adapter directories of BASE (θ_t = θ0 + s·B·A). From each, exactly the tensors the suite's model trains are taken, by name
 (anything else, e.g. a CLIPModel's text tower, is ignored; the clip suite's frozen zero-shot heads stay the
 suite's); a missing tensor, or one of another shape or dtype, is an error naming the file and the tensor.
 
@@ -54,9 +54,11 @@ def register(subparsers) -> None:
                              "strategy.fednova.normalize_by=steps (repeatable)")
     parser.add_argument("--seed", type=int, help="the seed of the suite's splits (and every other random choice)")
     parser.add_argument("--steps", type=int, nargs="+", metavar="K",
-                        help="each model's local step count (the num-steps of its reply; FedNova with normalize_by=steps); default 1 each")
+                        help="each model's local step count (the num-steps of its reply; FedNova with normalize_by=steps); default: "
+                        "each model directory's trainer_state.json global_step when every model has one, else 1 each")
     parser.add_argument("--lr-sums", type=float, nargs="+", metavar="S",
-                        help="each model's sum of learning rates Σ_k η_t^(k) (FedNova's default a_t); default 1 each")
+                        help="each model's sum of learning rates Σ_k η_t^(k) (FedNova's default a_t); default: the learning rates "
+                        "logged in each trainer_state.json, summed, when every model has them, else 1 each")
     parser.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
                         help="parent directory of the results directory (default: results)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
