@@ -5,6 +5,7 @@ same replies (choosing λ, and ρ for FedGMA and CCLIP, on the validation splits
 the strategy's own ``start()`` from θ0, with the clients splitting their local steps over the rounds.
 """
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from fedmerge.clients.trainer import full_gradient
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS, TaskVector, apply_update
+from fedmerge.merging.lora import adapted_layers
 from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, norms
 from fedmerge.merging.tensors import gram_matrix
 from fedmerge.simulations import evaluation
@@ -52,12 +54,17 @@ class Experiment:
         self.timeout = timeout
         self.timings: dict[str, float] = {}
         self.device: torch.device | None = None  # the server's: resolved when the work starts
+        self.lora_scaling = 1.0  # s = α/r of the suite's LoRA adapters, for server.lora = "dense"
 
     def run(self) -> dict:
         spec = self.spec
         start = time.perf_counter()
         fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
-        base = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})  # only what trains travels
+        travel = fed.trained_names  # only what trains travels, and with dense LoRA merging the adapted base weights
+        if spec.server["lora"] == "dense":
+            weights, self.lora_scaling = _dense_lora(fed, spec.suite)
+            travel = [name for name in fed.pretrained if name in {*travel, *weights}]
+        base = ArrayRecord({name: fed.pretrained[name] for name in travel})
         self.device = resolve_device(spec.engine["server_device"], "engine.server_device")
         self.timings["suite"] = time.perf_counter() - start
 
@@ -110,9 +117,13 @@ class Experiment:
         return results
 
     # -- the one-shot round -------------------------------------------------------------------------
+    def _strategy(self, name: str, **overrides):
+        """The spec's strategy ``name``, with the suite's LoRA scaling."""
+        return self.spec.build_strategy(name, lora_scaling=self.lora_scaling, **overrides)
+
     def _one_shot_replies(self, base: ArrayRecord) -> list[Message]:
         started = time.perf_counter()
-        sender = self.spec.build_strategy("fedavg")
+        sender = self._strategy("fedavg")
         messages = sender.configure_train(1, base, self._round_config(1), self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         replies.sort(key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID])
@@ -174,7 +185,7 @@ class Experiment:
         scalings = evaluation.SCALING_GRID if spec.select else (spec.server["server_lr"] / num_clients,)
         selection, best = [], None
         for options in candidates:
-            strategy = spec.build_strategy(name, server_lr=1.0, **options)
+            strategy = self._strategy(name, server_lr=1.0, **options)
             merged, _ = strategy.merge_replies(1, replies, base)
             if merged is None:
                 reasons = "; ".join(e["reason"] for e in strategy.rounds[-1].excluded)
@@ -203,7 +214,7 @@ class Experiment:
     # -- multi-round federated learning -------------------------------------------------------------
     def _multi_round(self, fed, name, base, rounds, own_test) -> tuple[dict, dict]:
         """R rounds of the strategy from θ0; per-round test figures and the final model."""
-        strategy = self.spec.build_strategy(name)
+        strategy = self._strategy(name)
         history = []
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -259,3 +270,16 @@ def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float) -> ArrayRe
     """θ0 + β·Δ from θ0 and the β = 1 result θ0 + Δ."""
     base_tensors, delta = RecordTensors(base), TaskVector(RecordTensors(merged), RecordTensors(base))
     return ArrayRecord({name: apply_update(base_tensors[name], delta[name], server_lr) for name in base})
+
+
+def _dense_lora(fed: Federation, suite: str) -> tuple[list[str], float]:
+    """For server.lora = "dense": the adapted layers' base weights (they travel too) and the adapters' s = α/r."""
+    layers = adapted_layers(list(fed.pretrained))
+    config = getattr(fed.model_fn(), "peft_config", {}).get("default")
+    if not layers or config is None:
+        raise FedmergeError(f"server.lora = \"dense\" merges LoRA adapters, but suite {suite!r}'s model has none; give it "
+                            "adapters (causal-lm: suite_options.lora_r) or use server.lora = \"factors\".")
+    if config.rank_pattern or config.alpha_pattern:
+        raise FedmergeError("server.lora = \"dense\" takes one α/r for every adapter; the suite's LoRA config sets "
+                            "rank_pattern or alpha_pattern.")
+    return [layer.weight for layer in layers], config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)

@@ -21,7 +21,7 @@ from fedmerge.config import parse_value, tomllib, unflatten
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS
 from fedmerge.strategies import STRATEGIES
-from fedmerge.strategies.base import WEIGHTINGS
+from fedmerge.strategies.base import LORA_MODES, WEIGHTINGS
 from fedmerge.options import (
     Option, boolean, choice, list_of, non_negative_float, non_negative_int, positive_float, positive_int,
     resolve, string, text,
@@ -65,6 +65,8 @@ TOP = {
 SERVER = {
     "server_lr": Option(1.0, "β in θ ← θ + β·Δ (mean-scale) for multi-round runs", positive_float),
     "weighting": Option("uniform", " | ".join(WEIGHTINGS), choice(*WEIGHTINGS)),
+    "lora": Option("factors", "LoRA adapters merged as factors (A and B apart: cheap, inexact) | dense (each layer's "
+                   "(α/r)·B·A: exact for every rule; the adapted base weights then travel too)", choice(*LORA_MODES)),
 }
 STRATEGY_OPTIONS = {name: {p.name: p.option for p in method.scoped("strategy").values()} for name, method in METHODS.items()}
 """strategy.<method>.<param>: every merging method's record (fedmerge.merging.registry) gives its keys."""

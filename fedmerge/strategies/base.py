@@ -21,6 +21,7 @@ from fedmerge import contract
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import OnDevice, Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
+from fedmerge.merging.lora import DenseUpdate, adapted_layers, fold
 from fedmerge.merging.method import Method
 from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
@@ -30,6 +31,7 @@ log = logging.getLogger("fedmerge")
 """Warnings about left-out clients; the summary goes through Flower's logger, which has a handler."""
 
 WEIGHTINGS = ("uniform", "num-examples")
+LORA_MODES = ("factors", "dense")
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -55,6 +57,13 @@ class MergingStrategy(FlowerFedAvg):
     device : "cpu" | "cuda" | "cuda:N" | "auto" (default "cpu")
         Where the rule runs. Replies arrive and the new model leaves as CPU arrays (Flower's wire); with a
         GPU each tensor is copied there, merged, and copied back.
+    lora : "factors" | "dense" (default "factors")
+        How LoRA adapters (peft's ``….lora_A/B.<adapter>.weight``) are merged: as any other tensors, A and B
+        apart (cheap; not the merge of the clients' B·A), or ``dense``: the rule over each layer's dense
+        update s·(B_t A_t − B A), exact for every rule, folded into ``….base_layer.weight`` (which the arrays
+        must then carry) with B restarting at 0 (:mod:`fedmerge.merging.lora`).
+    lora_scaling : float (default 1.0)
+        s = α/r of the adapters, for ``lora="dense"``.
     fraction_train, min_train_nodes, min_evaluate_nodes, min_available_nodes, arrayrecord_key,
     configrecord_key, evaluate_metrics_aggr_fn
         As in Flower's FedAvg.
@@ -82,7 +91,14 @@ class MergingStrategy(FlowerFedAvg):
         train_metrics_aggr_fn: MetricsAggregator | None = None,
         evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
         device: str = "cpu",
+        lora: str = "factors",
+        lora_scaling: float = 1.0,
     ) -> None:
+        if lora not in LORA_MODES:
+            raise FedmergeError(f"lora must be one of {LORA_MODES}, got {lora!r}.")
+        if not (math.isfinite(lora_scaling) and lora_scaling > 0):
+            raise FedmergeError(f"lora_scaling (s = α/r) must be a positive number, got {lora_scaling!r}.")
+        self.lora, self.lora_scaling = lora, float(lora_scaling)
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise FedmergeError(f"server_lr (β) must be a positive number, got {server_lr!r}.")
         if weighting not in WEIGHTINGS:
@@ -212,12 +228,21 @@ class MergingStrategy(FlowerFedAvg):
         weights = [r.metrics[self.weighted_by_key] for r in accepted] if self._by_key else None
         rule = self.build_rule(accepted, weights)
         base = OnDevice(RecordTensors(global_arrays), self.device)
-        task_vectors = [TaskVector(OnDevice(RecordTensors(r.arrays), self.device), base) for r in accepted]
+        models = [OnDevice(RecordTensors(r.arrays), self.device) for r in accepted]
+        layers = adapted_layers(list(global_arrays)) if self.lora == "dense" else []
+        if layers:
+            task_vectors = [DenseUpdate(model, base, layers, self.lora_scaling) for model in models]
+        else:
+            task_vectors = [TaskVector(model, base) for model in models]
+        folded = {layer.weight: layer for layer in layers}
         squared_norms = np.zeros(len(accepted))
-        arrays = ArrayRecord()
-        for name, delta in iter_merge(rule, task_vectors, list(global_arrays), squared_norms):
+        merged = {}
+        for name, delta in iter_merge(rule, task_vectors, list(task_vectors[0]), squared_norms):
             self.observe_update(name, delta)
-            arrays[name] = to_array(apply_update(base[name], delta, self.server_lr))
+            made = fold(base, folded[name], delta, self.lora_scaling, self.server_lr) if name in folded else {
+                name: apply_update(base[name], delta, self.server_lr)}
+            merged.update({key: to_array(value) for key, value in made.items()})
+        arrays = ArrayRecord({name: merged[name] for name in global_arrays})  # the global model's order
         return arrays, rule, squared_norms
 
     def _record(self, server_round, rule, accepted, squared_norms, excluded) -> RoundRecord:
