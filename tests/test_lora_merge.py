@@ -7,6 +7,7 @@ import torch
 from fedmerge import FedmergeError
 from fedmerge.merging import DareRule, merge
 from fedmerge.strategies import STRATEGIES, FedAvg, Median
+from fedmerge.strategies.arrays import RecordTensors
 from fedmerge.strategies.replies import check_replies
 from replies import arrays_record, reply
 
@@ -75,25 +76,47 @@ def test_dense_needs_the_base_weights_and_both_factors():
         FedAvg(lora="stacked")
 
 
-# -- end to end: `fedmerge run` of LoRA clients on the causal-lm suite, merged dense (real Ray, once here) ------
+@pytest.mark.parametrize("name, options", [("fedavg", {}), ("fednova", {"normalize_by": "steps"})])
+def test_stack_equals_dense_for_weighted_sums(name, options):
+    base, _, replies, dense = federation(3)
+    unequal = [reply(t + 1, {k: v.numpy() for k, v in RecordTensors(r.content["arrays"]).items()}, num_examples=10,
+                     num_steps=3 * (t + 1), lr_sum=0.5) for t, r in enumerate(replies)]
+    stacked, metrics = STRATEGIES[name](lora="stack", lora_scaling=S, **options).merge_replies(1, unequal, arrays_record(base))
+    exact, _ = STRATEGIES[name](lora="dense", lora_scaling=S, **options).merge_replies(1, unequal, arrays_record(base))
+    for key in base:
+        np.testing.assert_allclose(stacked[key].numpy(), exact[key].numpy(), rtol=1e-5, atol=1e-6)
+    if name == "fedavg":
+        np.testing.assert_allclose(stacked[W].numpy(), base[W] + dense.mean(0), rtol=1e-5, atol=1e-6)
+    assert all(n > 0 for n in metrics["task-vector-norms"])
 
 
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory):
+def test_stack_is_refused_for_rules_that_are_not_weighted_sums():
+    base, _, replies, _ = federation(3)
+    with pytest.raises(FedmergeError, match="lora='stack' is exact only for rules that are weighted sums"):
+        Median(lora="stack").merge_replies(1, replies, arrays_record(base))
+
+
+# -- end to end: `fedmerge run` of LoRA clients on the causal-lm suite, each aggregation (real Ray) --------------
+
+STRATEGIES_OF = {"factors": ["fedavg", "median"], "stack": ["fedavg", "fednova"], "dense": ["fedavg", "median"]}
+
+
+@pytest.fixture(scope="module", params=list(STRATEGIES_OF))
+def lora_run(request, tmp_path_factory):
     from test_causal_lm_suite import addition, sevens, tiny_llama, write_jsonl
 
     from fedmerge.simulations.runner import run
     from fedmerge.simulations.spec import Spec
     from fedmerge.tasks import load_suite
 
-    folder = tmp_path_factory.mktemp("lora-run")
+    mode, folder = request.param, tmp_path_factory.mktemp(f"lora-{request.param}")
     tiny_llama(folder / "model")
     tasks = [write_jsonl(folder / "addition.jsonl", addition(40)), write_jsonl(folder / "sevens.jsonl", sevens(40))]
     spec = Spec.from_dict({
-        "name": "lora-dense", "suite": "causal-lm", "clients": 2, "strategies": ["fedavg", "median"], "rounds": [1, 2],
+        "name": f"lora-{mode}", "suite": "causal-lm", "clients": 2, "strategies": STRATEGIES_OF[mode], "rounds": [1, 2],
         "suite_options": {"model": str(folder / "model"), "tasks": tasks, "max_new_tokens": 12, "val_fraction": 0.2,
                           "test_fraction": 0.2, "lora_r": 4, "lora_alpha": 8},
-        "server": {"lora": "dense"},
+        "server": {"lora": mode},
         "training": {"optimizer": "adamw", "lr": 1e-2, "steps": 30, "batch_size": 8},
     })
     with pytest.MonkeyPatch.context() as patch:  # the Ray workers inherit the environment
@@ -103,23 +126,26 @@ def dense_run(tmp_path_factory):
         run_dir = run(spec, folder / "out", run_dir=folder / "out" / "run", show_progress=False)
         fed = load_suite("causal-lm", 2, spec.suite_options, spec.seed)
     load_suite.cache_clear()
-    return run_dir, fed
+    return mode, run_dir, fed
 
 
-def test_a_dense_lora_run_folds_each_round_into_the_base_weights(dense_run):
+def test_a_lora_run_merges_as_its_aggregation_says(lora_run):
     import json
 
     from safetensors.torch import load_file
 
-    run_dir, fed = dense_run
+    mode, run_dir, fed = lora_run
     results = json.loads((run_dir / "results.json").read_text())
-    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [("fedavg", 1), ("median", 1), ("fedavg", 2), ("median", 2)]
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [(s, r) for r in (1, 2) for s in STRATEGIES_OF[mode]]
     own, pretrained = [c["own"]["test"]["loss"] for c in results["clients"]], results["pretrained"]["tasks"]
     assert all(o < p["loss"] for o, p in zip(own, pretrained))  # the adapters learn their tasks
-    model = load_file(run_dir / "models" / "fedavg-r2.safetensors")
-    weights = [n for n in fed.trained_names if ".lora_B." in n]
-    assert weights and all(not model[n].any() for n in weights)  # B restarts at 0: the update is in the base weights
-    folded = [n.replace("lora_B.default.weight", "base_layer.weight") for n in weights]
-    assert all(not torch.equal(model[n], fed.pretrained[n]) for n in folded)
+    model = load_file(run_dir / "models" / f"{STRATEGIES_OF[mode][0]}-r2.safetensors")
+    factors_b = [n for n in fed.trained_names if ".lora_B." in n]
+    weights = [n.replace("lora_B.default.weight", "base_layer.weight") for n in factors_b]
+    if mode == "factors":  # the adapters hold the update; the base weights never left θ0
+        assert all(model[n].any() for n in factors_b) and all(torch.equal(model[n], fed.pretrained[n]) for n in weights)
+    else:  # folded into the base weights; B restarts at 0
+        assert all(not model[n].any() for n in factors_b)
+        assert all(not torch.equal(model[n], fed.pretrained[n]) for n in weights)
     untouched = [n for n in fed.pretrained if "embed_tokens" in n]
-    assert untouched and all(torch.equal(model[n], fed.pretrained[n]) for n in untouched)  # frozen, not adapted
+    assert untouched and all(torch.equal(model[n], fed.pretrained[n]) for n in untouched)  # frozen, never adapted

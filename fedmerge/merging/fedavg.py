@@ -21,6 +21,9 @@ class FedAvgRule(Rule):
     def merge_chunk(self, name, s, values, out):
         weighted_sum_into(out, values, self.p)
 
+    def linear_coefficients(self):
+        return self.p
+
 
 def fedavg(task_vectors: Sequence[Tensors], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """Δ = Σ_t p_t τ_t, with p from ``weights`` (e.g. example counts; ``None`` is uniform)."""

@@ -70,6 +70,9 @@ class FedNovaRule(Rule):
     def merge_chunk(self, name, s, values, out):
         weighted_sum_into(out, values, self.coeffs)
 
+    def linear_coefficients(self):
+        return None if self.effective_steps is None else self.coeffs  # by norm: the norms need every tensor
+
     def params(self) -> dict:
         steps = self.effective_steps if self.effective_steps is not None else getattr(self, "measured", None)
         return {"rule": self.name, "effective_steps": None if steps is None else [float(a) for a in steps],

@@ -6,6 +6,8 @@ Averaging the A's and the B's apart (what Flower's flowertune-llm and FedIT do) 
 adapted layer's dense ΔW under its base weight's name (``….base_layer.weight``, peft's naming) and the
 factors left out, so any rule merges the dense updates; the merged Δ is then folded into the base weights and
 the factors restart (B = 0). ΔW is made when read, one layer at a time: memory holds one layer's ΔW per client.
+For rules that are weighted sums (FedAvg, FedNova by steps or Σ lr), :func:`stacked_delta` gives the same Δ
+from the stacked factors, without any client's dense ΔW.
 """
 
 import re
@@ -44,7 +46,7 @@ def adapted_layers(names: Sequence[str]) -> list[AdaptedLayer]:
             lacking = "its lora_A or lora_B partner" if set(factors) != {"A", "B"} else f"its base weight {weight!r}"
             raise FedmergeError(
                 f"LoRA layer {module!r} lacks {lacking}; merging dense updates needs both factors and the base weight "
-                "among the arrays sent (a suite with lora_r sends them when server.lora = \"dense\")."
+                "among the arrays sent (a suite with lora_r sends them when server.lora is \"stack\" or \"dense\")."
             )
         layers.append(AdaptedLayer(weight, factors["A"], factors["B"]))
     return layers
@@ -83,6 +85,18 @@ class DenseUpdate(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def stacked_delta(models: Sequence[Tensors], base: Tensors, layer: AdaptedLayer, scaling: float,
+                  coefficients: Sequence[float]) -> torch.Tensor:
+    """Σ_t c_t·s·(B_t A_t − B A) as one product of the stacked factors [c_1 B_1 … c_T B_T]·[A_1; …; A_T] (rank T·r),
+    minus (Σ_t c_t)·s·B A: the weighted sum of the clients' dense updates, exactly, without making any of them."""
+    weight = base[layer.weight]
+    dtype, device = accumulation_dtype(weight.dtype), weight.device
+    left = torch.cat([c * model[layer.b].to(device, dtype) for c, model in zip(coefficients, models)], dim=1)
+    right = torch.cat([model[layer.a].to(device, dtype) for model in models], dim=0)
+    start = base[layer.b].to(device, dtype) @ base[layer.a].to(device, dtype)
+    return (left @ right).sub_(start, alpha=float(sum(coefficients))).mul_(scaling)
 
 
 def _meta(tensor: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,11 @@ class Rule:
         p = torch.as_tensor(self.p, dtype=torch.float64, device=values.device).view(-1, *([1] * (values.dim() - 1)))
         return torch.round((values * p).sum(0)).to(torch.int64)
 
+    def linear_coefficients(self) -> Sequence[float] | None:
+        """c_t when the rule is a weighted sum Δ = Σ_t c_t τ_t with c fixed before any tensor is merged (read after
+        :meth:`prepare`), else None. Such rules can merge LoRA factors stacked (:mod:`fedmerge.merging.lora`)."""
+        return None
+
     def params(self) -> dict:
         """The rule's parameters, for results and checkpoint metadata."""
         return {"rule": self.name}

@@ -60,9 +60,9 @@ class Experiment:
         spec = self.spec
         start = time.perf_counter()
         fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
-        travel = fed.trained_names  # only what trains travels, and with dense LoRA merging the adapted base weights
-        if spec.server["lora"] == "dense":
-            weights, self.lora_scaling = _dense_lora(fed, spec.suite)
+        travel = fed.trained_names  # only what trains travels, and with exact LoRA merging the adapted base weights
+        if spec.server["lora"] != "factors":
+            weights, self.lora_scaling = _exact_lora(fed, spec.suite, spec.server["lora"])
             travel = [name for name in fed.pretrained if name in {*travel, *weights}]
         base = ArrayRecord({name: fed.pretrained[name] for name in travel})
         self.device = resolve_device(spec.engine["server_device"], "engine.server_device")
@@ -272,14 +272,14 @@ def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float) -> ArrayRe
     return ArrayRecord({name: apply_update(base_tensors[name], delta[name], server_lr) for name in base})
 
 
-def _dense_lora(fed: Federation, suite: str) -> tuple[list[str], float]:
-    """For server.lora = "dense": the adapted layers' base weights (they travel too) and the adapters' s = α/r."""
+def _exact_lora(fed: Federation, suite: str, mode: str) -> tuple[list[str], float]:
+    """For server.lora = "stack" or "dense": the adapted layers' base weights (they travel too) and s = α/r."""
     layers = adapted_layers(list(fed.pretrained))
     config = getattr(fed.model_fn(), "peft_config", {}).get("default")
     if not layers or config is None:
-        raise FedmergeError(f"server.lora = \"dense\" merges LoRA adapters, but suite {suite!r}'s model has none; give it "
+        raise FedmergeError(f"server.lora = {mode!r} merges LoRA adapters, but suite {suite!r}'s model has none; give it "
                             "adapters (causal-lm: suite_options.lora_r) or use server.lora = \"factors\".")
     if config.rank_pattern or config.alpha_pattern:
-        raise FedmergeError("server.lora = \"dense\" takes one α/r for every adapter; the suite's LoRA config sets "
+        raise FedmergeError(f"server.lora = {mode!r} takes one α/r for every adapter; the suite's LoRA config sets "
                             "rank_pattern or alpha_pattern.")
     return [layer.weight for layer in layers], config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)

@@ -65,8 +65,9 @@ TOP = {
 SERVER = {
     "server_lr": Option(1.0, "β in θ ← θ + β·Δ (mean-scale) for multi-round runs", positive_float),
     "weighting": Option("uniform", " | ".join(WEIGHTINGS), choice(*WEIGHTINGS)),
-    "lora": Option("factors", "LoRA adapters merged as factors (A and B apart: cheap, inexact) | dense (each layer's "
-                   "(α/r)·B·A: exact for every rule; the adapted base weights then travel too)", choice(*LORA_MODES)),
+    "lora": Option("factors", "LoRA adapters merged as factors (A and B apart: cheap, inexact) | stack (the stacked "
+                   "factors: exact for fedavg and fednova) | dense (each layer's (α/r)·B·A: exact for every rule); stack "
+                   "and dense fold the update into the adapted base weights, which then travel too", choice(*LORA_MODES)),
 }
 STRATEGY_OPTIONS = {name: {p.name: p.option for p in method.scoped("strategy").values()} for name, method in METHODS.items()}
 """strategy.<method>.<param>: every merging method's record (fedmerge.merging.registry) gives its keys."""

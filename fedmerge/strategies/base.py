@@ -21,7 +21,7 @@ from fedmerge import contract
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import OnDevice, Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
-from fedmerge.merging.lora import DenseUpdate, adapted_layers, fold
+from fedmerge.merging.lora import DenseUpdate, adapted_layers, fold, stacked_delta
 from fedmerge.merging.method import Method
 from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
@@ -31,7 +31,7 @@ log = logging.getLogger("fedmerge")
 """Warnings about left-out clients; the summary goes through Flower's logger, which has a handler."""
 
 WEIGHTINGS = ("uniform", "num-examples")
-LORA_MODES = ("factors", "dense")
+LORA_MODES = ("factors", "stack", "dense")
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -57,11 +57,12 @@ class MergingStrategy(FlowerFedAvg):
     device : "cpu" | "cuda" | "cuda:N" | "auto" (default "cpu")
         Where the rule runs. Replies arrive and the new model leaves as CPU arrays (Flower's wire); with a
         GPU each tensor is copied there, merged, and copied back.
-    lora : "factors" | "dense" (default "factors")
+    lora : "factors" | "stack" | "dense" (default "factors")
         How LoRA adapters (peft's ``….lora_A/B.<adapter>.weight``) are merged: as any other tensors, A and B
-        apart (cheap; not the merge of the clients' B·A), or ``dense``: the rule over each layer's dense
-        update s·(B_t A_t − B A), exact for every rule, folded into ``….base_layer.weight`` (which the arrays
-        must then carry) with B restarting at 0 (:mod:`fedmerge.merging.lora`).
+        apart (cheap; not the merge of the clients' B·A); ``stack``: Σ_t c_t·s·B_t A_t from the stacked factors,
+        exact for the weighted-sum rules (FedAvg, FedNova by steps or Σ lr); or ``dense``: the rule over each
+        layer's dense update s·(B_t A_t − B A), exact for every rule. Both fold the result into
+        ``….base_layer.weight`` (which the arrays must then carry), B restarting at 0 (:mod:`fedmerge.merging.lora`).
     lora_scaling : float (default 1.0)
         s = α/r of the adapters, for ``lora="dense"``.
     fraction_train, min_train_nodes, min_evaluate_nodes, min_available_nodes, arrayrecord_key,
@@ -229,21 +230,47 @@ class MergingStrategy(FlowerFedAvg):
         rule = self.build_rule(accepted, weights)
         base = OnDevice(RecordTensors(global_arrays), self.device)
         models = [OnDevice(RecordTensors(r.arrays), self.device) for r in accepted]
-        layers = adapted_layers(list(global_arrays)) if self.lora == "dense" else []
-        if layers:
+        layers = adapted_layers(list(global_arrays)) if self.lora != "factors" else []
+        folded = {layer.weight: layer for layer in layers}
+        if self.lora == "dense" and layers:
             task_vectors = [DenseUpdate(model, base, layers, self.lora_scaling) for model in models]
+            names = list(task_vectors[0])
         else:
             task_vectors = [TaskVector(model, base) for model in models]
-        folded = {layer.weight: layer for layer in layers}
+            stacked = {name for layer in layers for name in (layer.weight, layer.a, layer.b)}
+            names = [name for name in global_arrays if name not in stacked]
         squared_norms = np.zeros(len(accepted))
-        merged = {}
-        for name, delta in iter_merge(rule, task_vectors, list(task_vectors[0]), squared_norms):
-            self.observe_update(name, delta)
-            made = fold(base, folded[name], delta, self.lora_scaling, self.server_lr) if name in folded else {
-                name: apply_update(base[name], delta, self.server_lr)}
-            merged.update({key: to_array(value) for key, value in made.items()})
+        if self.lora == "stack" and layers:
+            merged = self._stack(rule, task_vectors, names, models, base, layers, squared_norms)
+        else:
+            merged = {}
+            for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
+                self.observe_update(name, delta)
+                made = fold(base, folded[name], delta, self.lora_scaling, self.server_lr) if name in folded else {
+                    name: apply_update(base[name], delta, self.server_lr)}
+                merged.update({key: to_array(value) for key, value in made.items()})
         arrays = ArrayRecord({name: merged[name] for name in global_arrays})  # the global model's order
         return arrays, rule, squared_norms
+
+    def _stack(self, rule, task_vectors, names, models, base, layers, squared_norms) -> dict:
+        """``lora="stack"``: the other tensors through the rule (its first pass fixes c_t), then each adapted layer
+        as Σ_t c_t·s·B_t A_t from the stacked factors, folded. The layers' norms are their factors' changes."""
+        merged = {}
+        for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
+            self.observe_update(name, delta)
+            merged[name] = to_array(apply_update(base[name], delta, self.server_lr))
+        coefficients = rule.linear_coefficients()
+        if coefficients is None:
+            raise FedmergeError(f"lora='stack' is exact only for rules that are weighted sums (fedavg, fednova by steps "
+                                f"or lr-sum), not {rule.name!r}; use lora='dense', exact for every rule.")
+        present = [models[t] for t in rule.present]
+        for layer in layers:
+            for t, model in zip(rule.present, present):
+                squared_norms[t] += sum(float(((model[n].double() - base[n].double()) ** 2).sum()) for n in (layer.a, layer.b))
+            delta = stacked_delta(present, base, layer, self.lora_scaling, coefficients)
+            self.observe_update(layer.weight, delta)
+            merged.update({k: to_array(v) for k, v in fold(base, layer, delta, self.lora_scaling, self.server_lr).items()})
+        return merged
 
     def _record(self, server_round, rule, accepted, squared_norms, excluded) -> RoundRecord:
         record = RoundRecord(
