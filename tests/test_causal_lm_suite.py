@@ -315,12 +315,13 @@ def test_the_merged_models_load_into_transformers_as_they_are(llm_run, assets):
                            AutoModelForCausalLM.from_pretrained(assets[0]).state_dict()["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_the_preset_reads_gsm8k_style_files(assets, tmp_path):
+@pytest.mark.parametrize("name", ["causal-lm-small", "causal-lm-lora"])
+def test_the_presets_read_gsm8k_style_files(assets, tmp_path, name):
     from transformers import AutoTokenizer
 
     from fedmerge.simulations.presets import load_experiment
 
-    preset = load_experiment("causal-lm-small")
+    preset = load_experiment(name)
     tasks = []
     for name, seed in (("gsm8k", 0), ("math", 1), ("arith", 2)):
         rows = [{"question": r["prompt"], "answer": r["response"]} for r in addition(20, seed)]
@@ -332,6 +333,9 @@ def test_the_preset_reads_gsm8k_style_files(assets, tmp_path):
     prompt = AutoTokenizer.from_pretrained(assets[0]).decode(fed.tasks[0].val.prompts[0], skip_special_tokens=True)
     assert prompt.startswith("Question: What is ") and prompt.endswith("?\nAnswer: ")
     assert [len(t.val) for t in fed.tasks] == [1, 1, 1]  # 5% of 20
+    if name == "causal-lm-lora":  # only the adapters on the four attention projections train and travel
+        assert spec.server["lora"] == "dense" and len(fed.trained_names) == 2 * 4 * 2
+        assert all(".lora_A." in n or ".lora_B." in n for n in fed.trained_names)
 
 
 def test_with_lora_only_the_adapters_train_travel_and_change(assets):
