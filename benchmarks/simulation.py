@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="mnist1d clients")
     parser.add_argument("--steps", type=int, default=4000, help="mnist1d local steps per client")
     parser.add_argument("--hidden", type=int, default=256, help="width of the mnist1d MLP's hidden layers")
-    parser.add_argument("--lora-steps", type=int, default=600, help="local AdamW steps per LoRA client")
+    parser.add_argument("--lora-steps", type=int, default=1200, help="local AdamW steps per LoRA client")
     parser.add_argument("--lora-hidden", type=int, default=256, help="width of the LoRA workload's Llama")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
