@@ -330,3 +330,17 @@ def test_a_nonfinite_adapter_is_refused_naming_its_file_and_tensor(world, tmp_pa
     save_file(tensors, bad / "adapter_model.safetensors")
     err = failing(tmp_path, capsys, root / "base", root / "a2", bad, "--method", "cclip")
     assert f"{bad / 'adapter_model.safetensors'}: tensor 'model.layers.1.self_attn.v_proj.weight' holds NaN" in err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adapters_merge_on_cuda_like_on_the_cpu(world, tmp_path):
+    """fedmerge merge --device cuda on PEFT adapters equals the CPU's within float rounding."""
+    from fedmerge.checkpoints import merge_checkpoints
+
+    root = world[0]
+    adapters = [root / name for name in ADAPTERS]
+    cpu = merge_checkpoints(root / "base", adapters, tmp_path / "cpu.safetensors", method="median")
+    gpu = merge_checkpoints(root / "base", adapters, tmp_path / "gpu.safetensors", method="median", device="cuda")
+    want, got = load_file(cpu), load_file(gpu)
+    assert set(want) == set(got) and all(torch.allclose(want[n], got[n], rtol=1e-5, atol=1e-6) for n in want)

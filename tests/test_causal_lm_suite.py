@@ -403,3 +403,18 @@ def test_fedmerge_evaluate_merges_peft_adapters_on_the_language_model_suite(asse
     assert [c["reply"]["lr-sum"] for c in results["clients"]] == pytest.approx([0.3, 0.4])
     own, pretrained = [c["own"]["test"]["loss"] for c in results["clients"]], results["pretrained"]["tasks"]
     assert all(o < p["loss"] for o, p in zip(own, pretrained))  # each adapter learned its task
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lora_clients_train_on_cuda_like_on_the_cpu(assets):
+    """The suite's LoRA model trains on a GPU (a client given one by Ray) and scores there, as on the CPU."""
+    fed = load_suite("causal-lm", 2, options(assets, lora_r=4, lora_alpha=8), 0)
+    losses = {}
+    for device in ("cpu", "cuda"):
+        model = fed.model_from(fed.pretrained, device)
+        train(model, fed.tasks[1], fed.loss, TrainConfig(optimizer="adamw", lr=1e-2, steps=20, batch_size=8))
+        losses[device] = fed.evaluate(model, fed.tasks[1], "val")["loss"]
+        state = model.state_dict()
+        assert all(torch.equal(state[n].cpu(), fed.pretrained[n]) for n in state if n not in fed.trained_names)
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=0.05)
