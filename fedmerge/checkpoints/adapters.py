@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.tensors import accumulation_dtype
-from fedmerge.checkpoints.reader import Checkpoint, SafetensorsFile, TorchFile
+from fedmerge.checkpoints.reader import Checkpoint, SafetensorsFile, StoredTensors, TorchFile
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -106,7 +105,7 @@ class AdapterSliceReader:
         return out
 
 
-class Adapter(Mapping[str, torch.Tensor]):
+class Adapter(StoredTensors):
     """A PEFT LoRA adapter directory as the full fine-tuned model θ_t = θ + ΔW of ``base``, read lazily.
 
     Parameters
@@ -296,25 +295,10 @@ class Adapter(Mapping[str, torch.Tensor]):
         reader = self.reader(name)
         return reader.read(slice(0, reader.shape.numel())).reshape(reader.shape)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.specs
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.specs)
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-    def __enter__(self) -> "Adapter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Adapter({str(self.path)!r}, {len(self.layers)} adapted tensors of {len(self.specs)})"

@@ -173,7 +173,32 @@ def _indexed_files(index: Path) -> list[Path]:
     return sorted(files)
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
+class StoredTensors(Mapping[str, torch.Tensor]):
+    """A name → tensor mapping over tensors stored on disk: its names, order and metadata are ``specs``
+    (name → :class:`TensorSpec`); tensors are read when indexed. Use as a context manager, or call ``close``."""
+
+    specs: dict[str, TensorSpec]
+
+    def close(self) -> None:
+        """Release the files."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Checkpoint(StoredTensors):
     """A checkpoint as a lazy mapping from tensor names to tensors, read one at a time when indexed.
 
     Parameters
@@ -256,25 +281,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Tensor ``name`` to be read a flat slice at a time (the merging core reads checkpoints this way)."""
         return self._owner[name].reader(name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.specs
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.specs)
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
     def close(self) -> None:
         for file in self._files:
             file.close()
         self._files = []
-
-    def __enter__(self) -> "Checkpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.specs)} tensors in {len(self.files)} file(s))"
