@@ -21,7 +21,6 @@ plain ΔW cannot express (DoRA, trained biases, ``modules_to_save``, other LoRA 
 that change the base's weights) is refused when opened, naming the adapter and the tensor.
 """
 
-import json
 import math
 import os
 import re
@@ -32,7 +31,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.tensors import accumulation_dtype
-from fedmerge.checkpoints.reader import Checkpoint, SafetensorsFile, StoredTensors, TorchFile
+from fedmerge.checkpoints.reader import Checkpoint, SafetensorsFile, StoredTensors, TorchFile, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -143,12 +142,7 @@ class Adapter(StoredTensors):
 
     def _read_config(self) -> dict:
         file = self.path / ADAPTER_CONFIG
-        try:
-            config = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise FedmergeError(f"{file}: not a readable adapter config ({error}).") from None
-        if not isinstance(config, dict):
-            raise FedmergeError(f"{file}: not a PEFT adapter config (a JSON object).")
+        config = read_json_object(file, "PEFT adapter config")
         kind = str(config.get("peft_type", "")).upper()
         if kind != "LORA":
             raise self._fail(f"it is a {config.get('peft_type')!r} adapter, and fedmerge merges LoRA adapters only",

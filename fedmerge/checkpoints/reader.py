@@ -173,6 +173,17 @@ def _indexed_files(index: Path) -> list[Path]:
     return sorted(files)
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path`` (``what`` it should be, for messages); :class:`FedmergeError` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FedmergeError(f"{path}: not a readable {what} ({error}).") from None
+    if not isinstance(value, dict):
+        raise FedmergeError(f"{path}: not a {what} (a JSON object).")
+    return value
+
+
 class StoredTensors(Mapping[str, torch.Tensor]):
     """A name → tensor mapping over tensors stored on disk: its names, order and metadata are ``specs``
     (name → :class:`TensorSpec`); tensors are read when indexed. Use as a context manager, or call ``close``."""
@@ -256,10 +267,7 @@ class Checkpoint(StoredTensors):
         config = self.directory / "config.json" if self.directory else None
         if config is None or not config.is_file():
             return None
-        try:
-            return json.loads(config.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise FedmergeError(f"{config}: not valid JSON ({error}).") from None
+        return read_json_object(config, "model config")
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -17,7 +17,6 @@ Values given by the caller (``steps``, ``lr_sums`` or ``by_norm``; ``--steps``, 
 win: trainer_state.json is read only when none is given, and then as ``steps`` unless ``lr-sum`` is asked for.
 """
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmerge.checkpoints.reader import read_json_object
 from fedmerge.errors import FedmergeError
 
 TRAINER_STATE = "trainer_state.json"
@@ -40,13 +40,7 @@ def state_file(model: str | os.PathLike) -> Path | None:
 
 
 def read_state(path: Path) -> dict:
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FedmergeError(f"{path}: not a readable trainer state ({error}).") from None
-    if not isinstance(state, dict):
-        raise FedmergeError(f"{path}: not a Hugging Face trainer state (a JSON object).")
-    return state
+    return read_json_object(path, "Hugging Face trainer state")
 
 
 def global_step(state: dict, path: Path) -> int:
