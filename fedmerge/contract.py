@@ -32,6 +32,15 @@ TRAIN_LOSS = "train-loss"
 CLIENT_ID = "client-id"
 """int ≥ 0: a stable id (the partition id in simulation); orders clients in per-client metrics (optional)."""
 
+STATISTICS = "statistics"
+"""A ``query`` message whose ConfigRecord holds ``query = "statistics"`` asks a client to re-estimate the received
+model's normalisation statistics on its training data; its reply carries them in its ArrayRecord and
+``num-batches`` (and ``client-id``) in its MetricRecord."""
+QUERY = "query"
+"""Config key naming what a ``query`` message asks for."""
+NUM_BATCHES = "num-batches"
+"""int > 0: the batches a client's re-estimated statistics average (the server's weights when combining them)."""
+
 REQUIRED = (NUM_EXAMPLES,)
 OPTIONAL = (NUM_STEPS, LR_SUM, TRAIN_LOSS, CLIENT_ID)
 

@@ -16,7 +16,7 @@ from fedmerge.checkpoints import Checkpoint, merge_checkpoints
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import (
-    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, TiesRule, merged_model,
+    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, TiesRule, merged_model,
 )
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
@@ -94,7 +94,7 @@ CASES = {
     "fedavg": (dict(weights=[1, 2, 3], server_lr=0.8), FedAvgRule([1, 2, 3]), 0.8),
     "fednova-steps": (dict(method="fednova", steps=[1, 2, 4]), FedNovaRule([1, 2, 4]), 1.0),
     "fednova-lr-sums": (dict(method="fednova", lr_sums=[0.5, 0.1, 0.2], scaling=0.5), FedNovaRule([0.5, 0.1, 0.2]), 1.5),
-    "fednova-by-norm": (dict(method="fednova", by_norm=True), FedNovaRule(None), 1.0),
+    "mean-direction": (dict(method="mean-direction"), MeanDirectionRule(), 1.0),
     "fedgma": (dict(method="fedgma", threshold=0.6, weights=[3, 1, 1]), FedGMARule(0.6, [3, 1, 1]), 1.0),
     "median": (dict(method="median"), MedianRule(), 1.0),
     "cclip": (dict(method="cclip", radius=0.5, iterations=2), CClipRule(0.5, 2), 1.0),
@@ -312,7 +312,8 @@ def test_options_checked_before_reading(tmp_path, capsys):
     assert "'--steps' must be a positive number, got -2.0" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova")
     assert "needs the models' effective steps" in err
-    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--by-norm", "--steps", "1", "2", "3")
+    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--lr-sums", "1", "2", "3",
+                      "--steps", "1", "2", "3")
     assert "needs the models' effective steps a_t, one way" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "median", "--rho", "0.5")
     assert "--rho is only used by methods 'cclip' or 'fedgma', not 'median'; drop it" in err

@@ -12,6 +12,7 @@ every file under the app directory before it filters them, and a checkout's `.ve
 files (15-35 s here); the copy gives the same FAB without that walk.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from flwr.common.config import flatten_dict
 from safetensors.torch import load_file
 
 from fedmerge.config import tomllib
+from fedmerge.merging import METHODS
 from fedmerge.simulations.presets import load_experiment
 from processes import free_port, stop, tail, wait_for_port
 from fedmerge.simulations.runner import run
@@ -168,7 +170,10 @@ def runs(tmp_path_factory):
 
 # -- tests ----------------------------------------------------------------------------------------------
 def test_the_app_config_is_the_default_preset():
-    assert app_config() == Spec.from_dict(load_experiment("default")).to_flat()
+    app, preset = Spec.from_flat(app_config()), Spec.from_dict(load_experiment("default"))
+    assert dataclasses.replace(app, strategy={}) == dataclasses.replace(preset, strategy={})
+    assert all(app.strategy_options(name) == preset.strategy_options(name) for name in METHODS)  # the defaults
+    assert not any(METHODS[name].tuned in app.strategy.get(name, {}) for name in METHODS)  # searched one-shot
 
 
 def test_a_round_of_fednova_on_a_superlink_and_two_supernodes_completes(runs):

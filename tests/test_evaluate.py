@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedmerge.merging import METHODS
 from fedmerge.merging.fedgma import THRESHOLDS
+from fedmerge.merging.scale import PAPER_GRID
 from fedmerge.cli import main
 from fedmerge.clients.trainer import TrainConfig, train
 from fedmerge.simulations import evaluation
@@ -102,7 +104,9 @@ def test_every_strategy_is_merged_and_written(run_dir):
     assert results["checkpoints"]["models"][2].endswith("model2.safetensors")
     assert {p.name for p in (run_dir / "models").iterdir()} == {f"{name}-r1.safetensors" for name in DEFAULT_STRATEGIES}
     for run in results["runs"]:
-        assert run["selected"]["server_lr"] == pytest.approx(3 * run["selected"]["scaling"])  # β = λ·T
+        λ, β = run["selected"]["scaling"], run["selected"]["server_lr"]
+        assert β == pytest.approx(3 * λ if METHODS[run["strategy"]].scale == "sum" else λ)  # each method's own λ
+        assert run["history"][0]["aggregation"]["server_lr"] == β  # the record says the β applied
         assert len(run["final"]["tasks"]) == 3 and 0 < run["final"]["mean_normalized_accuracy"]
     assert len(results["diagnostics"]["task_vector_norms"]) == 3
     assert (run_dir / "summary.csv").read_text().count("\n") == 1 + len(DEFAULT_STRATEGIES)
@@ -112,10 +116,11 @@ def test_the_choice_is_the_argmax_of_the_recorded_mean(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     for run in results["runs"]:
         best = max(run["selection"], key=lambda entry: entry["val_score"])  # the first of the best
-        chosen = {k: v for k, v in run["selected"].items() if k != "server_lr"}
+        chosen = {k: v for k, v in run["selected"].items() if k != "scale"}
         assert chosen == best, run["strategy"]
     fedgma = next(r for r in results["runs"] if r["strategy"] == "fedgma")
-    assert len(fedgma["selection"]) == len(evaluation.SCALING_GRID) * len(THRESHOLDS)
+    assert len(fedgma["selection"]) == len(PAPER_GRID) * len(THRESHOLDS)
+    assert fedgma["searched"] == {"scaling": list(PAPER_GRID), "threshold": list(THRESHOLDS)}
 
 
 def test_lambda_maximises_the_mean_validation_normalized_accuracy_over_all_tasks(assets, run_dir):
@@ -127,14 +132,14 @@ def test_lambda_maximises_the_mean_validation_normalized_accuracy_over_all_tasks
     own = [fed.evaluate(fed.complete({n: f[n] for n in TRAINED}), task, "val")["accuracy"]
            for f, task in zip(finetuned, fed.tasks)]
     means = []
-    for scaling in evaluation.SCALING_GRID:
+    for scaling in PAPER_GRID:
         merged = {n: theta0[n] + scaling * sum(f[n] - theta0[n] for f in finetuned) for n in TRAINED}
         per_task = [fed.evaluate(fed.complete(merged), task, "val")["accuracy"] / own[t] for t, task in enumerate(fed.tasks)]
         means.append(float(np.mean(per_task)))
     results = json.loads((run_dir / "results.json").read_text())
     fedavg = next(r for r in results["runs"] if r["strategy"] == "fedavg")
     np.testing.assert_allclose([e["val_score"] for e in fedavg["selection"]], means, atol=1e-6)
-    chosen = evaluation.SCALING_GRID.index(fedavg["selected"]["scaling"])
+    chosen = PAPER_GRID.index(fedavg["selected"]["scaling"])
     assert means[chosen] == pytest.approx(max(means)) and len(set(np.round(means, 6))) > 1
 
 

@@ -52,7 +52,7 @@ def test_every_rule_merges_the_dense_updates_exactly(name):
                for d, c in zip(dense, clients)]
     fresh = STRATEGIES[name](lora="dense", lora_scaling=S)  # CCLIP's center moves after a round: a fresh strategy
     rule = (DareRule(0.2, 0, True, clients=[1, 2, 3, 4], draw=1) if name == "dare-ties"  # round 1's draws
-            else fresh.build_rule(check_replies(replies, arrays_record(base), ())[0], None))
+            else fresh.build_rule(check_replies(replies, arrays_record(base), (), fresh.roles)[0], None))
     delta = merge(rule, updates)
     np.testing.assert_allclose(merged[W].numpy(), base[W] + delta[W].numpy(), rtol=1e-5, atol=1e-6)
 

@@ -9,10 +9,9 @@ import torch
 
 from fedmerge import FedmergeError
 from fedmerge.merging import (
-    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MedianRule, OnDevice, TaskVector, TiesRule, cclip,
-    chi_square,
-    effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model, median, merge, merged_model,
-    scaling_to_server_lr, server_lr_to_scaling,
+    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, OnDevice, TaskVector,
+    TiesRule, cclip, chi_square, effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model,
+    mean_direction, median, merge, merged_model, scaling_to_server_lr, server_lr_to_scaling,
 )
 from fedmerge.merging import diagnostics, tensors
 from fedmerge.merging.median import selection_network
@@ -512,21 +511,26 @@ def test_a_non_finite_server_lr_is_refused_instead_of_an_all_nan_model():
         merged_model(FedAvgRule(), base, [{"w": torch.ones(3)}], server_lr=float("nan"))
 
 
-def test_fednova_by_norm_is_the_mean_direction_at_the_mean_length():
+def test_mean_direction_is_the_mean_unit_direction_at_the_mean_length():
     _, _, tvs = setup(4)
     p = np.array([1, 1, 2, 4]) / 8
     norms = np.sqrt([sum(float((tv[k].double() ** 2).sum()) for k in SHAPES) for tv in tvs])
-    got = fednova(tvs, normalize_by="norm", weights=[1, 1, 2, 4])
+    got = mean_direction(tvs, weights=[1, 1, 2, 4])
     for k in SHAPES:
         expected = np.dot(p, norms) * np.tensordot(p / norms, stacked(tvs, k), 1)
         np.testing.assert_allclose(got[k].double().numpy(), expected, rtol=1e-5, atol=1e-6)
-    rule = FedNovaRule(None)
+    rule = MeanDirectionRule()
     merge(rule, tvs)
-    assert rule.params()["normalize_by"] == "norm" and rule.params()["effective_steps"] == pytest.approx(norms, rel=1e-5)
+    assert rule.params()["norms"] == pytest.approx(norms, rel=1e-5)
 
 
-def test_fednova_by_norm_counts_a_zero_update_at_its_length_zero():
+def test_fednova_needs_its_effective_steps_and_points_to_mean_direction():
+    with pytest.raises(FedmergeError, match="mean-direction"):
+        FedNovaRule(None)
+
+
+def test_mean_direction_counts_a_zero_update_at_its_length_zero():
     base = {"w": torch.zeros(2, dtype=torch.float64)}
     models = [{"w": torch.zeros(2, dtype=torch.float64)}, {"w": torch.tensor([0.1, 0.0], dtype=torch.float64)}]
-    got = fednova([TaskVector(m, base) for m in models], normalize_by="norm")["w"]
+    got = mean_direction([TaskVector(m, base) for m in models])["w"]
     assert torch.allclose(got, torch.tensor([0.025, 0.0], dtype=torch.float64))  # mean length 0.05 × mean direction

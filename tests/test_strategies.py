@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from fedmerge import FedmergeError, contract
 from fedmerge.merging import scaling_to_server_lr
-from fedmerge.strategies import STRATEGIES, CClip, FedAvg, FedGMA, FedNova, Median
+from fedmerge.strategies import STRATEGIES, CClip, FedAvg, FedGMA, FedNova, MeanDirection, Median
 from replies import InProcessGrid, arrays_record, error_reply, reply
 
 SHAPES = {"conv.weight": (4, 3, 3), "conv.bias": (4,), "fc.weight": (10, 4)}
@@ -113,15 +113,15 @@ def test_fednova_uses_the_reported_effective_steps():
     assert metrics["effective-weights"] == pytest.approx(list(a / a.sum()))
 
 
-def test_fednova_by_norm_needs_no_metric_and_rescales_by_the_task_vector_norms():
+def test_mean_direction_needs_no_metric_and_rescales_by_the_task_vector_norms():
     base, clients, _ = federation(3)
     replies = [reply(i + 1, c, num_examples=10) for i, c in enumerate(clients)]  # no num-steps, no lr-sum
-    merged, metrics = FedNova(normalize_by="norm").merge_replies(1, replies, arrays_record(base))
+    merged, metrics = MeanDirection().merge_replies(1, replies, arrays_record(base))
     a = np.array(metrics["task-vector-norms"])
     want = {k: base[k] + a.mean() * sum(((c[k] - base[k]) / at) for c, at in zip(clients, a)) / 3 for k in SHAPES}
     for k in SHAPES:
         np.testing.assert_allclose(merged[k].numpy(), want[k], atol=1e-5)
-    assert FedNova(normalize_by="norm").required_metrics() == ()
+    assert MeanDirection().required_metrics() == ()
 
 
 def test_failed_and_non_finite_clients_are_left_out_and_recorded():
@@ -379,13 +379,13 @@ def test_by_default_no_evaluate_message_is_sent(server_app):
 def test_cclip_takes_a_second_round_of_a_model_with_an_integer_buffer():
     """The center CClip keeps holds only floating tensors; round 2 must not look up the integer buffer in it."""
     rng = np.random.default_rng(3)
-    base = {**model(rng), "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
-    clients = [{**model(rng), "bn.num_batches_tracked": np.array(9, dtype=np.int64)} for _ in range(3)]
+    base = {**model(rng), "bn.counter": np.array(7, dtype=np.int64)}
+    clients = [{**model(rng), "bn.counter": np.array(9, dtype=np.int64)} for _ in range(3)]
     strategy = CClip(radius=0.5, center="previous")
     first, _ = strategy.merge_replies(1, [reply(10 + t, c, num_examples=1, client_id=t) for t, c in enumerate(clients)],
                                       arrays_record(base))
     second, _ = strategy.merge_replies(2, [reply(20 + t, as_numpy(first), num_examples=1, client_id=t) for t in range(3)], first)
-    assert second["bn.num_batches_tracked"].numpy().item() == first["bn.num_batches_tracked"].numpy().item() == 9
+    assert second["bn.counter"].numpy().item() == first["bn.counter"].numpy().item() == 9
     assert_records_close(second, first)  # every client sent the global model back: nothing moves
 
 

@@ -28,7 +28,7 @@ adapter_model.safetensors): it is merged as θ_t = θ + ΔW, ΔW = (lora_alpha/r
 (alpha/√r with use_rslora), computed a chunk at a time; adapters and full checkpoints mix freely, and
 the output is always a full checkpoint. An adapter of another base, or one that is more than B·A (DoRA,
 trained biases, modules_to_save), is refused, naming the adapter and the tensor.
-FedNova's a_t: --steps, --lr-sums or --by-norm; given none, each model's trainer_state.json (written by
+FedNova's a_t: --steps or --lr-sums; given neither, each model's trainer_state.json (written by
 Hugging Face's Trainer beside it) gives its global_step, or with --trainer-state lr-sum its summed
 learning rates.
 A model holding NaN or infinite values is refused, naming its file and tensor, and nothing is written;
@@ -99,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument(
         "--trainer-state", choices=TRAINER_STATE_CHOICES, metavar="{steps,lr-sum}",
         help="fednova: read each a_t from the model directory's trainer_state.json (Hugging Face Trainer): its "
-        "global_step (steps; what fednova does when no --steps, --lr-sums or --by-norm is given) or the sum of its "
+        "global_step (steps; what fednova does when neither --steps nor --lr-sums is given) or the sum of its "
         "logged learning rates, interpolated between logging steps (lr-sum)",
     )
     parser.set_defaults(handler=run)

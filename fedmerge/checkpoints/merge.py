@@ -139,7 +139,7 @@ def merge_checkpoints(
         merged on the GPU and written from the CPU; results equal the CPU's within float rounding) or "auto"
         (cuda when ``torch.cuda.is_available()``). Recorded in the output's metadata.
     trainer_state : fednova only: read each a_t from the model directory's ``trainer_state.json``, its
-        ``global_step`` ("steps", also what fednova does when no ``steps``, ``lr_sums`` or ``by_norm`` is given) or
+        ``global_step`` ("steps", also what fednova does when no ``steps`` or ``lr_sums`` is given) or
         its logged learning rates summed ("lr-sum"); see :mod:`fedmerge.checkpoints.trainer_state`.
 
     **params : the method's parameters, named as in its record (:func:`fedmerge.merging.find_method`), e.g.

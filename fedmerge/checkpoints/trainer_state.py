@@ -13,7 +13,7 @@ Two readings, chosen by ``trainer_state`` (``fedmerge merge --trainer-state``):
   trapezoid rule for others. (transformers 4.x logged the rate after the scheduler's step, the next step's:
   a shift of one step.)
 
-Values given by the caller (``steps``, ``lr_sums`` or ``by_norm``; ``--steps``, ``--lr-sums``, ``--by-norm``)
+Values given by the caller (``steps`` or ``lr_sums``; ``--steps``, ``--lr-sums``)
 win: trainer_state.json is read only when none is given, and then as ``steps`` unless ``lr-sum`` is asked for.
 """
 
@@ -29,7 +29,7 @@ from fedmerge.errors import FedmergeError
 
 TRAINER_STATE = "trainer_state.json"
 CHOICES = ("steps", "lr-sum")
-GIVEN = {"steps": "--steps", "lr_sums": "--lr-sums", "by_norm": "--by-norm"}
+GIVEN = {"steps": "--steps", "lr_sums": "--lr-sums"}
 SOURCES = {"steps": "trainer_state.json global_step", "lr-sum": "trainer_state.json log_history learning_rate sum"}
 
 
@@ -80,7 +80,7 @@ def lr_sum(state: dict, path: Path) -> float:
 def effective_steps(models: Sequence[str | os.PathLike], params: dict, trainer_state: str | None) -> tuple[dict, str]:
     """FedNova's parameters with a_t resolved, and where a_t came from (for the output's metadata).
 
-    ``params`` holding ``steps``, ``lr_sums`` or ``by_norm`` are returned as they are (given values win);
+    ``params`` holding ``steps`` or ``lr_sums`` are returned as they are (given values win);
     otherwise a_t is read from every model's trainer_state.json, as ``trainer_state`` says (default ``steps``).
     Raises :class:`FedmergeError` when both are asked for, or when a model has no (usable) trainer state.
     """
@@ -97,8 +97,8 @@ def effective_steps(models: Sequence[str | os.PathLike], params: dict, trainer_s
     missing = [str(model) for model, file in zip(models, files) if file is None]
     if missing:
         lack = f"{missing[0]} has none ({len(missing)} of {len(models)} models lack one)"
-        ways = ("--steps (local step counts) or --lr-sums (sums of learning rates), one value per model, or --by-norm "
-                "(a_t = ‖τ_t‖)")
+        ways = ("--steps (local step counts) or --lr-sums (sums of learning rates), one value per model (method "
+                "'mean-direction' needs neither)")
         if trainer_state is not None:
             raise FedmergeError(f"--trainer-state {choice} reads each model's {TRAINER_STATE}, but {lack}; save the "
                                 f"Trainer's state beside each model (trainer.save_state()), or give {ways}.")

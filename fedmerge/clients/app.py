@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from fedmerge import contract
 from fedmerge.clients.corruption import corrupt
 from fedmerge.clients.settings import client_seed, client_table, corruptions, with_node_overrides
+from fedmerge.clients.statistics import estimate_statistics
 from fedmerge.clients.trainer import total_steps, train
 from fedmerge.config import unflatten
 from fedmerge.errors import FedmergeError
@@ -44,11 +45,8 @@ def release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def local_training(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
-    """Train this client for one round on the message's arrays; the reply's content.
-
-    The reply carries back exactly the tensors received (what the clients train), as CPU arrays.
-    """
+def _client(run_config: Mapping, node_config: Mapping):
+    """(run config as nested data, this client's id, the federation, its task, its training settings)."""
     config = unflatten(run_config)
     client_id = int(node_config["partition-id"])
     num_clients = int(config["clients"])
@@ -57,10 +55,18 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
             f"node config says num-partitions={node_config['num-partitions']} but the run has clients={num_clients}."
         )
     fed = load_suite(config["suite"], num_clients, config.get("suite_options", {}), int(config["seed"]))
-    task = fed.tasks[client_id]
     settings = client_table(config.get("training", {}), num_clients, int(config["seed"]))[client_id]
-    settings = with_node_overrides(settings, node_config)
+    return config, client_id, fed, fed.tasks[client_id], with_node_overrides(settings, node_config)
 
+
+def local_training(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
+    """Train this client for one round on the message's arrays; the reply's content.
+
+    The reply carries back the tensors received (the shared ones the clients train) and this client's private
+    tensors (from θ0 when they were not sent), as CPU arrays.
+    """
+    config, client_id, fed, task, settings = _client(run_config, node_config)
+    num_clients = int(config["clients"])
     arrays, round_config = contract.received(message.content)
     first, steps = round_steps(
         total_steps(settings, len(task.train)),
@@ -73,7 +79,8 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
     try:
         result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
         own = fed.evaluate(model, task, "val")
-        trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in received}
+        sent_back = {*received, *task.private}
+        trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in sent_back}
     finally:  # out of memory included: the Ray worker must not keep the GPU memory of a finished client
         del model
         release_gpu_memory()
@@ -91,18 +98,46 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
     return RecordDict({contract.ARRAYS: ArrayRecord(weights), contract.METRICS: MetricRecord(metrics)})
 
 
+def local_statistics(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
+    """Re-estimate the received model's normalisation statistics on this client's training data; the reply's
+    content (the statistics, and how many batches they average)."""
+    config, client_id, fed, task, settings = _client(run_config, node_config)
+    arrays, query = contract.received(message.content)
+    if query.get(contract.QUERY) != contract.STATISTICS:
+        raise FedmergeError(f"a query message must ask for {contract.QUERY} = {contract.STATISTICS!r}, got "
+                            f"{query.get(contract.QUERY)!r}.")
+    received = arrays.to_torch_state_dict()
+    names = [name for name in received if name in set(fed.statistics_names)]
+    model = fed.model_from(received, client_device(config.get("engine", {})))
+    try:
+        statistics, batches = estimate_statistics(model, task.train, settings.batch_size, task.head, names, settings.seed)
+    finally:
+        del model
+        release_gpu_memory()
+    metrics = {contract.NUM_BATCHES: batches, contract.CLIENT_ID: client_id}
+    return RecordDict({contract.ARRAYS: ArrayRecord(statistics), contract.METRICS: MetricRecord(metrics)})
+
+
 def client_app(run_config: Mapping | None = None) -> ClientApp:
-    """A ClientApp reading ``run_config`` if given (``run_simulation``), else the run's own config."""
+    """A ClientApp reading ``run_config`` if given (``run_simulation``), else the run's own config: it trains
+    (``train`` messages) and re-estimates normalisation statistics (``query`` messages)."""
     app = ClientApp()
 
-    @app.train()
-    def _train(message: Message, context: Context) -> Message:
+    def answer(work, message: Message, context: Context) -> Message:
         try:
-            content = local_training(context.run_config if run_config is None else run_config, context.node_config, message)
+            content = work(context.run_config if run_config is None else run_config, context.node_config, message)
         except Exception as error:  # the server sees only this text: say which client, and what was raised
             who = context.node_config.get("partition-id", "?")
             raise FedmergeError(f"client {who}: {type(error).__name__}: {error}") from error
         return Message(content=content, reply_to=message)
+
+    @app.train()
+    def _train(message: Message, context: Context) -> Message:
+        return answer(local_training, message, context)
+
+    @app.query()
+    def _query(message: Message, context: Context) -> Message:
+        return answer(local_statistics, message, context)
 
     return app
 

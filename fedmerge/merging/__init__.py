@@ -12,6 +12,7 @@ from fedmerge.merging.dare import DareRule, dare
 from fedmerge.merging.fedavg import FedAvgRule, fedavg
 from fedmerge.merging.fedgma import FedGMARule, fedgma
 from fedmerge.merging.fednova import FedNovaRule, effective_steps, fednova
+from fedmerge.merging.mean_direction import MeanDirectionRule, mean_direction
 from fedmerge.merging.median import MedianRule, median
 from fedmerge.merging.method import Method, Param
 from fedmerge.merging.registry import METHODS, find_method
@@ -22,8 +23,9 @@ from fedmerge.merging.ties import TiesRule, ties
 from fedmerge.merging.weights import chi_square, client_weights, effective_weights
 
 __all__ = [
-    "METHODS", "CClipRule", "DareRule", "FedAvgRule", "FedGMARule", "FedNovaRule", "MedianRule", "Method", "OnDevice",
-    "Param", "Rule", "TaskVector", "TiesRule", "apply_update", "cclip", "chi_square", "client_weights", "dare",
-    "effective_steps", "effective_weights", "fedavg", "fedgma", "fednova", "find_method", "iter_merge",
-    "iter_merged_model", "median", "merge", "merged_model", "scaling_to_server_lr", "server_lr_to_scaling", "ties",
+    "METHODS", "CClipRule", "DareRule", "FedAvgRule", "FedGMARule", "FedNovaRule", "MeanDirectionRule", "MedianRule",
+    "Method", "OnDevice", "Param", "Rule", "TaskVector", "TiesRule", "apply_update", "cclip", "chi_square", "client_weights",
+    "dare", "effective_steps", "effective_weights", "fedavg", "fedgma", "fednova", "find_method", "iter_merge",
+    "iter_merged_model", "mean_direction", "median", "merge", "merged_model", "scaling_to_server_lr",
+    "server_lr_to_scaling", "ties",
 ]

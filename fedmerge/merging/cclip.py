@@ -140,6 +140,6 @@ METHOD = Method(
         Param("center", Option("previous", "v_0 after the first round: the previous round's Δ (previous) or 0 (zero)",
                                choice(*CENTERS)), scope="strategy"),
     ),
-    tuned="radius", grid=radius_grid,
+    tuned="radius", grid=radius_grid, scale="mean",
     make=lambda weights, radius=0.0, iterations=1: CClipRule(radius, iterations, None, weights),
 )

@@ -89,5 +89,5 @@ LINEAR = Method(
 TIES = Method(
     "dare-ties", DareRule, "DARE's random drop and rescale, then TIES's elected sign and disjoint mean",
     params=(DENSITY, SEED), tuned="density", grid=lambda norms: list(DENSITIES),
-    make=lambda weights, **params: DareRule(**params, elect_sign=True, weights=weights),
+    make=lambda weights, **params: DareRule(**params, elect_sign=True, weights=weights), scale="mean",
 )

@@ -31,6 +31,11 @@ class AdaptedLayer:
     b: str
 
 
+def has_adapters(names: Sequence[str]) -> bool:
+    """Whether ``names`` hold LoRA factors (peft's ``<module>.lora_A|B.<adapter>.weight``)."""
+    return any(_FACTOR.match(name) for name in names)
+
+
 def adapted_layers(names: Sequence[str]) -> list[AdaptedLayer]:
     """The LoRA layers among ``names``: each ``<module>.lora_A.<adapter>.weight`` with its ``lora_B`` and
     ``<module>.base_layer.weight``. A factor without its partner or its base weight is refused, naming it."""

@@ -118,5 +118,5 @@ METHOD = Method(
     "median", MedianRule, "the coordinate-wise median of the task vectors, unweighted (Yin et al. 2018)",
     params=(Param("even", Option("mean", "with an even number of clients: average the two middle values (mean) or "
                                  "take the lower (lower)", choice(*EVEN_RULES))),),
-    weighted=False,
+    weighted=False, scale="mean",
 )

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.rule import Rule
+from fedmerge.merging.scale import SCALES, scaling_to_server_lr, server_lr_to_scaling
 from fedmerge.options import Option
 
 SCOPES = ("both", "strategy", "merge")
@@ -46,7 +47,10 @@ class Method:
 
     ``make(weights, **params)`` builds its :class:`Rule` (default: ``rule(**params, weights=weights)``, or
     without weights when the method is not ``weighted``, i.e. ignores p_t). ``tuned`` names the parameter the
-    one-shot search chooses on validation alongside λ (reported as ρ), over ``grid(task_vector_norms)``.
+    one-shot search chooses on validation alongside λ (reported as ρ), over ``grid(task_vector_norms)``, unless
+    the experiment sets it. ``scale`` says what the method's own λ multiplies (:mod:`fedmerge.merging.scale`):
+    ``sum`` (θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T) or ``mean`` (θ0 + λ·Δ, TIES's, β = λ).
+    ``linear``: Δ = Σ_t c_t τ_t with the c_t known before any tensor is read (what exact stacked LoRA needs).
     """
 
     name: str
@@ -57,6 +61,20 @@ class Method:
     tuned: str | None = None
     grid: Callable[[Sequence[float]], list[float]] | None = None
     make: Callable[..., Rule] | None = None
+    scale: str = "sum"
+    linear: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"method {self.name!r}: scale must be one of {SCALES}, got {self.scale!r}")
+
+    def server_lr(self, scaling: float, num_clients: int) -> float:
+        """β of this method's own λ over ``num_clients`` task vectors."""
+        return scaling_to_server_lr(scaling, num_clients, self.scale)
+
+    def scaling(self, server_lr: float, num_clients: int) -> float:
+        """This method's own λ of the server learning rate β."""
+        return server_lr_to_scaling(server_lr, num_clients, self.scale)
 
     def scoped(self, scope: str) -> dict[str, Param]:
         """The parameters of ``scope`` (``strategy`` or ``merge``), those of scope ``both`` included."""

@@ -11,11 +11,13 @@ from fedmerge.merging.dare import LINEAR as DARE_LINEAR, TIES as DARE_TIES
 from fedmerge.merging.fedavg import METHOD as FEDAVG
 from fedmerge.merging.fedgma import METHOD as FEDGMA
 from fedmerge.merging.fednova import METHOD as FEDNOVA
+from fedmerge.merging.mean_direction import METHOD as MEAN_DIRECTION
 from fedmerge.merging.median import METHOD as MEDIAN
 from fedmerge.merging.method import Method
 from fedmerge.merging.ties import METHOD as TIES
 
-METHODS: dict[str, Method] = {m.name: m for m in (FEDAVG, FEDNOVA, FEDGMA, MEDIAN, CCLIP, TIES, DARE_LINEAR, DARE_TIES)}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    FEDAVG, FEDNOVA, FEDGMA, MEDIAN, CCLIP, TIES, DARE_LINEAR, DARE_TIES, MEAN_DIRECTION)}
 
 
 def find_method(name: str, what: str = "method") -> Method:

@@ -1,10 +1,19 @@
-"""Task Arithmetic's scaling λ and the server learning rate β of the mean-scale convention.
+"""Each method's own λ, the server learning rate β of the mean-scale convention, and the one-shot search grid.
 
-Every rule returns a mean-scale update Δ (for FedAvg, Δ = Σ_t p_t τ_t) and the new model is θ + β·Δ.
-Task Arithmetic adds λ·Σ_t τ_t, which with uniform p_t = 1/T is β = λ·T.
+Every rule returns a mean-scale update Δ and the new model is θ + β·Δ. A method's user-facing λ means what its
+paper means (:attr:`fedmerge.merging.method.Method.scale`):
+
+- ``sum`` (Task Arithmetic's convention: FedAvg, FedNova, FedGMA, DARE-linear, mean-direction, whose Δ is a
+  re-weighted average of the task vectors): λ multiplies the sum, θ0 + λ·Σ_t τ_t, so β = λ·T;
+- ``mean`` (TIES's convention: TIES, DARE-TIES, Median, CCLIP, whose Δ is a disjoint mean or a robust location):
+  λ multiplies the update itself, θ0 + λ·Δ, so β = λ.
 """
 
 from fedmerge.errors import FedmergeError
+
+SCALES = ("sum", "mean")
+PAPER_GRID = tuple(round(0.05 * k, 2) for k in range(1, 41))
+"""The paper's λ candidates, 0.05 to 2.00 (Tao et al. 2025, after Ilharco et al. 2023), in each method's own λ."""
 
 
 def _check(num_clients: int) -> None:
@@ -12,13 +21,24 @@ def _check(num_clients: int) -> None:
         raise FedmergeError(f"num_clients must be at least 1, got {num_clients}.")
 
 
-def scaling_to_server_lr(scaling: float, num_clients: int) -> float:
-    """β = λ·T: the server learning rate equal to Task Arithmetic's scaling λ over T task vectors."""
+def scaling_to_server_lr(scaling: float, num_clients: int, scale: str = "sum") -> float:
+    """β of a method's own λ: λ·T for ``sum``-scale methods (Task Arithmetic), λ for ``mean``-scale ones (TIES)."""
     _check(num_clients)
-    return scaling * num_clients
+    return scaling * num_clients if scale == "sum" else scaling
 
 
-def server_lr_to_scaling(server_lr: float, num_clients: int) -> float:
-    """λ = β / T: Task Arithmetic's scaling equal to the server learning rate β over T clients."""
+def server_lr_to_scaling(server_lr: float, num_clients: int, scale: str = "sum") -> float:
+    """A method's own λ of β: β / T for ``sum``-scale methods, β for ``mean``-scale ones."""
     _check(num_clients)
-    return server_lr / num_clients
+    return server_lr / num_clients if scale == "sum" else server_lr
+
+
+def search_grid(num_clients: int, scale: str = "sum") -> list[tuple[float, float]]:
+    """The one-shot search's (λ, β) candidates: the paper's grid in the method's own λ, and, where that grid misses
+    the natural scale β = 1 (the mean of the updates: ``sum``-scale methods once T > 20), the paper's grid in β too,
+    so every rule is tried at its own scale at every T. Sorted by β."""
+    _check(num_clients)
+    grid = {scaling_to_server_lr(scaling, num_clients, scale): scaling for scaling in PAPER_GRID}
+    if not min(grid) <= 1.0 <= max(grid):
+        grid = {beta: server_lr_to_scaling(beta, num_clients, scale) for beta in PAPER_GRID} | grid
+    return [(grid[beta], beta) for beta in sorted(grid)]

@@ -189,28 +189,40 @@ def weighted_sum_into(out: torch.Tensor, values: torch.Tensor, coeffs: Sequence[
     return out.copy_(coefficients(tuple(map(float, coeffs)), values.dtype, values.device) @ values)
 
 
-def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
-    """G[i, j] = ⟨v_i, v_j⟩ over every floating tensor of ``names``, accumulated in float64 on the device of
-    the first vector's first floating tensor. Floating tensors are told by the last vector, so the first (a
-    CCLIP center) may hold the floating tensors only."""
-    gram = None
+def _floating_chunks(vectors: Sequence[Tensors], names: Sequence[str]) -> Iterator[torch.Tensor]:
+    """Every floating tensor of ``names`` as (T, n) float64 chunks, row t vector t's, on the device of the first
+    vector's tensor. Floating tensors are told by the last vector, so the first (a CCLIP center) may hold the
+    floating tensors only."""
     for name in names:
         if not terms(vectors[-1:], name)[0].floating:
             continue
         found = terms(vectors, name)
         first = found[0].value
         device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-        if gram is None:
-            gram = torch.zeros(len(found), len(found), dtype=torch.float64, device=device)
         size = chunk_size(device)
         values = torch.empty(len(found), min(size, found[0].shape.numel()), dtype=torch.float64, device=device)
         base_row = torch.empty(values.shape[1], dtype=torch.float64, device=device)
         for s in chunks(found[0].shape.numel(), size):
             n = s.stop - s.start
-            x = values[:, :n]
-            read_chunk(found, s, x, base_row[:n])
-            gram += x @ x.T
+            read_chunk(found, s, values[:, :n], base_row[:n])
+            yield values[:, :n]
+
+
+def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
+    """G[i, j] = ⟨v_i, v_j⟩ over every floating tensor of ``names``, accumulated in float64 (T² numbers)."""
+    gram = None
+    for x in _floating_chunks(vectors, names):
+        gram = x @ x.T if gram is None else gram.add_(x @ x.T)
     return np.zeros((len(vectors), len(vectors))) if gram is None else gram.cpu().numpy()
+
+
+def squared_norms(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
+    """‖v_t‖² over every floating tensor of ``names``, in float64: the Gram matrix's diagonal in O(T)."""
+    total = None
+    for x in _floating_chunks(vectors, names):
+        row = (x * x).sum(1)
+        total = row if total is None else total.add_(row)
+    return np.zeros(len(vectors)) if total is None else total.cpu().numpy()
 
 
 def apply_update(base: torch.Tensor, delta: torch.Tensor, server_lr: float) -> torch.Tensor:

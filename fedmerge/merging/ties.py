@@ -89,5 +89,5 @@ DENSITY = Param("density", Option(0.2, "k, the share of each task vector's entri
                                   proportion))
 METHOD = Method(
     "ties", TiesRule, "TIES-merging: the top-k% of each task vector, an elected sign, the disjoint mean (Yadav et al. 2023)",
-    params=(DENSITY,), tuned="density", grid=lambda norms: list(DENSITIES),
+    params=(DENSITY,), tuned="density", grid=lambda norms: list(DENSITIES), scale="mean",
 )

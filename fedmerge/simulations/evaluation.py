@@ -5,6 +5,7 @@ own fine-tuned model θ0 + τ_t on t (the paper's measure). Suites scored by los
 and, where the suite knows its optima, distances to them.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -14,9 +15,6 @@ from flwr.app import ArrayRecord
 from fedmerge.merging import TaskVector
 from fedmerge.merging.tensors import gram_matrix
 from fedmerge.tasks import Federation
-
-SCALING_GRID = tuple(round(0.05 * k, 2) for k in range(1, 41))
-"""Task Arithmetic's λ candidates, 0.05 to 2.00 (the paper's grid); β = λ·T."""
 
 
 def state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -37,6 +35,9 @@ def evaluate(fed: Federation, arrays: ArrayRecord, split: str, own: Sequence[flo
             result["normalized_accuracy"] = result["accuracy"] / own[t]
         tasks.append(result)
     summary = {"tasks": tasks}
+    diverged = [r["task"] for r in tasks if r.get("diverged")]
+    if diverged:
+        summary["diverged"] = diverged  # non-finite outputs: its means are NaN, and selection never prefers it
     for key in ("accuracy", "normalized_accuracy", "loss"):
         values = [r[key] for r in tasks if key in r]
         if len(values) == len(tasks):
@@ -56,7 +57,10 @@ def distance(arrays: ArrayRecord, target: Mapping[str, torch.Tensor] | torch.Ten
 
 
 def score(summary: dict) -> float:
-    """What selection maximises: mean normalised accuracy, else mean accuracy, else −mean loss."""
+    """What selection maximises: mean normalised accuracy, else mean accuracy, else −mean loss; −∞ for a model
+    whose outputs are not finite on some task."""
+    if summary.get("diverged"):
+        return -math.inf
     for key in ("mean_normalized_accuracy", "mean_accuracy"):
         if key in summary:
             return summary[key]

@@ -1,17 +1,23 @@
 """One experiment on a Flower grid: one-shot merging and multi-round federated learning on the same clients.
 
 Runs inside the ServerApp. The one-shot round trains every client once; every strategy then merges those
-same replies (choosing λ, and ρ for FedGMA and CCLIP, on the validation splits). Each multi-round run is
-the strategy's own ``start()`` from θ0, with the clients splitting their local steps over the rounds.
+same replies (choosing its own λ, and ρ or the density where the spec leaves them open, on the validation
+splits). Each multi-round run is the strategy's own ``start()`` from θ0, with the clients splitting their local
+steps over the rounds.
+
+Rules merge the suite's shared tensors only (:attr:`Federation.shared_names`): each client's private tensors
+(its head) stay as it trained them, and normalisation statistics are handled as ``server.statistics`` says
+(re-estimated by the clients for every merged model that is scored, by default).
 """
 
+import dataclasses
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from torch.utils.data import Dataset, Subset
 
@@ -21,13 +27,17 @@ from fedmerge.clients.trainer import full_gradient
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS, TaskVector, apply_update
-from fedmerge.merging.lora import adapted_layers
+from fedmerge.merging.lora import adapted_layers, has_adapters
 from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, norms
+from fedmerge.merging.scale import search_grid
 from fedmerge.merging.tensors import gram_matrix
 from fedmerge.simulations import evaluation
 from fedmerge.simulations.spec import Spec
+from fedmerge.simulations.statistics import local_reestimate
 from fedmerge.simulations.watched_grid import RunStopped, WatchedGrid
-from fedmerge.strategies.arrays import RecordTensors
+from fedmerge.strategies.arrays import RecordTensors, to_array
+from fedmerge.strategies.roles import subset
+from fedmerge.strategies.statistics import reestimate
 from fedmerge.tasks import Federation, load_suite
 
 Progress = Callable[[str], None]
@@ -55,15 +65,14 @@ class Experiment:
         self.timings: dict[str, float] = {}
         self.device: torch.device | None = None  # the server's: resolved when the work starts
         self.lora_scaling = 1.0  # s = α/r of the suite's LoRA adapters, for server.lora = "dense"
+        self.fed: Federation | None = None
+        self.clients_by_node: dict[int, int] = {}  # learnt from the one-shot replies
 
     def run(self) -> dict:
         spec = self.spec
         start = time.perf_counter()
-        fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
-        travel = fed.trained_names  # only what trains travels, and with exact LoRA merging the adapted base weights
-        if spec.server["lora"] != "factors":
-            weights, self.lora_scaling = _exact_lora(fed, spec.suite, spec.server["lora"])
-            travel = [name for name in fed.pretrained if name in {*travel, *weights}]
+        fed = self.fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
+        travel, self.lora_scaling = travelling(fed, spec)
         base = ArrayRecord({name: fed.pretrained[name] for name in travel})
         self.device = resolve_device(spec.engine["server_device"], "engine.server_device")
         self.timings["suite"] = time.perf_counter() - start
@@ -91,18 +100,29 @@ class Experiment:
         plain data, ``runs`` holding the one-shot runs and ``models`` their merged models.
         """
         spec = self.spec
+        self.fed = fed
         if self.device is None:
             self.device = resolve_device(spec.engine["server_device"], "engine.server_device")
+        self.clients_by_node = {r.metadata.src_node_id: int(r.content[contract.METRICS][contract.CLIENT_ID]) for r in replies}
         clients = self._clients(fed, replies, settings)
         own_val, own_test = _own(fed, clients, "val"), _own(fed, clients, "test")
         optimum = fed.optimum()
+        pretrained = evaluation.evaluate(fed, base, "test", own_test, self.device)
+        for client, theta0 in zip(clients, (pretrained["tasks"][c["id"]] for c in clients)):
+            own = client["own"]["test"].get("accuracy")
+            if own is not None and theta0.get("accuracy") is not None:
+                client["own_above_theta0"] = own > theta0["accuracy"]
         results = {
             "suite": {
                 "name": fed.suite, "options": fed.options, "metric": fed.metric, "tasks": [t.name for t in fed.tasks],
                 **({"optimum": {"theta": optimum["theta"].tolist(), "tasks": [c.tolist() for c in optimum["tasks"]]}}
                    if optimum is not None else {}),
             },
-            "pretrained": evaluation.evaluate(fed, base, "test", own_test, self.device),
+            "tensors": {"shared": len(fed.shared_names), "private": len(fed.private_names),
+                        "statistics": len(fed.statistics_names)},
+            "statistics": spec.server["statistics"] if fed.statistics_names else None,
+            "lora": spec.server["lora"] if has_adapters(list(base)) else None,
+            "pretrained": pretrained,
             "clients": clients,
             "diagnostics": self._diagnostics(fed, base, replies),
             "runs": [],
@@ -118,8 +138,11 @@ class Experiment:
 
     # -- the one-shot round -------------------------------------------------------------------------
     def _strategy(self, name: str, **overrides):
-        """The spec's strategy ``name``, with the suite's LoRA scaling."""
-        return self.spec.build_strategy(name, lora_scaling=self.lora_scaling, **overrides)
+        """The spec's strategy ``name``, with the suite's LoRA scaling and tensor roles, knowing the nodes' clients."""
+        strategy = self.spec.build_strategy(name, lora_scaling=self.lora_scaling, private=self.fed.private_names,
+                                            statistics=self.fed.statistics_names, **overrides)
+        strategy.clients_by_node.update(self.clients_by_node)
+        return strategy
 
     def _one_shot_replies(self, base: ArrayRecord) -> list[Message]:
         started = time.perf_counter()
@@ -130,7 +153,20 @@ class Experiment:
         self.timings["client_training"] = time.perf_counter() - started
         return replies
 
+    def _with_statistics(self, arrays: ArrayRecord, strategy) -> ArrayRecord:
+        """``arrays`` with normalisation statistics as ``server.statistics`` says: re-estimated by the clients for
+        these weights (``reestimate``; in this process when there is no grid, with the same code), else as the
+        strategy left them (``average``: the clients' mean; ``theta0``: θ0's)."""
+        names = self.fed.statistics_names
+        if not names or self.spec.server["statistics"] != "reestimate":
+            return arrays
+        if self.grid is None:
+            return local_reestimate(self.fed, arrays, names, self.spec.client_configs(), self.device)
+        return reestimate(self.grid, strategy, arrays, names, self.clients_by_node, self.timeout)
+
     def _client_done(self, reply: Message) -> None:
+        if reply.metadata.message_type != MessageType.TRAIN:
+            return  # a statistics query: not a unit of the progress display
         metrics = reply.content[contract.METRICS]
         who = f"client {metrics[contract.CLIENT_ID]}" if contract.CLIENT_ID in metrics else f"node {reply.metadata.src_node_id}"
         self.progress(f"{who} trained ({metrics.get(contract.NUM_STEPS, '?')} steps)")
@@ -159,9 +195,9 @@ class Experiment:
         """Task-vector norms and cosines, and ζ² from every task's gradient at θ0 (over its whole training set,
         or a seeded sample of :data:`ZETA2_EXAMPLES` where it is larger: the server reads every task here)."""
         started = time.perf_counter()
-        base_tensors = RecordTensors(base)
-        names = list(base)
-        task_vectors = [TaskVector(RecordTensors(r.content[contract.ARRAYS]), base_tensors) for r in replies]
+        names = self._strategy("fedavg").roles.merged(base)  # the merged tensors only: no head, no statistics
+        base_tensors = RecordTensors(subset(base, names))
+        task_vectors = [TaskVector(RecordTensors(subset(r.content[contract.ARRAYS], names)), base_tensors) for r in replies]
         gram = gram_matrix(task_vectors, names)
         model = fed.model_from(evaluation.state_dict(base), self.device)  # θ0: the suite's, or a given base
         gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head,
@@ -169,20 +205,24 @@ class Experiment:
         p = [1.0 / len(gradients)] * len(gradients)
         self.task_vector_norms = norms(gram).tolist()
         diagnostics = {
+            "tensors": len(names),
             "task_vector_norms": self.task_vector_norms,
             "cosine_similarity": cosine_similarities(gram).tolist(),
-            "zeta2": dissimilarity(gram_matrix(gradients, list(gradients[0])), p),
+            "zeta2": dissimilarity(gram_matrix(gradients, [n for n in gradients[0] if n in set(names)]), p),
         }
         self.timings["diagnostics"] = time.perf_counter() - started
         return diagnostics
 
     def _one_shot(self, fed, name, base, replies, own_val, own_test) -> tuple[dict, dict]:
-        """Merge the one-shot replies, choosing λ (and ρ) on validation; test figures and model at the choice."""
+        """Merge the one-shot replies, choosing the method's own λ (and its tuned parameter, unless the spec gives
+        it) on validation; test figures and model at the choice. A candidate whose outputs are not finite is never
+        chosen over one whose are."""
         spec, num_clients = self.spec, len(replies)
-        method, candidates = METHODS[name], [{}]
-        if spec.select and method.tuned is not None:
-            candidates = [{method.tuned: rho} for rho in method.grid(self.task_vector_norms)]
-        scalings = evaluation.SCALING_GRID if spec.select else (spec.server["server_lr"] / num_clients,)
+        method = METHODS[name]
+        searched = spec.select and method.tuned is not None and method.tuned not in spec.strategy.get(name, {})
+        candidates = [{method.tuned: value} for value in method.grid(self.task_vector_norms)] if searched else [{}]
+        beta = spec.server["server_lr"]
+        scales = search_grid(num_clients, method.scale) if spec.select else [(method.scaling(beta, num_clients), beta)]
         selection, best = [], None
         for options in candidates:
             strategy = self._strategy(name, server_lr=1.0, **options)
@@ -190,22 +230,29 @@ class Experiment:
             if merged is None:
                 reasons = "; ".join(e["reason"] for e in strategy.rounds[-1].excluded)
                 raise FedmergeError(f"{name}: no client's update could be merged ({reasons}).")
-            for scaling in scalings:
+            shared = set(strategy.roles.merged(base))
+            for scaling, server_lr in scales:
                 self._check_stopped()
-                arrays = _scaled(base, merged, scaling * num_clients)
+                arrays = self._with_statistics(_scaled(base, merged, server_lr, shared), strategy)
                 val = evaluation.evaluate(fed, arrays, "val", own_val, self.device)
-                entry = {"scaling": scaling, **options, **({"rho": options[method.tuned]} if options else {}),
-                         "val_score": evaluation.score(val)}
+                entry = {"scaling": scaling, "server_lr": server_lr, **options,
+                         **({"rho": options[method.tuned]} if options else {}), "val_score": evaluation.score(val)}
+                if val.get("diverged"):
+                    entry["diverged"] = True
                 selection.append(entry)
                 if best is None or entry["val_score"] > best[0]["val_score"]:
-                    best = (entry, arrays, strategy.rounds[-1])
+                    best = (entry, arrays, dataclasses.replace(strategy.rounds[-1], server_lr=server_lr))
         chosen, arrays, record = best
         test = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
-        self.progress(f"{name}: one-shot merged (λ={chosen['scaling']:g})")
+        diverged = sum(1 for entry in selection if entry.get("diverged"))
+        self.progress(f"{name}: one-shot merged (λ={chosen['scaling']:g})"
+                      + (f"; {diverged} of {len(selection)} candidates gave non-finite outputs" if diverged else ""))
         return {
             "strategy": name,
             "rounds": 1,
-            "selected": {**chosen, "server_lr": chosen["scaling"] * num_clients},
+            "selected": {**chosen, "scale": method.scale},
+            "searched": {"scaling": [s for s, _ in scales] if spec.select else [],
+                         **({method.tuned: [c[method.tuned] for c in candidates]} if searched else {})},
             "selection": selection,
             "history": [{"round": 1, **test, "aggregation": record.to_dict()}],
             "final": test,
@@ -213,19 +260,23 @@ class Experiment:
 
     # -- multi-round federated learning -------------------------------------------------------------
     def _multi_round(self, fed, name, base, rounds, own_test) -> tuple[dict, dict]:
-        """R rounds of the strategy from θ0; per-round test figures and the final model."""
+        """R rounds of the strategy from θ0; per-round test figures and the final model (its statistics handled
+        as every scored model's)."""
         strategy = self._strategy(name)
-        history = []
+        history, scored = [], {}
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             self._check_stopped()
+            if server_round:
+                arrays = self._with_statistics(arrays, strategy)
+            scored["arrays"] = arrays
             summary = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
             history.append({"round": server_round, **summary})
             if server_round:
                 self.progress(f"{name}: round {server_round}/{rounds}")
-            return MetricRecord({k: v for k, v in summary.items() if isinstance(v, float)})
+            return MetricRecord({k: v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)})
 
-        result = strategy.start(
+        strategy.start(
             grid=self.grid,
             initial_arrays=base,
             num_rounds=rounds,
@@ -244,7 +295,7 @@ class Experiment:
             "selected": {"server_lr": server_lr},  # λ means nothing over several rounds
             "history": history,
             "final": history[-1],
-        }, fed.complete(evaluation.state_dict(result.arrays))
+        }, fed.complete(evaluation.state_dict(scored["arrays"]))
 
     def _check_stopped(self) -> None:
         if self.stop.is_set():
@@ -266,20 +317,28 @@ def _sample(data: Dataset, size: int, seed: int) -> Dataset:
     return Subset(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size].tolist())
 
 
-def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float) -> ArrayRecord:
-    """θ0 + β·Δ from θ0 and the β = 1 result θ0 + Δ."""
+def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float, shared: set[str]) -> ArrayRecord:
+    """θ0 + β·Δ on the ``shared`` tensors from θ0 and the β = 1 result θ0 + Δ; the others (private tensors,
+    statistics) as the merge left them."""
     base_tensors, delta = RecordTensors(base), TaskVector(RecordTensors(merged), RecordTensors(base))
-    return ArrayRecord({name: apply_update(base_tensors[name], delta[name], server_lr) for name in base})
+    return ArrayRecord({name: to_array(apply_update(base_tensors[name], delta[name], server_lr)) if name in shared
+                        else merged[name] for name in base})
 
 
-def _exact_lora(fed: Federation, suite: str, mode: str) -> tuple[list[str], float]:
-    """For server.lora = "stack" or "dense": the adapted layers' base weights (they travel too) and s = α/r."""
-    layers = adapted_layers(list(fed.pretrained))
+def travelling(fed: Federation, spec: Spec) -> tuple[list[str], float]:
+    """What travels between server and clients (the trained tensors; with server.lora = "stack" or "dense" on a
+    model with LoRA adapters, their layers' base weights too, which the merge folds the update into) and s = α/r.
+    Raises :class:`FedmergeError` when the adapters cannot be merged so (checked before any client trains)."""
+    mode, layers = spec.server["lora"], adapted_layers(list(fed.pretrained))
+    if mode == "factors" or not layers:
+        return fed.trained_names, 1.0
     config = getattr(fed.model_fn(), "peft_config", {}).get("default")
-    if not layers or config is None:
-        raise FedmergeError(f"server.lora = {mode!r} merges LoRA adapters, but suite {suite!r}'s model has none; give it "
-                            "adapters (causal-lm: suite_options.lora_r) or use server.lora = \"factors\".")
+    if config is None:
+        raise FedmergeError(f"server.lora = {mode!r}: suite {spec.suite!r}'s model has LoRA-named tensors but no peft "
+                            "config to read α/r from; build the model with peft, or use server.lora = \"factors\".")
     if config.rank_pattern or config.alpha_pattern:
         raise FedmergeError(f"server.lora = {mode!r} takes one α/r for every adapter; the suite's LoRA config sets "
-                            "rank_pattern or alpha_pattern.")
-    return [layer.weight for layer in layers], config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+                            "rank_pattern or alpha_pattern: use server.lora = \"factors\" or one rank and alpha.")
+    folded = {layer.weight for layer in layers}
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    return [name for name in fed.pretrained if name in {*fed.trained_names, *folded}], scaling

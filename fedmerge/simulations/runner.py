@@ -22,6 +22,7 @@ from fedmerge.clients.trainer import total_steps
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir
+from fedmerge.simulations.experiment import travelling
 from fedmerge.simulations.progress import ProgressDisplay
 from fedmerge.simulations.results import write_results
 from fedmerge.simulations.serverapp import server_app
@@ -37,6 +38,7 @@ def check_runnable(spec: Spec) -> None:
         fed.check_fits()  # also pretrains θ0 (or reads the cache) here, once, before the clients need it
     except FedmergeError as error:
         raise FedmergeError(f"suite {spec.suite!r}: {error}") from None
+    travelling(fed, spec)  # LoRA adapters that server.lora cannot merge are refused here
     if spec.same_compute:
         most_rounds = max(spec.rounds)
         for t, (config, task) in enumerate(zip(spec.client_configs(), fed.tasks)):

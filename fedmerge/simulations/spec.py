@@ -22,6 +22,8 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS
 from fedmerge.strategies import STRATEGIES
 from fedmerge.strategies.base import LORA_MODES, WEIGHTINGS
+
+STATISTICS = ("reestimate", "average", "theta0")
 from fedmerge.options import (
     Option, boolean, choice, list_of, non_negative_float, non_negative_int, positive_float, positive_int,
     resolve, string, text,
@@ -65,9 +67,14 @@ TOP = {
 SERVER = {
     "server_lr": Option(1.0, "β in θ ← θ + β·Δ (mean-scale) for multi-round runs", positive_float),
     "weighting": Option("uniform", " | ".join(WEIGHTINGS), choice(*WEIGHTINGS)),
-    "lora": Option("factors", "LoRA adapters merged as factors (A and B apart: cheap, inexact) | stack (the stacked "
-                   "factors: exact for fedavg and fednova) | dense (each layer's (α/r)·B·A: exact for every rule); stack "
-                   "and dense fold the update into the adapted base weights, which then travel too", choice(*LORA_MODES)),
+    "lora": Option("dense", "LoRA adapters merged as dense (each layer's (α/r)·B·A through the rule: exact for every "
+                   "rule; the default) | stack (the stacked factors: exact for fedavg and fednova, cheaper) | factors "
+                   "(A and B averaged apart: cheap, inexact, not the merge of the clients' updates); stack and dense "
+                   "fold the update into the adapted base weights, which then travel too", choice(*LORA_MODES)),
+    "statistics": Option("reestimate", "normalisation statistics (BatchNorm's) of a merged model: reestimate (the "
+                         "clients re-estimate them for the merged weights on their training data, averaged exactly) | "
+                         "average (the clients' own, averaged) | theta0 (θ0's kept); never merged as task vectors",
+                         choice(*STATISTICS)),
 }
 STRATEGY_OPTIONS = {name: {p.name: p.option for p in method.scoped("strategy").values()} for name, method in METHODS.items()}
 """strategy.<method>.<param>: every merging method's record (fedmerge.merging.registry) gives its keys."""
@@ -79,6 +86,8 @@ ENGINE = {
                             "| cpu | cuda | cuda:N", device_name),
 }
 TABLES = ("suite_options", "training", "server", "strategy", "engine")
+STATISTICS_RULE = {"reestimate": "keep", "theta0": "keep", "average": "average"}
+"""server.statistics → the strategies' statistics_rule (re-estimation happens after the merge, in the experiment)."""
 
 
 def _defaults(declared: Mapping[str, Option]) -> dict:
@@ -93,7 +102,9 @@ class Spec:
     Arithmetic), R > 1 federated learning. With ``same_compute`` each client's K_t local steps are split
     over the R rounds, so every round count uses the same local compute. ``select`` chooses Task
     Arithmetic's λ (and FedGMA's and CCLIP's ρ) for one-shot runs on the validation splits.
-    ``server_lr`` is β of the mean-scale convention (θ ← θ + β·Δ) for multi-round runs.
+    ``server_lr`` is β of the mean-scale convention (θ ← θ + β·Δ) for multi-round runs. ``strategy`` holds the
+    strategy options given (checked); the others take their methods' defaults, and a method's tuned parameter
+    (FedGMA's and CCLIP's ρ, TIES's and DARE's density) is searched one-shot only when not given.
     """
 
     name: str
@@ -126,8 +137,8 @@ class Spec:
             suite_options=dict(_table("suite_options", data.get("suite_options", {}))),
             training=training,
             server=_resolve("server", SERVER, data.get("server", {})),
-            strategy={name: _resolve(f"strategy.{name}", declared, strategy.get(name, {}))
-                      for name, declared in STRATEGY_OPTIONS.items()},
+            strategy={name: _given(f"strategy.{name}", declared, strategy[name])
+                      for name, declared in STRATEGY_OPTIONS.items() if strategy.get(name)},
             engine=_resolve("engine", ENGINE, data.get("engine", {})),
         )
         spec.validate()
@@ -167,7 +178,13 @@ class Spec:
             raise FedmergeError("'rounds' is empty; give the round counts to compare, e.g. rounds = [1, 5].")
         self.client_configs()
         corruptions(self.training, self.clients)
-        for name in {*self.strategies, *(n for n, o in self.strategy.items() if o != _defaults(STRATEGY_OPTIONS[n]))}:
+        if self.server["lora"] == "stack":
+            inexact = [name for name in self.strategies if not METHODS[name].linear]
+            if inexact:
+                exact = ", ".join(name for name, method in METHODS.items() if method.linear)
+                raise FedmergeError(f"server.lora = \"stack\" is exact only for rules that are weighted sums ({exact}), not "
+                                    f"{', '.join(inexact)}; use server.lora = \"dense\" (exact for every rule) or drop them.")
+        for name in {*self.strategies, *self.strategy}:
             self.build_strategy(name, device="cpu")  # its options checked; the device is checked when a run starts
 
     # -- using --------------------------------------------------------------------------------------
@@ -175,9 +192,15 @@ class Spec:
         """Each client's training settings (validated)."""
         return client_table(self.training, self.clients, self.seed)
 
+    def strategy_options(self, name: str) -> dict:
+        """Strategy ``name``'s options: those given, the rest its method's defaults."""
+        return {**_defaults(STRATEGY_OPTIONS[name]), **self.strategy.get(name, {})}
+
     def build_strategy(self, name: str, **overrides):
         """A fresh strategy object with this spec's server and strategy options."""
-        options = {**self.server, **self.strategy.get(name, {}), "device": self.engine["server_device"], **overrides}
+        server = {key: value for key, value in self.server.items() if key != "statistics"}
+        options = {**server, "statistics_rule": STATISTICS_RULE[self.server["statistics"]], **self.strategy_options(name),
+                   "device": self.engine["server_device"], **overrides}
         if "seed" in options:  # a random rule's draws flow from the run's seed too
             options["seed"] += self.seed
         flower = logging.getLogger("flwr")
@@ -245,6 +268,12 @@ def _table(key: str, value: Any) -> Mapping:
     if not isinstance(value, Mapping):
         raise FedmergeError(f"'{key}' must be a table of options, got {value!r}.")
     return value
+
+
+def _given(key: str, declared: Mapping[str, Option], given: Any) -> dict:
+    """The options of table ``key`` that are given, each checked (unknown ones refused)."""
+    _check_keys(_table(key, given), declared, f"{key}.")
+    return {name: declared[name].check(f"{key}.{name}", value) for name, value in given.items()}
 
 
 def _resolve(key: str, declared: Mapping[str, Option], given: Any) -> dict:

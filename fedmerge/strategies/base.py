@@ -7,7 +7,7 @@ task vectors τ_t = θ_t − θ, run the strategy's merging rule tensor by tenso
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO
 
 import numpy as np
@@ -25,6 +25,7 @@ from fedmerge.merging.lora import DenseUpdate, adapted_layers, fold, stacked_del
 from fedmerge.merging.method import Method
 from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
+from fedmerge.strategies.roles import STATISTICS_RULES, TensorRoles, assemble, subset
 from fedmerge.strategies.round_record import RoundRecord
 
 log = logging.getLogger("fedmerge")
@@ -65,6 +66,18 @@ class MergingStrategy(FlowerFedAvg):
         ``….base_layer.weight`` (which the arrays must then carry), B restarting at 0 (:mod:`fedmerge.merging.lora`).
     lora_scaling : float (default 1.0)
         s = α/r of the adapters, for ``lora="dense"``.
+    private : mapping or None (default None)
+        Tensor name → the client id (a reply's ``client-id``) that alone trains it, e.g. each client's own head.
+        Private tensors are never merged and β never scales them: the new model carries each as its owner's reply
+        had it. A node receives the shared tensors and, once a reply has told its client id (or
+        :attr:`clients_by_node` says), its own private ones; its reply carries the shared tensors and its own.
+    statistics : "auto" | sequence of names (default "auto")
+        The normalisation statistics (BatchNorm's running mean and variance and its counter): not task vectors,
+        never merged by the rule. "auto": the tensors named ``….running_mean``, ``….running_var`` or
+        ``….num_batches_tracked``.
+    statistics_rule : "keep" | "average" (default "keep")
+        The new model's statistics: the current model's (re-estimate them for the merged weights on the clients'
+        data with :func:`fedmerge.strategies.statistics.reestimate`), or the p-weighted mean of the clients'.
     fraction_train, min_train_nodes, min_evaluate_nodes, min_available_nodes, arrayrecord_key,
     configrecord_key, evaluate_metrics_aggr_fn
         As in Flower's FedAvg.
@@ -94,6 +107,9 @@ class MergingStrategy(FlowerFedAvg):
         device: str = "cpu",
         lora: str = "factors",
         lora_scaling: float = 1.0,
+        private: Mapping[str, int] | None = None,
+        statistics: str | Sequence[str] = "auto",
+        statistics_rule: str = "keep",
     ) -> None:
         if lora not in LORA_MODES:
             raise FedmergeError(f"lora must be one of {LORA_MODES}, got {lora!r}.")
@@ -104,6 +120,12 @@ class MergingStrategy(FlowerFedAvg):
             raise FedmergeError(f"server_lr (β) must be a positive number, got {server_lr!r}.")
         if weighting not in WEIGHTINGS:
             raise FedmergeError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+        if statistics_rule not in STATISTICS_RULES:
+            raise FedmergeError(f"statistics_rule must be one of {STATISTICS_RULES}, got {statistics_rule!r}.")
+        self.roles = TensorRoles.of(private, statistics)
+        self.statistics_rule = statistics_rule
+        self.clients_by_node: dict[int, int] = {}
+        """node id → client id, from the replies (or set by the caller): which private tensors a node gets."""
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -184,6 +206,20 @@ class MergingStrategy(FlowerFedAvg):
         self._global_arrays = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
+    def arrays_for(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """What node ``node_id`` is sent of ``arrays``: all but the other clients' private tensors."""
+        if not self.roles.private:
+            return arrays
+        return subset(arrays, self.roles.for_client(arrays, self.clients_by_node.get(node_id)))
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+        """One message per node, each carrying only the tensors its client needs (:meth:`arrays_for`)."""
+        if not self.roles.private:
+            return super()._construct_messages(record, node_ids, message_type)
+        arrays, config = record[self.arrayrecord_key], record[self.configrecord_key]
+        return [Message(RecordDict({self.arrayrecord_key: self.arrays_for(node, arrays), self.configrecord_key: config}),
+                        dst_node_id=node, message_type=message_type) for node in node_ids]
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -201,7 +237,12 @@ class MergingStrategy(FlowerFedAvg):
         Returns the new arrays (None if no reply was usable) and the round's metrics; appends the round's
         :class:`RoundRecord` to :attr:`rounds`, also when no reply was usable (with its exclusions).
         """
-        accepted, excluded = check_replies(replies, global_arrays, self.required_metrics())
+        accepted, excluded = check_replies(replies, global_arrays, self.required_metrics(), self.roles)
+        self.clients_by_node.update({r.node_id: r.client_id for r in accepted})
+        unmerged = [name for name in global_arrays if name not in set(self.roles.merged(global_arrays))]
+        bad = {id(r): name for r in accepted if (name := non_finite_tensor(r.arrays, [n for n in unmerged if n in r.arrays]))}
+        excluded += [Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'", r.client_id) for r in accepted if id(r) in bad]
+        accepted = [r for r in accepted if id(r) not in bad]
         while accepted:
             arrays, rule, squared_norms = self._merge(accepted, global_arrays)
             # A non-finite ‖τ_t‖² flags a client; the exact check confirms it (a norm can overflow).
@@ -225,12 +266,14 @@ class MergingStrategy(FlowerFedAvg):
         return arrays, metrics
 
     def _merge(self, accepted: Sequence[ClientReply], global_arrays: ArrayRecord):
-        """One pass of the rule over the accepted replies: new arrays, the rule used, and each ‖τ_t‖²."""
+        """One pass of the rule over the accepted replies: new arrays, the rule used, and each ‖τ_t‖² (over the
+        merged tensors)."""
         weights = [r.metrics[self.weighted_by_key] for r in accepted] if self._by_key else None
         rule = self.build_rule(accepted, weights)
-        base = OnDevice(RecordTensors(global_arrays), self.device)
-        models = [OnDevice(RecordTensors(r.arrays), self.device) for r in accepted]
-        layers = adapted_layers(list(global_arrays)) if self.lora != "factors" else []
+        shared = self.roles.merged(global_arrays)
+        base = OnDevice(RecordTensors(subset(global_arrays, shared)), self.device)
+        models = [OnDevice(RecordTensors(subset(r.arrays, shared)), self.device) for r in accepted]
+        layers = adapted_layers(shared) if self.lora != "factors" else []
         folded = {layer.weight: layer for layer in layers}
         if self.lora == "dense" and layers:
             task_vectors = [DenseUpdate(model, base, layers, self.lora_scaling) for model in models]
@@ -238,7 +281,7 @@ class MergingStrategy(FlowerFedAvg):
         else:
             task_vectors = [TaskVector(model, base) for model in models]
             stacked = {name for layer in layers for name in (layer.weight, layer.a, layer.b)}
-            names = [name for name in global_arrays if name not in stacked]
+            names = [name for name in shared if name not in stacked]
         squared_norms = np.zeros(len(accepted))
         if self.lora == "stack" and layers:
             merged = self._stack(rule, task_vectors, names, models, base, layers, squared_norms)
@@ -249,7 +292,8 @@ class MergingStrategy(FlowerFedAvg):
                 made = fold(base, folded[name], delta, self.lora_scaling, self.server_lr) if name in folded else {
                     name: apply_update(base[name], delta, self.server_lr)}
                 merged.update({key: to_array(value) for key, value in made.items()})
-        arrays = ArrayRecord({name: merged[name] for name in global_arrays})  # the global model's order
+        present = [accepted[t] for t in rule.present]  # those of weight > 0: rule.p is theirs
+        arrays = assemble(global_arrays, merged, present, self.roles, self.statistics_rule, rule.p)
         return arrays, rule, squared_norms
 
     def _stack(self, rule, task_vectors, names, models, base, layers, squared_norms) -> dict:
@@ -327,17 +371,6 @@ class MethodStrategy(MergingStrategy):
 
     def build_rule(self, replies, weights) -> Rule:
         return self.method.build(weights, **self.params)
-
-
-def strategy_for(method: Method) -> type[MethodStrategy]:
-    """The Flower strategy of a method: a :class:`MethodStrategy` subclass named after it (``dare-ties`` →
-    ``DareTies``)."""
-    name = "".join(part.capitalize() for part in method.name.split("-"))
-    params = "".join(f"\n    {p.name} : default {p.option.default!r}\n        {p.option.help}."
-                     for p in method.scoped("strategy").values())
-    doc = (f"{method.summary}, as a Flower strategy: θ ← θ + β·Δ.\n\n    Parameters\n    ----------{params}\n"
-           "    **kwargs\n        As :class:`fedmerge.strategies.base.MergingStrategy`.\n    ")
-    return type(name, (MethodStrategy,), {"method": method, "__doc__": doc, "__module__": __name__})
 
 
 def _excluded(exclusions: Sequence[Exclusion]) -> list[dict]:

@@ -1,7 +1,7 @@
 """FedNova: θ ← θ + β · ā Σ_t p_t τ_t / a_t, normalising away unequal local work.
 
 Wang et al., "Tackling the Objective Inconsistency Problem in Heterogeneous Federated Optimization",
-NeurIPS 2020. a_t is the client's ``num-steps`` or its ``lr-sum`` (Σ_k η_t^(k)), or ‖τ_t‖, ā = Σ_t p_t a_t.
+NeurIPS 2020. a_t is the client's ``num-steps`` or its ``lr-sum`` (Σ_k η_t^(k)), ā = Σ_t p_t a_t.
 """
 
 from fedmerge import contract
@@ -16,11 +16,10 @@ class FedNova(MethodStrategy):
 
     Parameters
     ----------
-    normalize_by : "steps" | "lr-sum" | "norm" (default "lr-sum")
-        a_t from the reply's ``num-steps`` or ``lr-sum``, or the norm ‖τ_t‖ of its update. ``lr-sum`` corrects
-        both unequal step counts and unequal learning rates, ``steps`` only the former; both assume an
-        update grows in proportion to the work. ``norm`` (the mean direction at the mean length) needs no
-        metric and stays fair to clients whose updates saturate (docs/findings.md, claim 7).
+    normalize_by : "steps" | "lr-sum" (default :data:`fedmerge.merging.fednova.DEFAULT_NORMALIZE_BY`)
+        a_t from the reply's ``num-steps`` or ``lr-sum``. ``lr-sum`` corrects both unequal step counts and
+        unequal learning rates, ``steps`` only the former; both assume an update grows in proportion to the
+        work. :class:`~fedmerge.strategies.MeanDirection` normalises by the update's own norm instead.
     **kwargs
         As :class:`fedmerge.strategies.base.MergingStrategy` (``server_lr``, ``weighting``, sampling).
     """
@@ -28,12 +27,10 @@ class FedNova(MethodStrategy):
     method = METHOD
 
     def required_metrics(self):
-        key = _KEY.get(self.normalize_by)
-        return (*super().required_metrics(), *([key] if key else []))
+        return (*super().required_metrics(), _KEY[self.normalize_by])
 
     def effective_steps_key(self, replies):
-        return _KEY.get(self.normalize_by) or super().effective_steps_key(replies)
+        return _KEY[self.normalize_by]
 
     def build_rule(self, replies, weights):
-        key = _KEY.get(self.normalize_by)
-        return FedNovaRule(None if key is None else [float(r.metrics[key]) for r in replies], weights)
+        return FedNovaRule([float(r.metrics[_KEY[self.normalize_by]]) for r in replies], weights)

@@ -17,6 +17,7 @@ from fedmerge import contract
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.validate import check_like, describe
 from fedmerge.strategies.arrays import RecordTensors, array_view
+from fedmerge.strategies.roles import TensorRoles
 
 CONTRACT_DOC = "see docs/client-contract.md"
 
@@ -45,10 +46,10 @@ class Exclusion:
     client_id: int | None = None
 
 
-def non_finite_tensor(arrays: ArrayRecord) -> str | None:
-    """The name of the first tensor holding NaN or ±inf, if any."""
-    for name, array in arrays.items():
-        values = array_view(array)
+def non_finite_tensor(arrays: ArrayRecord, names: Iterable[str] | None = None) -> str | None:
+    """The name of the first tensor (of ``names``, default all) holding NaN or ±inf, if any."""
+    for name in arrays if names is None else names:
+        values = array_view(arrays[name])
         if values.is_floating_point() and not bool(torch.isfinite(values).all()):
             return name
     return None
@@ -66,11 +67,13 @@ def _check_metric(node_id: int, metrics: dict, key: str) -> None:
 
 
 def check_replies(
-    replies: Iterable[Message], global_arrays: ArrayRecord, required_metrics: Sequence[str]
+    replies: Iterable[Message], global_arrays: ArrayRecord, required_metrics: Sequence[str], roles: TensorRoles
 ) -> tuple[list[ClientReply], list[Exclusion]]:
-    """Split replies into accepted ones (ordered by client id) and exclusions; raise on a contract breach."""
+    """Split replies into accepted ones (ordered by client id) and exclusions; raise on a contract breach.
+
+    A reply holds the global model's tensors, less the other clients' private ones (``roles``)."""
     accepted, excluded = [], []
-    expected = describe(RecordTensors(global_arrays))
+    described = describe(RecordTensors(global_arrays))
     for message in replies:
         node_id = message.metadata.src_node_id
         if message.has_error():
@@ -84,8 +87,17 @@ def check_replies(
             )
         arrays = next(iter(content.array_records.values()))
         metrics = dict(next(iter(content.metric_records.values())))
-        check_like(f"node {node_id}'s reply", RecordTensors(arrays), expected, "the global model's",
-                   f"a client sends back exactly the tensors it received, as received ({CONTRACT_DOC})")
+        client = metrics.get(contract.CLIENT_ID)
+        if roles.private and not isinstance(client, int):
+            raise FedmergeError(f"node {node_id}: the reply lacks its '{contract.CLIENT_ID}' (an int), which tells whose "
+                                f"private tensors it carries ({CONTRACT_DOC}).")
+        expected = {name: described[name] for name in roles.for_client(described, client)}
+        if roles.private:
+            check_like(f"node {node_id}'s reply", RecordTensors(arrays), expected, f"the shared and client {client}'s own",
+                       f"a client sends back the shared tensors it received and its own private ones ({CONTRACT_DOC})")
+        else:
+            check_like(f"node {node_id}'s reply", RecordTensors(arrays), expected, "the global model's",
+                       f"a client sends back exactly the tensors it received, as received ({CONTRACT_DOC})")
         for key in required_metrics:
             _check_metric(node_id, metrics, key)
         accepted.append(ClientReply(node_id, arrays, metrics, content))

@@ -38,7 +38,7 @@ from fedmerge.clients.settings import client_table
 from fedmerge.clients.trainer import total_steps, train
 from fedmerge.files import write_file
 from fedmerge.merging import FedAvgRule, FedNovaRule, merged_model
-from fedmerge.simulations.evaluation import SCALING_GRID
+from fedmerge.merging.scale import PAPER_GRID as SCALING_GRID
 from fedmerge.tasks import load_suite
 
 NAME = "fednova-update-size"

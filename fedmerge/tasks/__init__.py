@@ -68,11 +68,18 @@ def check_federation(fed: Any, path: str, num_clients: int) -> None:
     if fed.metric not in ("accuracy", "loss"):
         raise FedmergeError(f"suite {path!r}: metric must be 'accuracy' or 'loss', got {fed.metric!r}.")
     for t, task in enumerate(fed.tasks):
+        if not isinstance(task, Task):
+            raise FedmergeError(f"suite {path!r}: task {t} is a {type(task).__name__}; give fedmerge.tasks.Task objects.")
         for split in ("train", "val", "test"):
             data = getattr(task, split, None)
             if not isinstance(data, Dataset) or not hasattr(data, "__len__") or len(data) == 0:
                 raise FedmergeError(f"suite {path!r}: task {t} ({getattr(task, 'name', '?')}) {split} must be a "
                                     f"non-empty map-style torch Dataset, got {type(data).__name__}.")
+    if any(task.private for task in fed.tasks):
+        try:
+            fed.private_names  # every private name a trainable tensor of the model, owned by one client
+        except FedmergeError as error:
+            raise FedmergeError(f"suite {path!r}: {error}") from None
 
 
 load_suite.cache_clear = _build.cache_clear  # forget the in-process federations (tests, long sessions)

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedmerge.tasks.federation import Federation, Task
-from fedmerge.options import Option, fraction, non_negative_int, positive_float
+from fedmerge.tasks.models import MultiHeadNet
+from fedmerge.options import Option, choice, fraction, non_negative_int, positive_float
 from fedmerge.tasks.partition import label_partition, label_proportions, matching_subset, split_indices
 from fedmerge.tasks.pretrain import pretrain
 
@@ -69,7 +70,8 @@ def label_skewed(
     pool : (inputs, labels) for training; ``pretrain_fraction`` of it is held out for θ0, the rest is
         partitioned by ``options["partition"]`` (see :func:`~fedmerge.tasks.partition.label_partition`).
     evaluation : (inputs, labels) split into global val / test; each client's val / test is the largest
-        subset following its training label distribution.
+        subset following its training label distribution (``options["client_eval"] = "matched"``), or the whole
+        global val / test (``"global"``).
     cache_key : what determines θ0 (the partition does not: θ0 sees only held-out data).
     """
     x, y = pool
@@ -83,24 +85,31 @@ def label_skewed(
     for client, part in enumerate(parts):
         train_index = rest[part]
         proportions = label_proportions(labels[train_index], num_classes)
-        tasks.append(Task(
-            name=f"{suite}:client-{client}",
-            train=_subset(x, y, train_index),
-            val=_subset(*val.tensors, matching_subset(val.tensors[1].numpy(), proportions, seed + 2 + client)),
-            test=_subset(*test.tensors, matching_subset(test.tensors[1].numpy(), proportions, seed + 2 + client)),
-        ))
+        if options.get("client_eval", "matched") == "global":
+            own_val, own_test = val, test
+        else:
+            own_val = _subset(*val.tensors, matching_subset(val.tensors[1].numpy(), proportions, seed + 2 + client))
+            own_test = _subset(*test.tensors, matching_subset(test.tensors[1].numpy(), proportions, seed + 2 + client))
+        tasks.append(Task(name=f"{suite}:client-{client}", train=_subset(x, y, train_index), val=own_val, test=own_test))
     return _federation(suite, tasks, options, seed, model_fn, [(_subset(x, y, held_out), 0)], cache_key, test)
+
+
+HEADS = ("private", "frozen")
+HEADS_OPTION = Option("private", "each client's own head: private (trained by its client alone, never merged; the "
+                      "merged model keeps each client's) | frozen (θ0's for every client, as the paper's CLIP heads)",
+                      choice(*HEADS))
 
 
 def multitask(
     suite: str, pool: tuple[torch.Tensor, torch.Tensor], evaluation: tuple[torch.Tensor, torch.Tensor],
-    makers: Sequence[tuple[str, TaskMaker]], options: dict, seed: int, model_fn: Callable[[], nn.Module],
+    makers: Sequence[tuple[str, TaskMaker]], options: dict, seed: int, model_fn: Callable[[], MultiHeadNet],
     cache_key: dict,
 ) -> Federation:
     """Client t's task is ``makers[t]`` applied to the pool (less the held-out part), with head t.
 
     θ0 is pretrained on the held-out part under every task's maker, each through its own head, so every
-    head starts trained. Returns a federation without a global test set.
+    head starts trained. ``options["heads"]`` makes head t private to client t, or freezes every head at θ0's.
+    Returns a federation without a global test set.
     """
     x, y = pool
     held_out, rest = split_indices(len(y), options["pretrain_fraction"], seed)
@@ -111,8 +120,16 @@ def multitask(
         "test": (evaluation[0][test_index], evaluation[1][test_index]),
     }
     tasks, pretrain_sets = [], []
+    private = options["heads"] == "private"
     for head, (name, make) in enumerate(makers):
         data = {split: TensorDataset(*make(*tensors)) for split, tensors in splits.items()}
-        tasks.append(Task(f"{suite}:{name}", data["train"], data["val"], data["test"], head=head))
+        tasks.append(Task(f"{suite}:{name}", data["train"], data["val"], data["test"], head=head,
+                          private=MultiHeadNet.head_names(head) if private else ()))
         pretrain_sets.append((data["pretrain"], head))
-    return _federation(suite, tasks, options, seed, model_fn, pretrain_sets, cache_key)
+
+    def heads_as_asked() -> nn.Module:
+        model = model_fn()
+        model.heads.requires_grad_(private)
+        return model
+
+    return _federation(suite, tasks, options, seed, heads_as_asked, pretrain_sets, cache_key)

@@ -25,6 +25,7 @@ OPTIONS = {
     "kind": Option("transforms", "transforms (an input transform per client) | labels (a label group per client)",
                    choice("transforms", "labels")),
     "hidden": Option(64, "width of the MLP's two hidden layers", positive_int),
+    "heads": classification.HEADS_OPTION,
     **classification.pretrain_options(0.3, 40),
 }
 DESCRIPTION = "scikit-learn 8×8 digits, a distinct task and head per client (input transforms or label groups); MLP."

@@ -1,5 +1,6 @@
 """A federation: one task per client, a model builder, the loss, evaluation and the pretrained base θ0."""
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -9,11 +10,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.data import Dataset, default_collate
 
 from fedmerge.errors import FedmergeError
 from fedmerge.tasks.cache import load_or_build
 from fedmerge.tasks.weights import load_weights
+
+
+def statistics_names(model: nn.Module) -> list[str]:
+    """The state-dict names of ``model``'s running normalisation statistics: the running mean, variance and batch
+    counter of every BatchNorm / InstanceNorm layer that tracks them."""
+    found = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            found += [f"{prefix}.{name}" if prefix else name for name, buffer in module.named_buffers(recurse=False)
+                      if buffer is not None]
+    return found
 
 
 def forward(model: nn.Module, inputs: Any, head: int | None = None) -> torch.Tensor:
@@ -28,7 +41,12 @@ class Task:
     Each split is a map-style :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs, loaded lazily
     where the data is large (an image folder); a :class:`~torch.utils.data.TensorDataset` is the in-memory
     fast path. ``head`` None means the model is called as ``model(x)``; an int ``h`` as ``model(x, h)``.
-    For label-skewed suites ``val`` and ``test`` follow the client's label distribution.
+    For label-skewed suites ``val`` and ``test`` follow the client's label distribution unless the suite says
+    otherwise.
+
+    ``private`` names the state-dict entries only this client trains (its own head, FedPer's personalised
+    layers): they are never merged; the merged model carries them as this client trained them, and only this
+    client receives and sends them. Every other trained tensor is shared by all clients and merged.
     """
 
     name: str
@@ -36,6 +54,7 @@ class Task:
     val: Dataset
     test: Dataset
     head: int | None = None
+    private: tuple[str, ...] = ()
 
     def split(self, name: str) -> Dataset:
         """The ``train``, ``val`` or ``test`` set."""
@@ -143,17 +162,51 @@ class Federation:
         return model.to(device) if device is not None else model
 
     @cached_property
-    def _layout(self) -> tuple[list[str], set[str]]:
-        """The model's state-dict names, and those of its frozen parameters."""
+    def _layout(self) -> tuple[list[str], set[str], set[str]]:
+        """The model's state-dict names, those of its frozen parameters, and its normalisation statistics."""
         model = self.build_model()
-        return list(model.state_dict()), {name for name, p in model.named_parameters() if not p.requires_grad}
+        names = list(model.state_dict())
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        return names, frozen, set(statistics_names(model)) & set(names)
 
     @property
     def trained_names(self) -> list[str]:
         """The state-dict entries the clients train and send: all but the frozen parameters
         (``requires_grad=False``), which stay at θ0 everywhere and never travel."""
-        names, frozen = self._layout
+        names, frozen, _ = self._layout
         return [name for name in names if name not in frozen]
+
+    @cached_property
+    def private_names(self) -> dict[str, int]:
+        """Each private tensor's owner: name → the client whose :attr:`Task.private` names it."""
+        owners: dict[str, int] = {}
+        names, frozen, _ = self._layout
+        for t, task in enumerate(self.tasks):
+            for name in task.private:
+                if name not in names:
+                    raise FedmergeError(f"task {t} ({task.name}) names {name!r} as private, but the model has no such "
+                                        f"tensor; give state-dict names (e.g. {names[-1]!r}).")
+                if name in frozen:
+                    raise FedmergeError(f"task {t} ({task.name}) names {name!r} as private, but it is frozen "
+                                        "(requires_grad=False): frozen tensors stay θ0's for every client; make it "
+                                        "trainable or leave it out of Task.private.")
+                if owners.setdefault(name, t) != t:
+                    raise FedmergeError(f"tensor {name!r} is private to task {owners[name]} and to task {t}; a private "
+                                        "tensor belongs to one client (shared tensors are simply left out of Task.private).")
+        return owners
+
+    @property
+    def statistics_names(self) -> list[str]:
+        """The shared normalisation statistics (BatchNorm's running mean and variance and its counter): trained
+        buffers, but not task vectors: never merged by a rule (see ``server.statistics``)."""
+        _, _, statistics = self._layout
+        return [name for name in self.trained_names if name in statistics and name not in self.private_names]
+
+    @property
+    def shared_names(self) -> list[str]:
+        """What the rules merge: the trained tensors that are neither private nor normalisation statistics."""
+        excluded = {*self.private_names, *self.statistics_names}
+        return [name for name in self.trained_names if name not in excluded]
 
     def complete(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A whole state dict from the trained entries ``state``: the frozen rest is θ0's (made only if needed)."""
@@ -166,7 +219,8 @@ class Federation:
     ) -> dict[str, float]:
         """``{"loss": mean loss}`` on the task's split, plus ``"accuracy"`` for classification suites.
 
-        The model is run with the task's head, in eval mode (its mode is restored afterwards).
+        The model is run with the task's head, in eval mode (its mode is restored afterwards). A model whose
+        outputs (or loss) are not finite is not scored: ``{"loss": nan, "accuracy": nan, "diverged": True}``.
         """
         return self.evaluate_data(model_or_state_dict, task.split(split), task.head)
 
@@ -180,21 +234,28 @@ class Federation:
         model = self.model_from(model_or_state_dict)
         was_training = model.training
         model.eval()
+        diverged = {"loss": math.nan, **({"accuracy": math.nan} if self.metric == "accuracy" else {}), "diverged": True}
         if self.evaluate_fn is not None:  # the suite's own scoring (e.g. exact match after generation)
             try:
-                return dict(self.evaluate_fn(model, data, head))
+                result = dict(self.evaluate_fn(model, data, head))
             finally:
                 model.train(was_training)
+            return result if math.isfinite(result.get("loss", 0.0)) else diverged
         device = next(model.parameters()).device
         loss, correct, count = 0.0, 0, 0
         batches = eval_batches(data, self.eval_batch_size, num_workers=self.eval_num_workers, pin_memory=True, device=device)
-        for x, y in batches:
-            output = forward(model, x, head)
-            loss += float(self.loss_fn(output, y)) * len(y)
-            if self.metric == "accuracy":
-                correct += int((output.argmax(1) == y).sum())
-            count += len(y)
-        model.train(was_training)
+        try:
+            for x, y in batches:
+                output = forward(model, x, head)
+                batch_loss = float(self.loss_fn(output, y))
+                if not (math.isfinite(batch_loss) and bool(torch.isfinite(output).all())):
+                    return diverged
+                loss += batch_loss * len(y)
+                if self.metric == "accuracy":
+                    correct += int((output.argmax(1) == y).sum())
+                count += len(y)
+        finally:
+            model.train(was_training)
         result = {"loss": loss / count}
         if self.metric == "accuracy":
             result["accuracy"] = correct / count

@@ -25,6 +25,7 @@ OPTIONS = {
     **PARTITION_OPTIONS,
     "num_samples": Option(5000, "signals generated (80% training pool, 20% evaluation pool)", positive_int),
     "hidden": Option(64, "width of the MLP's two hidden layers", positive_int),
+    "heads": Option("private", "partition=tasks: " + classification.HEADS_OPTION.help, classification.HEADS_OPTION.check),
     **classification.pretrain_options(0.25, 300),
 }
 DESCRIPTION = "MNIST-1D signals (40 features, 10 classes), label-skewed clients or a transform per client; MLP."

@@ -18,6 +18,11 @@ class MultiHeadNet(nn.Module):
     def forward(self, x: torch.Tensor, head: int = 0) -> torch.Tensor:
         return self.heads[head](self.encoder(x))
 
+    @staticmethod
+    def head_names(head: int) -> tuple[str, ...]:
+        """The state-dict names of head ``head`` (e.g. a task's :attr:`~fedmerge.tasks.Task.private` tensors)."""
+        return f"heads.{head}.weight", f"heads.{head}.bias"
+
 
 def mlp(in_features: int, hidden: int, num_classes: int, num_heads: int = 1) -> MultiHeadNet:
     """Two hidden ReLU layers of width ``hidden`` on flattened inputs."""

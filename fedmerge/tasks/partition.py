@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from fedmerge.errors import FedmergeError
-from fedmerge.options import Option, positive_float, positive_int
+from fedmerge.options import Option, choice, positive_float, positive_int
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
@@ -17,6 +17,10 @@ PARTITION_OPTIONS = {
     "alpha": Option(0.5, "Dirichlet concentration α > 0 (partition=dirichlet); smaller is more skewed", positive_float),
     "classes_per_client": Option(2, "labels per client (partition=pathological)", positive_int),
     "min_partition_size": Option(10, "smallest client train set a Dirichlet draw may give", positive_int),
+    "client_eval": Option("matched", "each client's val/test sets: matched (the largest subset of the evaluation pool "
+                          "following its training label distribution: personalised, small under strong skew) | global "
+                          "(the whole val/test pool: the federation's objective, every client on the same examples)",
+                          choice("matched", "global")),
 }
 
 

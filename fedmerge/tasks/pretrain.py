@@ -30,10 +30,14 @@ def pretrain(
         improvable by fine-tuning.
     seed : seeds the minibatch draws (a local generator; the global RNG is untouched).
 
-    Runs on the model's device, single-threaded (:mod:`fedmerge.threads`).
+    Every parameter is pretrained, those the clients will not train (frozen heads) included. Runs on the
+    model's device, single-threaded (:mod:`fedmerge.threads`).
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     with single_threaded():
@@ -46,4 +50,6 @@ def pretrain(
                 loss = loss + loss_fn(forward(model, inputs, head), targets)
             (loss / len(sets)).backward()
             optimizer.step()
+    for p in frozen:
+        p.requires_grad_(False)
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
