@@ -9,7 +9,7 @@ import torch
 
 from fedmerge import FedmergeError
 from fedmerge.merging import (
-    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, OnDevice, TaskVector,
+    METHODS, CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, OnDevice, TaskVector,
     TiesRule, cclip, chi_square, effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model,
     mean_direction, median, merge, merged_model, scaling_to_server_lr, server_lr_to_scaling,
 )
@@ -534,3 +534,18 @@ def test_mean_direction_counts_a_zero_update_at_its_length_zero():
     models = [{"w": torch.zeros(2, dtype=torch.float64)}, {"w": torch.tensor([0.1, 0.0], dtype=torch.float64)}]
     got = mean_direction([TaskVector(m, base) for m in models])["w"]
     assert torch.allclose(got, torch.tensor([0.025, 0.0], dtype=torch.float64))  # mean length 0.05 × mean direction
+
+
+@pytest.mark.parametrize("clients", [1, 4, 20, 21, 10_000])
+def test_the_one_shot_grid_is_each_methods_own_lambda_and_reaches_the_mean_at_every_t(clients):
+    from fedmerge.merging.scale import PAPER_GRID, search_grid
+
+    for method in METHODS.values():
+        grid = search_grid(clients, method.scale)
+        betas = [beta for _, beta in grid]
+        assert betas == sorted(set(betas)) and min(betas) <= 1.0 <= max(betas), method.name  # β = 1 always tried
+        own = {round(scaling, 12) for scaling, _ in grid}
+        assert set(PAPER_GRID) <= own, method.name  # the paper's grid in the method's own λ
+        assert all(beta == pytest.approx(method.server_lr(scaling, clients)) for scaling, beta in grid)
+    assert len(search_grid(20, "sum")) == len(PAPER_GRID) and len(search_grid(21, "sum")) > len(PAPER_GRID)
+    assert METHODS["ties"].server_lr(1.0, 8) == 1.0 and METHODS["fedavg"].server_lr(0.3, 8) == pytest.approx(2.4)

@@ -147,3 +147,12 @@ def test_a_gpu_server_device_validates_anywhere_and_is_refused_at_start_without_
     assert main(["run", "quadratic", "--set", "engine.server_device=cuda", "--out", str(tmp_path / "r")]) == 2
     assert "engine.server_device cuda: CUDA is not available on this machine" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "r").exists()
+
+
+def test_results_files_hold_every_rows_fields_whatever_the_first_row_lacks():
+    """A task scored 0 by its own client has no normalized accuracy; a later one has: both land in tasks.csv."""
+    from fedmerge.simulations.results import _csv
+
+    text = _csv([{"task": "a", "accuracy": 0.0}, {"task": "b", "accuracy": 0.5, "normalized_accuracy": 0.8},
+                 {"task": "c", "loss": float("nan")}])
+    assert text.splitlines() == ["task,accuracy,normalized_accuracy,loss", "a,0.0,,", "b,0.5,0.8,", "c,,,"]

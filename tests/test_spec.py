@@ -95,6 +95,9 @@ def test_a_supernode_overrides_its_own_settings():
         ({"strategy": {"fedgma": 0.3}}, "'strategy.fedgma' must be a table of options"),
         ({"strategy": {"fedgma": {"rho": 0.3}}}, "unknown key 'strategy.fedgma.rho'"),
         ({"server": {"server_lr": 0}}, "server_lr"),
+        ({"server": {"lora": "stack"}, "strategies": ["fedavg", "median", "ties"]},
+         'server.lora = "stack" is exact only for rules that are weighted sums \\(fedavg, fednova\\), not median, ties'),
+        ({"server": {"statistics": "merge"}}, "one of reestimate, average, theta0"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_culprit(changes, message):

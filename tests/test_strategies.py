@@ -404,3 +404,14 @@ def test_every_strategy_aggregates_on_the_gpu_as_on_the_cpu(name):
     on_cpu, _ = STRATEGIES[name]().merge_replies(1, replies, arrays_record(base))
     on_gpu, _ = STRATEGIES[name](device="cuda").merge_replies(1, replies, arrays_record(base))
     assert_records_close(on_gpu, on_cpu, tol=1e-5)
+
+
+def test_every_method_has_a_real_strategy_class_of_its_own_file():
+    import pickle
+
+    from fedmerge.merging import METHODS
+
+    assert list(STRATEGIES) == list(METHODS)
+    for name, strategy in STRATEGIES.items():
+        assert strategy.method is METHODS[name] and strategy.__module__.startswith("fedmerge.strategies.")
+        assert type(pickle.loads(pickle.dumps(strategy()))) is strategy

@@ -18,7 +18,7 @@ from fedmerge.tasks import forward
 from fedmerge.tasks.loading import eval_batches
 from fedmerge.threads import single_threaded
 
-MAX_EXAMPLES = 10_000
+MAX_EXAMPLES = 2_000
 """At most this many training examples (a seeded sample) go into a client's estimate."""
 
 

@@ -86,6 +86,8 @@ def run_and_show(args, make_results) -> int:
     results = json.loads((run_dir / "results.json").read_text())
     console.print(summary_table(results))
     console.print(SCORE_NOTES[results["suite"]["metric"] == "accuracy"], highlight=False)
+    for line in notes(results):
+        console.print(line, highlight=False)
     for line in left_out(results):
         console.print(f"[yellow]left out:[/] {line}", highlight=False)
     files = ", ".join(p.name for p in sorted(run_dir.iterdir()) if p.suffix in (".json", ".csv"))
@@ -106,6 +108,10 @@ SCORE_NOTES = (
 """The line under the results table, for suites scored by loss and by accuracy."""
 
 
+TUNED_SYMBOLS = {"threshold": "ρ", "radius": "ρ", "density": "k"}
+"""How the table names each method's tuned parameter."""
+
+
 def summary_table(results: dict):
     """The closing table: θ0 and the clients' own models as baselines, then one row per strategy and round count."""
     from rich.table import Table
@@ -113,11 +119,13 @@ def summary_table(results: dict):
     by_accuracy = results["suite"]["metric"] == "accuracy"
     keys = ("mean_accuracy", "mean_normalized_accuracy") if by_accuracy else ("mean_loss", "distance_to_optimum")
     table = Table(title=f"{results['spec']['name']}: {len(results['clients'])} clients on {results['suite']['name']} (test)")
-    for column in ("model", "rounds", "λ (TA)", "β (server lr)", "ρ",
+    for column in ("model", "rounds", "λ (its own)", "β (server lr)", "tuned",
                    *(("mean accuracy", "normalized accuracy") if by_accuracy else ("mean loss", "distance to optimum"))):
         table.add_column(column, justify="left" if column == "model" else "right")
 
     def scores(summary: dict) -> list[str]:
+        if summary.get("diverged"):
+            return ["diverged", "non-finite outputs"]
         return ["" if summary.get(k) is None else f"{summary[k]:.4f}" for k in keys]
 
     pretrained = results["pretrained"]
@@ -129,15 +137,54 @@ def summary_table(results: dict):
     table.add_row("clients' own", "", "", "", "", *scores(own_summary), style="dim", end_section=True)
     for run in results["runs"]:
         selected, final = run["selected"], run["final"]
-        rho = selected.get("rho")
         value = final.get(keys[1 if by_accuracy else 0])
-        worse = baseline is not None and value is not None and (value < baseline if by_accuracy else value > baseline)
+        worse = final.get("diverged") or (baseline is not None and value is not None and (
+            value < baseline if by_accuracy else value > baseline))
+        lam = selected.get("scaling")
         table.add_row(
             run["strategy"] + (" ✗" if worse else ""), str(run["rounds"]),
-            f"{selected['scaling']:.3g}" if "scaling" in selected else "", f"{selected['server_lr']:.3g}",
-            "" if rho is None else f"{rho:.3g}", *scores(final), style="red" if worse else None,
+            "" if lam is None else f"{lam:.3g} ({'Σ' if selected.get('scale') == 'sum' else 'Δ'})",
+            f"{selected['server_lr']:.3g}", _tuned(run), *scores(final), style="red" if worse else None,
         )
     return table
+
+
+def _tuned(run: dict) -> str:
+    """The tuned parameter's value, starred when the validation search chose it."""
+    selected = run["selected"]
+    name = selected.get("tuned")
+    if name is None or selected.get(name) is None:
+        return ""
+    return f"{TUNED_SYMBOLS.get(name, name)}={selected[name]:.3g}" + ("*" if name in run.get("searched", {}) else "")
+
+
+def notes(results: dict) -> list[str]:
+    """What the table's numbers rest on: λ's conventions, what was merged, statistics, LoRA, suspicious baselines."""
+    lines = []
+    if any(run["rounds"] == 1 for run in results["runs"]):
+        lines.append("λ is each method's own: (Σ) θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T; (Δ) θ0 + λ·Δ, "
+                     "TIES's convention, β = λ. One-shot λ and the starred tuned values were chosen on validation.")
+    tensors = results.get("tensors")
+    if tensors and (tensors["private"] or tensors["statistics"]):
+        lines.append(f"the rules merged the {tensors['shared']} shared tensors; the {tensors['private']} private tensors "
+                     "(each client's own head) stay as their client trained them"
+                     + (f"; {tensors['statistics']} BatchNorm statistics: {STATISTICS_NOTES[results['statistics']]}"
+                        if tensors["statistics"] else "") + ".")
+    if results.get("lora"):
+        lines.append(f"LoRA adapters aggregated as {results['lora']!r} (server.lora).")
+    for client in results["clients"]:
+        if client.get("own_above_theta0") is False:
+            lines.append(f"client {client['id']}'s own model is no better than θ0 on its task {client['task']!r}: "
+                         "normalized accuracy there divides by a model that did not learn it (too little training, "
+                         "or models given in another order than the tasks?).")
+    return lines
+
+
+STATISTICS_NOTES = {
+    "reestimate": "re-estimated by the clients on their training data for every merged model scored",
+    "average": "the clients' own, averaged",
+    "theta0": "θ0's, kept",
+}
 
 
 def left_out(results: dict) -> list[str]:

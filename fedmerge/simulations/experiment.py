@@ -220,7 +220,10 @@ class Experiment:
         spec, num_clients = self.spec, len(replies)
         method = METHODS[name]
         searched = spec.select and method.tuned is not None and method.tuned not in spec.strategy.get(name, {})
-        candidates = [{method.tuned: value} for value in method.grid(self.task_vector_norms)] if searched else [{}]
+        if searched:
+            candidates = [{method.tuned: value} for value in method.grid(self.task_vector_norms)]
+        else:  # the value given, or the method's default
+            candidates = [{method.tuned: spec.strategy_options(name)[method.tuned]} if method.tuned else {}]
         beta = spec.server["server_lr"]
         scales = search_grid(num_clients, method.scale) if spec.select else [(method.scaling(beta, num_clients), beta)]
         selection, best = [], None
@@ -235,8 +238,7 @@ class Experiment:
                 self._check_stopped()
                 arrays = self._with_statistics(_scaled(base, merged, server_lr, shared), strategy)
                 val = evaluation.evaluate(fed, arrays, "val", own_val, self.device)
-                entry = {"scaling": scaling, "server_lr": server_lr, **options,
-                         **({"rho": options[method.tuned]} if options else {}), "val_score": evaluation.score(val)}
+                entry = {"scaling": scaling, "server_lr": server_lr, **options, "val_score": evaluation.score(val)}
                 if val.get("diverged"):
                     entry["diverged"] = True
                 selection.append(entry)
@@ -250,7 +252,7 @@ class Experiment:
         return {
             "strategy": name,
             "rounds": 1,
-            "selected": {**chosen, "scale": method.scale},
+            "selected": {**chosen, "scale": method.scale, **({"tuned": method.tuned} if method.tuned else {})},
             "searched": {"scaling": [s for s, _ in scales] if spec.select else [],
                          **({method.tuned: [c[method.tuned] for c in candidates]} if searched else {})},
             "selection": selection,
@@ -288,11 +290,12 @@ class Experiment:
             record = strategy.record_for(entry["round"])
             if record is not None:
                 entry["aggregation"] = record.to_dict()
-        server_lr = self.spec.server["server_lr"]
+        tuned = METHODS[name].tuned
         return {
             "strategy": name,
             "rounds": rounds,
-            "selected": {"server_lr": server_lr},  # λ means nothing over several rounds
+            "selected": {"server_lr": self.spec.server["server_lr"],  # λ means nothing over several rounds
+                         **({"tuned": tuned, tuned: self.spec.strategy_options(name)[tuned]} if tuned else {})},
             "history": history,
             "final": history[-1],
         }, fed.complete(evaluation.state_dict(scored["arrays"]))

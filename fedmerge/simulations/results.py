@@ -25,9 +25,10 @@ from fedmerge.files import TargetAppeared, staged
 from fedmerge.simulations.spec import Spec
 
 SUMMARY_COLUMNS = (
-    "strategy", "rounds", "scaling_lambda", "server_lr_beta", "rho", "mean_accuracy", "mean_normalized_accuracy",
-    "mean_loss", "distance_to_optimum",
+    "strategy", "rounds", "scaling_lambda", "lambda_scale", "server_lr_beta", "tuned", "tuned_value", "tuned_searched",
+    "mean_accuracy", "mean_normalized_accuracy", "mean_loss", "distance_to_optimum", "diverged",
 )
+METRIC_COLUMNS = SUMMARY_COLUMNS[8:12]
 
 
 def versions() -> dict[str, str]:
@@ -44,13 +45,18 @@ def summary_rows(results: dict) -> list[dict]:
     rows = []
     for run in results["runs"]:
         final, selected = run["final"], run["selected"]
+        tuned = selected.get("tuned")
         rows.append({
             "strategy": run["strategy"],
             "rounds": run["rounds"],
             "scaling_lambda": selected.get("scaling"),
+            "lambda_scale": selected.get("scale"),
             "server_lr_beta": selected.get("server_lr"),
-            "rho": selected.get("rho"),
-            **{k: final.get(k) for k in SUMMARY_COLUMNS[5:]},
+            "tuned": tuned,
+            "tuned_value": selected.get(tuned) if tuned else None,
+            "tuned_searched": tuned in run.get("searched", {}) if tuned else None,
+            **{k: final.get(k) for k in METRIC_COLUMNS},
+            "diverged": bool(final.get("diverged")),
         })
     return rows
 
@@ -69,7 +75,7 @@ def round_rows(results: dict) -> list[dict]:
             aggregation = entry.get("aggregation", {})
             rows.append({
                 "strategy": run["strategy"], "rounds": run["rounds"], "round": entry["round"],
-                **{k: entry.get(k) for k in SUMMARY_COLUMNS[5:]},
+                **{k: entry.get(k) for k in METRIC_COLUMNS},
                 "chi_square": aggregation.get("chi_square"),
             })
     return rows
@@ -87,11 +93,13 @@ def _finite(value):
 
 
 def _csv(rows: list[dict]) -> str:
+    """The rows as CSV, with every key any row has as a column (in first-seen order; missing cells empty)."""
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(_finite(rows))  # NaN (a diverged model's means) as an empty cell
     return buffer.getvalue()
 
 

@@ -24,7 +24,7 @@ def array_view(array: Array) -> torch.Tensor:
         return torch.from_numpy(array.numpy())
     shape, fortran_order, dtype = reader(buffer)
     if fortran_order or dtype.hasobject:
-        return torch.from_numpy(np.ascontiguousarray(array.numpy()))
+        return torch.from_numpy(np.require(array.numpy(), requirements="C"))
     count = int(np.prod(shape))
     values = np.frombuffer(array.data, dtype=dtype, count=count, offset=buffer.tell()).reshape(shape)
     with warnings.catch_warnings():
@@ -50,7 +50,7 @@ class RecordTensors(Mapping[str, torch.Tensor]):
 
 def to_array(tensor: torch.Tensor) -> Array:
     """A tensor as a Flower Array (NumPy serialization), copying its data once."""
-    values = np.ascontiguousarray(tensor.detach().cpu().numpy())
+    values = np.require(tensor.detach().cpu().numpy(), requirements="C")  # 0-d stays 0-d (ascontiguousarray: 1-d)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
     data = b"".join([header.getvalue(), memoryview(values).cast("B")])

@@ -13,7 +13,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.tasks import classification
 from fedmerge.tasks.federation import Federation
 from fedmerge.tasks.models import mlp
-from fedmerge.options import Option, choice, positive_int
+from fedmerge.options import Option, boolean, choice, positive_int
 from fedmerge.tasks.partition import split_indices
 from fedmerge.tasks.transforms import task_transforms
 
@@ -26,6 +26,8 @@ OPTIONS = {
                    choice("transforms", "labels")),
     "hidden": Option(64, "width of the MLP's two hidden layers", positive_int),
     "heads": classification.HEADS_OPTION,
+    "batch_norm": Option(False, "a BatchNorm before each hidden ReLU (its statistics are handled as server.statistics "
+                         "says)", boolean),
     **classification.pretrain_options(0.3, 40),
 }
 DESCRIPTION = "scikit-learn 8×8 digits, a distinct task and head per client (input transforms or label groups); MLP."
@@ -68,8 +70,9 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
     key = {
         "suite": "digits", "version": VERSION, "seed": seed, "heads": num_clients, "kind": options["kind"],
         **{k: options[k] for k in ("hidden", "pretrain_fraction", "pretrain_steps", "pretrain_lr")},
+        **({"batch_norm": True} if options["batch_norm"] else {}),
     }
     return classification.multitask(
         "digits", pool, evaluation, makers, options, seed,
-        lambda: mlp(x.shape[1], options["hidden"], NUM_CLASSES, num_clients), key,
+        lambda: mlp(x.shape[1], options["hidden"], NUM_CLASSES, num_clients, options["batch_norm"]), key,
     )

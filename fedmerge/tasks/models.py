@@ -24,12 +24,12 @@ class MultiHeadNet(nn.Module):
         return f"heads.{head}.weight", f"heads.{head}.bias"
 
 
-def mlp(in_features: int, hidden: int, num_classes: int, num_heads: int = 1) -> MultiHeadNet:
-    """Two hidden ReLU layers of width ``hidden`` on flattened inputs."""
-    encoder = nn.Sequential(
-        nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
-    )
-    return MultiHeadNet(encoder, hidden, num_classes, num_heads)
+def mlp(in_features: int, hidden: int, num_classes: int, num_heads: int = 1, batch_norm: bool = False) -> MultiHeadNet:
+    """Two hidden ReLU layers of width ``hidden`` on flattened inputs, each after a BatchNorm if ``batch_norm``."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for width in (in_features, hidden):
+        layers += [nn.Linear(width, hidden), *([nn.BatchNorm1d(hidden)] if batch_norm else []), nn.ReLU()]
+    return MultiHeadNet(nn.Sequential(*layers), hidden, num_classes, num_heads)
 
 
 def cnn(in_channels: int, width: int, num_classes: int, num_heads: int = 1) -> MultiHeadNet:
