@@ -6,7 +6,10 @@ from pathlib import Path
 REPORT_HELP = """\
 Turn results into a report: report.md (figures as PNG files in figures/) and report.html (one self-contained
 file, figures embedded). DIR is a run directory (results.json), a sweep directory (sweep.json) or a folder of
-run directories. Means over seeds with 95% confidence intervals (Student's t).
+run directories. Runs are grouped into settings by their whole spec except the seed (and a sweep's levels), each
+labelled by what differs; only a setting's seeds are averaged, with 95% confidence intervals (Student's t) where
+it has two or more. Two runs of one setting with the same seed are one sample: the newest is kept, and the report
+says so. θ0 and the clients' own models are baseline rows of the summary and reference lines in the metric figures.
 
 examples:
   fedmerge report results/quadratic-20250101-120000

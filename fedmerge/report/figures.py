@@ -22,7 +22,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedmerge.report import records  # noqa: E402
-from fedmerge.report.load import Collection  # noqa: E402
+from fedmerge.report.load import Collection, covered  # noqa: E402
 from fedmerge.report.stats import mean_ci  # noqa: E402
 
 plt.rcParams.update({
@@ -81,57 +81,75 @@ def legend(fig: "plt.Figure", axes: Sequence) -> None:
 
 
 def _groups(collection: Collection) -> dict[str, list]:
-    groups: dict[str, list] = defaultdict(list)
-    for run in collection.runs:
-        groups[records.group_label(run, collection)].append(run)
-    return groups
+    return {group.label: group.runs for group in collection.groups}
 
 
-def _suffix(collection: Collection, shown: int, total: int) -> str:
-    seeds = {run.seed for run in collection.runs}
-    text = f" (mean over {len(seeds)} seeds, 95% CI)" if len(seeds) > 1 else ""
-    if shown < total:
-        text += f"; first {shown} of {total} settings"
-    return text
+def seeds_note(counts: Sequence[int]) -> str:
+    """What a figure's points and intervals are, from the number of seeds of each setting it shows."""
+    counts = sorted(set(counts))
+    if not counts or counts[-1] < 2:
+        return "one seed per setting: no intervals"
+    many = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(counts[0])
+    return f"means over {many} seeds; intervals: 95% CI over seeds" + (", none with one seed" if counts[0] < 2 else "")
 
 
-def _suffix_rows(table: Sequence[dict], shown: int, total: int) -> str:
-    seeds = records.varying(table, "seed")
-    text = f"\n(mean over {len(seeds)} seeds, 95% CI)" if len(seeds) > 1 else ""
-    return text + (f"; first {shown} of {total} settings" if shown < total else "")
+def seed_counts(table: Sequence[dict]) -> list[int]:
+    """The number of seeds of each setting in ``table``."""
+    return [len(records.varying(records.select(table, group=group), "seed")) for group in records.varying(table, "group")]
+
+
+def _shown(total: int) -> str:
+    return f"; first {MAX_PANELS} of {total} settings" if total > MAX_PANELS else ""
+
+
+def references(table: Sequence[dict], metric: str) -> dict[str, float]:
+    """θ0's and the clients' own models' ``metric`` (means over the seeds of ``table``'s runs), where it applies."""
+    stats = records.aggregate(records.one_per_run(table), (), [f"{prefix}_{metric}" for prefix in records.BASELINES])
+    return {name: stats[0][f"{prefix}_{metric}"] for prefix, name in records.BASELINES.items()
+            if stats and not math.isnan(stats[0][f"{prefix}_{metric}"])}
+
+
+REFERENCE_STYLE = {records.BASELINES["theta0"]: dict(color="#555555", ls=":"),
+                   records.BASELINES["own"]: dict(color="black", ls="-.")}
+
+
+def draw_references(ax, table: Sequence[dict], metric: str) -> None:
+    """θ0 and the clients' own models as horizontal reference lines."""
+    for name, value in references(table, metric).items():
+        ax.axhline(value, lw=1.2, label=name, **REFERENCE_STYLE[name])
 
 
 # -- per round --------------------------------------------------------------------------------------
 def per_round(collection: Collection, metric: str | None = None) -> Figure | None:
-    """The metric per round of every multi-round run, one line per strategy; one-shot results dashed."""
-    groups = _groups(collection)
+    """The metric per round of every multi-round run, one line per strategy; one-shot results dashed; θ0 and the
+    clients' own models as reference lines. A round's point needs every seed's value (none for a diverged seed)."""
     metric = metric or records.primary_metric(collection.runs[0])
-    with_rounds = {g: runs for g, runs in groups.items() if any(r["rounds"] > 1 for run in runs for r in run.data["runs"])}
+    table = records.rows(collection)
+    with_rounds = {group: runs for group, runs in _groups(collection).items()
+                   if any(entry["rounds"] > 1 for run in runs for entry in run.data["runs"])}
     if not with_rounds:
         return None
     fig, axes = _panels(len(with_rounds))
     for ax, (group, runs) in zip(axes, with_rounds.items()):
         curves: dict = defaultdict(lambda: defaultdict(list))
-        one_shot: dict = defaultdict(list)
         for run in runs:
             for entry in run.data["runs"]:
-                if entry["rounds"] == 1:
-                    one_shot[entry["strategy"]].append(entry["final"].get(metric))
-                    continue
-                for point in entry["history"]:
-                    if point.get(metric) is not None:
-                        curves[(entry["strategy"], entry["rounds"])][point["round"]].append(point[metric])
+                for point in entry["history"] if entry["rounds"] > 1 else []:
+                    curves[(entry["strategy"], entry["rounds"])][point["round"]].append(point.get(metric))
         for index, ((strategy, rounds), points) in enumerate(sorted(curves.items())):
-            xs = sorted(points)
+            xs = [x for x in sorted(points) if len(points[x]) == len(runs) and None not in points[x]]
             stats = [mean_ci(points[x]) for x in xs]
             means = np.array([s[0] for s in stats])
             halves = np.nan_to_num(np.array([s[1] for s in stats]))
             ax.plot(xs, means, marker="o", ms=3, color=color(strategy, index), label=f"{strategy}, {rounds} rounds")
-            ax.fill_between(xs, means - halves, means + halves, color=color(strategy, index), alpha=0.15)
-        for index, (strategy, values) in enumerate(one_shot.items()):
-            mean = mean_ci(values)[0]
-            if not math.isnan(mean):
-                ax.axhline(mean, ls="--", lw=1.2, color=color(strategy, index), label=f"{strategy}, one-shot")
+            if halves.any():
+                ax.fill_between(xs, means - halves, means + halves, color=color(strategy, index), alpha=0.15)
+        one_shot = records.aggregate(records.select(table, group=group, rounds=1), ("strategy",), [metric])
+        for index, stat in enumerate(one_shot):
+            if not math.isnan(stat[metric]):
+                ax.axhline(stat[metric], ls="--", lw=1.2, color=color(stat["strategy"], index),
+                           label=f"{stat['strategy']}, one-shot")
+        draw_references(ax, records.select(table, group=group), metric)
         ax.set_title(group, fontsize=11)
         ax.set_xlabel("round (0 = pretrained θ0)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -139,21 +157,25 @@ def per_round(collection: Collection, metric: str | None = None) -> Figure | Non
         if metric == "distance_to_optimum":
             ax.set_yscale("log")
     legend(fig, axes)
-    fig.suptitle(f"{records.METRICS.get(metric, metric).capitalize()} per round{_suffix(collection, len(axes), len(with_rounds))}")
+    note = seeds_note([len(runs) for runs in with_rounds.values()])
+    fig.suptitle(f"{records.METRICS.get(metric, metric).capitalize()} per round\n({note}{_shown(len(with_rounds))})")
     return Figure("per-round.png", f"{metric_label(metric).capitalize()} after each round of federated learning; dashed "
-                  "lines: one-shot merging (λ chosen on validation) of the same clients.", fig)
+                  "lines: one-shot merging of the same clients; dotted: θ0; dash-dotted: the clients' own models; "
+                  f"{note}.", fig)
 
 
 # -- one-shot vs multi-round ------------------------------------------------------------------------
 def one_shot_vs_multi_round(table: Sequence[dict], metric: str) -> Figure | None:
-    """Final metric of each strategy, one bar per round count (same local compute when same_compute)."""
+    """Final metric of each strategy, one bar per round count (same local compute when same_compute); θ0 and the
+    clients' own models as reference lines. A strategy with a diverged seed has no bar."""
     if len(records.varying(table, "rounds")) < 2:
         return None
     groups = records.varying(table, "group")
     fig, axes = _panels(len(groups), width=5.6)
     rounds = sorted(records.varying(table, "rounds"))
     for ax, group in zip(axes, groups):
-        stats = records.aggregate(records.select(table, group=group), ("strategy", "rounds"), [metric])
+        here = records.select(table, group=group)
+        stats = records.aggregate(here, ("strategy", "rounds"), [metric])
         strategies = records.varying(stats, "strategy")
         width = 0.8 / len(rounds)
         for k, r in enumerate(rounds):
@@ -165,73 +187,129 @@ def one_shot_vs_multi_round(table: Sequence[dict], metric: str) -> Figure | None
                     ys.append(match[0][metric])
                     errs.append(np.nan_to_num(match[0][f"{metric}_ci"]))
             label = "one-shot (1 round)" if r == 1 else f"{r} rounds"
-            ax.bar(xs, ys, width=width * 0.95, yerr=errs if any(errs) else None, capsize=3, label=label, color=plt.cm.Blues(0.35 + 0.6 * k / max(1, len(rounds) - 1)))
+            ax.bar(xs, ys, width=width * 0.95, yerr=errs if any(errs) else None, capsize=3, label=label,
+                   color=plt.cm.Blues(0.35 + 0.6 * k / max(1, len(rounds) - 1)))
+        draw_references(ax, here, metric)
         ax.set_xticks(range(len(strategies)), strategies)
         ax.set_ylabel(metric_label(metric))
         ax.set_title(group, fontsize=11)
         ax.set_ylim(bottom=0)
     legend(fig, axes)
-    fig.suptitle("One-shot merging vs multi-round FL at the same local compute" + _suffix_rows(table, len(axes), len(groups)))
+    note = seeds_note(seed_counts(table))
+    fig.suptitle(f"One-shot merging vs multi-round FL at the same local compute\n({note}{_shown(len(groups))})")
     return Figure("one-shot-vs-multi-round.png", "Final test metric of each strategy: one round (merging) against R rounds "
-                  "with each client's local steps split over the rounds. Error bars: 95% CI over seeds.", fig)
+                  "with each client's local steps split over the rounds; dotted: θ0; dash-dotted: the clients' own models; "
+                  f"{note}.", fig)
 
 
 # -- against a factor -------------------------------------------------------------------------------
-def against(table: Sequence[dict], factor: str, metric: str, label: str | None = None, log: bool | None = None,
-            name: str | None = None) -> Figure | None:
-    """The metric against a numeric factor (α, spreads, f, or a sweep axis), one line per (strategy, rounds)."""
-    values = [v for v in records.varying(table, factor) if isinstance(v, (int, float))]
-    if len(values) < 2:
-        return None
-    default_label, default_log = records.FACTORS.get(factor, (factor, False))
-    label, log = label or default_label, default_log if log is None else log
-    stats = records.aggregate(table, ("strategy", "rounds", factor), [metric])
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
+def context(row: dict, exclude: Sequence[str] = (), axis: str | None = None) -> str:
+    """What else sets a row's setting apart, besides the spec keys ``exclude`` (a factor's) or the sweep ``axis``:
+    the other sweep levels when ``axis`` is given, else the other differing spec keys."""
+    if axis is not None:
+        return ", ".join(f"{a}={label}" for a, label in row.get("group_levels", {}).items() if a != axis)
+    return ", ".join(f"{k}={v}" for k, v in row.get("differs", {}).items() if not covered(k, exclude))
+
+
+def _panels_by_context(table: Sequence[dict], key: str, exclude: Sequence[str] = (), axis: str | None = None) -> dict:
+    """Rows split into panels by :func:`context`; only panels where ``key`` tells each setting apart (one setting
+    per value: two settings at one x would be drawn as one) and takes at least two values."""
+    panels: dict = defaultdict(list)
+    for row in table:
+        if row.get(key) is not None:
+            panels[context(row, exclude, axis)].append(row)
+    drawn = {}
+    for name, rows in panels.items():
+        settings = {(row["group"], row[key]) for row in rows}
+        values = {value for _, value in settings}
+        if len(values) >= 2 and len(values) == len({group for group, _ in settings}):
+            drawn[name] = rows
+    return drawn
+
+
+def _series(ax, rows: Sequence[dict], key: str, metric: str, position=lambda v: v) -> None:
+    """One line per (strategy, rounds) of ``metric`` against ``key`` (means over seeds), and θ0's and the clients'
+    own models' lines; error bars only where a setting has two seeds or more."""
+    stats = records.aggregate(rows, ("group", "strategy", "rounds", key), [metric])
     series = sorted({(s["strategy"], s["rounds"]) for s in stats}, key=lambda k: (k[1], k[0]))
     many_rounds = len({r for _, r in series}) > 1
     for index, (strategy, rounds) in enumerate(series):
-        points = sorted((s[factor], s[metric], s[f"{metric}_ci"]) for s in stats
-                        if s["strategy"] == strategy and s["rounds"] == rounds and s[factor] is not None)
+        points = sorted((position(s[key]), s[metric], s[f"{metric}_ci"]) for s in stats
+                        if s["strategy"] == strategy and s["rounds"] == rounds and not math.isnan(s[metric]))
+        if not points:
+            continue
         xs, ys, errs = zip(*points)
-        style = "-" if rounds == 1 else "--"
         tag = f"{strategy}, one-shot" if rounds == 1 else f"{strategy}, {rounds} rounds"
         ax.errorbar(xs, ys, yerr=np.nan_to_num(errs), marker="o" if rounds == 1 else "s", ms=5, capsize=3,
-                    ls=style if many_rounds else "-", color=color(strategy, index), label=tag)
-    if log:
-        ax.set_xscale("log")
-    ax.set_xlabel(label)
-    ax.set_ylabel(metric_label(metric))
-    ax.set_title(f"{records.METRICS.get(metric, metric).capitalize()} against {label.split(' (')[0]}")
-    legend(fig, [ax])
+                    ls="--" if many_rounds and rounds > 1 else "-", color=color(strategy, index), label=tag)
+    by_x = defaultdict(list)
+    for row in rows:
+        by_x[position(row[key])].append(row)
+    for name in records.BASELINES.values():
+        points = {x: references(here, metric).get(name) for x, here in by_x.items()}
+        if None not in points.values():
+            ax.plot(*zip(*sorted(points.items())), lw=1.2, label=name, **REFERENCE_STYLE[name])
+
+
+def _context_figure(table, key, metric, exclude=(), axis=None):
+    """Panels of :func:`_series` per context; (figure, axes, panels, seed counts) or None when none is drawn."""
+    panels = _panels_by_context(table, key, exclude, axis)
+    if not panels:
+        return None
+    fig, axes = _panels(len(panels), width=6.0, height=4.6)
+    return fig, axes, panels, seed_counts(table)
+
+
+def against(table: Sequence[dict], factor: str, metric: str, label: str | None = None, log: bool | None = None,
+            name: str | None = None) -> Figure | None:
+    """The metric against a numeric factor (α, spreads, f, or a sweep axis), one line per (strategy, rounds), one panel
+    per combination of the other settings (nothing is averaged across them); None when no panel has two values."""
+    table = [row for row in table if isinstance(row.get(factor), (int, float))]
+    made = _context_figure(table, factor, metric, exclude=records.FACTOR_KEYS.get(factor, (factor,)))
+    if made is None:
+        return None
+    fig, axes, panels, counts = made
+    default_label, default_log = records.FACTORS.get(factor, (factor, False))
+    label, log = label or default_label, default_log if log is None else log
+    for ax, (where, rows) in zip(axes, panels.items()):
+        _series(ax, rows, factor, metric)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(where, fontsize=10)
+    legend(fig, axes)
+    note = seeds_note(counts)
+    title = f"{records.METRICS.get(metric, metric).capitalize()} against {label.split(' (')[0]}"
+    fig.suptitle(f"{title}\n({note}{_shown(len(panels))})")
     return Figure(name or f"{metric.replace('mean_', '').replace('_', '-')}-vs-{factor.replace('_', '-')}.png",
-                  f"{metric_label(metric).capitalize()} against {label}; error bars: 95% CI over seeds.", fig)
+                  f"{metric_label(metric).capitalize()} against {label}; dotted: θ0; dash-dotted: the clients' own models; "
+                  f"{note}.", fig)
 
 
 def against_levels(table: Sequence[dict], axis: str, labels: Sequence[str], metric: str) -> Figure | None:
-    """The metric against a categorical sweep axis (its labels in the sweep's order)."""
+    """The metric against a categorical sweep axis (its labels in the sweep's order), one panel per combination of
+    the other axes' levels."""
     key = f"level:{axis}"
-    present = [label for label in labels if label in records.varying(table, key)]
-    if len(present) < 2:
+    table = [row for row in table if row.get(key) in labels]
+    made = _context_figure(table, key, metric, axis=axis)
+    if made is None:
         return None
-    stats = records.aggregate(table, ("strategy", "rounds", key), [metric])
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
-    series = sorted({(s["strategy"], s["rounds"]) for s in stats}, key=lambda k: (k[1], k[0]))
-    for index, (strategy, rounds) in enumerate(series):
-        pts = {s[key]: s for s in stats if s["strategy"] == strategy and s["rounds"] == rounds}
-        xs = [i for i, label in enumerate(present) if label in pts]
-        ys = [pts[present[i]][metric] for i in xs]
-        errs = [np.nan_to_num(pts[present[i]][f"{metric}_ci"]) for i in xs]
-        tag = f"{strategy}, one-shot" if rounds == 1 else f"{strategy}, {rounds} rounds"
-        ax.errorbar(xs, ys, yerr=errs, marker="o" if rounds == 1 else "s", capsize=3, ls="-" if rounds == 1 else "--",
-                    color=color(strategy, index), label=tag)
-    ax.set_xticks(range(len(present)), present)
-    ax.set_xlabel(axis)
-    ax.set_ylabel(metric_label(metric))
-    ax.set_title(f"{records.METRICS.get(metric, metric).capitalize()} against {axis}")
-    legend(fig, [ax])
+    fig, axes, panels, counts = made
+    for ax, (where, rows) in zip(axes, panels.items()):
+        present = [label for label in labels if label in records.varying(rows, key)]
+        _series(ax, rows, key, metric, position=present.index)
+        ax.set_xticks(range(len(present)), present)
+        ax.set_xlabel(axis)
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(where, fontsize=10)
+    legend(fig, axes)
+    note = seeds_note(counts)
+    fig.suptitle(f"{records.METRICS.get(metric, metric).capitalize()} against {axis}\n({note}{_shown(len(panels))})")
     safe = "".join(c if c.isalnum() else "-" for c in axis)
     return Figure(f"{metric.replace('mean_', '').replace('_', '-')}-vs-{safe}.png",
-                  f"{metric_label(metric).capitalize()} for each level of the sweep axis '{axis}'.", fig)
+                  f"{metric_label(metric).capitalize()} for each level of the sweep axis '{axis}'; dotted: θ0; "
+                  f"dash-dotted: the clients' own models; {note}.", fig)
 
 
 # -- diagnostics ------------------------------------------------------------------------------------
@@ -261,27 +339,28 @@ def cosine_heatmap(collection: Collection) -> Figure | None:
                             color="white" if abs(matrix[i, j]) > 0.6 else "black")
         ax.set_title(group, fontsize=11)
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity cos(τ_s, τ_t)")
-    fig.suptitle(f"Task-vector cosine similarities{_suffix(collection, len(axes), len(groups))}")
+    counts = sorted({len(runs) for runs in groups.values()})
+    seeds = f"mean over {counts[0]}{f'–{counts[-1]}' if len(counts) > 1 else ''} seed(s)"
+    fig.suptitle(f"Task-vector cosine similarities\n({seeds}{_shown(len(groups))})")
     return Figure("cosine-similarity.png", "Cosine similarity between the clients' task vectors τ_t = θ_t − θ0 of the "
-                  "one-shot round (1 on the diagonal; near 0: nearly orthogonal updates).", fig)
+                  "one-shot round, on the merged tensors (1 on the diagonal; near 0: nearly orthogonal updates); "
+                  f"{seeds}.", fig)
 
 
 def effective_weights(collection: Collection) -> Figure | None:
-    """p_t (the weights averaging uses) against w_t = p_t a_t / Σ p_s a_s (what plain averaging optimises)."""
+    """p_t (the weights averaging uses) against w_t = p_t a_t / Σ p_s a_s (what plain averaging optimises), in the
+    round :func:`~fedmerge.report.records.first_round` defines (the diagnostics table's χ²), for each setting's
+    first seed."""
     groups = {}
-    for group, runs in _groups(collection).items():
-        for run in runs:
-            for entry in run.data["runs"]:
-                aggregation = records.first_aggregation(entry)
-                if aggregation.get("effective_weights"):
-                    groups[group] = (aggregation, entry["strategy"])
-                    break
-            if group in groups:
-                break
+    for group in collection.groups:
+        run = min(group.runs, key=lambda r: r.seed)
+        aggregation = records.first_round(run.data)[1]
+        if aggregation:
+            groups[group.label] = (run, aggregation)
     if not groups:
         return None
     fig, axes = _panels(len(groups), width=4.8, height=3.8)
-    for ax, (group, (aggregation, strategy)) in zip(axes, groups.items()):
+    for ax, (group, (run, aggregation)) in zip(axes, groups.items()):
         p, w = aggregation["weights"], aggregation["effective_weights"]
         ids = aggregation.get("client_ids") or list(range(len(p)))
         xs = np.arange(len(p))
@@ -290,10 +369,12 @@ def effective_weights(collection: Collection) -> Figure | None:
         ax.set_xticks(xs, [str(i) for i in ids])
         ax.set_xlabel("client")
         ax.set_ylabel("weight (sums to 1)")
-        chi = aggregation.get("chi_square")
-        ax.set_title(f"{group}\nχ²(p‖w) = {chi:.3g}, a_t = {aggregation.get('effective_steps_key')}" if chi is not None else group, fontsize=10)
+        ax.set_title(f"{group}\nseed {run.seed}: χ²(p‖w) = {aggregation.get('chi_square'):.3g}\n"
+                     f"({records.first_round_source(run.data)})", fontsize=9)
     legend(fig, axes)
-    fig.suptitle("Effective weights of plain averaging (first round, first seed)")
+    fig.suptitle(f"Effective weights of plain averaging in the first round (first seed){_shown(len(groups))}")
     return Figure("effective-weights.png", "Averaging weights p_t against the effective weights w_t = p_t a_t / Σ p_s a_s "
-                  "(a_t: a client's local steps, or the sum of its learning rates). Plain averaging minimises Σ w_t L_t, "
-                  "not Σ p_t L_t; χ²(p‖w) measures the mismatch (0 when all a_t are equal).", fig)
+                  "(a_t: a client's local steps, or the sum of its learning rates) in the first round of the strategy named "
+                  "under each panel, for the setting's first seed. Plain averaging minimises Σ w_t L_t, not Σ p_t L_t; "
+                  "χ²(p‖w) measures the mismatch (0 when all a_t are equal); the diagnostics table gives its mean over "
+                  "seeds.", fig)
