@@ -170,6 +170,13 @@ def notes(results: dict) -> list[str]:
                      "(each client's own head) stay as their client trained them"
                      + (f"; {tensors['statistics']} BatchNorm statistics: {STATISTICS_NOTES[results['statistics']]}"
                         if tensors["statistics"] else "") + ".")
+    edges = [f"{run['strategy']} (λ = {run['selected']['scaling']:g}, the {edge} tried)" for run in results["runs"]
+             for grid in [run.get("searched", {}).get("scaling")] if grid and len(grid) > 1
+             for edge in ["smallest" if run["selected"]["scaling"] == min(grid) else
+                          "largest" if run["selected"]["scaling"] == max(grid) else None] if edge]
+    if edges:
+        lines.append("chosen at the edge of the searched grid: " + ", ".join(edges) + "; the best λ may lie beyond it "
+                     "(select = false with server.server_lr = β tries any β).")
     if results.get("lora"):
         lines.append(f"LoRA adapters aggregated as {results['lora']!r} (server.lora).")
     for client in results["clients"]:
