@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 
 import fedmerge.merging.tensors as tensors_module
 from fedmerge.checkpoints import merge_checkpoints
-from fedmerge.checkpoints.trainer_state import effective_steps, lr_sum
+from fedmerge.checkpoints.trainer_state import effective_steps, from_trainer_state, lr_sum
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
+from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -250,29 +251,42 @@ def test_lr_sum_interpolates_between_logging_steps(tmp_path):
     assert lr_sum(state, tmp_path) == pytest.approx(0.5 + 0.5 + 0.4 + 0.3 + 0.3)
 
 
-def test_fednova_reads_a_t_from_trainer_state(world, tmp_path):
+FROM_STATE = {"steps": "trainer_state.json global_step", "lr-sum": "trainer_state.json log_history learning_rate sum"}
+FLAG = {"steps": "--steps", "lr-sum": "--lr-sums"}
+
+
+def test_fednova_reads_a_t_from_trainer_state(world, tmp_path, capsys):
     root, base, _ = world
     models = [edited(root, tmp_path, name) for name in ("a1", "a2")]
     trainer_state(models[0], 30, {10: 1e-3, 20: 1e-3, 30: 1e-3})
     trainer_state(models[1], 10, {5: 2e-3, 10: 1e-3})
-    params, source = effective_steps(models, {}, None)
-    assert params == {"steps": [30.0, 10.0]} and source == "trainer_state.json global_step"
-    params, source = effective_steps(models, {}, "lr-sum")
-    assert params["lr_sums"] == pytest.approx([0.03, 5 * 2e-3 + sum(2e-3 - 1e-3 * j / 5 for j in range(1, 6))])
+    expected = {"steps": [30.0, 10.0], "lr-sum": [0.03, 5 * 2e-3 + sum(2e-3 - 1e-3 * j / 5 for j in range(1, 6))]}
+    for by in ("steps", "lr-sum"):
+        read = effective_steps(models, asked=(by, "asked"))
+        assert read.values == pytest.approx(expected[by]) and read.source == FROM_STATE[by]
+    read = effective_steps(models)  # nothing given: FedNova's one default, as the strategies'
+    assert read.normalize_by == DEFAULT_NORMALIZE_BY and read.reason == "FedNova's default"
+    capsys.readouterr()
     run("--base", root / "base", "--models", *models, "--method", "fednova", "--out", tmp_path / "read")
-    run("--base", root / "base", "--models", *models, "--method", "fednova", "--steps", 30, 10, "--out", tmp_path / "given")
+    assert f"fedmerge: fednova: a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) from {FROM_STATE[DEFAULT_NORMALIZE_BY]}" \
+        in capsys.readouterr().err
+    given = expected[DEFAULT_NORMALIZE_BY]
+    run("--base", root / "base", "--models", *models, "--method", "fednova", FLAG[DEFAULT_NORMALIZE_BY], *given,
+        "--out", tmp_path / "given")
     assert_close(merged(tmp_path / "read"), merged(tmp_path / "given"))
     record = json.loads(_metadata(tmp_path / "read" / "model.safetensors")["fedmerge"])
-    assert record["rule"]["effective_steps"] == [30.0, 10.0]
-    assert record["effective_steps_from"] == "trainer_state.json global_step"
-    run("--base", root / "base", "--models", *models, "--method", "fednova", "--trainer-state", "lr-sum",
-        "--out", tmp_path / "lr")
-    record = json.loads(_metadata(tmp_path / "lr" / "model.safetensors")["fedmerge"])
-    assert record["rule"]["effective_steps"] == pytest.approx(params["lr_sums"])
-    # values on the command line win over trainer_state.json
+    assert record["rule"]["effective_steps"] == pytest.approx(given)
+    assert (record["normalize_by"], record["effective_steps_from"]) == (DEFAULT_NORMALIZE_BY, FROM_STATE[DEFAULT_NORMALIZE_BY])
+    for by in ("steps", "lr-sum"):  # --trainer-state asks for either
+        run("--base", root / "base", "--models", *models, "--method", "fednova", "--trainer-state", by, "--out", tmp_path / by)
+        record = json.loads(_metadata(tmp_path / by / "model.safetensors")["fedmerge"])
+        assert record["rule"]["effective_steps"] == pytest.approx(expected[by])
+        assert record["normalize_by_reason"] == f"--trainer-state {by}" and record["effective_steps_from"] == FROM_STATE[by]
+    # values on the command line win over trainer_state.json, and name the normaliser
     run("--base", root / "base", "--models", *models, "--method", "fednova", "--lr-sums", 1, 2, "--out", tmp_path / "cli")
     record = json.loads(_metadata(tmp_path / "cli" / "model.safetensors")["fedmerge"])
-    assert record["rule"]["effective_steps"] == [1.0, 2.0] and record["effective_steps_from"] == "lr_sums"
+    assert record["rule"]["effective_steps"] == [1.0, 2.0] and record["effective_steps_from"] == "--lr-sums"
+    assert record["normalize_by"] == "lr-sum" and record["normalize_by_reason"] == "only --lr-sums given"
 
 
 def _metadata(path) -> dict:
@@ -285,8 +299,9 @@ def test_fednova_without_a_t_says_what_to_give(world, tmp_path, capsys):
     models = [edited(root, tmp_path, name) for name in ("a1", "a2")]
     trainer_state(models[0], 30)
     err = failing(tmp_path, capsys, root / "base", *models, "--method", "fednova")
-    assert "method 'fednova' needs the models' effective steps a_t: --steps" in err
-    assert f"trainer_state.json (Hugging Face Trainer) is read, but {models[1]} has none (1 of 2 models" in err
+    assert "FedNova needs each model's effective steps a_t: give --steps (local step counts) or --lr-sums" in err
+    assert f"a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) is read from each model directory's trainer_state.json" in err
+    assert f"but {models[1]} has none (1 of 2 models lack one)" in err
     trainer_state(models[1], 10)
     err = failing(tmp_path, capsys, root / "base", *models, "--method", "fednova", "--trainer-state", "lr-sum")
     assert f"{models[0] / 'trainer_state.json'}: its log_history holds no learning_rate" in err and "--lr-sums" in err
@@ -297,7 +312,10 @@ def test_fednova_without_a_t_says_what_to_give(world, tmp_path, capsys):
     assert "--trainer-state) is only used by method 'fednova', not 'task-arithmetic'" in err
     (models[1] / "trainer_state.json").write_text(json.dumps({"global_step": 0}))
     with pytest.raises(FedmergeError, match="global_step is 0, not a positive step count"):
-        merge_checkpoints(root / "base", models, tmp_path / "x", method="fednova")
+        merge_checkpoints(root / "base", models, tmp_path / "x", method="fednova", trainer_state="steps")
+    (models[1] / "trainer_state.json").write_text(json.dumps({"global_step": float("inf")}))  # JSON's Infinity
+    with pytest.raises(FedmergeError, match="global_step is inf, not a positive step count"):
+        merge_checkpoints(root / "base", models, tmp_path / "x", method="fednova", trainer_state="steps")
 
 
 def test_lr_sum_of_a_real_trainer_run(world, tmp_path):
@@ -316,10 +334,9 @@ def test_lr_sum_of_a_real_trainer_run(world, tmp_path):
     trainer.save_model(str(tmp_path / "lora"))
     trainer.state.save_to_json(str(tmp_path / "lora" / "trainer_state.json"))
     expected = [1e-3 * k / 2 for k in (0, 1)] + [1e-3 * (6 - k) / 4 for k in (2, 3, 4, 5)]  # the rate step k+1 uses
-    params, _ = effective_steps([tmp_path / "lora"], {}, "lr-sum")
-    assert params["lr_sums"] == pytest.approx([sum(expected)])
-    assert effective_steps([tmp_path / "lora"], {}, None)[0] == {"steps": [6.0]}
-    assert np.isfinite(params["lr_sums"][0])
+    lr_sums = from_trainer_state([tmp_path / "lora"], "lr-sum")
+    assert lr_sums == pytest.approx([sum(expected)]) and np.isfinite(lr_sums[0])
+    assert from_trainer_state([tmp_path / "lora"], "steps") == [6.0]
 
 
 def test_a_nonfinite_adapter_is_refused_naming_its_file_and_tensor(world, tmp_path, capsys):

@@ -6,6 +6,7 @@ import stat
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import fedmerge.checkpoints.reader as reader_module
 from fedmerge.checkpoints import Checkpoint, merge_checkpoints
+from fedmerge.checkpoints.methods import MERGE_METHODS
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import (
@@ -221,10 +223,107 @@ def test_command_reports_what_it_wrote(tmp_path, capsys):
     base_path, model_paths = save_files(tmp_path, *make_models())
     out = tmp_path / "merged.safetensors"
     assert main(["merge", "--base", base_path, "--models", *model_paths, "--method", "fedgma", "--out", str(out)]) == 0
-    assert f"merged 3 models into {out}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"merged 3 models into {out}" in err
+    assert ("fedmerge: fedgma: β = 1 (the default: neither --scaling nor --server-lr; θ + β·Δ, Δ the rule's mean-scale "
+            "update); λ = 0.333333 (θ + λ·Σ_t τ_t, Task Arithmetic's convention)\n") in err
     with safe_open(out, "pt") as f:
         record = json.loads(f.metadata()["fedmerge"])
     assert record["rule"] == {"rule": "fedgma", "threshold": 0.5} and record["server_lr"] == 1.0
+    assert record["server_lr_from"] == "default" and record["scaling"] == pytest.approx(1 / 3)
+
+
+# --- each method's own λ ---------------------------------------------------------------------------------------------
+
+
+def float32_models(num_models: int = 3) -> tuple[dict, list[dict]]:
+    """A float32 base and its fine-tunes, for comparisons with NumPy."""
+    g = torch.Generator().manual_seed(5)
+    base = {"a.weight": torch.randn(6, 10, generator=g), "b.bias": torch.randn(7, generator=g)}
+    return base, [{n: v + 0.1 * (t + 1) * torch.randn(v.shape, generator=g) for n, v in base.items()}
+                  for t in range(num_models)]
+
+
+def task_vectors(base: dict, models: list[dict], name: str) -> np.ndarray:
+    """(T, n) float64 τ_t of tensor ``name``, each difference taken in float32 as a merge takes it."""
+    return np.stack([(m[name] - base[name]).numpy().ravel() for m in models]).astype(np.float64)
+
+
+def ties_paper(base: dict, models: list[dict], density: float, scaling: float) -> dict[str, np.ndarray]:
+    """θ0 + λ·τ_m of Yadav et al. 2023, per tensor: keep each τ_t's top-k% magnitudes, elect γ = sgn(Σ_t τ̂_t), and
+    average, per coordinate, the τ̂_t that are non-zero with sign γ (the disjoint mean; 0 where none is)."""
+    merged = {}
+    for name, theta0 in base.items():
+        taus = task_vectors(base, models, name)
+        keep = max(1, int(density * taus.shape[1]))
+        trimmed = np.zeros_like(taus)
+        for t, tau in enumerate(taus):
+            top = np.argsort(-np.abs(tau), kind="stable")[:keep]
+            trimmed[t, top] = tau[top]
+        agree = np.sign(trimmed) == np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+        count = agree.sum(0)
+        disjoint_mean = np.where(count > 0, (trimmed * agree).sum(0) / np.maximum(count, 1), 0.0)
+        merged[name] = theta0.numpy().astype(np.float64) + scaling * disjoint_mean.reshape(theta0.shape)
+    return merged
+
+
+def test_ties_scaling_1_is_the_ties_papers_merge(tmp_path, capsys):
+    """TIES's λ = 1 (its paper's and mergekit's default) is θ0 + the disjoint mean, not T times it."""
+    base, models = float32_models()
+    base_path, paths = save_files(tmp_path, base, models)
+    out = tmp_path / "ties.safetensors"
+    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "ties", "--density", "0.3",
+                 "--scaling", "1", "--out", str(out)]) == 0
+    assert "fedmerge: ties: λ = 1 (θ + λ·Δ, TIES's convention) → β = λ = 1\n" in capsys.readouterr().err
+    expected = ties_paper(base, models, 0.3, 1.0)
+    for name, value in load_file(out).items():
+        np.testing.assert_allclose(value.numpy(), expected[name], rtol=0, atol=1e-6, err_msg=name)
+    record = metadata_of(out)
+    assert (record["server_lr"], record["scaling"], record["scale"], record["server_lr_from"]) == (1.0, 1.0, "mean", "scaling")
+
+
+def test_task_arithmetic_scaling_multiplies_the_sum(tmp_path, capsys):
+    base, models = float32_models()
+    base_path, paths = save_files(tmp_path, base, models)
+    out = tmp_path / "ta.safetensors"
+    assert main(["merge", "--base", base_path, "--models", *paths, "--scaling", "0.3", "--out", str(out)]) == 0
+    assert ("fedmerge: task-arithmetic: λ = 0.3 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 0.9 (T = 3)\n"
+            in capsys.readouterr().err)
+    for name, value in load_file(out).items():
+        expected = base[name].numpy().astype(np.float64) + 0.3 * task_vectors(base, models, name).sum(0).reshape(value.shape)
+        np.testing.assert_allclose(value.numpy(), expected, rtol=0, atol=1e-6, err_msg=name)
+    record = metadata_of(out)
+    assert record["server_lr"] == pytest.approx(0.9) and record["scaling"] == pytest.approx(0.3) and record["scale"] == "sum"
+
+
+BETA_PER_LAMBDA = {"task-arithmetic": 3, "fedavg": 3, "fednova": 3, "fedgma": 3, "dare-linear": 3, "mean-direction": 3,
+                   "ties": 1, "dare-ties": 1}
+"""β/λ over T = 3 models for each method's own λ: Task Arithmetic's (θ0 + λ·Σ_t τ_t) or TIES's (θ0 + λ·Δ)."""
+AMBIGUOUS = ("median", "cclip")
+
+
+def test_every_method_takes_a_side_on_scaling():
+    assert sorted([*BETA_PER_LAMBDA, *AMBIGUOUS]) == sorted(MERGE_METHODS)
+
+
+@pytest.mark.parametrize("method", BETA_PER_LAMBDA)
+def test_scaling_is_each_methods_own_lambda(tmp_path, method):
+    base_path, paths = save_files(tmp_path, *make_models())
+    options = {"steps": [1, 2, 4]} if method == "fednova" else {}
+    out = merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method=method, scaling=0.4, **options)
+    record = metadata_of(out)
+    assert record["server_lr"] == pytest.approx(0.4 * BETA_PER_LAMBDA[method]) and record["scaling"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("method", AMBIGUOUS)
+def test_scaling_is_refused_where_it_is_ambiguous(tmp_path, capsys, method):
+    base_path, paths = save_files(tmp_path, *make_models())
+    err = run_failing(tmp_path, capsys, base_path, paths, "--method", method, "--scaling", "1")
+    assert f"fedmerge: error: scaling λ (--scaling) is ambiguous for method {method!r}: its paper" in err
+    assert "Give the server learning rate instead: --server-lr β" in err and "Traceback" not in err
+    out = merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method=method, server_lr=0.5)
+    record = metadata_of(out)
+    assert (record["server_lr"], record["scaling"], record["server_lr_from"]) == (0.5, None, "server_lr")
 
 
 def test_checkpoint_reads_lazily(tmp_path):
@@ -311,7 +410,7 @@ def test_options_checked_before_reading(tmp_path, capsys):
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--steps", "1", "-2", "3")
     assert "'--steps' must be a positive number, got -2.0" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova")
-    assert "needs the models' effective steps" in err
+    assert "FedNova needs each model's effective steps a_t: give --steps" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--lr-sums", "1", "2", "3",
                       "--steps", "1", "2", "3")
     assert "needs the models' effective steps a_t, one way" in err
@@ -423,22 +522,31 @@ def test_a_nonfinite_base_is_refused_even_with_skip_nonfinite(tmp_path, capsys):
     assert "base.safetensors: tensor 'lm_head.weight' of the base holds NaN or infinite values" in err
 
 
-@pytest.mark.parametrize("method, rule", [("task-arithmetic", FedAvgRule()), ("median", MedianRule()), ("cclip", CClipRule())])
-def test_skip_nonfinite_leaves_such_models_out_and_names_them(tmp_path, capsys, method, rule):
+MEAN_SCALE = "θ + β·Δ, Δ the rule's mean-scale update"
+
+
+@pytest.mark.parametrize("method, rule, scale, beta, said", [
+    ("task-arithmetic", FedAvgRule(), ["--scaling", "0.5"], 1.0,  # Task Arithmetic's λ over the 2 models merged
+     "λ = 0.5 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 1 (T = 2)"),
+    ("ties", TiesRule(), ["--scaling", "0.5"], 0.5, "λ = 0.5 (θ + λ·Δ, TIES's convention) → β = λ = 0.5"),
+    ("median", MedianRule(), ["--server-lr", "0.7"], 0.7, f"β = 0.7 (--server-lr; {MEAN_SCALE})"),
+    ("cclip", CClipRule(), [], 1.0, f"β = 1 (the default: neither --scaling nor --server-lr; {MEAN_SCALE})"),
+])
+def test_skip_nonfinite_leaves_such_models_out_and_names_them(tmp_path, capsys, method, rule, scale, beta, said):
     base, models = make_models(4)
     nan_in(models[1])
     nan_in(models[3], "lm_head.weight", float("inf"))
     base_path, paths = save_files(tmp_path, base, models)
     out = tmp_path / "m.safetensors"
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", method, "--scaling", "0.5",
+    assert main(["merge", "--base", base_path, "--models", *paths, "--method", method, *scale,
                  "--skip-nonfinite", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"left out {paths[1]}: tensor 'layers.0.attn.weight' in model1.safetensors holds NaN" in err
     assert f"left out {paths[3]}: tensor 'lm_head.weight' in model3.safetensors holds NaN" in err
-    assert "merged 2 of 4 models" in err
-    assert_same(load_file(out), merged_model(rule, base, [models[0], models[2]], 1.0))  # λ 0.5 over 2 models: β = 1
+    assert "merged 2 of 4 models" in err and f"fedmerge: {method}: {said}\n" in err
+    assert_same(load_file(out), merged_model(rule, base, [models[0], models[2]], beta))
     record = metadata_of(out)
-    assert record["models"] == [paths[0], paths[2]] and record["server_lr"] == 1.0
+    assert record["models"] == [paths[0], paths[2]] and record["server_lr"] == beta
     assert [e["model"] for e in record["left_out"]] == [paths[1], paths[3]]
 
 

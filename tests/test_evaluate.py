@@ -86,10 +86,13 @@ def evaluate(assets, out, *more, models=None, base=None):
                  "--set", "engine.server_device=cpu", *more])
 
 
+LR_SUMS = ("20", "20", "20")  # each fine-tune's 40 steps at the constant learning rate 0.5
+
+
 @pytest.fixture(scope="module")
 def run_dir(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    assert evaluate(assets, out) == 0
+    assert evaluate(assets, out, "--lr-sums", *LR_SUMS) == 0
     (run_dir,) = out.iterdir()
     return run_dir
 
@@ -116,7 +119,7 @@ def test_the_choice_is_the_argmax_of_the_recorded_mean(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     for run in results["runs"]:
         best = max(run["selection"], key=lambda entry: entry["val_score"])  # the first of the best
-        chosen = {k: v for k, v in run["selected"].items() if k != "scale"}
+        chosen = {k: v for k, v in run["selected"].items() if k not in ("scale", "tuned")}
         assert chosen == best, run["strategy"]
     fedgma = next(r for r in results["runs"] if r["strategy"] == "fedgma")
     assert len(fedgma["selection"]) == len(PAPER_GRID) * len(THRESHOLDS)
@@ -180,7 +183,7 @@ def broken(folder, name, change):
 @pytest.mark.parametrize("case", ["missing", "shape", "dtype", "count", "steps"])
 def test_bad_inputs_are_named_and_nothing_is_written(assets, tmp_path, capsys, case):
     folder, models = assets[3], list(assets[2])
-    more, expected = [], []
+    more, expected = ["--lr-sums", *LR_SUMS], []
     if case == "missing":
         models[1] = broken(folder, "lacks.safetensors", lambda s: s.pop("body.0.bias"))
         expected = ["lacks.safetensors", "'body.0.bias'", "missing"]
@@ -203,10 +206,129 @@ def test_bad_inputs_are_named_and_nothing_is_written(assets, tmp_path, capsys, c
     assert "Traceback" not in error and not out.exists()
 
 
+# --- FedNova's a_t: given, read from trainer_state.json, or refused; never 1 ------------------------------------------
+
+
+def fednova_run(out) -> tuple[dict, dict]:
+    """The results and FedNova's merged trained tensors of the one run under ``out``."""
+    (run,) = out.iterdir()
+    merged = load_file(run / "models" / "fednova-r1.safetensors")
+    return json.loads((run / "results.json").read_text()), {n: merged[n] for n in TRAINED}
+
+
+def fednova_merge(assets, a: list[float]) -> dict:
+    """θ0 + ā · mean_t(τ_t / a_t) (β = 1, uniform p_t), from the checkpoints."""
+    _, base, models, _ = assets
+    theta0, finetuned = load_file(base), [load_file(m) for m in models]
+    return {n: theta0[n] + np.mean(a) * sum((f[n] - theta0[n]) / a_t for f, a_t in zip(finetuned, a)) / len(a)
+            for n in TRAINED}
+
+
+def test_steps_alone_make_fednova_normalise_by_steps_and_say_so(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluate(assets, out, "--strategy", "fednova", "--steps", "10", "20", "40", "--set", "select=false") == 0
+    assert "fedmerge: fednova: a_t by steps (only --steps given) from --steps: 10, 20, 40\n" in capsys.readouterr().err
+    results, merged = fednova_run(out)
+    assert results["spec"]["strategy"]["fednova"]["normalize_by"] == "steps"
+    assert results["checkpoints"]["fednova"] == {"normalize_by": "steps", "normalize_by_reason": "only --steps given",
+                                                 "effective_steps_from": "--steps"}
+    assert results["runs"][0]["history"][0]["aggregation"]["rule"]["effective_steps"] == [10.0, 20.0, 40.0]
+    assert [c["reply"].get("num-steps") for c in results["clients"]] == [10, 20, 40]
+    assert all("lr-sum" not in c["reply"] and c["settings"]["lr_sum"] is None for c in results["clients"])
+    for name, value in fednova_merge(assets, [10.0, 20.0, 40.0]).items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_fednova_reads_trainer_state_by_the_one_default(assets, tmp_path, capsys):
+    """Model directories with the trainer_state.json Hugging Face's Trainer writes: no flag needed, and FedNova uses
+    its one default normaliser, as the strategies and `fedmerge merge` do."""
+    from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY
+
+    folder, files = assets[3], assets[2]
+    steps, rate = [10, 20, 40], 0.05
+    models = []
+    for t, (file, k) in enumerate(zip(files, steps)):
+        models.append(folder / f"trainer-{t}")
+        models[-1].mkdir(exist_ok=True)
+        save_file(load_file(file), models[-1] / "model.safetensors")
+        history = [{"step": s, "learning_rate": rate} for s in range(1, k + 1, 5)]
+        (models[-1] / "trainer_state.json").write_text(json.dumps({"global_step": k, "log_history": history}))
+    a = {"steps": [10.0, 20.0, 40.0], "lr-sum": [rate * k for k in steps]}[DEFAULT_NORMALIZE_BY]
+    out = tmp_path / "out"
+    assert evaluate(assets, out, "--strategy", "fednova", "--set", "select=false", models=models) == 0
+    assert f"fedmerge: fednova: a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) from trainer_state.json" \
+        in capsys.readouterr().err
+    results, merged = fednova_run(out)
+    assert results["checkpoints"]["fednova"]["normalize_by"] == DEFAULT_NORMALIZE_BY
+    assert results["runs"][0]["history"][0]["aggregation"]["rule"]["effective_steps"] == pytest.approx(a)
+    assert [c["reply"]["num-steps"] for c in results["clients"]] == steps  # both read; FedNova uses its default's
+    assert [c["reply"]["lr-sum"] for c in results["clients"]] == pytest.approx([rate * k for k in steps])
+    for name, value in fednova_merge(assets, a).items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("more, expected", [
+    ([], ["FedNova needs each model's effective steps a_t: give --steps (local step counts) or --lr-sums",
+          "or leave fednova out (--strategy)", "model0.safetensors has none (3 of 3 models lack one)"]),
+    (["--set", "strategy.fednova.normalize_by=lr-sum", "--steps", "10", "20", "40"],
+     ["FedNova's a_t by lr-sum (strategy.fednova.normalize_by) needs --lr-sums, but --steps was given instead"]),
+])
+def test_fednova_without_its_a_t_is_refused_before_any_work(assets, tmp_path, capsys, monkeypatch, more, expected):
+    import fedmerge.simulations.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "load_suite", lambda *args: pytest.fail("the suite was loaded"))
+    out = tmp_path / "out"
+    assert evaluate(assets, out, "--strategy", "fedavg", "fednova", *more) == 2
+    error = capsys.readouterr().err
+    assert all(text in error for text in expected), error
+    assert "Traceback" not in error and not out.exists()
+
+
+def test_step_counts_are_whole_numbers(assets, tmp_path):
+    """A reply's num-steps is an integer: a fractional step count is refused, not truncated under FedNova."""
+    from fedmerge.errors import FedmergeError
+    from fedmerge.simulations.evaluate import evaluate_checkpoints
+    from fedmerge.simulations.spec import Spec
+
+    experiment, base, models, _ = assets
+    with pytest.raises(FedmergeError, match="--steps values must be positive whole numbers, got 20.5"):
+        evaluate_checkpoints(Spec.from_dict(load_experiment(experiment)), base, models, tmp_path, steps=[10, 20.5, 40])
+
+
+def test_without_fednova_unknown_steps_are_left_out_not_made_up(assets, tmp_path):
+    out = tmp_path / "out"
+    assert evaluate(assets, out, "--strategy", "fedavg", "--set", "select=false") == 0
+    results = json.loads(next(out.iterdir()).joinpath("results.json").read_text())
+    assert "fednova" not in results["checkpoints"]
+    assert all("num-steps" not in c["reply"] and "lr-sum" not in c["reply"] for c in results["clients"])
+    assert results["runs"][0]["history"][0]["aggregation"]["chi_square"] is None  # no a_t, no χ² of made-up ones
+
+
+# --- a checkpoint holding NaN or ±inf --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["model", "base"])
+def test_a_nonfinite_checkpoint_is_refused_before_any_evaluation(assets, tmp_path, capsys, monkeypatch, role):
+    """As `fedmerge merge` refuses it: the broken fine-tune's accuracy must never become its task's reference."""
+    from fedmerge.simulations.experiment import Experiment
+
+    folder, models = assets[3], list(assets[2])
+    bad = broken(folder, f"nan-{role}.safetensors", lambda s: s["body.0.weight"].view(-1).__setitem__(3, float("nan")))
+    monkeypatch.setattr(Experiment, "merge_one_shot", lambda *args: pytest.fail("evaluated"))
+    if role == "model":
+        models[1] = bad
+    out = tmp_path / "out"
+    assert evaluate(assets, out, "--lr-sums", *LR_SUMS, models=models, base=bad if role == "base" else None) == 2
+    error = capsys.readouterr().err
+    of = " of the base" if role == "base" else ""
+    assert f"nan-{role}.safetensors: tensor 'body.0.weight'{of} holds NaN or infinite values; nothing was evaluated" in error
+    assert "Traceback" not in error and not out.exists()
+
+
 def test_a_base_of_another_model_is_named(assets, tmp_path, capsys):
     folder = assets[3]
     other = broken(folder, "other-base.safetensors", lambda s: s.update({"body.0.weight": torch.zeros(16, 9)}))
-    assert evaluate(assets, tmp_path / "out", base=other) == 2
+    assert evaluate(assets, tmp_path / "out", "--lr-sums", *LR_SUMS, base=other) == 2
     assert "other-base.safetensors: tensor 'body.0.weight' has shape (16, 9)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -233,6 +355,8 @@ def test_the_checkpoints_become_flower_replies():
     metrics = reply.content[contract.METRICS]
     assert dict(metrics) == {"num-examples": 50, "num-steps": 7, "lr-sum": 0.35, "client-id": 2}
     assert reply.metadata.message_type == "train" and not reply.has_error()
+    unknown = checkpoint_reply(1, ArrayRecord({"w": torch.ones(2)}), 50, lr_sum=0.35).content[contract.METRICS]
+    assert dict(unknown) == {"num-examples": 50, "lr-sum": 0.35, "client-id": 1}  # never a made-up num-steps
 
 
 def test_hugging_face_clip_directories_map_by_name(tmp_path, monkeypatch, capsys):

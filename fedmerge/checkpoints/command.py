@@ -6,20 +6,39 @@ import time
 import warnings
 
 from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
-from fedmerge.checkpoints.methods import MERGE_METHODS, flags, params_from_flags
-from fedmerge.checkpoints.trainer_state import CHOICES as TRAINER_STATE_CHOICES
+from fedmerge.checkpoints.methods import MERGE_METHODS, NO_SCALING, flags, params_from_flags
+from fedmerge.checkpoints.trainer_state import SOURCES
 from fedmerge.merging import Method, Param
+from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY, NORMALIZE_BY
+from fedmerge.merging.scale import CONVENTIONS
 from fedmerge.options import boolean
 
-DESCRIPTION = """\
+
+def _convention(name: str) -> str | None:
+    """The scale of method ``name``'s --scaling λ (:data:`fedmerge.merging.scale.CONVENTIONS`); None: refused."""
+    return None if name in NO_SCALING else MERGE_METHODS[name].scale
+
+
+def _scale_lines() -> str:
+    """--scaling's conventions and their methods, for ``--help``."""
+    by = {key: ", ".join(name for name in MERGE_METHODS if _convention(name) == key) for key in ("sum", "mean", None)}
+    indent = " " * 19
+    return (f"{indent}{CONVENTIONS['sum']} (β = λ·T):\n{indent}  {by['sum']}\n"
+            f"{indent}{CONVENTIONS['mean']} (β = λ; mergekit's λ too):\n{indent}  {by['mean']}\n"
+            f"{indent}ambiguous, refused (give --server-lr): {by[None]}\n")
+
+
+DESCRIPTION = f"""\
 Merge fine-tuned checkpoints θ_1..θ_T of one base θ into a new checkpoint, tensor by tensor, in a few
 tensors' worth of memory. Each method computes a mean-scale update Δ from the task vectors τ_t = θ_t − θ
 (for fedavg and task-arithmetic Δ = Σ_t p_t τ_t, the mean) and writes θ + β·Δ.
 
-Scale conventions (give at most one; neither means β = 1, the plain mean of the task vectors):
-  --scaling λ    Task Arithmetic's λ: θ + λ·Σ_t τ_t. Converted as β = λ·T.
-  --server-lr β  the server learning rate of federated learning, on the mean-scale Δ.
-So Task Arithmetic with λ = 0.3 over 3 models is --scaling 0.3, or equally --server-lr 0.9.
+Scale (give at most one; neither means β = 1, θ + Δ):
+  --scaling λ    the method's own λ, as its paper means it:
+{_scale_lines()}  --server-lr β  the server learning rate of federated learning, on the mean-scale Δ: θ + β·Δ.
+The β applied, and why, is printed on standard error and recorded in the output's metadata. Task
+Arithmetic with λ = 0.3 over 3 models is --scaling 0.3, or --server-lr 0.9; TIES with λ = 1 (its paper's
+and mergekit's default) is --method ties --scaling 1, or the default β = 1.
 
 Inputs: .safetensors files, Hugging Face model directories (sharded safetensors with their index), or
 PyTorch .bin/.pt files (loaded with torch.load(weights_only=True); nothing else is ever unpickled).
@@ -29,8 +48,9 @@ adapter_model.safetensors): it is merged as θ_t = θ + ΔW, ΔW = (lora_alpha/r
 the output is always a full checkpoint. An adapter of another base, or one that is more than B·A (DoRA,
 trained biases, modules_to_save), is refused, naming the adapter and the tensor.
 FedNova's a_t: --steps or --lr-sums; given neither, each model's trainer_state.json (written by
-Hugging Face's Trainer beside it) gives its global_step, or with --trainer-state lr-sum its summed
-learning rates.
+Hugging Face's Trainer beside it) gives them, by the normaliser --trainer-state names, else by FedNova's
+default, {DEFAULT_NORMALIZE_BY} ({SOURCES[DEFAULT_NORMALIZE_BY]}). Which a_t were used, and from
+where, is printed on standard error and recorded in the output's metadata.
 A model holding NaN or infinite values is refused, naming its file and tensor, and nothing is written;
 --skip-nonfinite leaves such models out instead. A model of weight 0 (--weights) is left out unread.
 
@@ -45,10 +65,10 @@ examples:
   fedmerge merge --base base.safetensors --models a.safetensors b.safetensors --method median --out m.safetensors
   fedmerge merge --base B --models A1 A2 A3 --method fednova --lr-sums 0.5 1.0 2.0 --out merged
   fedmerge merge --base llama --models lora-math lora-code --scaling 0.5 --out merged
-  fedmerge merge --base B --models run1/checkpoint-500 run2/checkpoint-900 --method fednova --trainer-state lr-sum --out merged
+  fedmerge merge --base B --models run1/checkpoint-500 run2/checkpoint-900 --method fednova --trainer-state steps --out merged
   fedmerge merge --base B --models A1 A2 A3 --method cclip --rho 12.5 --out merged
   fedmerge merge --base B --models A1 A2 A3 --method median --device cuda --out merged
-  fedmerge merge --base B --models A1 A2 A3 --method ties --density 0.2 --out merged
+  fedmerge merge --base B --models A1 A2 A3 --method ties --density 0.2 --scaling 1 --out merged
   fedmerge merge --base B --models A1 A2 A3 --method dare-ties --density 0.3 --seed 1 --out merged
 """
 
@@ -87,7 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--method", choices=MERGE_METHODS, default="task-arithmetic", metavar="METHOD",
                       help="the merging rule, one of the methods listed below (default: %(default)s)")
     scale = rule.add_mutually_exclusive_group()
-    scale.add_argument("--scaling", type=float, metavar="λ", help="Task Arithmetic's λ: θ + λ·Σ_t τ_t (β = λ·T)")
+    scale.add_argument("--scaling", type=float, metavar="λ",
+                       help="the method's own λ (above, and in the list of methods): θ + λ·Σ_t τ_t (β = λ·T) or θ + λ·Δ "
+                       f"(β = λ); refused where it is ambiguous ({', '.join(NO_SCALING)})")
     scale.add_argument("--server-lr", type=float, metavar="β", help="server learning rate β: θ + β·Δ, Δ mean-scale")
     rule.add_argument(
         "--weights", type=float, nargs="+", metavar="W",
@@ -97,18 +119,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, users in flags().items():
         rule.add_argument(flag, dest=_dest(flag), help=_flag_help(users), **_kind(users[0][1]))
     rule.add_argument(
-        "--trainer-state", choices=TRAINER_STATE_CHOICES, metavar="{steps,lr-sum}",
+        "--trainer-state", choices=NORMALIZE_BY, metavar="{" + ",".join(NORMALIZE_BY) + "}",
         help="fednova: read each a_t from the model directory's trainer_state.json (Hugging Face Trainer): its "
-        "global_step (steps; what fednova does when neither --steps nor --lr-sums is given) or the sum of its "
-        "logged learning rates, interpolated between logging steps (lr-sum)",
+        "global_step (steps) or the sum of its logged learning rates, interpolated between logging steps (lr-sum); "
+        f"given neither this nor --steps or --lr-sums, fednova reads {DEFAULT_NORMALIZE_BY}, its default normaliser",
     )
     parser.set_defaults(handler=run)
 
 
 def _methods() -> str:
-    """The methods, one line each, for the end of ``--help``."""
+    """The methods, one line each with what its --scaling λ multiplies, for the end of ``--help``."""
     width = max(map(len, MERGE_METHODS)) + 2
-    return "methods:\n" + "".join(f"  {name:<{width}}{m.summary}\n" for name, m in MERGE_METHODS.items()) + "\n"
+    labels = {"sum": "λ·Σ_t τ_t", "mean": "λ·Δ", None: "--server-lr only"}
+    tags = {name: f"[{labels[_convention(name)]}]" for name in MERGE_METHODS}
+    room = max(map(len, tags.values())) + 1
+    return ("methods, [what --scaling λ multiplies]:\n" + "".join(
+        f"  {name:<{width}}{tags[name]:<{room}}{m.summary}\n" for name, m in MERGE_METHODS.items()) + "\n")
 
 
 def _dest(flag: str) -> str:
@@ -155,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             **params_from_flags(args.method, {flag: getattr(args, _dest(flag)) for flag in flags()}),
             max_shard_size=args.max_shard_size, skip_nonfinite=args.skip_nonfinite, force=args.force,
             progress=not args.quiet, device=args.device, trainer_state=args.trainer_state,
+            note=lambda line: print(f"fedmerge: {line}", file=sys.stderr),
         )
     left_out = 0
     for warning in caught:

@@ -34,18 +34,13 @@ from fedmerge.files import staged
 from fedmerge.merging import Rule, iter_merged_model
 from fedmerge.threads import single_threaded
 from fedmerge.checkpoints.adapters import is_adapter, open_model
-from fedmerge.checkpoints.methods import build_rule, per_model_params, resolve_server_lr
+from fedmerge.checkpoints.methods import Scale, build_rule, per_model_params, resolve_scale
 from fedmerge.checkpoints.progress import MergeProgress
-from fedmerge.checkpoints.trainer_state import effective_steps
+from fedmerge.checkpoints.trainer_state import fednova_params
 from fedmerge.checkpoints.reader import Checkpoint
-from fedmerge.checkpoints.validate import check_compatible
+from fedmerge.checkpoints.validate import check_compatible, finite, non_finite
 from fedmerge.checkpoints.writer import (
     Shard, check_output, copy_side_files, parse_size, plan_shards, write_index, write_shard,
-)
-
-CONVENTION = (
-    "merged = base + server_lr * delta, delta the rule's mean-scale update (FedAvg: the mean task vector); "
-    "Task Arithmetic's scaling lambda = server_lr / T"
 )
 
 
@@ -61,24 +56,20 @@ class _NonFinite(Exception):
         self.model, self.name = model, name
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
-
-
 def _watch(merged: Iterator, base: Mapping, models: Sequence[Mapping], squared_norms: np.ndarray) -> Iterator:
     """Yield the merged tensors; raise :class:`_NonFinite` as soon as a model's ‖τ_t‖² is non-finite and the
     tensor just merged confirms it (of the base first, then of the model)."""
     for name, tensor in merged:
         for t in np.flatnonzero(~np.isfinite(squared_norms)):
-            if not _finite(base[name]):
+            if not finite(base[name]):
                 raise _NonFinite(None, name)
-            if not _finite(models[t][name]):
+            if not finite(models[t][name]):
                 raise _NonFinite(int(t), name)
             squared_norms[t] = 0.0  # the norm overflowed; the values are finite: keep watching
         yield name, tensor
 
 
-def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Sequence, left_out: Sequence,
+def _record(method: str, rule: Rule, weights, scale: Scale, base, models: Sequence, left_out: Sequence,
             device: torch.device) -> dict:
     """What the output's metadata says about how it was made (read after the rule's first pass)."""
     return {
@@ -86,9 +77,8 @@ def _record(method: str, rule: Rule, weights, server_lr: float, base, models: Se
         "method": method,
         "rule": rule.params(),
         "weights": None if weights is None else [float(w) for w in weights],
-        "server_lr": server_lr,
-        "scaling": server_lr / len(models),
-        "convention": CONVENTION,
+        **scale.record(),
+        "convention": "merged = base + server_lr * delta, delta the rule's mean-scale update",
         "base": str(base),
         "models": [str(m) for m in models],
         "left_out": list(left_out),
@@ -111,6 +101,7 @@ def merge_checkpoints(
     progress: bool = False,
     device: str | torch.device = "cpu",
     trainer_state: str | None = None,
+    note: Callable[[str], None] | None = None,
     **params,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base into a new checkpoint at ``out``.
@@ -124,23 +115,28 @@ def merge_checkpoints(
     out : a directory (Hugging Face layout, the base's config and tokenizer files copied) or, if it ends in
         ``.safetensors``, a single file.
     method : "task-arithmetic" or any of :data:`fedmerge.merging.METHODS` ("fedavg", "fednova", "fedgma", "median",
-        "cclip", "ties", "dare-linear", "dare-ties").
-    scaling : Task Arithmetic's λ: merged = θ + λ·Σ_t τ_t for FedAvg. Exclusive with ``server_lr``.
-    server_lr : β: merged = θ + β·Δ, Δ the rule's mean-scale update; β = λ·T. Neither given: β = 1.
+        "cclip", "ties", "dare-linear", "dare-ties", "mean-direction").
+    scaling : the method's own λ, as its paper means it (:class:`~fedmerge.merging.Method` ``scale``): θ + λ·Σ_t τ_t
+        (Task Arithmetic's convention: β = λ·T) or θ + λ·Δ (TIES's: β = λ); refused where that λ is ambiguous
+        (median, cclip: :data:`~fedmerge.checkpoints.methods.NO_SCALING`). Exclusive with ``server_lr``.
+    server_lr : β: merged = θ + β·Δ, Δ the rule's mean-scale update. Neither given: β = 1.
     weights : per-model weights p_t (normalised to sum 1) for the weighted methods. A model of weight 0 is left
         out (never read).
     max_shard_size : bytes (int) or a size like "5GB" per output shard; default: the base's sharding.
     skip_nonfinite : leave out the models holding NaN or ±inf (each with a :class:`ModelLeftOut` warning,
-        and listed under ``left_out`` in the output's metadata) instead of refusing them; λ then counts
-        the models merged (β = λ·T).
+        and listed under ``left_out`` in the output's metadata) instead of refusing them; a λ of Task
+        Arithmetic's convention then counts the models merged (β = λ·T).
     force : replace an existing ``out``.
     progress : show progress bars (on a terminal).
     device : where the arithmetic runs: "cpu" (default), "cuda" (or "cuda:N"; tensors are read on the CPU,
         merged on the GPU and written from the CPU; results equal the CPU's within float rounding) or "auto"
         (cuda when ``torch.cuda.is_available()``). Recorded in the output's metadata.
     trainer_state : fednova only: read each a_t from the model directory's ``trainer_state.json``, its
-        ``global_step`` ("steps", also what fednova does when no ``steps`` or ``lr_sums`` is given) or
-        its logged learning rates summed ("lr-sum"); see :mod:`fedmerge.checkpoints.trainer_state`.
+        ``global_step`` ("steps") or its logged learning rates summed ("lr-sum"). Given neither this nor ``steps``
+        or ``lr_sums``, a_t is read from it by FedNova's default normaliser
+        (:data:`fedmerge.merging.fednova.DEFAULT_NORMALIZE_BY`); see :mod:`fedmerge.checkpoints.trainer_state`.
+    note : called, once the output is written, with one line saying which β was applied and why (and, for
+        fednova, which a_t and where they came from); ``fedmerge merge`` prints them on standard error.
 
     **params : the method's parameters, named as in its record (:func:`fedmerge.merging.find_method`), e.g.
         ``threshold=0.3`` (fedgma), ``radius=12.5`` (cclip), ``density=0.2`` (ties, dare-*), ``steps=[...]`` or
@@ -150,15 +146,15 @@ def merge_checkpoints(
     (non-finite values included, unless ``skip_nonfinite``); nothing is left at ``out`` if the merge fails.
     """
     out, models = Path(out), list(models)
-    a_from = None
+    steps = None
     if method == "fednova":
-        params, a_from = effective_steps(models, params, trainer_state)
+        params, steps = fednova_params(models, params, trainer_state)
     elif trainer_state is not None:
         raise FedmergeError(f"trainer_state (--trainer-state) is only used by method 'fednova', not {method!r}; drop it.")
     options = dict(params, weights=weights)
     per_model = ["weights", *per_model_params(method)]
     build_rule(method, len(models), **options)  # every option checked before any file is read
-    resolve_server_lr(len(models), scaling, server_lr)
+    resolve_scale(method, len(models), scaling, server_lr)
     device = resolve_device(device)
     if out.name.endswith(".safetensors") and max_shard_size is not None:
         raise FedmergeError(f"the output {out} is a single file; drop max_shard_size or give a directory.")
@@ -186,24 +182,28 @@ def merge_checkpoints(
             chosen = {key: _pick(options.get(key), kept) for key in per_model}
             rule = build_rule(method, len(kept), **{**options, **chosen})
             merged = [t for i, t in enumerate(kept) if not chosen["weights"] or chosen["weights"][i] != 0]
-            beta = resolve_server_lr(len(merged), scaling, server_lr)
+            scale = resolve_scale(method, len(merged), scaling, server_lr)
 
             def record() -> dict:  # called after the rule's first pass
-                made = _record(method, rule, chosen["weights"], beta, base, _pick(models, merged), left_out, device)
-                return made if a_from is None else {**made, "effective_steps_from": a_from}
+                made = _record(method, rule, chosen["weights"], scale, base, _pick(models, merged), left_out, device)
+                return made if steps is None else {**made, **steps.record()}
 
             try:
-                _write(out, shards, source, _pick(finetuned, kept), rule, beta, record, force, progress, device)
+                _write(out, shards, source, _pick(finetuned, kept), rule, scale.server_lr, record, force, progress,
+                       device)
+                if note is not None:
+                    note(str(scale))
+                    if steps is not None:
+                        note(str(steps))
                 return out
             except _NonFinite as bad:
                 culprit = source if bad.model is None else finetuned[kept[bad.model]]
-                where = f"{culprit.specs[bad.name].file}: tensor {bad.name!r}"
                 if bad.model is None:
-                    raise FedmergeError(f"{where} of the base holds NaN or infinite values; nothing was written.") from None
+                    raise FedmergeError(f"{non_finite(culprit, bad.name, 'the base')}; nothing was written.") from None
                 if not skip_nonfinite:
                     raise FedmergeError(
-                        f"{where} holds NaN or infinite values; nothing was written. Repair or drop that model, or "
-                        "pass --skip-nonfinite (skip_nonfinite=True) to leave such models out."
+                        f"{non_finite(culprit, bad.name)}; nothing was written. Repair or drop that model, or pass "
+                        "--skip-nonfinite (skip_nonfinite=True) to leave such models out."
                     ) from None
                 model = models[kept.pop(bad.model)]
                 left_out.append({"model": str(model), "reason": f"non-finite values in tensor {bad.name!r}"})

@@ -4,6 +4,9 @@ method's parameters taken by the flags its record names, plus ``task-arithmetic`
 ``task-arithmetic`` and ``fedavg`` are the same rule (Δ = Σ_t p_t τ_t); Task Arithmetic is uniform and is
 usually given its scaling λ, FedAvg may weight the models. Options a method does not use are refused
 rather than ignored, and everything is checked against the number of models before any file is read.
+
+``--scaling λ`` is each method's own λ (:meth:`~fedmerge.merging.Method.server_lr`), refused for the methods
+whose λ is ambiguous (:data:`NO_SCALING`); :func:`resolve_scale` gives the β applied and says why.
 """
 
 import dataclasses
@@ -12,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging import METHODS, Method, Param, Rule, client_weights, find_method, scaling_to_server_lr
+from fedmerge.merging import METHODS, Method, Param, Rule, client_weights, find_method
+from fedmerge.merging.scale import CONVENTIONS
 
 TASK_ARITHMETIC = dataclasses.replace(
     METHODS["fedavg"], name="task-arithmetic", weighted=False,
@@ -78,16 +82,62 @@ def per_model_params(method: str) -> list[str]:
     return [name for name, p in merge_method(method).scoped("merge").items() if p.per_model]
 
 
-def resolve_server_lr(num_models: int, scaling: float | None = None, server_lr: float | None = None) -> float:
-    """β, the server learning rate: given, or from Task Arithmetic's λ as β = λ·T; 1 (the mean) if neither."""
+NO_SCALING = {
+    "median": "its paper (Yin et al. 2018) defines no λ, and the median of two models is their mean",
+    "cclip": "its paper (Karimireddy et al. 2021) defines no λ, and with a radius above every ‖τ_t‖ it is the mean",
+}
+"""The methods whose own λ is ambiguous, and why: ``--scaling`` is refused for them (give ``--server-lr``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """The server learning rate β of a merge over ``num_models`` models, and how it was given: ``scaling`` (the
+    method's own λ), ``server_lr`` or ``default`` (β = 1)."""
+
+    method: Method
+    num_models: int
+    server_lr: float
+    given: str
+
+    @property
+    def scaling(self) -> float | None:
+        """The method's own λ of β; None where that λ is ambiguous (:data:`NO_SCALING`)."""
+        return None if self.method.name in NO_SCALING else self.method.scaling(self.server_lr, self.num_models)
+
+    @property
+    def convention(self) -> str:
+        """What the method's own λ multiplies, in words."""
+        return "none (ambiguous; see server_lr)" if self.scaling is None else CONVENTIONS[self.method.scale]
+
+    def record(self) -> dict:
+        """The fields of a merge's metadata."""
+        return {"server_lr": self.server_lr, "server_lr_from": self.given, "scaling": self.scaling,
+                "scale": None if self.scaling is None else self.method.scale, "scaling_convention": self.convention}
+
+    def __str__(self) -> str:
+        name, beta, scaling = self.method.name, self.server_lr, self.scaling
+        if self.given == "scaling":
+            product = f"λ·T = {beta:g} (T = {self.num_models})" if self.method.scale == "sum" else f"λ = {beta:g}"
+            return f"{name}: λ = {scaling:g} ({self.convention}) → β = {product}"
+        how = "--server-lr" if self.given == "server_lr" else "the default: neither --scaling nor --server-lr"
+        own = "" if scaling is None else f"; λ = {scaling:g} ({self.convention})"
+        return f"{name}: β = {beta:g} ({how}; θ + β·Δ, Δ the rule's mean-scale update){own}"
+
+
+def resolve_scale(method: str, num_models: int, scaling: float | None = None, server_lr: float | None = None) -> Scale:
+    """β: from the method's own λ (``scaling``; :meth:`Method.server_lr`), or given, or 1 (θ + Δ) if neither."""
+    record = merge_method(method)
     if scaling is not None and server_lr is not None:
+        raise FedmergeError("give scaling λ (--scaling) or server_lr β (--server-lr), not both.")
+    if scaling is not None and method in NO_SCALING:
         raise FedmergeError(
-            f"give scaling λ (--scaling) or server_lr β (--server-lr), not both: β = λ·T = {scaling} × {num_models}."
+            f"scaling λ (--scaling) is ambiguous for method {method!r}: {NO_SCALING[method]}, so Task Arithmetic's λ "
+            f"(θ + λ·Σ_t τ_t, β = λ·T) and TIES's (θ + λ·Δ, β = λ) both fit it. "
+            "Give the server learning rate instead: --server-lr β (server_lr=β) merges θ + β·Δ, β = 1 adding the "
+            "method's update itself."
         )
-    if scaling is not None:
-        beta = scaling_to_server_lr(scaling, num_models)
-    else:
-        beta = 1.0 if server_lr is None else server_lr
+    given = "scaling" if scaling is not None else "server_lr" if server_lr is not None else "default"
+    beta = record.server_lr(scaling, num_models) if scaling is not None else 1.0 if server_lr is None else server_lr
     if not math.isfinite(beta) or beta == 0:
         raise FedmergeError(f"the server learning rate β must be a finite non-zero number, got {beta!r}.")
-    return float(beta)
+    return Scale(record, num_models, float(beta), given)

@@ -1,6 +1,7 @@
-"""FedNova's a_t from each model's ``trainer_state.json`` (what Hugging Face's Trainer saves beside a model).
+"""FedNova's a_t of checkpoints: given, or read from each model's ``trainer_state.json`` (what Hugging Face's Trainer
+saves beside a model).
 
-Two readings, chosen by ``trainer_state`` (``fedmerge merge --trainer-state``):
+Two readings, one per normaliser (:data:`fedmerge.merging.fednova.NORMALIZE_BY`):
 
 - ``steps``: a_t = ``global_step``, the optimizer steps the model was trained for (with gradient accumulation,
   one per accumulated batch).
@@ -13,10 +14,13 @@ Two readings, chosen by ``trainer_state`` (``fedmerge merge --trainer-state``):
   trapezoid rule for others. (transformers 4.x logged the rate after the scheduler's step, the next step's:
   a shift of one step.)
 
-Values given by the caller (``steps`` or ``lr_sums``; ``--steps``, ``--lr-sums``)
-win: trainer_state.json is read only when none is given, and then as ``steps`` unless ``lr-sum`` is asked for.
+One rule gives a_t for ``fedmerge merge`` and ``fedmerge evaluate`` (:func:`effective_steps`): by the normaliser asked
+for, else by the one whose values are given, else by FedNova's default
+(:data:`fedmerge.merging.fednova.DEFAULT_NORMALIZE_BY`); its values as given, else read from every model's
+trainer_state.json; else refused, naming the model and the ways to give them. Never a silent a_t = 1.
 """
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -26,11 +30,33 @@ import numpy as np
 
 from fedmerge.checkpoints.reader import read_json_object
 from fedmerge.errors import FedmergeError
+from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY, NORMALIZE_BY
 
 TRAINER_STATE = "trainer_state.json"
-CHOICES = ("steps", "lr-sum")
-GIVEN = {"steps": "--steps", "lr_sums": "--lr-sums"}
+FLAGS = {"steps": "--steps", "lr-sum": "--lr-sums"}
 SOURCES = {"steps": "trainer_state.json global_step", "lr-sum": "trainer_state.json log_history learning_rate sum"}
+GIVE = "give --steps (local step counts) or --lr-sums (sums of learning rates), one value per model"
+"""The ways to give a_t that every command has; a refusal ends with its command's (``ways``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectiveSteps:
+    """FedNova's a_t of every model: by ``normalize_by``, chosen for ``reason``; ``values`` from ``source`` (a flag
+    or the trainer_state.json field read)."""
+
+    normalize_by: str
+    values: list[float]
+    source: str
+    reason: str
+
+    def record(self) -> dict:
+        """Where a_t came from, for results and merge metadata (the values are the rule's)."""
+        return {"normalize_by": self.normalize_by, "normalize_by_reason": self.reason,
+                "effective_steps_from": self.source}
+
+    def __str__(self) -> str:
+        values = ", ".join(f"{a:g}" for a in self.values)
+        return f"fednova: a_t by {self.normalize_by} ({self.reason}) from {self.source}: {values}"
 
 
 def state_file(model: str | os.PathLike) -> Path | None:
@@ -43,19 +69,20 @@ def read_state(path: Path) -> dict:
     return read_json_object(path, "Hugging Face trainer state")
 
 
-def global_step(state: dict, path: Path) -> int:
-    """The state's ``global_step``: a positive integer, else :class:`FedmergeError` naming the file."""
+def global_step(state: dict, path: Path, ways: str = GIVE) -> int:
+    """The state's ``global_step``: a positive integer, else :class:`FedmergeError` naming the file (then ``ways``)."""
     step = state.get("global_step")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 1:
-        raise FedmergeError(f"{path}: global_step is {step!r}, not a positive step count; the model was not trained "
-                            "by this Trainer run, or give FedNova's a_t with --steps or --lr-sums.")
+    number = isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
+    if not number or step != int(step) or step < 1:
+        raise FedmergeError(f"{path}: global_step is {step!r}, not a positive step count (was the model trained by "
+                            f"this Trainer run?); {ways}.")
     return int(step)
 
 
-def lr_sum(state: dict, path: Path) -> float:
+def lr_sum(state: dict, path: Path, ways: str = GIVE) -> float:
     """Σ_{k=1}^{G} η(k) over the ``global_step`` G steps, η the logged learning rates interpolated linearly
     (see the module docstring)."""
-    steps = global_step(state, path)
+    steps = global_step(state, path, ways)
     history = state.get("log_history")
     logged: dict[int, float] = {}
     for entry in history if isinstance(history, list) else []:
@@ -64,47 +91,85 @@ def lr_sum(state: dict, path: Path) -> float:
         step, rate = entry.get("step"), entry["learning_rate"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (step, rate)):
             raise FedmergeError(f"{path}: a log_history entry has step {step!r} and learning_rate {rate!r}, not "
-                                "finite numbers; repair the file or give --lr-sums.")
+                                f"finite numbers; repair the file, or {ways}.")
         logged[int(step)] = float(rate)
     if not logged:
         raise FedmergeError(f"{path}: its log_history holds no learning_rate, so the sum of learning rates is unknown; "
-                            "use --trainer-state steps (its global_step), or give --lr-sums, one value per model.")
+                            f"{ways}.")
     points = sorted(logged.items())
     total = float(np.interp(np.arange(1, steps + 1), [s for s, _ in points], [r for _, r in points]).sum())
     if not total > 0:
         raise FedmergeError(f"{path}: the logged learning rates sum to {total} over {steps} steps, not a positive "
-                            "a_t; use --trainer-state steps, or give --steps or --lr-sums.")
+                            f"a_t; {ways}.")
     return total
 
 
-def effective_steps(models: Sequence[str | os.PathLike], params: dict, trainer_state: str | None) -> tuple[dict, str]:
-    """FedNova's parameters with a_t resolved, and where a_t came from (for the output's metadata).
+def effective_steps(
+    models: Sequence[str | os.PathLike],
+    steps: Sequence[float] | None = None,
+    lr_sums: Sequence[float] | None = None,
+    asked: tuple[str, str] | None = None,
+    ways: str = GIVE,
+) -> EffectiveSteps:
+    """FedNova's a_t of ``models``, by the normaliser ``asked`` (its name and who asked), else by the one whose
+    values are given (``steps`` or ``lr_sums``, one per model), else by FedNova's default; its values as given,
+    else read from every model's trainer_state.json.
 
-    ``params`` holding ``steps`` or ``lr_sums`` are returned as they are (given values win);
-    otherwise a_t is read from every model's trainer_state.json, as ``trainer_state`` says (default ``steps``).
-    Raises :class:`FedmergeError` when both are asked for, or when a model has no (usable) trainer state.
+    Raises :class:`FedmergeError` ending with ``ways`` (the caller's ways to give a_t) when the normaliser's values
+    are neither given nor readable: another normaliser's values given, a model without trainer_state.json, or
+    one that does not hold them.
     """
-    if trainer_state is not None and trainer_state not in CHOICES:
-        raise FedmergeError(f"trainer_state (--trainer-state) must be one of {', '.join(CHOICES)}, got {trainer_state!r}.")
-    given = [key for key in GIVEN if params.get(key) not in (None, False)]
-    if given and trainer_state is not None:
-        raise FedmergeError(f"give FedNova's a_t one way: {GIVEN[given[0]]} or --trainer-state {trainer_state}, not "
-                            "both.")
-    if given:
-        return params, given[0]
-    choice = trainer_state or "steps"
-    files = [state_file(model) for model in models]
-    missing = [str(model) for model, file in zip(models, files) if file is None]
+    given = {"steps": steps, "lr-sum": lr_sums}
+    named = [by for by in NORMALIZE_BY if given[by] is not None]
+    if asked is not None:
+        by, reason = asked
+    elif len(named) == 1:
+        by, reason = named[0], f"only {FLAGS[named[0]]} given"
+    else:
+        by, reason = DEFAULT_NORMALIZE_BY, "FedNova's default"
+    if given[by] is not None:
+        return EffectiveSteps(by, [float(a) for a in given[by]], FLAGS[by], reason)
+    if named:
+        raise FedmergeError(f"FedNova's a_t by {by} ({reason}) needs {FLAGS[by]}, but {FLAGS[named[0]]} was given "
+                            f"instead; {ways}.")
+    missing = [str(model) for model in models if state_file(model) is None]
     if missing:
-        lack = f"{missing[0]} has none ({len(missing)} of {len(models)} models lack one)"
-        ways = ("--steps (local step counts) or --lr-sums (sums of learning rates), one value per model (method "
-                "'mean-direction' needs neither)")
-        if trainer_state is not None:
-            raise FedmergeError(f"--trainer-state {choice} reads each model's {TRAINER_STATE}, but {lack}; save the "
-                                f"Trainer's state beside each model (trainer.save_state()), or give {ways}.")
-        raise FedmergeError(f"method 'fednova' needs the models' effective steps a_t: {ways}; given none, each model "
-                            f"directory's {TRAINER_STATE} (Hugging Face Trainer) is read, but {lack}.")
-    states = [(read_state(file), file) for file in files]
-    if choice == "steps":
-        return {**params, "steps": [float(global_step(s, f)) for s, f in states]}, SOURCES[choice]
-    return {**params, "lr_sums": [lr_sum(s, f) for s, f in states]}, SOURCES[choice]
+        raise FedmergeError(f"FedNova needs each model's effective steps a_t: {ways}. Given neither, a_t by {by} "
+                            f"({reason}) is read from each model directory's {TRAINER_STATE} (Hugging Face Trainer; "
+                            f"trainer.save_state() writes it), but {missing[0]} has none ({len(missing)} of "
+                            f"{len(models)} models lack one).")
+    return EffectiveSteps(by, from_trainer_state(models, by, ways), SOURCES[by], reason)
+
+
+def from_trainer_state(models: Sequence[str | os.PathLike], normalize_by: str, ways: str = GIVE) -> list[float] | None:
+    """Every model's a_t by ``normalize_by`` read from its trainer_state.json; None when some model has none. A file
+    that does not hold it is refused, naming the file (then ``ways``)."""
+    files = [state_file(model) for model in models]
+    if None in files:
+        return None
+    read = global_step if normalize_by == "steps" else lr_sum
+    return [float(read(read_state(file), file, ways)) for file in files]
+
+
+MERGE_WAYS = (f"{GIVE}, or choose what each trainer_state.json gives with --trainer-state {'|'.join(NORMALIZE_BY)} "
+              "(method 'mean-direction' needs no a_t)")
+PARAMS = {"steps": "steps", "lr-sum": "lr_sums"}
+"""FedNova's ``fedmerge merge`` parameter holding a_t, by normaliser."""
+
+
+def fednova_params(models: Sequence[str | os.PathLike], params: dict,
+                   trainer_state: str | None) -> tuple[dict, EffectiveSteps]:
+    """``fedmerge merge``'s FedNova parameters with a_t resolved by :func:`effective_steps`, and that a_t.
+
+    ``trainer_state`` (``--trainer-state``) asks for a normaliser read from trainer_state.json: refused beside
+    given values.
+    """
+    if trainer_state is not None and trainer_state not in NORMALIZE_BY:
+        raise FedmergeError(f"trainer_state (--trainer-state) must be one of {', '.join(NORMALIZE_BY)}, got "
+                            f"{trainer_state!r}.")
+    given = [FLAGS[by] for by, key in PARAMS.items() if params.get(key) is not None]
+    if given and trainer_state is not None:
+        raise FedmergeError(f"give FedNova's a_t one way: {given[0]} or --trainer-state {trainer_state}, not both.")
+    asked = None if trainer_state is None else (trainer_state, f"--trainer-state {trainer_state}")
+    steps = effective_steps(models, params.get("steps"), params.get("lr_sums"), asked, MERGE_WAYS)
+    return {**params, PARAMS[steps.normalize_by]: steps.values}, steps

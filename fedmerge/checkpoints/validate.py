@@ -1,9 +1,12 @@
-"""Checks that fine-tuned checkpoints fit their base, all made before anything is merged or written."""
+"""Checks of checkpoints: that fine-tuned ones fit their base (made before anything is merged or written), and that
+a tensor holds finite values (what ``fedmerge merge`` and ``fedmerge evaluate`` refuse, the same way)."""
 
 from collections.abc import Sequence
 
+import torch
+
 from fedmerge.errors import FedmergeError
-from fedmerge.checkpoints.reader import Checkpoint
+from fedmerge.checkpoints.reader import Checkpoint, StoredTensors
 
 ARCHITECTURE_KEYS = ("model_type", "architectures")
 
@@ -65,3 +68,15 @@ def check_compatible(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
         _check_architecture(base, model)
         _check_names(base, model)
         _check_specs(base, model)
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or ±inf (an integer tensor always does)."""
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def non_finite(checkpoint: StoredTensors, name: str, role: str | None = None) -> str:
+    """The start of a refusal of ``checkpoint``'s tensor ``name`` for holding NaN or ±inf, naming its file (and the
+    checkpoint's ``role``, e.g. "the base"); the caller adds what happened and the fix."""
+    of = "" if role is None else f" of {role}"
+    return f"{checkpoint.specs[name].file}: tensor {name!r}{of} holds NaN or infinite values"

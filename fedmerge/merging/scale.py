@@ -12,6 +12,8 @@ paper means (:attr:`fedmerge.merging.method.Method.scale`):
 from fedmerge.errors import FedmergeError
 
 SCALES = ("sum", "mean")
+CONVENTIONS = {"sum": "θ + λ·Σ_t τ_t, Task Arithmetic's convention", "mean": "θ + λ·Δ, TIES's convention"}
+"""What a method's own λ multiplies, by its scale, in words (help, messages, records)."""
 PAPER_GRID = tuple(round(0.05 * k, 2) for k in range(1, 41))
 """The paper's λ candidates, 0.05 to 2.00 (Tao et al. 2025, after Ilharco et al. 2023), in each method's own λ."""
 
