@@ -94,6 +94,18 @@ def write_file(path: Path, data: str | bytes, replace: bool = True) -> Path:
     return Path(path)
 
 
+def write_safetensors(path: Path, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
+    """Save tensors as a safetensors file atomically, with the user's umask (safetensors alone makes it 0600)."""
+    from safetensors.torch import save_file
+
+    with staged(path, replace=True) as staging:
+        staging.touch()  # created as every output is: 0666 less the umask
+        mode = staging.stat().st_mode & 0o777
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, staging, metadata=metadata)
+        os.chmod(staging, mode)
+    return Path(path)
+
+
 def write_tree(target: Path, files: Mapping[str, str | bytes], replace: bool = False) -> Path:
     """Write ``files`` (relative path → text or bytes) as the directory ``target``, atomically."""
     with staged(target, directory=True, replace=replace) as staging:

@@ -319,8 +319,8 @@ def test_scaling_is_each_methods_own_lambda(tmp_path, method):
 def test_scaling_is_refused_where_it_is_ambiguous(tmp_path, capsys, method):
     base_path, paths = save_files(tmp_path, *make_models())
     err = run_failing(tmp_path, capsys, base_path, paths, "--method", method, "--scaling", "1")
-    assert f"fedmerge: error: scaling λ (--scaling) is ambiguous for method {method!r}: its paper" in err
-    assert "Give the server learning rate instead: --server-lr β" in err and "Traceback" not in err
+    assert f"fedmerge: error: --scaling: method {method!r} has no λ of its own: its paper" in err and "--server-lr β" in err
+    assert "Give --server-lr β instead" in err and "Traceback" not in err
     out = merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method=method, server_lr=0.5)
     record = metadata_of(out)
     assert (record["server_lr"], record["scaling"], record["server_lr_from"]) == (0.5, None, "server_lr")

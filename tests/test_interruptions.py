@@ -5,6 +5,7 @@ acts when a given line appears, and checks the exit: prompt, the right code, no 
 it started gone, finished work intact and nothing half-written.
 """
 
+import json
 import os
 import re
 import signal
@@ -82,7 +83,7 @@ def test_ctrl_c_during_a_sweep_exits_130_promptly_keeping_finished_cells(tmp_pat
     assert len(cells) == 1 and (tmp_path / "sweep" / "cells" / cells[0] / "results.json").is_file()
 
 
-def test_a_killed_ray_worker_ends_the_run_with_a_clear_error_and_no_results(tmp_path):
+def test_a_killed_ray_worker_ends_the_run_with_a_clear_error_keeping_the_finished_runs(tmp_path):
     process, log = start(["run", "quadratic", *LONG_RUN, "--out", "results"], tmp_path)
     wait_for_line(process, log, r"fedavg: round 3/3000")
     started = descendants(process.pid)
@@ -91,10 +92,14 @@ def test_a_killed_ray_worker_ends_the_run_with_a_clear_error_and_no_results(tmp_
     os.kill(actors[0], signal.SIGKILL)
     assert wait_for_exit(process, log, within=60) == 2
     output = log.read_text()
-    assert re.search(r"fedmerge: error: (client \d|a client) \(node \d+\) failed: .*No results were computed", output)
+    assert re.search(r"fedmerge: error: (client \d|a client) \(node \d+\) failed: .*Nothing was computed from the "
+                     r"failed round\. The runs that finished are kept in results/", output)
     assert "Traceback" not in output
     assert_all_gone(started)
-    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    (kept,) = (tmp_path / "results").iterdir()  # the one-shot merges finished before the worker was killed
+    results = json.loads((kept / "results.json").read_text())
+    assert results["complete"] is False and "failed" in results["error"]
+    assert all(run["rounds"] == 1 for run in results["runs"]) and results["pending"]
 
 
 def test_a_crash_of_flowers_simulation_runtime_ends_the_run_instead_of_hanging(tmp_path):

@@ -546,6 +546,6 @@ def test_the_one_shot_grid_is_each_methods_own_lambda_and_reaches_the_mean_at_ev
         assert betas == sorted(set(betas)) and min(betas) <= 1.0 <= max(betas), method.name  # β = 1 always tried
         own = {round(scaling, 12) for scaling, _ in grid}
         assert set(PAPER_GRID) <= own, method.name  # the paper's grid in the method's own λ
-        assert all(beta == pytest.approx(method.server_lr(scaling, clients)) for scaling, beta in grid)
+        assert all(beta == pytest.approx(scaling_to_server_lr(scaling, clients, method.scale)) for scaling, beta in grid)
     assert len(search_grid(20, "sum")) == len(PAPER_GRID) and len(search_grid(21, "sum")) > len(PAPER_GRID)
     assert METHODS["ties"].server_lr(1.0, 8) == 1.0 and METHODS["fedavg"].server_lr(0.3, 8) == pytest.approx(2.4)

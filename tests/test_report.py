@@ -444,3 +444,12 @@ def test_the_findings_page_is_atomic_and_follows_the_umask(tmp_path, monkeypatch
     with pytest.raises(OSError):
         write_page([], out, {"total": 1}, tmp_path / "work")
     assert sorted(p.name for p in out.parent.iterdir()) == ["findings", "findings.md"]
+
+
+def test_a_run_that_stopped_before_its_end_is_reported_with_what_is_missing(tmp_path):
+    run = write_run(tmp_path / "run")
+    data = json.loads((run / "results.json").read_text())
+    data.update(complete=False, pending=["cclip-r5"], error="the disk caught fire")
+    (run / "results.json").write_text(json.dumps(data))
+    markdown = (write_report(run) / "report.md").read_text()
+    assert "stopped before its end (the disk caught fire)" in markdown and "these are missing: cclip-r5" in markdown

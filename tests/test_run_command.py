@@ -14,6 +14,7 @@ import ray
 from rich.console import Console
 
 from fedmerge.cli import main
+from fedmerge.errors import FedmergeError
 from fedmerge.simulations.command import left_out, summary_table
 from fedmerge.simulations.progress import ProgressDisplay
 from fedmerge.simulations.results import write_results
@@ -110,7 +111,8 @@ def test_the_results_table_shows_the_baselines_and_lambda_only_on_one_shot_rows(
     assert float(rows[1][5]) == pytest.approx(sum(own) / 2, abs=1e-4)
     runs = rows[2:]
     assert [(row[0].rstrip(" ✗"), row[1]) for row in runs] == [("fedavg", "1"), ("cclip", "1"), ("fedavg", "3"), ("cclip", "3")]
-    assert all(row[2] != "" for row in runs[:2]) and all(row[2] == "" for row in runs[2:])
+    assert runs[0][2] != "" and all(row[2] == "" for row in runs[1:])  # cclip has no λ of its own: β alone
+    assert all(row[3] != "" for row in runs)
 
 
 @pytest.mark.parametrize("shift, marked", [(-1.0, 0), (+1.0, 4)])
@@ -127,13 +129,13 @@ def test_a_run_of_the_same_name_finishing_meanwhile_keeps_its_directory_and_this
 
     when = dt.datetime(2026, 1, 2, 3, 4, 5)
     other = tmp_path / "diverged-client-20260102-030405"
-    real_save = store.save_file
+    real_save = store.write_safetensors
 
-    def save_while_another_run_lands(tensors, path):
+    def save_while_another_run_lands(path, tensors):
         other.mkdir(exist_ok=True)  # the other run renames its directory into place now
-        real_save(tensors, path)
+        real_save(path, tensors)
 
-    monkeypatch.setattr(store, "save_file", save_while_another_run_lands)
+    monkeypatch.setattr(store, "write_safetensors", save_while_another_run_lands)
     mine = write_results(SPEC, {"runs": [], "models": {"m": {"w": torch.zeros(2)}}}, tmp_path, started=when)
     assert mine.name == "diverged-client-20260102-030405-2" and (mine / "models" / "m.safetensors").is_file()
     assert other.is_dir() and not any(other.iterdir())
@@ -156,3 +158,31 @@ def test_results_files_hold_every_rows_fields_whatever_the_first_row_lacks():
     text = _csv([{"task": "a", "accuracy": 0.0}, {"task": "b", "accuracy": 0.5, "normalized_accuracy": 0.8},
                  {"task": "c", "loss": float("nan")}])
     assert text.splitlines() == ["task,accuracy,normalized_accuracy,loss", "a,0.0,,", "b,0.5,0.8,", "c,,,"]
+
+
+def test_a_failure_after_some_runs_finished_keeps_them(tmp_path, monkeypatch):
+    """The one-shot merges and the first multi-round run are written when they finish; a later failure records why
+    and takes nothing along."""
+    from fedmerge.simulations.experiment import Experiment
+    from fedmerge.simulations.runner import run
+    from fedmerge.simulations.sweep import is_complete
+
+    real = Experiment._multi_round
+
+    def second_fails(self, fed, name, *args):
+        if name == "cclip":
+            raise FedmergeError("the disk caught fire")
+        return real(self, fed, name, *args)
+
+    monkeypatch.setattr(Experiment, "_multi_round", second_fails)
+    spec = Spec.from_dict({"name": "partial", "suite": "quadratic", "clients": 2, "strategies": ["fedavg", "cclip"],
+                           "rounds": [1, 2], "training": {"steps": 4, "lr": 0.1}})
+    with pytest.raises(FedmergeError, match=r"the disk caught fire The runs that finished are kept in .*partial"):
+        run(spec, tmp_path, run_dir=tmp_path / "partial", show_progress=False)
+    results = json.loads((tmp_path / "partial" / "results.json").read_text())
+    assert results["complete"] is False and results["error"] == "the disk caught fire"
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [("fedavg", 1), ("cclip", 1), ("fedavg", 2)]
+    assert results["pending"] == ["cclip-r2"]
+    assert sorted(p.name for p in (tmp_path / "partial" / "models").iterdir()) == [
+        "cclip-r1.safetensors", "fedavg-r1.safetensors", "fedavg-r2.safetensors"]
+    assert not is_complete(tmp_path / "partial")  # a sweep runs such a cell again

@@ -6,7 +6,7 @@ import time
 import warnings
 
 from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
-from fedmerge.checkpoints.methods import MERGE_METHODS, NO_SCALING, flags, params_from_flags
+from fedmerge.checkpoints.methods import MERGE_METHODS, flags, params_from_flags
 from fedmerge.checkpoints.trainer_state import SOURCES
 from fedmerge.merging import Method, Param
 from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY, NORMALIZE_BY
@@ -16,7 +16,7 @@ from fedmerge.options import boolean
 
 def _convention(name: str) -> str | None:
     """The scale of method ``name``'s --scaling λ (:data:`fedmerge.merging.scale.CONVENTIONS`); None: refused."""
-    return None if name in NO_SCALING else MERGE_METHODS[name].scale
+    return None if MERGE_METHODS[name].no_lambda else MERGE_METHODS[name].scale
 
 
 def _scale_lines() -> str:
@@ -109,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scale = rule.add_mutually_exclusive_group()
     scale.add_argument("--scaling", type=float, metavar="λ",
                        help="the method's own λ (above, and in the list of methods): θ + λ·Σ_t τ_t (β = λ·T) or θ + λ·Δ "
-                       f"(β = λ); refused where it is ambiguous ({', '.join(NO_SCALING)})")
+                       f"(β = λ); refused where it is ambiguous ({', '.join(n for n, m in MERGE_METHODS.items() if m.no_lambda)})")
     scale.add_argument("--server-lr", type=float, metavar="β", help="server learning rate β: θ + β·Δ, Δ mean-scale")
     rule.add_argument(
         "--weights", type=float, nargs="+", metavar="W",

@@ -118,7 +118,7 @@ def merge_checkpoints(
         "cclip", "ties", "dare-linear", "dare-ties", "mean-direction").
     scaling : the method's own λ, as its paper means it (:class:`~fedmerge.merging.Method` ``scale``): θ + λ·Σ_t τ_t
         (Task Arithmetic's convention: β = λ·T) or θ + λ·Δ (TIES's: β = λ); refused where that λ is ambiguous
-        (median, cclip: :data:`~fedmerge.checkpoints.methods.NO_SCALING`). Exclusive with ``server_lr``.
+        (median, cclip have none: ``Method.no_lambda``). Exclusive with ``server_lr``.
     server_lr : β: merged = θ + β·Δ, Δ the rule's mean-scale update. Neither given: β = 1.
     weights : per-model weights p_t (normalised to sum 1) for the weighted methods. A model of weight 0 is left
         out (never read).

@@ -6,7 +6,7 @@ usually given its scaling λ, FedAvg may weight the models. Options a method doe
 rather than ignored, and everything is checked against the number of models before any file is read.
 
 ``--scaling λ`` is each method's own λ (:meth:`~fedmerge.merging.Method.server_lr`), refused for the methods
-whose λ is ambiguous (:data:`NO_SCALING`); :func:`resolve_scale` gives the β applied and says why.
+that have none (``Method.no_lambda``); :func:`resolve_scale` gives the β applied and says why.
 """
 
 import dataclasses
@@ -82,13 +82,6 @@ def per_model_params(method: str) -> list[str]:
     return [name for name, p in merge_method(method).scoped("merge").items() if p.per_model]
 
 
-NO_SCALING = {
-    "median": "its paper (Yin et al. 2018) defines no λ, and the median of two models is their mean",
-    "cclip": "its paper (Karimireddy et al. 2021) defines no λ, and with a radius above every ‖τ_t‖ it is the mean",
-}
-"""The methods whose own λ is ambiguous, and why: ``--scaling`` is refused for them (give ``--server-lr``)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Scale:
     """The server learning rate β of a merge over ``num_models`` models, and how it was given: ``scaling`` (the
@@ -101,8 +94,8 @@ class Scale:
 
     @property
     def scaling(self) -> float | None:
-        """The method's own λ of β; None where that λ is ambiguous (:data:`NO_SCALING`)."""
-        return None if self.method.name in NO_SCALING else self.method.scaling(self.server_lr, self.num_models)
+        """The method's own λ of β; None for a method without one (``Method.no_lambda``)."""
+        return self.method.scaling(self.server_lr, self.num_models)
 
     @property
     def convention(self) -> str:
@@ -129,15 +122,11 @@ def resolve_scale(method: str, num_models: int, scaling: float | None = None, se
     record = merge_method(method)
     if scaling is not None and server_lr is not None:
         raise FedmergeError("give scaling λ (--scaling) or server_lr β (--server-lr), not both.")
-    if scaling is not None and method in NO_SCALING:
-        raise FedmergeError(
-            f"scaling λ (--scaling) is ambiguous for method {method!r}: {NO_SCALING[method]}, so Task Arithmetic's λ "
-            f"(θ + λ·Σ_t τ_t, β = λ·T) and TIES's (θ + λ·Δ, β = λ) both fit it. "
-            "Give the server learning rate instead: --server-lr β (server_lr=β) merges θ + β·Δ, β = 1 adding the "
-            "method's update itself."
-        )
     given = "scaling" if scaling is not None else "server_lr" if server_lr is not None else "default"
-    beta = record.server_lr(scaling, num_models) if scaling is not None else 1.0 if server_lr is None else server_lr
+    try:
+        beta = record.server_lr(scaling, num_models) if scaling is not None else 1.0 if server_lr is None else server_lr
+    except FedmergeError as error:
+        raise FedmergeError(f"--scaling: {str(error).replace('Give the server learning rate β', 'Give --server-lr β')}") from None
     if not math.isfinite(beta) or beta == 0:
         raise FedmergeError(f"the server learning rate β must be a finite non-zero number, got {beta!r}.")
     return Scale(record, num_models, float(beta), given)

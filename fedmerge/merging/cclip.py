@@ -141,5 +141,6 @@ METHOD = Method(
                                choice(*CENTERS)), scope="strategy"),
     ),
     tuned="radius", grid=radius_grid, scale="mean",
+    no_lambda="its paper (Karimireddy et al. 2021) defines no λ, and with a radius above every ‖τ_t‖ it is the mean",
     make=lambda weights, radius=0.0, iterations=1: CClipRule(radius, iterations, None, weights),
 )

@@ -119,4 +119,5 @@ METHOD = Method(
     params=(Param("even", Option("mean", "with an even number of clients: average the two middle values (mean) or "
                                  "take the lower (lower)", choice(*EVEN_RULES))),),
     weighted=False, scale="mean",
+    no_lambda="its paper (Yin et al. 2018) defines no λ, and the median of two models is their mean",
 )

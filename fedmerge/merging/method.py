@@ -51,6 +51,8 @@ class Method:
     the experiment sets it. ``scale`` says what the method's own λ multiplies (:mod:`fedmerge.merging.scale`):
     ``sum`` (θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T) or ``mean`` (θ0 + λ·Δ, TIES's, β = λ).
     ``linear``: Δ = Σ_t c_t τ_t with the c_t known before any tensor is read (what exact stacked LoRA needs).
+    ``no_lambda`` says why a method has no λ of its own (its paper defines none and both conventions fit it): it is
+    then scaled by β alone, searched over the paper's grid in β (``scale`` "mean").
     """
 
     name: str
@@ -63,18 +65,24 @@ class Method:
     make: Callable[..., Rule] | None = None
     scale: str = "sum"
     linear: bool = False
+    no_lambda: str = ""
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise ValueError(f"method {self.name!r}: scale must be one of {SCALES}, got {self.scale!r}")
 
     def server_lr(self, scaling: float, num_clients: int) -> float:
-        """β of this method's own λ over ``num_clients`` task vectors."""
+        """β of this method's own λ over ``num_clients`` task vectors (refused for a method without one)."""
+        if self.no_lambda:
+            raise FedmergeError(
+                f"method {self.name!r} has no λ of its own: {self.no_lambda}, so Task Arithmetic's λ (θ + λ·Σ_t τ_t, "
+                "β = λ·T) and TIES's (θ + λ·Δ, β = λ) both fit it. Give the server learning rate β instead (θ + β·Δ, "
+                "β = 1 adding the method's update itself).")
         return scaling_to_server_lr(scaling, num_clients, self.scale)
 
-    def scaling(self, server_lr: float, num_clients: int) -> float:
-        """This method's own λ of the server learning rate β."""
-        return server_lr_to_scaling(server_lr, num_clients, self.scale)
+    def scaling(self, server_lr: float, num_clients: int) -> float | None:
+        """This method's own λ of the server learning rate β; None for a method without one."""
+        return None if self.no_lambda else server_lr_to_scaling(server_lr, num_clients, self.scale)
 
     def scoped(self, scope: str) -> dict[str, Param]:
         """The parameters of ``scope`` (``strategy`` or ``merge``), those of scope ``both`` included."""

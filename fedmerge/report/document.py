@@ -205,8 +205,8 @@ def task_table(collection: Collection) -> Table | None:
 
 
 def warnings(collection: Collection) -> list[str]:
-    """What a reader must know before trusting the numbers: repeated seeds left out, diverged runs, and clients
-    whose own model is no better than θ0 (normalized accuracy divides by it)."""
+    """What a reader must know before trusting the numbers: repeated seeds left out, runs that stopped before their
+    end, diverged runs, and clients whose own model is no better than θ0 (normalized accuracy divides by it)."""
     lines = []
     for left, kept in collection.repeats:
         same = [e["final"] for e in left.data["runs"]] == [e["final"] for e in kept.data["runs"]]
@@ -216,6 +216,10 @@ def warnings(collection: Collection) -> list[str]:
     for group in collection.groups:
         for run in sorted(group.runs, key=lambda r: r.seed):
             where = f"{group.label}, seed {run.seed}"
+            if run.data.get("complete") is False:
+                pending = ", ".join(run.data.get("pending", [])) or "nothing listed"
+                lines.append(f"{where}: {run.path} stopped before its end ({run.data.get('error', 'no reason recorded')}); "
+                             f"its finished runs are reported, these are missing: {pending}.")
             for entry in run.data["runs"]:
                 if entry["final"].get("diverged"):
                     lines.append(f"{where}: {entry['strategy']} ({entry['rounds']} round(s)) diverged on "

@@ -128,7 +128,7 @@ def weak_clients(data: dict) -> list[dict]:
 def tuned(entry: dict, spec: dict) -> dict:
     """A strategy run's rule parameters → (value, how): ``validation`` when the one-shot search chose it, ``given``
     when the spec sets it (and it was kept)."""
-    searched = [key for key in entry.get("searched", {}) if key != "scaling"]
+    searched = [key for key in entry.get("searched", {}) if key not in ("scaling", "server_lr")]
     selected = entry.get("selected", {})
     out = {key: (selected.get(key), "validation") for key in searched}
     given = spec.get("strategy", {}).get(entry["strategy"], {})

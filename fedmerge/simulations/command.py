@@ -163,19 +163,20 @@ def notes(results: dict) -> list[str]:
     lines = []
     if any(run["rounds"] == 1 for run in results["runs"]):
         lines.append("λ is each method's own: (Σ) θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T; (Δ) θ0 + λ·Δ, "
-                     "TIES's convention, β = λ. One-shot λ and the starred tuned values were chosen on validation.")
+                     "TIES's convention, β = λ; none for median and cclip, scaled by β alone. One-shot λ (β) and the "
+                     "starred tuned values were chosen on validation.")
     tensors = results.get("tensors")
     if tensors and (tensors["private"] or tensors["statistics"]):
         lines.append(f"the rules merged the {tensors['shared']} shared tensors; the {tensors['private']} private tensors "
                      "(each client's own head) stay as their client trained them"
                      + (f"; {tensors['statistics']} BatchNorm statistics: {STATISTICS_NOTES[results['statistics']]}"
                         if tensors["statistics"] else "") + ".")
-    edges = [f"{run['strategy']} (λ = {run['selected']['scaling']:g}, the {edge} tried)" for run in results["runs"]
-             for grid in [run.get("searched", {}).get("scaling")] if grid and len(grid) > 1
-             for edge in ["smallest" if run["selected"]["scaling"] == min(grid) else
-                          "largest" if run["selected"]["scaling"] == max(grid) else None] if edge]
+    edges = [f"{run['strategy']} (β = {run['selected']['server_lr']:g}, the {edge} tried)" for run in results["runs"]
+             for grid in [run.get("searched", {}).get("server_lr")] if grid and len(grid) > 1
+             for edge in ["smallest" if run["selected"]["server_lr"] == min(grid) else
+                          "largest" if run["selected"]["server_lr"] == max(grid) else None] if edge]
     if edges:
-        lines.append("chosen at the edge of the searched grid: " + ", ".join(edges) + "; the best λ may lie beyond it "
+        lines.append("chosen at the edge of the searched grid: " + ", ".join(edges) + "; the best may lie beyond it "
                      "(select = false with server.server_lr = β tries any β).")
     if results.get("lora"):
         lines.append(f"LoRA adapters aggregated as {results['lora']!r} (server.lora).")

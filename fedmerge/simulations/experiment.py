@@ -52,13 +52,18 @@ class Experiment:
     all that can run (``fedmerge evaluate``).
 
     ``progress`` is called with a short message after each client's reply, merge and round; setting
-    ``stop`` ends the run promptly (:class:`~fedmerge.simulations.watched_grid.RunStopped`).
+    ``stop`` ends the run promptly (:class:`~fedmerge.simulations.watched_grid.RunStopped`). ``on_partial(results,
+    pending)`` is called with the results so far after the one-shot merges and after each multi-round run but the
+    last (``pending`` names the runs still to come), so that they can be written before the rest runs; it may take
+    the final models out of ``results["models"]``.
     """
 
     def __init__(self, spec: Spec, grid: Grid | None, progress: Progress | None = None, timeout: float = 3600.0,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 on_partial: Callable[[dict, list[str]], None] | None = None) -> None:
         self.spec = spec
         self.progress = progress or (lambda message: None)
+        self.on_partial = on_partial or (lambda results, pending: None)
         self.stop = stop or threading.Event()
         self.grid = None if grid is None else WatchedGrid(grid, self.stop, on_reply=self._client_done)
         self.timeout = timeout
@@ -80,12 +85,17 @@ class Experiment:
         replies = self._one_shot_replies(base)
         results = self.merge_one_shot(fed, base, replies)
         own_test = _own(fed, results["clients"], "test")
-        for rounds in sorted(r for r in spec.rounds if r > 1):
-            for name in spec.strategies:
-                started = time.perf_counter()
-                run, results["models"][f"{name}-r{rounds}"] = self._multi_round(fed, name, base, rounds, own_test)
-                results["runs"].append(run)
-                self.timings[f"{name}/{rounds}"] = time.perf_counter() - started
+        pending = [f"{name}-r{rounds}" for rounds in sorted(r for r in spec.rounds if r > 1) for name in spec.strategies]
+        for key in list(pending):
+            if results["runs"]:
+                results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+                self.on_partial(results, list(pending))
+            name, rounds = key.rsplit("-r", 1)
+            started = time.perf_counter()
+            run, results["models"][key] = self._multi_round(fed, name, base, int(rounds), own_test)
+            results["runs"].append(run)
+            pending.remove(key)
+            self.timings[f"{name}/{rounds}"] = time.perf_counter() - started
         results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return results
 
@@ -226,6 +236,8 @@ class Experiment:
             candidates = [{method.tuned: spec.strategy_options(name)[method.tuned]} if method.tuned else {}]
         beta = spec.server["server_lr"]
         scales = search_grid(num_clients, method.scale) if spec.select else [(method.scaling(beta, num_clients), beta)]
+        if method.no_lambda:
+            scales = [(None, server_lr) for _, server_lr in scales]  # no λ of its own: β alone
         selection, best = [], None
         for options in candidates:
             strategy = self._strategy(name, server_lr=1.0, **options)
@@ -247,13 +259,14 @@ class Experiment:
         chosen, arrays, record = best
         test = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
         diverged = sum(1 for entry in selection if entry.get("diverged"))
-        self.progress(f"{name}: one-shot merged (λ={chosen['scaling']:g})"
+        self.progress(f"{name}: one-shot merged (β={chosen['server_lr']:g})"
                       + (f"; {diverged} of {len(selection)} candidates gave non-finite outputs" if diverged else ""))
         return {
             "strategy": name,
             "rounds": 1,
             "selected": {**chosen, "scale": method.scale, **({"tuned": method.tuned} if method.tuned else {})},
-            "searched": {"scaling": [s for s, _ in scales] if spec.select else [],
+            "searched": {**({"server_lr": [b for _, b in scales]} if spec.select else {}),
+                         **({"scaling": [s for s, _ in scales]} if spec.select and not method.no_lambda else {}),
                          **({method.tuned: [c[method.tuned] for c in candidates]} if searched else {})},
             "selection": selection,
             "history": [{"round": 1, **test, "aggregation": record.to_dict()}],
@@ -269,6 +282,11 @@ class Experiment:
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             self._check_stopped()
+            record = strategy.record_for(server_round)
+            if server_round and (record is None or not record.client_ids):
+                reasons = "; ".join(e["reason"] for e in record.excluded) if record else "no reply"
+                raise FedmergeError(f"{name}, round {server_round}/{rounds}: no client's update could be merged "
+                                    f"({reasons}); a federation without clients cannot go on.")
             if server_round:
                 arrays = self._with_statistics(arrays, strategy)
             scored["arrays"] = arrays

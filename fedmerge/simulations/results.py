@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import tomli_w
-from safetensors.torch import save_file
 
 from fedmerge.errors import FedmergeError
-from fedmerge.files import TargetAppeared, staged
+from fedmerge.files import TargetAppeared, staged, write_file, write_safetensors
 from fedmerge.simulations.spec import Spec
 
 SUMMARY_COLUMNS = (
@@ -103,44 +102,88 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None) -> Path:
-    """Write a run's directory atomically (staged beside it, then renamed); return its path.
+class ResultsDirectory:
+    """A run's results directory, written as the run goes, so that a later failure never takes finished results along.
 
-    ``run_dir`` names the directory and must not exist yet; by default it is ``out/<name>-<start time>``,
-    with a ``-2``, ``-3``... suffix if a run of the same name started in the same second.
+    The directory appears (atomically, with every file) at the first :meth:`update`; each later update replaces its
+    files one by one atomically, and saves the final models of the runs finished since (each once, then dropped from
+    memory). Until :meth:`update` is called with ``complete=True``, results.json says ``"complete": false`` and
+    lists what is still to come; :meth:`fail` records why a run stopped. ``run_dir`` names the directory and must
+    not exist yet; by default it is ``out/<name>-<start time>``, with ``-2``, ``-3``... if a run of the same name
+    started in the same second.
     """
-    started = started or dt.datetime.now()
-    if run_dir is not None and Path(run_dir).exists():
-        raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
-    results = dict(results)
-    models = results.pop("models", {})
-    document = {
-        "spec": spec.to_dict(),
-        "seed": spec.seed,
-        "started": started.isoformat(timespec="seconds"),
-        "versions": versions(),
-        **results,
-    }
-    files = {
-        "results.json": json.dumps(_finite(document), indent=1, default=float, allow_nan=False),
-        "summary.csv": _csv(summary_rows(results)),
-        "tasks.csv": _csv(task_rows(results)),
-        "rounds.csv": _csv(round_rows(results)),
-        "spec.toml": tomli_w.dumps(spec.to_dict()),
-    }
-    stem = f"{spec.name}-{started:%Y%m%d-%H%M%S}"
-    candidates = [Path(run_dir)] if run_dir is not None else (Path(out) / (stem + (f"-{k}" if k > 1 else "")) for k in itertools.count(1))
-    for candidate in candidates:
-        if candidate.exists():
-            continue
-        try:
-            with staged(candidate, directory=True) as staging:
-                for name, text in files.items():
-                    (staging / name).write_text(text)
-                (staging / "models").mkdir()
-                for name, state in models.items():
-                    save_file({k: v.contiguous() for k, v in state.items()}, staging / "models" / f"{name}.safetensors")
-            return candidate
-        except TargetAppeared:  # a run of the same name finished in the same second: take the next name
-            if run_dir is not None:
-                raise
+
+    def __init__(self, spec: Spec, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None) -> None:
+        self.spec, self.out, self.run_dir = spec, Path(out), None if run_dir is None else Path(run_dir)
+        self.started = started or dt.datetime.now()
+        if self.run_dir is not None and self.run_dir.exists():
+            raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
+        self.path: Path | None = None
+        self.document: dict = {}
+
+    def update(self, results: dict, complete: bool = False, pending: list[str] | None = None) -> Path:
+        """Write what ``results`` holds so far; its ``models`` are saved and removed from it (memory is freed)."""
+        models, results["models"] = results.get("models", {}), {}
+        self.document = {
+            "spec": self.spec.to_dict(), "seed": self.spec.seed, "started": self.started.isoformat(timespec="seconds"),
+            "versions": versions(), "complete": complete, **({} if complete else {"pending": pending or []}),
+            **{key: value for key, value in results.items() if key != "models"},
+        }
+        files = self._files()
+        if self.path is None:
+            self.path = self._create(files, models)
+        else:
+            for name, text in files.items():
+                write_file(self.path / name, text)
+            for name, state in models.items():
+                write_safetensors(self.path / "models" / f"{name}.safetensors", state)
+        return self.path
+
+    def amend(self, **fields) -> Path | None:
+        """Add top-level fields to results.json (once the directory exists; else nothing)."""
+        if self.path is None:
+            return None
+        self.document.update(fields)
+        write_file(self.path / "results.json", _json(self.document))
+        return self.path
+
+    def fail(self, reason: str) -> Path | None:
+        """Record why the run stopped; the directory, if there is one yet, keeps what finished."""
+        return self.amend(complete=False, error=reason) if self.document.get("complete") is not True else self.path
+
+    def _files(self) -> dict[str, str]:
+        return {
+            "results.json": _json(self.document),
+            "summary.csv": _csv(summary_rows(self.document)),
+            "tasks.csv": _csv(task_rows(self.document)),
+            "rounds.csv": _csv(round_rows(self.document)),
+            "spec.toml": tomli_w.dumps(self.spec.to_dict()),
+        }
+
+    def _create(self, files: dict[str, str], models: dict) -> Path:
+        stem = f"{self.spec.name}-{self.started:%Y%m%d-%H%M%S}"
+        candidates = [self.run_dir] if self.run_dir is not None else (
+            self.out / (stem + (f"-{k}" if k > 1 else "")) for k in itertools.count(1))
+        for candidate in candidates:
+            if candidate.exists():
+                continue
+            try:
+                with staged(candidate, directory=True) as staging:
+                    for name, text in files.items():
+                        (staging / name).write_text(text)
+                    (staging / "models").mkdir()
+                    for name, state in models.items():
+                        write_safetensors(staging / "models" / f"{name}.safetensors", state)
+                return candidate
+            except TargetAppeared:  # a run of the same name finished in the same second: take the next name
+                if self.run_dir is not None:
+                    raise
+
+
+def _json(document: dict) -> str:
+    return json.dumps(_finite(document), indent=1, default=float, allow_nan=False)
+
+
+def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None) -> Path:
+    """Write a finished run's directory atomically; return its path (see :class:`ResultsDirectory`)."""
+    return ResultsDirectory(spec, out, started, run_dir).update(dict(results), complete=True)

@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -24,7 +25,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir
 from fedmerge.simulations.experiment import travelling
 from fedmerge.simulations.progress import ProgressDisplay
-from fedmerge.simulations.results import write_results
+from fedmerge.simulations.results import ResultsDirectory
 from fedmerge.simulations.serverapp import server_app
 from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import load_suite
@@ -151,33 +152,45 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def run(spec: Spec, out: Path = Path("results"), run_dir: Path | None = None, show_progress: bool = True) -> Path:
-    """Run ``spec`` and return its results directory (``run_dir``, or a new one under ``out``)."""
-    if run_dir is not None and Path(run_dir).exists():
-        raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
+    """Run ``spec`` and return its results directory (``run_dir``, or a new one under ``out``).
+
+    Results are written as each run finishes: if a later one fails, or the run is interrupted, the directory keeps
+    the finished ones (results.json says ``"complete": false`` and why) and the error says where it is."""
+    results = ResultsDirectory(spec, out, dt.datetime.now(), run_dir)
     check_output_dir(Path(run_dir).parent if run_dir is not None else Path(out), "--out")
-    started_at, started = dt.datetime.now(), time.perf_counter()
+    started = time.perf_counter()
     check_resources(spec)
     check_runnable(spec)
-    collected: dict = {}
     flat = spec.to_flat()
     stop = threading.Event()
     title = f"{spec.name}: {spec.clients} clients on {spec.suite}"
-    with ProgressDisplay(units_of_work(spec), title, show_progress) as display, quiet_flower():
-        try:
-            run_simulation(
-                server_app=server_app(flat, on_results=lambda _, results: collected.update(results),
-                                      progress=display.advance, stop=stop),
-                client_app=client_app(flat),
-                num_supernodes=spec.clients,
-                backend_config=backend_config(spec),
-            )
-        except RuntimeError as error:
-            if not str(error).startswith(FLOWER_CRASHES):
-                raise  # not Flower's runtime: an error of the server's own work, with its traceback
-            raise FedmergeError(f"Flower's simulation runtime failed: {root_cause(error)}") from None
-        finally:
-            stop.set()  # the ServerApp thread stops waiting for replies that will never come
-    if not collected:
+    try:
+        with ProgressDisplay(units_of_work(spec), title, show_progress) as display, quiet_flower():
+            try:
+                run_simulation(
+                    server_app=server_app(flat, store=lambda _: results, progress=display.advance, stop=stop),
+                    client_app=client_app(flat),
+                    num_supernodes=spec.clients,
+                    backend_config=backend_config(spec),
+                )
+            except RuntimeError as error:
+                if not str(error).startswith(FLOWER_CRASHES):
+                    raise  # not Flower's runtime: an error of the server's own work, with its traceback
+                raise FedmergeError(f"Flower's simulation runtime failed: {root_cause(error)}") from None
+            finally:
+                stop.set()  # the ServerApp thread stops waiting for replies that will never come
+    except FedmergeError as error:
+        kept = results.fail(str(error))
+        raise FedmergeError(f"{error}{_kept(kept)}") from None
+    except BaseException as error:
+        if (kept := results.fail(type(error).__name__)) is not None:
+            print(f"fedmerge:{_kept(kept)}", file=sys.stderr)
+        raise
+    if results.document.get("complete") is not True:
         raise FedmergeError("the simulation ended without results and without an error; please report this.")
-    collected.setdefault("timings", {})["total"] = round(time.perf_counter() - started, 3)
-    return write_results(spec, collected, out, started=started_at, run_dir=run_dir)
+    return results.amend(timings={**results.document.get("timings", {}), "total": round(time.perf_counter() - started, 3)})
+
+
+def _kept(path: Path | None) -> str:
+    return "" if path is None else (f" The runs that finished are kept in {path} (its results.json says "
+                                    "\"complete\": false, and why).")

@@ -240,11 +240,11 @@ def cell_dir(sweep_dir: Path, cell: Cell) -> Path:
 
 
 def is_complete(run_dir: Path) -> bool:
-    """A run directory is complete when its results.json parses (the runner writes directories atomically)."""
+    """A run directory is complete when its results.json parses and does not say ``"complete": false`` (a run that
+    stopped keeps its finished runs there, and is run again whole)."""
     try:
-        json.loads((Path(run_dir) / RESULTS).read_text())
-        return True
-    except (OSError, ValueError):
+        return json.loads((Path(run_dir) / RESULTS).read_text()).get("complete", True) is not False
+    except (OSError, ValueError, AttributeError):
         return False
 
 

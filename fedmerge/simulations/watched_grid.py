@@ -77,7 +77,7 @@ class WatchedGrid(Grid):
                 node = reply.metadata.src_node_id
                 if reply.has_error():
                     raise FedmergeError(f"a client (node {node}) failed: {failure_reason(reply)}. "
-                                        "No results were computed from this run.")
+                                        "Nothing was computed from the failed round.")
                 replies.append(reply)
                 self.on_reply(reply)
             if waiting:
@@ -85,6 +85,6 @@ class WatchedGrid(Grid):
         if waiting:
             raise FedmergeError(
                 f"{len(waiting)} of {len(replies) + len(waiting)} clients did not reply within {timeout:g} s; "
-                "no results were computed from this run."
+                "nothing was computed from that round."
             )
         return replies

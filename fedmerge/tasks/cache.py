@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedmerge import __version__
-from fedmerge.files import staged
+from fedmerge.files import write_safetensors
 
 Tensors = dict[str, torch.Tensor]
 
@@ -52,6 +52,5 @@ def load_or_build(kind: str, key: dict, build: Callable[[], Tensors]) -> Tensors
         except (SafetensorError, OSError):
             pass
     tensors = {name: t.detach().contiguous().clone() for name, t in build().items()}
-    with staged(path, replace=True) as staging:
-        save_file(tensors, staging, metadata={"key": json.dumps(key, sort_keys=True), **versions()})
+    write_safetensors(path, tensors, metadata={"key": json.dumps(key, sort_keys=True), **versions()})
     return tensors
