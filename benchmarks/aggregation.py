@@ -1,9 +1,18 @@
-"""Aggregation speed and peak extra memory: fedmerge's five rules beside Flower's FedAvg and FedMedian.
+"""Aggregation speed and peak extra memory: fedmerge's rules beside Flower's FedAvg and FedMedian.
 
 T = 8 clients of a model of about 25M float32 parameters, the same Flower reply Messages for every
 method. Peak extra memory is the highest resident memory seen above the level before the call
-(sampled every millisecond). Run: ``python benchmarks/aggregation.py [--clients 8] [--repeats 3]``.
-The last line is the ratio Flower FedMedian time / fedmerge Median time.
+(sampled every millisecond).
+
+Cores: every method is timed with the same cores, once per core count asked (by default one core, then all
+this process may use). For k cores every thread of this process is pinned to the same k CPUs, torch's
+intra-op threads and numpy's BLAS threads (threadpoolctl) are set to k, and fedmerge's merging driver, which
+reads the cores it may use, runs k worker threads, torch single-threaded in each. Flower's FedAvg and
+FedMedian run numpy element-wise arithmetic and ``np.median``, which use one thread whatever k.
+
+Each fedmerge rule with a Flower counterpart must agree with it (max |difference| ≤ ``RTOL`` · max |value|
+per tensor), else the run fails. Run: ``python benchmarks/aggregation.py [--clients 8] [--repeats 3]
+[--cores 1 2]``. The last lines are the ratios Flower / fedmerge at each core count.
 """
 
 import argparse
@@ -13,9 +22,11 @@ import threading
 import time
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
+from threadpoolctl import threadpool_limits
 
 from fedmerge.strategies import CClip, DareTies, FedAvg, FedGMA, FedNova, Median, Ties
 
@@ -28,6 +39,9 @@ SHAPES = {  # 25.4M parameters, the largest tensor 16.8M
     "head.bias": (100,),
 }
 PAGE = os.sysconf("SC_PAGE_SIZE")
+RTOL = 1e-6
+"""fedmerge and Flower agree when every tensor's max |difference| ≤ RTOL · its max |value|."""
+PAIRS = (("fedmerge FedAvg", "Flower FedAvg"), ("fedmerge Median", "Flower FedMedian"))
 
 
 def rss() -> int:
@@ -58,6 +72,14 @@ class PeakMemory:
         self.extra = self.peak - self.start
 
 
+def use_cores(cpus: list[int]) -> None:
+    """Pin every thread of this process to ``cpus``; torch's intra-op and numpy's BLAS threads to as many."""
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), cpus)
+    torch.set_num_threads(len(cpus))
+    threadpool_limits(len(cpus))
+
+
 def make_replies(num_clients: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     base = {k: rng.standard_normal(s, dtype=np.float32) for k, s in SHAPES.items()}
@@ -79,17 +101,50 @@ def messages(arrays, metrics):
     return out
 
 
+def timed(run, arrays, metrics, repeats: int) -> tuple[float, int, dict]:
+    """(best time in s, peak extra memory in bytes, the merged arrays) of ``run`` on fresh replies."""
+    samples, extra = [], 0
+    for _ in range(repeats):
+        replies = messages(arrays, metrics)
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            result = run(replies)
+            samples.append(time.perf_counter() - start)
+        extra = max(extra, peak.extra)
+    return min(samples), extra, {k: v.numpy() for k, v in result.items()}
+
+
+def agreement(ours: dict, theirs: dict, what: str) -> float:
+    """max |ours − theirs| over every tensor; SystemExit naming the tensor where they differ beyond tolerance."""
+    largest = 0.0
+    for name in SHAPES:
+        difference, bound = float(np.abs(ours[name] - theirs[name]).max()), RTOL * float(np.abs(theirs[name]).max())
+        if not difference <= bound:
+            raise SystemExit(f"{what}: tensor {name!r} differs by {difference:.3e} > {bound:.3e} (rtol {RTOL:g}); "
+                             "they did not compute the same aggregate")
+        largest = max(largest, difference)
+    return largest
+
+
 def main() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cores", type=int, nargs="+", default=sorted({1, len(cpus)}),
+                        help=f"core counts to time every method with (default: 1 and all {len(cpus)})")
     args = parser.parse_args()
+    if not all(1 <= k <= len(cpus) for k in args.cores):
+        raise SystemExit(f"--cores: each count must lie in 1..{len(cpus)}, the cores this process may use.")
 
     base, arrays, metrics = make_replies(args.clients)
     params = sum(int(np.prod(s)) for s in SHAPES.values())
     print(f"{args.clients} clients x {params / 1e6:.1f}M float32 parameters "
           f"(largest tensor {max(int(np.prod(s)) for s in SHAPES.values()) * 4 / 2**20:.0f} MiB, "
           f"model {params * 4 / 2**20:.0f} MiB), best of {args.repeats}")
+    print("k cores: every thread pinned to the same k CPUs, torch.set_num_threads(k), numpy's BLAS threads k; "
+          "fedmerge's merging driver runs k worker threads, torch single-threaded in each; Flower's FedAvg and "
+          "FedMedian run numpy element-wise and np.median, one thread whatever k")
 
     methods = {
         "Flower FedAvg": lambda r: FlowerFedAvg().aggregate_train(1, r)[0],
@@ -102,32 +157,38 @@ def main() -> None:
         "fedmerge TIES": lambda r: Ties().merge_replies(1, r, base)[0],
         "fedmerge DARE-TIES": lambda r: DareTies().merge_replies(1, r, base)[0],
     }
-    times, memory, outputs = {}, {}, {}
-    for name, run in methods.items():
-        samples = []
-        for _ in range(args.repeats):
-            replies = messages(arrays, metrics)
-            with PeakMemory() as peak:
-                start = time.perf_counter()
-                result = run(replies)
-                samples.append(time.perf_counter() - start)
-            memory[name] = max(memory.get(name, 0), peak.extra)
-        outputs[name] = {k: v.numpy() for k, v in result.items()}
-        del result
-        times[name] = min(samples)
+    paired = {name for pair in PAIRS for name in pair}
+    times, memory, differences = {}, dict.fromkeys(methods, 0), {}
+    for k in args.cores:
+        use_cores(cpus[:k])
+        outputs = {}
+        for name, run in methods.items():
+            times[name, k], extra, output = timed(run, arrays, metrics, args.repeats)
+            memory[name] = max(memory[name], extra)
+            if name in paired:
+                outputs[name] = output
+        for ours, theirs in PAIRS:
+            differences[ours, k] = agreement(outputs[ours], outputs[theirs], f"{ours} against {theirs} on {k} cores")
+    use_cores(cpus)
 
-    def max_diff(a, b):
-        return max(float(np.abs(outputs[a][k] - outputs[b][k]).max()) for k in SHAPES)
-
-    print(f"\n{'method':<18} {'time (s)':>9} {'peak extra (MiB)':>17} {'x fedmerge FedAvg':>18}")
+    most = max(args.cores)
+    columns = "".join(f"{f'{k} core' + ('s' if k > 1 else '') + ' (s)':>14}" for k in args.cores)
+    print(f"\n{'method':<18} {columns} {'peak extra (MiB)':>17} {f'x fedmerge FedAvg ({most} cores)':>28}")
     for name in methods:
-        print(f"{name:<18} {times[name]:>9.3f} {memory[name] / 2**20:>17.0f} "
-              f"{times[name] / times['fedmerge FedAvg']:>18.2f}")
-    print(f"\nmax |fedmerge FedAvg - Flower FedAvg|      = {max_diff('fedmerge FedAvg', 'Flower FedAvg'):.2e}")
-    print(f"max |fedmerge Median - Flower FedMedian|   = {max_diff('fedmerge Median', 'Flower FedMedian'):.2e}")
-    print(f"Flower FedAvg / fedmerge FedAvg time      = {times['Flower FedAvg'] / times['fedmerge FedAvg']:.2f}  (target >= 2)")
-    print(f"fedmerge Median / fedmerge FedAvg time    = {times['fedmerge Median'] / times['fedmerge FedAvg']:.2f}  (target <= 10)")
-    print(f"Flower FedMedian / fedmerge Median time: {times['Flower FedMedian'] / times['fedmerge Median']:.2f}")
+        row = "".join(f"{times[name, k]:>14.3f}" for k in args.cores)
+        print(f"{name:<18} {row} {memory[name] / 2**20:>17.0f} {times[name, most] / times['fedmerge FedAvg', most]:>28.2f}")
+
+    def ratios(numerator: str, denominator: str) -> str:
+        return ", ".join(f"{times[numerator, k] / times[denominator, k]:.2f} on {k} core{'s' if k > 1 else ''} each"
+                         for k in args.cores)
+
+    print()
+    for ours, theirs in PAIRS:
+        largest = max(differences[ours, k] for k in args.cores)
+        print(f"max |{ours} - {theirs}| = {largest:.2e} (per tensor <= {RTOL:g} x max|value|, checked at every core count)")
+    print(f"Flower FedAvg / fedmerge FedAvg time:      {ratios('Flower FedAvg', 'fedmerge FedAvg')}  (target >= 2)")
+    print(f"fedmerge Median / fedmerge FedAvg time:    {ratios('fedmerge Median', 'fedmerge FedAvg')}  (target <= 10)")
+    print(f"Flower FedMedian / fedmerge Median time:   {ratios('Flower FedMedian', 'fedmerge Median')}")
 
 
 if __name__ == "__main__":
