@@ -7,6 +7,7 @@ kept as text.
 
 import copy
 import json
+import math
 import sys
 
 if sys.version_info >= (3, 11):
@@ -20,11 +21,13 @@ from fedmerge.errors import FedmergeError
 
 
 def parse_value(value: Any) -> Any:
-    """A flat-config value as data: TOML if it parses as one, else JSON, else the text itself."""
+    """A flat-config value as data: TOML if it parses as one, else JSON, else the text itself. ``nan`` and ``inf``
+    stay text (a corruption named "nan"): no spec value is a non-finite number."""
     if not isinstance(value, str):
         return value
     try:
-        return tomllib.loads(f"v = {value}")["v"]
+        parsed = tomllib.loads(f"v = {value}")["v"]
+        return value if isinstance(parsed, float) and not math.isfinite(parsed) else parsed
     except tomllib.TOMLDecodeError:
         pass
     try:

@@ -247,7 +247,24 @@ def test_a_client_failing_inside_ray_is_named_with_what_it_raised(tmp_path, monk
     monkeypatch.setattr(sys, "path", [str(write_suite(tmp_path)), *sys.path])
     spec = Spec.from_dict({"name": "late", "suite": "lines:fails_late", "clients": 2, "strategies": ["fedavg"],
                            "training": {"steps": 3, "lr": 0.1, "batch_size": 4}})
-    with pytest.raises(FedmergeError, match=r"a client \(node \d+\) failed: client 1: ValueError: item \d+ is corrupt\. "
+    with pytest.raises(FedmergeError, match=r"a client \(node \d+\) failed: client 1: FedmergeError: task 'line1', its train split: item \d+ cannot be read "
+                                            r"\(ValueError: item \d+ is corrupt\); repair or remove it\. "
                                             r"Nothing was computed from the failed round"):
         run(spec, tmp_path / "results", show_progress=False)
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_a_runs_saved_spec_runs_again_from_any_folder(tmp_path, monkeypatch):
+    """spec.toml names a `module:function` suite by its file, so it is found without the experiment's folder."""
+    from fedmerge.simulations.results import write_results
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = Spec.from_dict(load_experiment(experiment(write_suite(tmp_path / "study"), "lines:build")))
+    saved = write_results(spec, {"runs": []}, tmp_path / "results") / "spec.toml"
+    assert f'suite = "{tmp_path / "study" / "lines.py"}:build"' in saved.read_text()
+    sys.modules.pop("lines", None)
+    load_suite.cache_clear()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "study" not in p])
+    monkeypatch.chdir(tmp_path / "results")
+    again = Spec.from_dict(load_experiment(str(saved)))
+    assert [t.name for t in load_suite(again.suite, 2, {}, 0).tasks] == ["line0", "line1"]

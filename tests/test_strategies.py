@@ -415,3 +415,11 @@ def test_every_method_has_a_real_strategy_class_of_its_own_file():
     for name, strategy in STRATEGIES.items():
         assert strategy.method is METHODS[name] and strategy.__module__.startswith("fedmerge.strategies.")
         assert type(pickle.loads(pickle.dumps(strategy()))) is strategy
+
+
+def test_two_replies_from_one_client_are_refused_naming_both_nodes():
+    base, clients, _ = federation(3)
+    replies = [reply(5, clients[0], num_examples=1, client_id=1), reply(9, clients[1], num_examples=1, client_id=1),
+               reply(7, clients[2], num_examples=1, client_id=2)]
+    with pytest.raises(FedmergeError, match="nodes 5 and 9 both reply as client 1.*its own partition-id"):
+        FedAvg().merge_replies(1, replies, arrays_record(base))

@@ -252,3 +252,30 @@ def test_pretraining_beats_chance_and_finetuning_improves_the_task(suite, option
     after = fed.evaluate(model, task)
     assert after["accuracy"] > fed.evaluate(fed.pretrained, task)["accuracy"] + 0.1
     assert after == fed.evaluate(model.state_dict(), task)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_named_with_its_file_wherever_it_is_read(tmp_path, workers):
+    """In training, evaluation and the up-front checks alike, in this process or a DataLoader worker."""
+    from PIL import Image
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    from fedmerge.tasks.loading import eval_batches, gather, train_batches
+
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for k in range(3):
+            Image.new("RGB", (4, 4), (40 * k, 0, 0)).save(tmp_path / label / f"{k}.png")
+    (tmp_path / "dog" / "9-bad.png").write_bytes(b"not an image at all")
+    data = ImageFolder(str(tmp_path), transform=transforms.ToTensor())
+    bad = next(i for i, (path, _) in enumerate(data.samples) if path.endswith("9-bad.png"))
+    message = rf"item {bad} \(.*9-bad.png\) cannot be read \(UnidentifiedImageError: .*\); repair or remove it\.$"
+    with pytest.raises(FedmergeError, match=message):
+        list(eval_batches(data, 2, num_workers=workers))
+    batches = train_batches(data, 1, seed=0, num_workers=workers)
+    with pytest.raises(FedmergeError, match=message):
+        for _ in range(len(data)):
+            next(batches)
+    with pytest.raises(FedmergeError, match=message):
+        gather(torch.utils.data.Subset(data, list(range(len(data)))), [bad])

@@ -106,3 +106,10 @@ def test_missing_data_names_the_root_and_the_layout(tmp_path):
                             ("EuroSAT", "eurosat/2750/<class>"), ("ImageFolder", "root/train/<class>")):
         with pytest.raises(FedmergeError, match=f"{dataset!r} not found under root '{tmp_path}'.*{layout}.*never downloads"):
             load_suite("vision", 2, {"dataset": dataset, "root": str(tmp_path)}, 0)
+
+
+def test_an_image_folder_of_one_class_is_refused(tmp_path):
+    write_folder(tmp_path / "train", classes=1)
+    options = {**FAST, "dataset": "ImageFolder", "root": str(tmp_path), "partition": "iid", "min_partition_size": 1}
+    with pytest.raises(FedmergeError, match=r"holds 1 class folder \(class0\); a classifier needs at least two"):
+        load_suite("vision", 2, options, 0)

@@ -95,6 +95,8 @@ class TrainConfig:
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip)
         _check_number("warmup_steps", self.warmup_steps, integer=True, positive=False)
+        if self.steps is not None:
+            check_warmup(self, self.steps)
         _check_number("weight_decay", self.weight_decay, positive=False)
         _check_number("seed", self.seed, integer=True, positive=False)
         if self.precision not in PRECISIONS:
@@ -119,6 +121,15 @@ def total_steps(config: TrainConfig, num_examples: int) -> int:
     if config.steps is not None:
         return int(config.steps)
     return max(1, math.ceil(config.epochs * math.ceil(num_examples / config.batch_size)))
+
+
+def check_warmup(config: TrainConfig, total: int) -> None:
+    """The warm-up must end before the client's ``total`` steps do (a cosine schedule has no steps left else)."""
+    if config.warmup_steps >= total:
+        raise FedmergeError(
+            f"training option 'warmup_steps' ({config.warmup_steps}) must be smaller than the client's total "
+            f"steps ({total}); lower warmup_steps or raise steps / epochs."
+        )
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
@@ -194,11 +205,7 @@ def train(
     """
     num_examples = len(task.train)
     total = total_steps(config, num_examples)
-    if config.warmup_steps >= total:
-        raise FedmergeError(
-            f"training option 'warmup_steps' ({config.warmup_steps}) must be smaller than the client's total "
-            f"steps ({total}); lower warmup_steps or raise steps / epochs."
-        )
+    check_warmup(config, total)
     num_steps = total - first_step if num_steps is None else num_steps
     if not (0 <= first_step and num_steps >= 1 and first_step + num_steps <= total):
         raise FedmergeError(
@@ -222,7 +229,10 @@ def train(
             lr = learning_rate(config, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = next(batches)
+            try:
+                inputs, targets = next(batches)
+            except FedmergeError as error:
+                raise FedmergeError(f"task {task.name!r}, its train split: {error}") from None
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 loss = loss_fn(forward(model, inputs, head), targets)

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. training.lr=0.1, clients=8, 'training.steps=[50,100,200,400]', "
                           "'training.lr={geometric=[0.01,0.1]}', strategy.fedgma.threshold=0.3 (repeatable)")
-    run.add_argument("--strategy", nargs="+", metavar="NAME", help="strategies to run (fedavg fednova fedgma median cclip)")
+    run.add_argument("--strategy", nargs="+", metavar="NAME",
+                     help=f"strategies to run, of: {' '.join(strategy_names())} (default: the experiment's)")
     run.add_argument("--rounds", nargs="+", type=int, metavar="R", help="round counts to compare, e.g. 1 10")
     run.add_argument("--seed", type=int, help="the run's seed (every random choice flows from it)")
     run.add_argument("--out", type=Path, default=Path("results"), metavar="DIR", help="parent directory of the run's results directory (default: results)")
@@ -43,6 +44,13 @@ def register(subparsers) -> None:
 
     listing = subparsers.add_parser("list", description="List the strategies, task suites and presets.")
     listing.set_defaults(handler=list_command)
+
+
+def strategy_names() -> list[str]:
+    """Every registered strategy's name, for --help (the merging registry imports no Flower, Ray or data)."""
+    from fedmerge.merging.registry import METHODS
+
+    return list(METHODS)
 
 
 def spec_from_args(args):

@@ -22,6 +22,7 @@ import tomli_w
 from fedmerge.errors import FedmergeError
 from fedmerge.files import TargetAppeared, staged, write_file, write_safetensors
 from fedmerge.simulations.spec import Spec
+from fedmerge.tasks import find_suite
 
 SUMMARY_COLUMNS = (
     "strategy", "rounds", "scaling_lambda", "lambda_scale", "server_lr_beta", "tuned", "tuned_value", "tuned_searched",
@@ -157,7 +158,7 @@ class ResultsDirectory:
             "summary.csv": _csv(summary_rows(self.document)),
             "tasks.csv": _csv(task_rows(self.document)),
             "rounds.csv": _csv(round_rows(self.document)),
-            "spec.toml": tomli_w.dumps(self.spec.to_dict()),
+            "spec.toml": tomli_w.dumps({**self.spec.to_dict(), "suite": find_suite(self.spec.suite).rerunnable}),
         }
 
     def _create(self, files: dict[str, str], models: dict) -> Path:

@@ -227,8 +227,8 @@ class Spec:
             if isinstance(value, dict) and prefix.split(".")[0] in TABLES and not is_spread(value):
                 for key, item in value.items():
                     walk(f"{prefix}.{key}", item)
-            elif isinstance(value, (list, dict)):
-                flat[prefix] = json.dumps(value)
+            elif isinstance(value, (list, dict)) or isinstance(value, str) and parse_value(value) != value:
+                flat[prefix] = json.dumps(value)  # read back as written (a name "true" stays a string)
             else:
                 flat[prefix] = value
 

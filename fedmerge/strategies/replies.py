@@ -102,4 +102,9 @@ def check_replies(
             _check_metric(node_id, metrics, key)
         accepted.append(ClientReply(node_id, arrays, metrics, content))
     accepted.sort(key=lambda r: (r.client_id, r.node_id))
+    for first, second in zip(accepted, accepted[1:]):
+        if first.client_id == second.client_id:
+            raise FedmergeError(f"nodes {first.node_id} and {second.node_id} both reply as client {first.client_id}: two "
+                                f"SuperNodes with one '{contract.CLIENT_ID}' (partition-id) would be merged as two "
+                                "clients of one client's data; give each node its own partition-id.")
     return accepted, excluded

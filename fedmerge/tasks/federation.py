@@ -222,7 +222,10 @@ class Federation:
         The model is run with the task's head, in eval mode (its mode is restored afterwards). A model whose
         outputs (or loss) are not finite is not scored: ``{"loss": nan, "accuracy": nan, "diverged": True}``.
         """
-        return self.evaluate_data(model_or_state_dict, task.split(split), task.head)
+        try:
+            return self.evaluate_data(model_or_state_dict, task.split(split), task.head)
+        except FedmergeError as error:
+            raise FedmergeError(f"task {task.name!r}, its {split} split: {error}") from None
 
     @torch.no_grad()
     def evaluate_data(

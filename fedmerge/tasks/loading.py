@@ -3,14 +3,16 @@
 A data set is any map-style :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs; an input may be a
 tensor or a nested dict / list / tuple of tensors (a tokenizer's or a processor's output). A
 :class:`~torch.utils.data.TensorDataset` is the in-memory fast path: batches are indexed straight from its
-tensors, no DataLoader. Any other data set goes through a :class:`~torch.utils.data.DataLoader`.
+tensors, no DataLoader. Any other data set goes through a :class:`~torch.utils.data.DataLoader`, and an item that
+cannot be read (a corrupt image) raises a :class:`FedmergeError` naming the item and, where the data set knows
+it, its file.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from fedmerge.errors import FedmergeError
 
@@ -36,12 +38,52 @@ def to_device(data: Any, device: Device, non_blocking: bool = False) -> Any:
     return data
 
 
+class NamedReads(Dataset):
+    """``dataset`` whose failing reads raise a :class:`FedmergeError` naming the item (and its file, if known)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except FedmergeError:
+            raise
+        except Exception as error:  # a corrupt file, a user's __getitem__ failing
+            first = (str(error).splitlines() or [""])[0]
+            raise FedmergeError(f"item {index}{item_file(self.dataset, index)} cannot be read ({type(error).__name__}: "
+                                f"{first}); repair or remove it.") from None
+
+
+def item_file(dataset: Dataset, index: int) -> str:
+    """`` (its file)`` where the data set knows the item's file (an ImageFolder's ``samples``, through Subsets)."""
+    while isinstance(dataset, Subset):
+        index, dataset = dataset.indices[index], dataset.dataset
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+    try:
+        return f" ({samples[index][0]})"
+    except (TypeError, IndexError, KeyError):
+        return ""
+
+
+def _read(batches: Iterator) -> Iterator:
+    """The loader's batches; a worker process's read failure re-raised as its one-line message."""
+    try:
+        yield from batches
+    except FedmergeError as error:  # from a worker, torch prefixes the worker's traceback: keep the message
+        raise FedmergeError(str(error).rstrip().splitlines()[-1].split("FedmergeError: ", 1)[-1]) from None
+
+
 def gather(dataset: Dataset, indices: torch.Tensor | Sequence[int], *, device: Device = None) -> Batch:
     """The examples at ``indices`` as one ``(inputs, targets)`` batch on ``device`` (repeats allowed)."""
     if isinstance(dataset, TensorDataset):
         inputs, targets = dataset.tensors
         return to_device((inputs[indices], targets[indices]), device)
-    return to_device(default_collate([dataset[int(i)] for i in indices]), device)
+    named = NamedReads(dataset)
+    return to_device(default_collate([named[int(i)] for i in indices]), device)
 
 
 def train_batches(
@@ -63,8 +105,9 @@ def train_batches(
     indices = _shuffled_batches(size, batch_size, torch.Generator().manual_seed(seed))
     if not isinstance(dataset, TensorDataset):
         lists = (index.tolist() for index in indices)
-        loader = _loader(dataset, num_workers, pin_memory, device, torch.Generator().manual_seed(seed), batch_sampler=lists)
-        for batch in loader:
+        loader = _loader(NamedReads(dataset), num_workers, pin_memory, device, torch.Generator().manual_seed(seed),
+                         batch_sampler=lists)
+        for batch in _read(loader):
             yield to_device(batch, device, loader.pin_memory)
     if batch_size >= size:
         whole = to_device(tuple(dataset.tensors), device)
@@ -85,8 +128,9 @@ def eval_batches(
         for start in range(0, len(dataset), batch_size):
             yield to_device(tuple(t[start : start + batch_size] for t in dataset.tensors), device)
         return
-    loader = _loader(dataset, num_workers, pin_memory, device, torch.Generator().manual_seed(0), batch_size=batch_size)
-    for batch in loader:
+    loader = _loader(NamedReads(dataset), num_workers, pin_memory, device, torch.Generator().manual_seed(0),
+                     batch_size=batch_size)
+    for batch in _read(loader):
         yield to_device(batch, device, loader.pin_memory)
 
 

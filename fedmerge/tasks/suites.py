@@ -5,13 +5,16 @@ All three are the same thing: a function ``build(num_clients, options, seed)`` t
 → :class:`~fedmerge.options.Option`: defaults and checks, applied before ``build`` is called) and a
 one-line ``DESCRIPTION``; without ``OPTIONS`` the options are passed to ``build`` as given, for it to check.
 
-Installed packages register suites under the entry-point group ``fedmerge.suites``::
+A ``module:function`` may also name the module by its file, ``/path/to/my_tasks.py:build`` (what a run's saved
+``spec.toml`` records, so that it runs again from any folder). Installed packages register suites under the
+entry-point group ``fedmerge.suites``::
 
     [project.entry-points."fedmerge.suites"]
     my-tasks = "my_package.tasks:build"
 """
 
 import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -45,6 +48,13 @@ class Suite:
     build: Callable[..., Any]
     description: str
     options: Mapping[str, Option] | None
+    file: str | None = None
+    """The module's source file, for a ``module:function`` suite (None for built-in and installed ones)."""
+
+    @property
+    def rerunnable(self) -> str:
+        """How a saved spec names this suite so that it is found from any folder: by its file, if it has one."""
+        return self.name if self.file is None else f"{self.file}:{self.path.rpartition(':')[2]}"
 
 
 def installed() -> dict[str, str]:
@@ -62,13 +72,15 @@ def find_suite(name: str) -> Suite:
     read). Raises :class:`FedmergeError` naming the import path and what is wrong.
     """
     path = installed().get(name, name)
-    module_name, sep, function = path.partition(":")
+    module_name, sep, function = path.rpartition(":")
     if not sep or not module_name or not function:
         known = ", ".join(installed())
         raise FedmergeError(f"unknown suite {name!r}; choose one of {known}, or give your own as 'module:function' "
                             "(a function returning a fedmerge.tasks.Federation; see docs/suites.md).")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+    except FedmergeError:
+        raise
     except ModuleNotFoundError as error:
         if error.name is not None and module_name.startswith(error.name):
             raise FedmergeError(f"suite {path!r}: no module {module_name!r} on the Python path; put {module_name}.py "
@@ -83,7 +95,24 @@ def find_suite(name: str) -> Suite:
     if options is not None and not (isinstance(options, Mapping) and all(isinstance(o, Option) for o in options.values())):
         raise FedmergeError(f"suite {path!r}: {module_name}.OPTIONS must map option names to fedmerge.tasks.Option.")
     description = getattr(module, "DESCRIPTION", None) or (module.__doc__ or "").strip().split("\n")[0]
-    return Suite(name, path, build, description, options)
+    file = getattr(module, "__file__", None) if name not in installed() else None
+    return Suite(name, path, build, description, options, None if file is None else str(Path(file).resolve()))
+
+
+def _import_file(file: Path):
+    """The module in ``file`` (its folder joins the Python path, for its own imports and for the Ray workers)."""
+    file = file.expanduser().resolve()
+    if not file.is_file():
+        raise FedmergeError(f"suite file {file} does not exist; give the path of the .py file that defines the suite.")
+    search_beside(file)
+    loaded = sys.modules.get(file.stem)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == file:
+        return loaded
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[file.stem] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def search_beside(file: str | Path) -> None:

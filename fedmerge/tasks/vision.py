@@ -77,6 +77,9 @@ def _folder(path: Path, image_size: int | None, max_examples: int | None, seed: 
     from torchvision.datasets import ImageFolder
 
     folder = ImageFolder(str(path))
+    if classes is None and len(folder.classes) < 2:
+        raise FedmergeError(f"{path} holds {len(folder.classes)} class folder ({', '.join(folder.classes)}); a classifier "
+                            "needs at least two: put each class's images in a folder of its own under it.")
     classes = classes or folder.class_to_idx
     unknown = sorted(set(folder.class_to_idx) - set(classes))
     if unknown:
