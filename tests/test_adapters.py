@@ -3,6 +3,7 @@ trainer_state.json. Real transformers and peft on a tiny Llama (and a tiny GPT-2
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -11,11 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fedmerge.merging.tensors as tensors_module
-from fedmerge.checkpoints import merge_checkpoints
+from fedmerge.checkpoints import BaseMismatch, merge_checkpoints
+from fedmerge.checkpoints.adapters import model_names
 from fedmerge.checkpoints.trainer_state import effective_steps, from_trainer_state, lr_sum
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY
+from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -198,6 +200,39 @@ def test_adapters_of_another_base_are_refused(world, tmp_path, capsys):
     assert "attn.c_attn.weight', which the base" in err
 
 
+def test_an_adapter_naming_another_base_of_the_same_shapes_merges_with_a_warning(world, tmp_path, capsys):
+    """Shapes cannot tell a chat model from its base: the names can, but a path may differ and still name the same
+    model, so the merge goes on and says so (a warnings filter makes it an error)."""
+    root, base, _ = world
+    llama(tmp_path / "other", seed=1)  # another model of identical shapes
+    adapter(tmp_path / "other", tmp_path / "other-lora", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.warns(BaseMismatch, match=rf"adapter {tmp_path / 'other-lora'}: its adapter_config.json names the base "
+                      rf"'{tmp_path / 'other'}', which is not the base given \({root / 'base'}\)"):
+        merge_checkpoints(root / "base", [root / "a1", tmp_path / "other-lora"], tmp_path / "merged")
+    assert set(merged(tmp_path / "merged")) == set(base)
+    run("--base", root / "base", "--models", tmp_path / "other-lora", "--out", tmp_path / "by-cli")
+    err = capsys.readouterr().err
+    assert f"fedmerge: warning: adapter {tmp_path / 'other-lora'}: its adapter_config.json names the base" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatch)
+        with pytest.raises(BaseMismatch):
+            merge_checkpoints(root / "base", [tmp_path / "other-lora"], tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_an_adapter_naming_its_base_by_another_path_merges_silently(world, tmp_path):
+    root, _, _ = world
+    (tmp_path / "link").symlink_to(root / "base")  # the same directory under another path
+    renamed = edited(root, tmp_path, "a1", base_model_name_or_path="org/base")  # a Hub id of the same name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatch)
+        merge_checkpoints(tmp_path / "link", [root / "a1", renamed], tmp_path / "merged")
+    snapshot = "/home/u/.cache/huggingface/hub/models--meta-llama--Llama-3.2-1B/snapshots/4e20de3/"
+    assert {"meta-llama/llama-3.2-1b", "llama-3.2-1b"} <= model_names(snapshot)
+    assert model_names("Meta-Llama/Llama-3.2-1B") & model_names(snapshot)
+    assert not model_names("meta-llama/Llama-3.2-1B-Instruct") & model_names(snapshot)
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(use_dora=True), "sets use_dora=True, which a low-rank ΔW = s·B·A cannot express (DoRA"),
     (dict(bias="lora_only"), "sets bias='lora_only': it trains the base's biases too"),
@@ -350,7 +385,6 @@ def test_a_nonfinite_adapter_is_refused_naming_its_file_and_tensor(world, tmp_pa
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_adapters_merge_on_cuda_like_on_the_cpu(world, tmp_path):
     """fedmerge merge --device cuda on PEFT adapters equals the CPU's within float rounding."""
     from fedmerge.checkpoints import merge_checkpoints

@@ -1,9 +1,11 @@
 """Offline merging of checkpoints on disk: equality to the in-memory rules, layouts, dtypes, bad input."""
 
+import copy
 import json
 import os
 import stat
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fedmerge.checkpoints.reader as reader_module
+import fedmerge.merging.tensors as tensors_module
 from fedmerge.checkpoints import Checkpoint, merge_checkpoints
 from fedmerge.checkpoints.methods import MERGE_METHODS
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import (
-    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, TiesRule, merged_model,
+    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, TiesRule,
+    iter_merged_model, merged_model,
 )
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
@@ -187,6 +191,27 @@ def test_pytorch_bin_files_load_with_weights_only(tmp_path):
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"
     ]
     assert_same(read_directory(out), merged_model(MedianRule(), base, models))
+
+
+def test_a_strided_tensor_of_a_pytorch_file_is_read_a_chunk_at_a_time(tmp_path):
+    """A PyTorch file may hold a view (transposed, expanded): a chunk copies its own elements only. This one is a
+    4 TB view of 1000 stored floats, which a whole copy per chunk could not even allocate."""
+    torch.save({"wide": torch.arange(1000.0).expand(10**9, 1000)}, tmp_path / "views.bin")
+    with Checkpoint(tmp_path / "views.bin") as checkpoint:
+        start = 10**11 + 900  # from inside row 10^8 into the next
+        chunk = tensors_module.read_into(checkpoint.reader("wide"), slice(start, start + 300), torch.empty(300))
+    assert torch.equal(chunk, torch.cat([torch.arange(900.0, 1000.0), torch.arange(200.0)]))
+
+
+def test_strided_tensors_of_pytorch_files_merge_as_their_contiguous_copies(tmp_path, monkeypatch):
+    base, models = make_models()
+    for t, tensors in enumerate([base, *models]):  # the same values, saved as views of a transposed storage
+        torch.save({n: v.T.contiguous().T if v.dim() == 2 else v for n, v in tensors.items()}, tmp_path / f"{t}.bin")
+    assert not torch.load(tmp_path / "0.bin")["embed.weight"].is_contiguous()
+    monkeypatch.setattr("fedmerge.merging.tensors.CHUNK", 5)  # chunks that start and end inside rows
+    out = merge_checkpoints(tmp_path / "0.bin", [tmp_path / f"{t}.bin" for t in (1, 2, 3)], tmp_path / "m.safetensors",
+                            method="ties", density=0.5)
+    assert_same(load_file(out), merged_model(TiesRule(0.5), base, models))
 
 
 class Exploit:
@@ -660,7 +685,27 @@ def test_no_buffer_of_a_merge_is_made_on_the_default_device(tmp_path, monkeypatc
     assert_same(load_file(out), merged_model(rule, base, models, server_lr))
 
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture
+def read_devices(monkeypatch):
+    """The device each chunk is read onto, in order: every pass of the core reads its chunks through read_into."""
+    seen = []
+    read_into = tensors_module.read_into
+    monkeypatch.setattr(tensors_module, "read_into", lambda src, s, out: seen.append(out.device) or read_into(src, s, out))
+    return seen
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_pass_over_files_runs_on_the_device_asked_for(tmp_path, read_devices, case):
+    """meta (a device that holds no values) stands in for a GPU beside checkpoints read on the CPU: every chunk of
+    every pass up to the first result that must come back (CCLIP's Gram matrix, mean-direction's norms, TIES's
+    thresholds, the merged chunks' norms) is read onto it, whatever the first input is (a file reader)."""
+    _, rule, server_lr = CASES[case]
+    base_path, paths = save_files(tmp_path, *make_models())
+    with ExitStack() as stack:
+        base, *models = (stack.enter_context(Checkpoint(p)) for p in (base_path, *paths))
+        with pytest.raises((NotImplementedError, RuntimeError), match="meta"):  # no value comes back from meta
+            list(iter_merged_model(copy.deepcopy(rule), base, models, server_lr, device="meta"))
+    assert read_devices and set(read_devices) == {torch.device("meta")}
 
 
 def assert_near(actual: dict, expected: dict) -> None:
@@ -677,7 +722,6 @@ def assert_near(actual: dict, expected: dict) -> None:
 
 
 @pytest.mark.cuda
-@cuda_only
 @pytest.mark.parametrize("case", CASES)
 def test_every_method_on_cuda_equals_the_cpu(tmp_path, case):
     paths = save_files(tmp_path, *make_models())
@@ -688,7 +732,6 @@ def test_every_method_on_cuda_equals_the_cpu(tmp_path, case):
 
 
 @pytest.mark.cuda
-@cuda_only
 @pytest.mark.parametrize("method", ["task-arithmetic", "median", "cclip"])
 def test_the_command_on_cuda_equals_the_cpu_over_shards_and_many_chunks(tmp_path, monkeypatch, method):
     monkeypatch.setattr("fedmerge.merging.tensors.DEVICE_CHUNK", 16)  # every tensor in several chunks
@@ -705,7 +748,19 @@ def test_the_command_on_cuda_equals_the_cpu_over_shards_and_many_chunks(tmp_path
 
 
 @pytest.mark.cuda
-@cuda_only
+@pytest.mark.parametrize("case", ["cclip", "mean-direction", "ties", "dare-ties"])
+def test_every_pass_of_a_cuda_merge_runs_on_cuda(tmp_path, read_devices, case):
+    """fedmerge merge --device cuda: CCLIP's Gram matrix and mean-direction's norms (the rules' first pass), TIES's
+    thresholds and every chunk are read onto the GPU, and the result equals the CPU's."""
+    paths = save_files(tmp_path, *make_models())
+    cpu = merge_checkpoints(*paths, tmp_path / "cpu.safetensors", **method_options(case))
+    read_devices.clear()
+    cuda = merge_checkpoints(*paths, tmp_path / "cuda.safetensors", device="cuda", **method_options(case))
+    assert read_devices and {device.type for device in read_devices} == {"cuda"}
+    assert_near(load_file(cuda), load_file(cpu))
+
+
+@pytest.mark.cuda
 def test_checkpoints_read_into_pinned_memory_for_cuda(tmp_path):
     base, _ = make_models()
     save_directory(tmp_path / "base", base)

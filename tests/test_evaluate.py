@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedmerge.merging import METHODS
-from fedmerge.merging.fedgma import THRESHOLDS
+from fedmerge.merging.rules.fedgma import THRESHOLDS
 from fedmerge.merging.scale import PAPER_GRID
 from fedmerge.cli import main
 from fedmerge.clients.trainer import TrainConfig, train
@@ -247,7 +247,7 @@ def test_steps_alone_make_fednova_normalise_by_steps_and_say_so(assets, tmp_path
 def test_fednova_reads_trainer_state_by_the_one_default(assets, tmp_path, capsys):
     """Model directories with the trainer_state.json Hugging Face's Trainer writes: no flag needed, and FedNova uses
     its one default normaliser, as the strategies and `fedmerge merge` do."""
-    from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY
+    from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY
 
     folder, files = assets[3], assets[2]
     steps, rate = [10, 20, 40], 0.05

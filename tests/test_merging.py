@@ -14,7 +14,7 @@ from fedmerge.merging import (
     mean_direction, median, merge, merged_model, scaling_to_server_lr, server_lr_to_scaling,
 )
 from fedmerge.merging import diagnostics, tensors
-from fedmerge.merging.median import selection_network
+from fedmerge.merging.rules.median import selection_network
 from fedmerge.merging.tensors import gram_matrix
 
 SHAPES = {"w": (17, 9), "b": (9,), "scale": ()}
@@ -382,6 +382,7 @@ def device_rules(num_clients, center=None):
     return {
         "fedavg": FedAvgRule(weights),
         "fednova": FedNovaRule([2.0 ** k for k in range(num_clients)], weights),
+        "mean-direction": MeanDirectionRule(weights),
         "fedgma": FedGMARule(0.6, weights),
         "median": MedianRule(),
         "median-lower": MedianRule("lower"),
@@ -449,7 +450,56 @@ def test_a_cclip_center_may_hold_the_floating_tensors_only():
     assert_close(merged_model(CClipRule(None, 2, center), base, models), merged_model(CClipRule(None, 2, full), base, models), tol=0)
 
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("view", [
+    torch.arange(60.0).reshape(3, 4, 5).permute(2, 0, 1), torch.arange(20.0).reshape(4, 5).T,
+    torch.arange(5.0).expand(7, 5), torch.arange(120.0).reshape(4, 5, 6)[:, ::2, 1:],
+    torch.arange(8.0).reshape(2, 1, 4).expand(2, 3, 4), torch.arange(30.0).reshape(5, 6)[1:4],
+], ids=["permuted", "transposed", "expanded", "strided", "expanded-3d", "rows"])
+def test_a_flat_slice_of_a_strided_tensor_is_its_row_major_elements(view):
+    flat = view.reshape(-1)
+    for start in range(flat.numel() + 1):
+        for stop in range(start, flat.numel() + 1):
+            out = tensors.copy_flat(view, slice(start, stop), torch.full((stop - start,), -1.0))
+            assert torch.equal(out, flat[start:stop]), (start, stop)
+
+
+@pytest.fixture
+def read_devices(monkeypatch):
+    """The device each chunk is read onto, in order: every pass of the core reads its chunks through read_into."""
+    seen = []
+    read_into = tensors.read_into
+    monkeypatch.setattr(tensors, "read_into", lambda src, s, out: seen.append(out.device) or read_into(src, s, out))
+    return seen
+
+
+@pytest.mark.parametrize("rule_name", list(device_rules(4)))
+def test_every_pass_runs_on_the_device_asked_for_not_where_the_inputs_live(small_chunks, read_devices, rule_name):
+    """meta (a device that holds no values) stands in for a GPU beside CPU inputs: every chunk of every pass up to
+    the first result that must come back to the CPU (CCLIP's Gram matrix, mean-direction's norms, TIES's
+    thresholds, the merged chunks' norms) is read onto it, none onto the CPU."""
+    base, models = device_models(4)
+    center = {n: 0.1 * (models[0][n] - base[n]) for n in DEVICE_SHAPES}
+    plain = [{n: m[n] - base[n] for n in DEVICE_SHAPES} for m in models]
+    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):  # no value comes back from meta
+        list(iter_merge(device_rules(4, center)[rule_name], plain, device="meta"))
+    assert read_devices and set(read_devices) == {torch.device("meta")}
+
+
+def test_no_name_of_the_merging_package_shadows_one_of_its_modules():
+    import importlib
+    import pkgutil
+    import types
+
+    import fedmerge.merging as package
+    import fedmerge.merging.rules.cclip as module
+
+    for name in (m.name for m in pkgutil.iter_modules(package.__path__)):
+        assert isinstance(getattr(package, name, package), types.ModuleType), name  # a module, or not yet imported
+    rules = importlib.import_module("fedmerge.merging.rules")
+    assert {m.name for m in pkgutil.iter_modules(rules.__path__)} >= {"cclip", "dare", "fedavg", "fedgma", "fednova",
+                                                                     "mean_direction", "median", "ties"}
+    assert module.__name__ == "fedmerge.merging.rules.cclip" and module.cclip is package.cclip
+    assert all(not isinstance(getattr(package, name), types.ModuleType) for name in package.__all__)
 
 
 def on(device, tensors, dtype=None):
@@ -457,7 +507,6 @@ def on(device, tensors, dtype=None):
 
 
 @pytest.mark.cuda
-@cuda_only
 @pytest.mark.parametrize("chunk", [1000, None], ids=["small-chunks", "device-chunks"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2 ** -7)])
 @pytest.mark.parametrize("num_clients", [4, 33])
@@ -479,7 +528,6 @@ def test_every_rule_on_cuda_equals_the_cpu(monkeypatch, rule_name, num_clients, 
 
 
 @pytest.mark.cuda
-@cuda_only
 @pytest.mark.parametrize("rule_name", list(device_rules(4)))
 def test_a_cuda_base_with_cpu_clients_and_plain_task_vectors_on_cuda(rule_name):
     base, models = device_models(5)

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fedmerge import FedmergeError
 from fedmerge.merging import DareRule, TaskVector, TiesRule, dare, fedavg, iter_merged_model, merged_model, ties
-from fedmerge.merging.dare import keep_mask
+from fedmerge.merging.rules.dare import keep_mask, random_bits, stream_key
 from fedmerge.strategies import STRATEGIES
 from replies import arrays_record, reply
 
@@ -86,14 +88,88 @@ def test_dare_is_drop_rescale_then_mean_or_disjoint_mean(elect_sign, weights):
         np.testing.assert_allclose(got[name].numpy().reshape(-1), expected, rtol=1e-12, atol=1e-15)
 
 
-def test_dare_draws_are_seeded_and_independent_of_chunking(monkeypatch):
+def test_dare_draws_are_seeded_and_independent_of_chunking_and_threads(monkeypatch):
     _, _, tvs = setup()
+    monkeypatch.setattr("fedmerge.merging.rule.available_cores", lambda: 1)
     whole = dare(tvs, 0.4, seed=5)
     monkeypatch.setattr("fedmerge.merging.tensors.CHUNK", 3)
     chunked = dare(tvs, 0.4, seed=5)
+    monkeypatch.setattr("fedmerge.merging.rule.available_cores", lambda: 4)  # chunks taken by 4 threads in turn
+    threaded = dare(tvs, 0.4, seed=5)
     other = dare(tvs, 0.4, seed=6)
-    assert all(torch.equal(whole[k], chunked[k]) for k in SHAPES)
+    assert all(torch.equal(whole[k], chunked[k]) and torch.equal(whole[k], threaded[k]) for k in SHAPES)
     assert not torch.equal(whole["w"], other["w"])
+
+
+WORD = 1 << 32
+
+
+def lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = x * 0x7FEB352D % WORD
+    x ^= x >> 15
+    x = x * 0x846CA68B % WORD
+    return x ^ (x >> 16)
+
+
+def test_the_draws_are_their_formula_computed_on_python_integers():
+    """Position j's bits are h(h(j mod 2³² ⊕ k₁) ⊕ ⌊j / 2³²⌋ ⊕ k₂), h = lowbias32: torch's int32 arithmetic wraps as
+    the formula needs, across 2³¹ and 2³² too; j is kept when those bits are below round(k·2³²)."""
+    k1, k2 = key = stream_key(5, 1, 3, "w")
+    for start in (0, 70_000, 2**31 - 4, 2**32 - 4, 3 * 2**32 + 5):
+        s = slice(start, start + 9)
+        want = [lowbias32(lowbias32(j % WORD ^ k1) ^ (j // WORD) ^ k2) for j in range(s.start, s.stop)]
+        assert [b % WORD for b in random_bits(key, s, torch.device("cpu")).tolist()] == want, start
+        kept = keep_mask(5, "w", 3, s, 0.3, torch.device("cpu"), draw=1)
+        assert kept.tolist() == [bits < round(0.3 * WORD) for bits in want]
+
+
+class OpDevices(TorchDispatchMode):
+    """Records the device of every tensor that a torch operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.devices |= {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        return out
+
+
+@pytest.mark.parametrize("elect_sign", [False, True])
+def test_the_drops_are_drawn_on_the_merges_device(elect_sign):
+    """meta (a device that holds no values) stands in for a GPU: no operation of the draws runs elsewhere (no draw
+    on the CPU copied over)."""
+    with OpDevices() as ops:
+        mask = keep_mask(0, "w", 1, slice(5, 200_000), 0.3, torch.device("meta"))
+    assert mask.device.type == "meta" and ops.devices == {"meta"}
+    rule = DareRule(0.3, 1, elect_sign)
+    rule.present_clients(3)
+    rule.prepare([{}] * 3, [], torch.device("meta"))
+    values, out = torch.empty(3, 1000, device="meta"), torch.empty(1000, device="meta")
+    with OpDevices() as ops:
+        rule.merge_chunk("w", slice(0, 1000), values, out)
+    assert ops.devices == {"meta"}
+
+
+def test_the_drops_of_clients_seeds_rounds_tensors_and_positions_are_independent():
+    n, k = 1 << 20, 0.3
+    mask = lambda seed, name, client, draw=0: keep_mask(seed, name, client, slice(0, n), k, torch.device("cpu"), draw)  # noqa: E731
+    first = mask(0, "w", 0)
+    others = [mask(0, "w", 1), mask(1, "w", 0), mask(0, "w", 0, draw=1), mask(0, "b", 0), first.roll(1), first.roll(1 << 16)]
+    sigma = np.sqrt(k * k * (1 - k * k) / n)
+    for other in others:  # both kept with probability k²
+        assert abs(float((first & other).double().mean()) - k * k) < 5 * sigma
+
+
+@pytest.mark.cuda
+def test_the_drops_on_cuda_equal_the_cpus():
+    for start in (0, 2**31 - 1000, 2**32 - 1000, 5 * 2**32):
+        s = slice(start, start + 5000)
+        on_gpu = keep_mask(2, "w", 1, s, 0.3, torch.device("cuda"), draw=4)
+        on_cpu = keep_mask(2, "w", 1, s, 0.3, torch.device("cpu"), draw=4)
+        assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu), start
 
 
 def test_dare_keeps_a_share_density_of_entries_and_is_unbiased():

@@ -5,8 +5,9 @@
 name → tensor mapping.
 """
 
+from fedmerge.checkpoints.adapters import BaseMismatch
 from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
 from fedmerge.checkpoints.methods import METHODS
 from fedmerge.checkpoints.reader import Checkpoint
 
-__all__ = ["METHODS", "Checkpoint", "ModelLeftOut", "merge_checkpoints"]
+__all__ = ["METHODS", "BaseMismatch", "Checkpoint", "ModelLeftOut", "merge_checkpoints"]

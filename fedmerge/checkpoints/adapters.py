@@ -18,19 +18,24 @@ it covers, computed when the chunk is read (in float32, float64 for a float64 ba
 
 An adapter made for another base (a layer or module the base lacks, another shape) or using what a
 plain ΔW cannot express (DoRA, trained biases, ``modules_to_save``, other LoRA variants, initialisations
-that change the base's weights) is refused when opened, naming the adapter and the tensor.
+that change the base's weights) is refused when opened, naming the adapter and the tensor. One whose
+``base_model_name_or_path`` names another model than the base given, every shape matching (a chat model's
+adapter on its base model), merges with a :class:`BaseMismatch` warning: a path may differ and still name the
+same model, so that is no refusal.
 """
 
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.tensors import accumulation_dtype
+from fedmerge.merging.lora import factors, parse_lora_name
+from fedmerge.merging.tensors import accumulation_dtype, read_into
 from fedmerge.checkpoints.reader import Checkpoint, SafetensorsFile, StoredTensors, TorchFile, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,8 +60,8 @@ UNSUPPORTED = {
 # Initialisations that subtract the initial adapter from the base's weights: the adapter fits that changed base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
-_KEY = re.compile(r"^(?P<module>.+?)\.(?:lora_(?P<factor>A|B)(?:\.[^.]+)?\.weight|lora_embedding_(?P<embedding>A|B)"
-                  r"(?:\.[^.]+)?|base_layer\.weight)$")
+class BaseMismatch(UserWarning):
+    """An adapter's ``adapter_config.json`` names another base model than the one given (shapes matching)."""
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -93,9 +98,7 @@ class AdapterSliceReader:
         self.columns = shape[-1] if len(shape) else 1
 
     def read(self, s: slice) -> torch.Tensor:
-        src = self.base
-        theta = src.reshape(-1)[s] if isinstance(src, torch.Tensor) else src.read(s)
-        out = theta.to(self.dtype, copy=True)
+        out = read_into(self.base, s, torch.empty(s.stop - s.start, dtype=self.dtype))
         if self.left is not None:
             first, last = s.start // self.columns, (s.stop - 1) // self.columns + 1
             rows = (self.left[first:last] @ self.right).reshape(-1)
@@ -116,7 +119,7 @@ class Adapter(StoredTensors):
     config), ``specs`` (the base's; an adapted tensor's ``file`` is the adapter file), and ``layers`` (base
     tensor name → :class:`LoraLayer`). Indexing gives a whole tensor of θ_t (adapted ones in θ's accumulation
     dtype); :meth:`reader` gives it a slice at a time. Raises :class:`FedmergeError` on an adapter that does not
-    fit ``base``.
+    fit ``base``; warns (:class:`BaseMismatch`) when it fits but names another base model.
     """
 
     def __init__(self, path: str | os.PathLike, base: Checkpoint) -> None:
@@ -129,6 +132,7 @@ class Adapter(StoredTensors):
         self._file = SafetensorsFile(self.file) if self.file.suffix == ".safetensors" else TorchFile(self.file)
         try:
             self.layers = self._plan()
+            self._check_named_base()  # a warning a filter may turn into an error
         except BaseException:
             self.close()
             raise
@@ -203,22 +207,21 @@ class Adapter(StoredTensors):
         return default
 
     def _plan(self) -> dict[str, LoraLayer]:
-        factors: dict[str, dict[str, str]] = {}
+        found: dict[str, dict[str, str]] = {}
         for key in self._file.specs:
-            match = _KEY.match(key)
-            if match is None:
+            parsed = parse_lora_name(key)
+            if parsed is None:
                 raise self._fail(f"tensor {key!r} is neither a LoRA factor (lora_A, lora_B, lora_embedding_A/B) nor "
                                  "a saved base weight", "fedmerge merges plain LoRA adapters only; fold this one into "
                                  "the base with peft's merge_and_unload() and merge the saved model instead.")
-            part = ("A" if match["factor"] == "A" or match["embedding"] == "A" else
-                    "B" if match["factor"] or match["embedding"] else "base")
-            if match["embedding"]:
-                factors.setdefault(match["module"], {})["embedding"] = key
-            factors.setdefault(match["module"], {})[part] = key
-        if not factors:
+            parts = found.setdefault(parsed.module, {})
+            parts[parsed.part] = key
+            if parsed.embedding:
+                parts["embedding"] = key
+        if not found:
             raise self._fail(f"{self.file.name} holds no tensors", "save the adapter again with save_pretrained().")
         layers: dict[str, LoraLayer] = {}
-        for module, parts in factors.items():
+        for module, parts in found.items():
             any_key = next(iter(parts.values()))
             target = self._target(module, any_key)
             if target in layers:
@@ -261,12 +264,26 @@ class Adapter(StoredTensors):
         named = self.adapter_config.get("base_model_name_or_path")
         return f"; its adapter_config.json names the base {named!r}" if named else ""
 
+    def _check_named_base(self) -> None:
+        """Warn when the base the adapter names is, by none of its names, the base given."""
+        named = self.adapter_config.get("base_model_name_or_path")
+        if not isinstance(named, str) or not named:
+            return
+        known = (self.base.config or {}).get("_name_or_path")
+        given = model_names(str(self.base.path)) | (model_names(known) if isinstance(known, str) and known else set())
+        if not model_names(named) & given:
+            warnings.warn(BaseMismatch(
+                f"adapter {self.path}: its adapter_config.json names the base {named!r}, which is not the base given "
+                f"({self.base.path}) by any of its names; every shape matches, so it is merged. If the adapter was "
+                "trained on another model of this architecture (a chat model and its base, say), the merge is wrong: "
+                "give the base it was trained on."), stacklevel=2)
+
     # -- reading ---------------------------------------------------------------------------------------------
 
     def _factors(self, layer: LoraLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, R) of the layer in ``dtype``, s folded into L, so that its stored ΔW is L·R."""
         a, b = (self._file.read(k).to(dtype, copy=True) for k in (layer.a, layer.b))
-        left, right = (a.T, b.T) if layer.transposed else (b, a)
+        left, right = factors(a, b, layer.transposed)
         return (left * layer.scale).contiguous(), right.contiguous()
 
     def reader(self, name: str):
@@ -296,6 +313,20 @@ class Adapter(StoredTensors):
 
     def __repr__(self) -> str:
         return f"Adapter({str(self.path)!r}, {len(self.layers)} adapted tensors of {len(self.specs)})"
+
+
+def model_names(name: str) -> set[str]:
+    """The names a model path or Hub id goes by, lowercased: itself and its folder's name, its resolved path and that
+    one's folder's name when it exists here, and the Hub id of a Hugging Face cache snapshot
+    (``…/models--org--name/snapshots/…``)."""
+    path = Path(name)
+    names = {path.as_posix(), path.name}
+    if path.exists():
+        names |= {path.resolve().as_posix(), path.resolve().name}
+    cached = re.search(r"models--([^/]+?)--([^/]+)/snapshots", path.as_posix())
+    if cached:
+        names |= {f"{cached[1]}/{cached[2]}", cached[2]}
+    return {n.lower() for n in names}
 
 
 def _positive_number(value) -> bool:

@@ -5,11 +5,12 @@ import sys
 import time
 import warnings
 
+from fedmerge.checkpoints.adapters import BaseMismatch
 from fedmerge.checkpoints.merge import ModelLeftOut, merge_checkpoints
 from fedmerge.checkpoints.methods import MERGE_METHODS, flags, params_from_flags
 from fedmerge.checkpoints.trainer_state import SOURCES
 from fedmerge.merging import Method, Param
-from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY, NORMALIZE_BY
+from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY, NORMALIZE_BY
 from fedmerge.merging.scale import CONVENTIONS
 from fedmerge.options import boolean
 
@@ -46,7 +47,8 @@ A model may also be a PEFT LoRA adapter directory of the base (adapter_config.js
 adapter_model.safetensors): it is merged as θ_t = θ + ΔW, ΔW = (lora_alpha/r)·B·A per adapted layer
 (alpha/√r with use_rslora), computed a chunk at a time; adapters and full checkpoints mix freely, and
 the output is always a full checkpoint. An adapter of another base, or one that is more than B·A (DoRA,
-trained biases, modules_to_save), is refused, naming the adapter and the tensor.
+trained biases, modules_to_save), is refused, naming the adapter and the tensor; one that fits the base but
+names another in its base_model_name_or_path is merged with a warning.
 FedNova's a_t: --steps or --lr-sums; given neither, each model's trainer_state.json (written by
 Hugging Face's Trainer beside it) gives them, by the normaliser --trainer-state names, else by FedNova's
 default, {DEFAULT_NORMALIZE_BY} ({SOURCES[DEFAULT_NORMALIZE_BY]}). Which a_t were used, and from
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ModelLeftOut)
+        warnings.simplefilter("always", BaseMismatch)
         out = merge_checkpoints(
             args.base, args.models, args.out,
             method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
@@ -188,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         if issubclass(warning.category, ModelLeftOut):
             print(f"fedmerge: {warning.message}", file=sys.stderr)
             left_out += 1
+        elif issubclass(warning.category, BaseMismatch):
+            print(f"fedmerge: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if not args.quiet:

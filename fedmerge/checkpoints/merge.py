@@ -111,7 +111,9 @@ def merge_checkpoints(
     base : the pretrained checkpoint θ (a file or a model directory).
     models : the fine-tuned models θ_t, T ≥ 1 of them: checkpoints with exactly the base's tensors, or PEFT LoRA
         adapter directories of the base (``adapter_config.json`` + ``adapter_model.safetensors``; read as
-        θ_t = θ + ΔW, see :mod:`fedmerge.checkpoints.adapters`), mixed freely.
+        θ_t = θ + ΔW, see :mod:`fedmerge.checkpoints.adapters`), mixed freely. An adapter whose
+        ``base_model_name_or_path`` names another model than ``base`` is merged with a
+        :class:`~fedmerge.checkpoints.adapters.BaseMismatch` warning (make it an error with a warnings filter).
     out : a directory (Hugging Face layout, the base's config and tokenizer files copied) or, if it ends in
         ``.safetensors``, a single file.
     method : "task-arithmetic" or any of :data:`fedmerge.merging.METHODS` ("fedavg", "fednova", "fedgma", "median",
@@ -134,7 +136,7 @@ def merge_checkpoints(
     trainer_state : fednova only: read each a_t from the model directory's ``trainer_state.json``, its
         ``global_step`` ("steps") or its logged learning rates summed ("lr-sum"). Given neither this nor ``steps``
         or ``lr_sums``, a_t is read from it by FedNova's default normaliser
-        (:data:`fedmerge.merging.fednova.DEFAULT_NORMALIZE_BY`); see :mod:`fedmerge.checkpoints.trainer_state`.
+        (:data:`fedmerge.merging.rules.fednova.DEFAULT_NORMALIZE_BY`); see :mod:`fedmerge.checkpoints.trainer_state`.
     note : called, once the output is written, with one line saying which β was applied and why (and, for
         fednova, which a_t and where they came from); ``fedmerge merge`` prints them on standard error.
 

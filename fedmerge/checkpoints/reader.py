@@ -81,7 +81,7 @@ class TorchFile:
         return self._tensors[name]
 
     def reader(self, name: str) -> torch.Tensor:
-        return self._tensors[name]  # memory-mapped: slices of it are read when touched
+        return self._tensors[name]  # memory-mapped: the core copies a chunk's elements only, even from a strided view
 
     def close(self) -> None:
         self._tensors = {}

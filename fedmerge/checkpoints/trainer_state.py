@@ -1,7 +1,7 @@
 """FedNova's a_t of checkpoints: given, or read from each model's ``trainer_state.json`` (what Hugging Face's Trainer
 saves beside a model).
 
-Two readings, one per normaliser (:data:`fedmerge.merging.fednova.NORMALIZE_BY`):
+Two readings, one per normaliser (:data:`fedmerge.merging.rules.fednova.NORMALIZE_BY`):
 
 - ``steps``: a_t = ``global_step``, the optimizer steps the model was trained for (with gradient accumulation,
   one per accumulated batch).
@@ -16,7 +16,7 @@ Two readings, one per normaliser (:data:`fedmerge.merging.fednova.NORMALIZE_BY`)
 
 One rule gives a_t for ``fedmerge merge`` and ``fedmerge evaluate`` (:func:`effective_steps`): by the normaliser asked
 for, else by the one whose values are given, else by FedNova's default
-(:data:`fedmerge.merging.fednova.DEFAULT_NORMALIZE_BY`); its values as given, else read from every model's
+(:data:`fedmerge.merging.rules.fednova.DEFAULT_NORMALIZE_BY`); its values as given, else read from every model's
 trainer_state.json; else refused, naming the model and the ways to give them. Never a silent a_t = 1.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from fedmerge.checkpoints.reader import read_json_object
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY, NORMALIZE_BY
+from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY, NORMALIZE_BY
 
 TRAINER_STATE = "trainer_state.json"
 FLAGS = {"steps": "--steps", "lr-sum": "--lr-sums"}

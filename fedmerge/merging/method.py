@@ -3,8 +3,8 @@
 Every other layer reads these records instead of restating a rule's parameters: the experiment spec's
 ``strategy.<method>.<param>`` keys and the Flower strategies (:mod:`fedmerge.strategies`), ``fedmerge merge``'s
 flags and checks (:mod:`fedmerge.checkpoints`), and the one-shot search on validation splits
-(:mod:`fedmerge.simulations`). Adding a method is its rule's file, with its record, and one line in
-:mod:`fedmerge.merging.registry`.
+(:mod:`fedmerge.simulations`). Adding a method is its rule's file (:mod:`fedmerge.merging.rules`), with its
+record, and one line in :mod:`fedmerge.merging.registry`.
 """
 
 from collections.abc import Callable, Mapping, Sequence

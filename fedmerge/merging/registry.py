@@ -1,20 +1,20 @@
 """Every merging method by name, each its rule's one record (:class:`~fedmerge.merging.method.Method`).
 
-Adding a method: its rule's file with its record, and one entry here.
+Adding a method: its rule's file in :mod:`fedmerge.merging.rules` with its record, and one entry here.
 """
 
 import difflib
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.cclip import METHOD as CCLIP
-from fedmerge.merging.dare import LINEAR as DARE_LINEAR, TIES as DARE_TIES
-from fedmerge.merging.fedavg import METHOD as FEDAVG
-from fedmerge.merging.fedgma import METHOD as FEDGMA
-from fedmerge.merging.fednova import METHOD as FEDNOVA
-from fedmerge.merging.mean_direction import METHOD as MEAN_DIRECTION
-from fedmerge.merging.median import METHOD as MEDIAN
 from fedmerge.merging.method import Method
-from fedmerge.merging.ties import METHOD as TIES
+from fedmerge.merging.rules.cclip import METHOD as CCLIP
+from fedmerge.merging.rules.dare import LINEAR as DARE_LINEAR, TIES as DARE_TIES
+from fedmerge.merging.rules.fedavg import METHOD as FEDAVG
+from fedmerge.merging.rules.fedgma import METHOD as FEDGMA
+from fedmerge.merging.rules.fednova import METHOD as FEDNOVA
+from fedmerge.merging.rules.mean_direction import METHOD as MEAN_DIRECTION
+from fedmerge.merging.rules.median import METHOD as MEDIAN
+from fedmerge.merging.rules.ties import METHOD as TIES
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     FEDAVG, FEDNOVA, FEDGMA, MEDIAN, CCLIP, TIES, DARE_LINEAR, DARE_TIES, MEAN_DIRECTION)}

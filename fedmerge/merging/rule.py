@@ -44,8 +44,10 @@ class Rule:
         """A per-client parameter (one value per client given) restricted to the present clients."""
         return values if values is None or self.present is None else [values[t] for t in self.present]
 
-    def prepare(self, task_vectors: Sequence[Tensors], names: Sequence[str]) -> None:
-        """First pass, before any tensor is merged. Resolves p_t; subclasses may add more."""
+    def prepare(self, task_vectors: Sequence[Tensors], names: Sequence[str], device: torch.device | None) -> None:
+        """First pass, before any tensor is merged. Resolves p_t; subclasses may add more, e.g. a pass over the
+        whole model (:func:`~fedmerge.merging.tensors.gram_matrix`), which runs on ``device``, where the chunks are
+        merged (None: where the tensors live)."""
         self.p = client_weights(self.per_client(self.weights), len(task_vectors))
 
     def prepare_tensor(
@@ -91,8 +93,9 @@ def iter_merge(
     The entrance of the merging core: tensor names, shapes and dtypes are checked first, from metadata
     (:func:`~fedmerge.merging.validate.check_task_vectors`), and clients of weight 0 are dropped (never read).
     If ``squared_norms`` (length T) is given, each present client's ‖τ_t‖² over the floating tensors is
-    added to it; a non-finite entry flags non-finite values. Δ is made on ``device`` (default: where the first
-    client's tensor, or its base θ, lives; the CPU for tensors read from disk). See :func:`_drive`.
+    added to it; a non-finite entry flags non-finite values. Every pass runs on ``device`` (the rule's first pass
+    over the whole model, its per-tensor statistics and the chunks); by default where the first client's tensor, or
+    its base θ, lives (the CPU for tensors read from disk). See :func:`_drive`.
     """
     yield from _drive(rule, task_vectors, names, squared_norms, device, None)
 
@@ -106,13 +109,14 @@ def _drive(rule, task_vectors, names, squared_norms, device, server_lr) -> Itera
     names = check_task_vectors(task_vectors, names)
     present = rule.present_clients(len(task_vectors))
     task_vectors = [task_vectors[t] for t in present]
+    device = None if device is None else torch.device(device)
     workers = available_cores()
     with ThreadPoolExecutor(workers) as pool:
         with single_threaded():
-            rule.prepare(task_vectors, names)
+            rule.prepare(task_vectors, names, device)
         for name in names:
             found = terms(task_vectors, name)
-            where = torch.device(device) if device is not None else _home(found[0])
+            where = found[0].home if device is None else device
             if not found[0].floating:
                 delta, base = _merge_integer(rule, found, where)
                 yield name, delta if server_lr is None else apply_update(base, delta, server_lr)
@@ -123,12 +127,6 @@ def _drive(rule, task_vectors, names, squared_norms, device, server_lr) -> Itera
                 squared_norms[present] += norms
             yield name, out
             del out  # the caller holds it now; keep at most one Δ alive while the next tensor is read
-
-
-def _home(term: Term) -> torch.device:
-    """Where the work on a tensor runs by default: where its base (else its value) lives; readers are on the CPU."""
-    held = term.value if term.base is None else term.base
-    return held.device if isinstance(held, torch.Tensor) else torch.device("cpu")
 
 
 def _merge_integer(rule: Rule, found: list[Term], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,8 +6,9 @@ those chunks; so a rule over T clients reads each input once and holds one outpu
 worker. Inputs are tensors, or :class:`SliceReader` s of tensors still on disk, read a chunk at a time.
 
 Devices: the work on a tensor runs on the device asked for, by default where the first client's tensor (for
-a :class:`TaskVector`, its base θ) lives, and every buffer is made there; chunks are copied there as they
-are read.
+a :class:`TaskVector`, its base θ) lives (:attr:`Term.home`), and every buffer is made there; chunks are
+copied there as they are read. The passes over the whole model (:func:`gram_matrix`, :func:`squared_norms`)
+take the same device.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,7 +66,32 @@ def source(tensors: Tensors, name: str) -> Source:
 
 def read_into(src: Source, s: slice, out: torch.Tensor) -> torch.Tensor:
     """The flat elements ``s`` of ``src`` copied into ``out``, converted to its dtype and moved to its device."""
-    return out.copy_(src.reshape(-1)[s] if isinstance(src, torch.Tensor) else src.read(s))
+    return copy_flat(src, s, out) if isinstance(src, torch.Tensor) else out.copy_(src.read(s))
+
+
+def copy_flat(tensor: torch.Tensor, s: slice, out: torch.Tensor) -> torch.Tensor:
+    """The row-major elements ``s`` of ``tensor`` copied into the flat ``out``, touching those elements only.
+
+    A non-contiguous tensor (a transposed or expanded view, as a PyTorch file may hold) is not flattened whole:
+    ``s`` is cut into a partial leading row, whole rows and a partial trailing row, each copied from a view.
+    """
+    if s.start >= s.stop:
+        return out
+    if tensor.is_contiguous() or tensor.dim() <= 1:
+        return out.copy_(tensor.reshape(-1)[s])
+    if s.start == 0 and s.stop == tensor.numel():
+        out.view(tensor.shape).copy_(tensor)
+        return out
+    row = tensor[0].numel()
+    first, last = s.start // row, (s.stop - 1) // row
+    if first == last:
+        return copy_flat(tensor[first], slice(s.start - first * row, s.stop - first * row), out)
+    head = (first + 1) * row - s.start
+    middle = (last - first - 1) * row
+    copy_flat(tensor[first], slice(s.start - first * row, row), out[:head])
+    out[head : head + middle].view(last - first - 1, *tensor.shape[1:]).copy_(tensor[first + 1 : last])
+    copy_flat(tensor[last], slice(0, s.stop - last * row), out[head + middle :])
+    return out
 
 
 def read_whole(src: Source, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -89,6 +115,13 @@ class Term:
     @property
     def shape(self) -> torch.Size:
         return torch.Size(self.value.shape)
+
+    @property
+    def home(self) -> torch.device:
+        """Where the work on this tensor runs by default: where its base (else its value) lives; readers are on the
+        CPU."""
+        held = self.value if self.base is None else self.base
+        return held.device if isinstance(held, torch.Tensor) else torch.device("cpu")
 
     def whole(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The whole term (θ_t − θ for a task vector) in ``dtype`` on ``device``."""
@@ -189,37 +222,41 @@ def weighted_sum_into(out: torch.Tensor, values: torch.Tensor, coeffs: Sequence[
     return out.copy_(coefficients(tuple(map(float, coeffs)), values.dtype, values.device) @ values)
 
 
-def _floating_chunks(vectors: Sequence[Tensors], names: Sequence[str]) -> Iterator[torch.Tensor]:
-    """Every floating tensor of ``names`` as (T, n) float64 chunks, row t vector t's, on the device of the first
-    vector's tensor. Floating tensors are told by the last vector, so the first (a CCLIP center) may hold the
-    floating tensors only."""
+def _floating_chunks(vectors: Sequence[Tensors], names: Sequence[str], device: torch.device | str | None,
+                     ) -> Iterator[torch.Tensor]:
+    """Every floating tensor of ``names`` as (T, n) float64 chunks, row t vector t's, on ``device`` (None: the last
+    vector's :attr:`Term.home`). Floating tensors and their home are told by the last vector, so the first (a CCLIP
+    center) may hold the floating tensors only, and live anywhere."""
     for name in names:
         if not terms(vectors[-1:], name)[0].floating:
             continue
         found = terms(vectors, name)
-        first = found[0].value
-        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-        size = chunk_size(device)
-        values = torch.empty(len(found), min(size, found[0].shape.numel()), dtype=torch.float64, device=device)
-        base_row = torch.empty(values.shape[1], dtype=torch.float64, device=device)
+        where = found[-1].home if device is None else torch.device(device)
+        size = chunk_size(where)
+        values = torch.empty(len(found), min(size, found[0].shape.numel()), dtype=torch.float64, device=where)
+        base_row = torch.empty(values.shape[1], dtype=torch.float64, device=where)
         for s in chunks(found[0].shape.numel(), size):
             n = s.stop - s.start
             read_chunk(found, s, values[:, :n], base_row[:n])
             yield values[:, :n]
 
 
-def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
-    """G[i, j] = ⟨v_i, v_j⟩ over every floating tensor of ``names``, accumulated in float64 (T² numbers)."""
+def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str],
+                device: torch.device | str | None = None) -> np.ndarray:
+    """G[i, j] = ⟨v_i, v_j⟩ over every floating tensor of ``names``, accumulated in float64 (T² numbers) on
+    ``device`` (None: where each tensor lives)."""
     gram = None
-    for x in _floating_chunks(vectors, names):
+    for x in _floating_chunks(vectors, names, device):
         gram = x @ x.T if gram is None else gram.add_(x @ x.T)
     return np.zeros((len(vectors), len(vectors))) if gram is None else gram.cpu().numpy()
 
 
-def squared_norms(vectors: Sequence[Tensors], names: Sequence[str]) -> np.ndarray:
-    """‖v_t‖² over every floating tensor of ``names``, in float64: the Gram matrix's diagonal in O(T)."""
+def squared_norms(vectors: Sequence[Tensors], names: Sequence[str],
+                  device: torch.device | str | None = None) -> np.ndarray:
+    """‖v_t‖² over every floating tensor of ``names``, in float64 on ``device`` (None: where each tensor lives): the
+    Gram matrix's diagonal in O(T)."""
     total = None
-    for x in _floating_chunks(vectors, names):
+    for x in _floating_chunks(vectors, names, device):
         row = (x * x).sum(1)
         total = row if total is None else total.add_(row)
     return np.zeros(len(vectors)) if total is None else total.cpu().numpy()

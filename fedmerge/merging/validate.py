@@ -12,10 +12,10 @@ from fedmerge.merging.tensors import OnDevice, Tensors, TaskVector
 
 def describe(tensors: Tensors) -> dict[str, tuple[tuple[int, ...], object]]:
     """Every tensor's (shape, dtype), from metadata where the mapping has ``specs``."""
-    return {name: _describe(tensors, name) for name in tensors}
+    return {name: spec_of(tensors, name) for name in tensors}
 
 
-def _describe(tensors: Tensors, name: str) -> tuple[tuple[int, ...], object]:
+def spec_of(tensors: Tensors, name: str) -> tuple[tuple[int, ...], object]:
     """(shape, dtype) of ``tensors[name]``, from the mapping's ``specs`` where it has them (and from the mapping
     an :class:`OnDevice` wraps, so that looking is not a copy to the device)."""
     while isinstance(tensors, OnDevice):
@@ -38,7 +38,7 @@ def check_like(label: str, tensors: Tensors, expected: dict, reference: str, adv
     if extra:
         raise FedmergeError(f"{label} has tensor {extra[0]!r}, which is not among {reference} ({len(extra)} extra); {same_set}.")
     for name, (shape, dtype) in expected.items():
-        got_shape, got_dtype = _describe(tensors, name)
+        got_shape, got_dtype = spec_of(tensors, name)
         if got_shape != shape:
             raise FedmergeError(f"{label}: tensor {name!r} has shape {got_shape} but {reference} has {shape}; "
                                 f"{advice or 'is it a model of another size or architecture?'}.")
@@ -52,7 +52,7 @@ def check_center(center: Tensors, task_vectors: Sequence[Tensors], names: Sequen
     first = task_vectors[0]
     reference = first.base if isinstance(first, TaskVector) else first
     for name in names:
-        shape, dtype = _describe(reference, name)
+        shape, dtype = spec_of(reference, name)
         if getattr(dtype, "is_floating_point", False) and (name not in center or tuple(center[name].shape) != shape):
             raise FedmergeError(f"the center lacks tensor {name!r} or holds it in another shape than the model's {shape}; "
                                 "give the previous round's update of the same model.")

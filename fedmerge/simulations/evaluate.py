@@ -38,7 +38,7 @@ from fedmerge.checkpoints.trainer_state import GIVE, EffectiveSteps, effective_s
 from fedmerge.checkpoints.validate import finite, non_finite
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir
-from fedmerge.merging.fednova import NORMALIZE_BY
+from fedmerge.merging.rules.fednova import NORMALIZE_BY
 from fedmerge.merging.validate import check_like, describe
 from fedmerge.simulations.experiment import Experiment, Progress
 from fedmerge.simulations.results import write_results
@@ -180,7 +180,7 @@ def evaluate_checkpoints(
     out : the parent directory of the results directory (``<name>-<timestamp>``), unless ``run_dir`` names it.
     steps, lr_sums : each model's local step count and sum of learning rates, one per model. FedNova normalises by
         ``strategy.fednova.normalize_by`` when the spec sets it, else by the one of these given, else by its default
-        (:data:`fedmerge.merging.fednova.DEFAULT_NORMALIZE_BY`); what is not given is read from each model
+        (:data:`fedmerge.merging.rules.fednova.DEFAULT_NORMALIZE_BY`); what is not given is read from each model
         directory's trainer_state.json (its global_step; its logged learning rates summed) when every model has
         one. FedNova's a_t obtainable neither way is refused; the others are left out of the replies. Each
         reply's ``num-examples`` is the size of its task's train split.

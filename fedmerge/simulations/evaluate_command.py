@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from fedmerge.merging import METHODS
-from fedmerge.merging.fednova import DEFAULT_NORMALIZE_BY
+from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY
 from fedmerge.merging.scale import CONVENTIONS, PAPER_GRID
 
 DESCRIPTION = f"""\

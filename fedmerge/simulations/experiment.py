@@ -278,9 +278,10 @@ class Experiment:
         """R rounds of the strategy from θ0; per-round test figures and the final model (its statistics handled
         as every scored model's)."""
         strategy = self._strategy(name)
-        history, scored = [], {}
+        history, scored, clock = [], {}, [time.perf_counter()]
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            seconds = time.perf_counter() - clock[0]  # this round's training and merge (not the evaluation)
             self._check_stopped()
             record = strategy.record_for(server_round)
             if server_round and (record is None or not record.client_ids):
@@ -291,9 +292,10 @@ class Experiment:
                 arrays = self._with_statistics(arrays, strategy)
             scored["arrays"] = arrays
             summary = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
-            history.append({"round": server_round, **summary})
+            history.append({"round": server_round, **({"seconds": round(seconds, 4)} if server_round else {}), **summary})
             if server_round:
                 self.progress(f"{name}: round {server_round}/{rounds}")
+            clock[0] = time.perf_counter()
             return MetricRecord({k: v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)})
 
         strategy.start(
@@ -350,8 +352,9 @@ def travelling(fed: Federation, spec: Spec) -> tuple[list[str], float]:
     """What travels between server and clients (the trained tensors; with server.lora = "stack" or "dense" on a
     model with LoRA adapters, their layers' base weights too, which the merge folds the update into) and s = α/r.
     Raises :class:`FedmergeError` when the adapters cannot be merged so (checked before any client trains)."""
-    mode, layers = spec.server["lora"], adapted_layers(list(fed.pretrained))
-    if mode == "factors" or not layers:
+    mode = spec.server["lora"]
+    layers = adapted_layers(list(fed.pretrained), only_factors=True) if mode != "factors" else []
+    if not layers:
         return fed.trained_names, 1.0
     config = getattr(fed.model_fn(), "peft_config", {}).get("default")
     if config is None:

@@ -59,10 +59,11 @@ class MergingStrategy(FlowerFedAvg):
         Where the rule runs. Replies arrive and the new model leaves as CPU arrays (Flower's wire); with a
         GPU each tensor is copied there, merged, and copied back.
     lora : "factors" | "stack" | "dense" (default "factors")
-        How LoRA adapters (peft's ``….lora_A/B.<adapter>.weight``) are merged: as any other tensors, A and B
-        apart (cheap; not the merge of the clients' B·A); ``stack``: Σ_t c_t·s·B_t A_t from the stacked factors,
-        exact for the weighted-sum rules (FedAvg, FedNova by steps or Σ lr); or ``dense``: the rule over each
-        layer's dense update s·(B_t A_t − B A), exact for every rule. Both fold the result into
+        How LoRA adapters (peft's ``….lora_A/B.<adapter>.weight``, and ``….lora_embedding_A/B.<adapter>`` whose ΔW
+        is transposed) are merged: as any other tensors, A and B apart (cheap; not the merge of the clients' B·A);
+        ``stack``: Σ_t c_t·s·B_t A_t from the stacked factors, exact for the weighted-sum rules (FedAvg, FedNova by
+        steps or Σ lr); or ``dense``: the rule over each layer's dense update s·(B_t A_t − B A), exact for every
+        rule; both refuse other LoRA tensors (DoRA's magnitudes, ...). Both fold the result into
         ``….base_layer.weight`` (which the arrays must then carry), B restarting at 0 (:mod:`fedmerge.merging.lora`).
     lora_scaling : float (default 1.0)
         s = α/r of the adapters, for ``lora="dense"``.
@@ -273,7 +274,7 @@ class MergingStrategy(FlowerFedAvg):
         shared = self.roles.merged(global_arrays)
         base = OnDevice(RecordTensors(subset(global_arrays, shared)), self.device)
         models = [OnDevice(RecordTensors(subset(r.arrays, shared)), self.device) for r in accepted]
-        layers = adapted_layers(shared) if self.lora != "factors" else []
+        layers = adapted_layers(shared, only_factors=True) if self.lora != "factors" else []
         folded = {layer.weight: layer for layer in layers}
         if self.lora == "dense" and layers:
             task_vectors = [DenseUpdate(model, base, layers, self.lora_scaling) for model in models]

@@ -5,7 +5,7 @@ v_0 = center, v_{l+1} = v_l + Σ_t p_t clip(τ_t − v_l, ρ), clip(x, ρ) = x �
 update. The center is 0 in the first round and, with ``center="previous"``, the previous round's Δ after.
 """
 
-from fedmerge.merging.cclip import METHOD, CClipRule
+from fedmerge.merging.rules.cclip import METHOD, CClipRule
 from fedmerge.strategies.base import MethodStrategy
 
 

@@ -5,7 +5,7 @@ Yu et al., "Language Models are Super Mario", ICML 2024. Each round draws new dr
 depend on its client id, not on the order its reply arrived in.
 """
 
-from fedmerge.merging.dare import LINEAR, TIES, DareRule
+from fedmerge.merging.rules.dare import LINEAR, TIES, DareRule
 from fedmerge.strategies.base import MethodStrategy
 
 

@@ -4,7 +4,7 @@ McMahan et al., AISTATS 2017. One round from a pretrained θ0 with β = λ·T is
 scaling λ (Ilharco et al., ICLR 2023); β = 1 with uniform p is the average of the fine-tuned models.
 """
 
-from fedmerge.merging.fedavg import METHOD
+from fedmerge.merging.rules.fedavg import METHOD
 from fedmerge.strategies.base import MethodStrategy
 
 

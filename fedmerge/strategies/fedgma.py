@@ -4,7 +4,7 @@ Tenison et al., "Gradient Masked Averaging for Federated Learning", TMLR 2023. A
 m_j = 1 if A_j ≥ ρ else A_j. ρ ≤ 0 gives FedAvg.
 """
 
-from fedmerge.merging.fedgma import METHOD
+from fedmerge.merging.rules.fedgma import METHOD
 from fedmerge.strategies.base import MethodStrategy
 
 

@@ -5,7 +5,7 @@ NeurIPS 2020. a_t is the client's ``num-steps`` or its ``lr-sum`` (Σ_k η_t^(k)
 """
 
 from fedmerge import contract
-from fedmerge.merging.fednova import METHOD, FedNovaRule
+from fedmerge.merging.rules.fednova import METHOD, FedNovaRule
 from fedmerge.strategies.base import MethodStrategy
 
 _KEY = {"steps": contract.NUM_STEPS, "lr-sum": contract.LR_SUM}
@@ -16,7 +16,7 @@ class FedNova(MethodStrategy):
 
     Parameters
     ----------
-    normalize_by : "steps" | "lr-sum" (default :data:`fedmerge.merging.fednova.DEFAULT_NORMALIZE_BY`)
+    normalize_by : "steps" | "lr-sum" (default :data:`fedmerge.merging.rules.fednova.DEFAULT_NORMALIZE_BY`)
         a_t from the reply's ``num-steps`` or ``lr-sum``. ``lr-sum`` corrects both unequal step counts and
         unequal learning rates, ``steps`` only the former; both assume an update grows in proportion to the
         work. :class:`~fedmerge.strategies.MeanDirection` normalises by the update's own norm instead.

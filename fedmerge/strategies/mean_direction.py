@@ -1,6 +1,6 @@
-"""Mean direction: θ ← θ + β · ā Σ_t p_t τ_t / ‖τ_t‖, ā = Σ_t p_t ‖τ_t‖ (:mod:`fedmerge.merging.mean_direction`)."""
+"""Mean direction: θ ← θ + β · ā Σ_t p_t τ_t / ‖τ_t‖, ā = Σ_t p_t ‖τ_t‖ (:mod:`fedmerge.merging.rules.mean_direction`)."""
 
-from fedmerge.merging.mean_direction import METHOD
+from fedmerge.merging.rules.mean_direction import METHOD
 from fedmerge.strategies.base import MethodStrategy
 
 

@@ -4,7 +4,7 @@ Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical 
 With β = 1 and ``even="mean"`` this is Flower's FedMedian, computed several times faster.
 """
 
-from fedmerge.merging.median import METHOD
+from fedmerge.merging.rules.median import METHOD
 from fedmerge.strategies.base import MethodStrategy
 
 

@@ -3,7 +3,7 @@
 Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
 """
 
-from fedmerge.merging.ties import METHOD
+from fedmerge.merging.rules.ties import METHOD
 from fedmerge.strategies.base import MethodStrategy
 
 

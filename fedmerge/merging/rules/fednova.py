@@ -58,8 +58,8 @@ class FedNovaRule(Rule):
         positive_per_client(self.effective_steps, num_clients, "effective steps (a_t)")
         return super().present_clients(num_clients)
 
-    def prepare(self, task_vectors, names) -> None:
-        super().prepare(task_vectors, names)
+    def prepare(self, task_vectors, names, device) -> None:
+        super().prepare(task_vectors, names, device)
         a = positive_per_client(self.per_client(self.effective_steps), len(task_vectors), "effective steps (a_t)")
         self.coeffs = float(np.dot(self.p, a)) * self.p / a
 

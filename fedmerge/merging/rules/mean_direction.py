@@ -30,10 +30,10 @@ class MeanDirectionRule(Rule):
         self.coeffs: np.ndarray | None = None
         self.norms: np.ndarray | None = None
 
-    def prepare(self, task_vectors, names) -> None:
-        super().prepare(task_vectors, names)
+    def prepare(self, task_vectors, names, device) -> None:
+        super().prepare(task_vectors, names, device)
         with np.errstate(invalid="ignore"):  # non-finite inputs: the driver's norms flag them
-            self.norms = np.sqrt(np.maximum(squared_norms(task_vectors, names), 0.0))
+            self.norms = np.sqrt(np.maximum(squared_norms(task_vectors, names, device), 0.0))
         mean_length = float(np.dot(self.p, self.norms))
         self.coeffs = mean_length * self.p / np.where(self.norms > 0, self.norms, 1.0)  # a zero τ_t adds 0
 

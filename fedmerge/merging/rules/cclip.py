@@ -19,7 +19,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.options import Option, choice, non_negative_float, positive_int
 from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors, gram_matrix, weighted_sum_into
+from fedmerge.merging.tensors import Tensors, gram_matrix, read_into, source, weighted_sum_into
 from fedmerge.merging.validate import check_center
 
 
@@ -84,12 +84,12 @@ class CClipRule(Rule):
         self.clip_factors: np.ndarray | None = None
         self.radius_used: float | None = None
 
-    def prepare(self, task_vectors, names) -> None:
-        super().prepare(task_vectors, names)
+    def prepare(self, task_vectors, names, device) -> None:
+        super().prepare(task_vectors, names, device)
         if self.center is not None:
             check_center(self.center, task_vectors, names)
         basis = ([self.center] if self.center is not None else []) + list(task_vectors)
-        gram = gram_matrix(basis, names)
+        gram = gram_matrix(basis, names, device)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: the driver's norms flag them
             self.coeffs, self.clip_factors, self.radius_used = clipping_coefficients(
                 gram, self.p, self.radius, self.iterations, self.center is not None
@@ -100,7 +100,8 @@ class CClipRule(Rule):
             weighted_sum_into(out, values, self.coeffs)
         else:
             weighted_sum_into(out, values, self.coeffs[1:])
-            out.add_(self.center[name].reshape(-1)[s].to(out.device, out.dtype), alpha=float(self.coeffs[0]))
+            center = read_into(source(self.center, name), s, values[0])  # the rows are spent: the center's chunk there
+            out.add_(center, alpha=float(self.coeffs[0]))
 
     def params(self) -> dict:
         return {"rule": self.name, "radius": self.radius if self.radius_used is None else self.radius_used, "iterations": self.iterations}
