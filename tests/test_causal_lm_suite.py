@@ -292,7 +292,6 @@ def test_fedmerge_run_fine_tunes_and_merges_the_language_model(llm_run):
     pretrained = results["pretrained"]["tasks"]
     assert own[1]["accuracy"] > pretrained[1]["accuracy"] == 0.0  # sevens: its own client learns to answer 7
     assert all(o["loss"] < p["loss"] for o, p in zip(own, pretrained))  # fine-tuning lowers each task's held-out loss
-    assert all(c["reply"]["val-accuracy"] == c["own"]["val"]["accuracy"] for c in results["clients"])
     for run_ in results["runs"]:
         for t, task in enumerate(run_["final"]["tasks"]):
             assert 0 <= task["accuracy"] <= 1 and task["loss"] > 0

@@ -6,7 +6,10 @@ node config; a deployed SuperNode may override its own settings there too
 (``--node-config "partition-id=0 num-partitions=2 lr=0.01 steps=200"``).
 """
 
+import json
 from collections.abc import Mapping
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -16,10 +19,10 @@ from fedmerge import contract
 from fedmerge.clients.corruption import corrupt
 from fedmerge.clients.settings import client_seed, client_table, corruptions, with_node_overrides
 from fedmerge.clients.statistics import estimate_statistics
-from fedmerge.clients.trainer import total_steps, train
+from fedmerge.clients.trainer import TrainConfig, total_steps, train
 from fedmerge.config import unflatten
 from fedmerge.errors import FedmergeError
-from fedmerge.tasks import load_suite
+from fedmerge.tasks import Federation, load_suite
 
 ROUND_KEYS = ("num-rounds", "same-compute")
 """Config keys the server adds to each train message: R, and whether K_t is split over the R rounds."""
@@ -45,18 +48,35 @@ def release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class Run(NamedTuple):
+    """What every client of a run shares, made once per process: the nested config, the federation, every
+    client's training settings and corruption."""
+
+    config: dict
+    fed: Federation
+    settings: list[TrainConfig]
+    corruptions: list[tuple[str, float]]
+
+
+@lru_cache(maxsize=4)
+def _run(key: str) -> Run:
+    config = unflatten(json.loads(key))
+    num_clients, seed, training = int(config["clients"]), int(config["seed"]), config.get("training", {})
+    fed = load_suite(config["suite"], num_clients, config.get("suite_options", {}), seed)
+    return Run(config, fed, client_table(training, num_clients, seed), corruptions(training, num_clients))
+
+
 def _client(run_config: Mapping, node_config: Mapping):
-    """(run config as nested data, this client's id, the federation, its task, its training settings)."""
-    config = unflatten(run_config)
+    """(this run's shared part, this client's id, its task, its training settings); the shared part is made once
+    per process and run config, so that a call's cost does not grow with the number of clients."""
+    run = _run(json.dumps(dict(run_config), sort_keys=True))
     client_id = int(node_config["partition-id"])
-    num_clients = int(config["clients"])
+    num_clients = int(run.config["clients"])
     if "num-partitions" in node_config and int(node_config["num-partitions"]) != num_clients:
         raise FedmergeError(
             f"node config says num-partitions={node_config['num-partitions']} but the run has clients={num_clients}."
         )
-    fed = load_suite(config["suite"], num_clients, config.get("suite_options", {}), int(config["seed"]))
-    settings = client_table(config.get("training", {}), num_clients, int(config["seed"]))[client_id]
-    return config, client_id, fed, fed.tasks[client_id], with_node_overrides(settings, node_config)
+    return run, client_id, run.fed.tasks[client_id], with_node_overrides(run.settings[client_id], node_config)
 
 
 def local_training(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
@@ -65,8 +85,8 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
     The reply carries back the tensors received (the shared ones the clients train) and this client's private
     tensors (from θ0 when they were not sent), as CPU arrays.
     """
-    config, client_id, fed, task, settings = _client(run_config, node_config)
-    num_clients = int(config["clients"])
+    run, client_id, task, settings = _client(run_config, node_config)
+    config, fed = run.config, run.fed
     arrays, round_config = contract.received(message.content)
     first, steps = round_steps(
         total_steps(settings, len(task.train)),
@@ -78,13 +98,12 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
     model = fed.model_from(received, client_device(config.get("engine", {})))
     try:
         result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
-        own = fed.evaluate(model, task, "val")
         sent_back = {*received, *task.private}
         trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in sent_back}
     finally:  # out of memory included: the Ray worker must not keep the GPU memory of a finished client
         del model
         release_gpu_memory()
-    kind, scale = corruptions(config.get("training", {}), num_clients)[client_id]
+    kind, scale = run.corruptions[client_id]
     seed = client_seed(int(config["seed"]), client_id) + int(round_config["server-round"])
     weights = corrupt(trained, received, kind, scale, seed)
     metrics = contract.train_reply_metrics(
@@ -93,7 +112,6 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
         lr_sum=result.lr_sum,
         train_loss=result.train_loss,
         client_id=client_id,
-        **{f"val-{key}": value for key, value in own.items()},
     )
     return RecordDict({contract.ARRAYS: ArrayRecord(weights), contract.METRICS: MetricRecord(metrics)})
 
@@ -101,7 +119,8 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
 def local_statistics(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
     """Re-estimate the received model's normalisation statistics on this client's training data; the reply's
     content (the statistics, and how many batches they average)."""
-    config, client_id, fed, task, settings = _client(run_config, node_config)
+    run, client_id, task, settings = _client(run_config, node_config)
+    config, fed = run.config, run.fed
     arrays, query = contract.received(message.content)
     if query.get(contract.QUERY) != contract.STATISTICS:
         raise FedmergeError(f"a query message must ask for {contract.QUERY} = {contract.STATISTICS!r}, got "

@@ -224,7 +224,9 @@ def train(
     model.train()
     lr_sum, loss_sum = 0.0, torch.zeros((), dtype=torch.float64, device=device)
     with single_threaded(), closing(batches), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(model_seed)
+        torch.default_generator.manual_seed(model_seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(model_seed)  # the model's own randomness (dropout) on its GPU
         for step in range(first_step, first_step + num_steps):
             lr = learning_rate(config, step, total)
             for group in optimizer.param_groups:

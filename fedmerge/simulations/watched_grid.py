@@ -7,6 +7,7 @@ ends the run with a :class:`FedmergeError` when a client replies with an error: 
 are never computed from failed clients.
 """
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +19,9 @@ from flwr.serverapp import Grid
 from fedmerge.errors import FedmergeError
 
 POLL_SECONDS = 0.1
+POLL_WINDOW = 256
+"""Replies asked for per poll: the oldest messages still waiting (replies come back about in the order sent), so
+that a poll costs the same whatever the number of clients."""
 FLOWER_WRAPPING = "Exception ClientAppException occurred. Message: "
 """What Flower's simulation puts before the message of an exception raised in a ClientApp."""
 
@@ -67,20 +71,22 @@ class WatchedGrid(Grid):
             raise RunStopped("the run was stopped")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        waiting = set(self.push_messages(messages))
+        waiting = dict.fromkeys(self.push_messages(messages))  # in the order sent
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting and (deadline is None or time.monotonic() < deadline):
             self.check_stopped()
-            for reply in self.pull_messages(waiting):
-                waiting.discard(reply.metadata.reply_to_message_id)
+            window = list(itertools.islice(waiting, POLL_WINDOW))
+            pulled = list(self.pull_messages(window))
+            for reply in pulled:
+                waiting.pop(reply.metadata.reply_to_message_id, None)
                 node = reply.metadata.src_node_id
                 if reply.has_error():
                     raise FedmergeError(f"a client (node {node}) failed: {failure_reason(reply)}. "
                                         "Nothing was computed from the failed round.")
                 replies.append(reply)
                 self.on_reply(reply)
-            if waiting:
+            if waiting and len(pulled) < len(window):  # a whole window answered: the next may be too
                 self.stop.wait(POLL_SECONDS)
         if waiting:
             raise FedmergeError(

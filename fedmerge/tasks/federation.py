@@ -111,7 +111,7 @@ class Federation:
     def build_model(self) -> nn.Module:
         """A fresh model, its initial weights drawn from the federation's seed (global RNG left as it was)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            torch.default_generator.manual_seed(self.seed)  # the CPU's, where models are built (no CUDA call)
             try:
                 return self.model_fn()
             except FedmergeError:

@@ -19,6 +19,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,16 @@ class Suite:
 
 
 def installed() -> dict[str, str]:
-    """Suite name → import path: the built-in suites, then the installed plugins."""
+    """Suite name → import path: the built-in suites, then the installed plugins (read once per Python path)."""
+    return dict(_installed(tuple(sys.path)))
+
+
+@lru_cache(maxsize=4)
+def _installed(path: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     found = dict(BUILTIN)
     for entry in entry_points(group=GROUP):
         found.setdefault(entry.name, entry.value)
-    return found
+    return tuple(found.items())
 
 
 def find_suite(name: str) -> Suite:
