@@ -597,3 +597,24 @@ def test_the_one_shot_grid_is_each_methods_own_lambda_and_reaches_the_mean_at_ev
         assert all(beta == pytest.approx(scaling_to_server_lr(scaling, clients, method.scale)) for scaling, beta in grid)
     assert len(search_grid(20, "sum")) == len(PAPER_GRID) and len(search_grid(21, "sum")) > len(PAPER_GRID)
     assert METHODS["ties"].server_lr(1.0, 8) == 1.0 and METHODS["fedavg"].server_lr(0.3, 8) == pytest.approx(2.4)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_public_functions_refuse_a_non_finite_client_naming_it(name):
+    """merge, merged_model and iter_merge: one NaN must never become an all-NaN (or a silently NaN) model."""
+    gen = torch.Generator().manual_seed(5)
+    base = random_model(gen)
+    models = [random_model(gen) for _ in range(4)]
+    models[2]["w"][3, 1] = float("nan")
+    rule = lambda: METHODS[name].build(None, **METHODS[name].resolve(  # noqa: E731
+        {"steps": [1, 2, 3, 4]} if name == "fednova" else {}, "merge"))
+    message = r"client 2: tensor 'w' holds NaN or infinite values; nothing was merged"
+    with pytest.raises(FedmergeError, match=message):
+        merged_model(rule(), base, models)
+    with pytest.raises(FedmergeError, match=message):
+        merge(rule(), [TaskVector(m, base) for m in models])
+    with pytest.raises(FedmergeError, match=message):
+        dict(iter_merge(rule(), [TaskVector(m, base) for m in models]))
+    norms = np.zeros(4)  # a caller who reads the norms handles the client itself
+    dict(iter_merge(rule(), [TaskVector(m, base) for m in models], squared_norms=norms))
+    assert not np.isfinite(norms[2]) and np.isfinite(norms[[0, 1, 3]]).all()

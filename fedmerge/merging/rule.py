@@ -93,7 +93,9 @@ def iter_merge(
     The entrance of the merging core: tensor names, shapes and dtypes are checked first, from metadata
     (:func:`~fedmerge.merging.validate.check_task_vectors`), and clients of weight 0 are dropped (never read).
     If ``squared_norms`` (length T) is given, each present client's ‖τ_t‖² over the floating tensors is
-    added to it; a non-finite entry flags non-finite values. Every pass runs on ``device`` (the rule's first pass
+    added to it, and a non-finite entry flags non-finite values for the caller to handle (the strategies leave
+    such a client out); without it, a client holding NaN or ±inf is refused with a :class:`FedmergeError` naming
+    it and the tensor. Every pass runs on ``device`` (the rule's first pass
     over the whole model, its per-tensor statistics and the chunks); by default where the first client's tensor, or
     its base θ, lives (the CPU for tensors read from disk). See :func:`_drive`.
     """
@@ -122,11 +124,23 @@ def _drive(rule, task_vectors, names, squared_norms, device, server_lr) -> Itera
                 yield name, delta if server_lr is None else apply_update(base, delta, server_lr)
                 continue
             with single_threaded():
-                out, norms = _merge_floating(rule, name, found, where, pool, workers, server_lr, squared_norms is not None)
+                out, norms = _merge_floating(rule, name, found, where, pool, workers, server_lr)
             if squared_norms is not None:
                 squared_norms[present] += norms
+            else:  # the caller does not look at the norms: a non-finite input is refused here, not merged
+                _refuse_non_finite(name, found, norms, present)
             yield name, out
             del out  # the caller holds it now; keep at most one Δ alive while the next tensor is read
+
+
+def _refuse_non_finite(name: str, found: list[Term], norms: np.ndarray, present: np.ndarray) -> None:
+    """Raise naming the first client whose tensor ``name`` holds NaN or ±inf (a norm that overflowed from finite
+    values is not refused: each flagged term is checked whole)."""
+    for t in np.flatnonzero(~np.isfinite(norms)):
+        term = found[t]
+        if not bool(torch.isfinite(term.whole(torch.float64, torch.device("cpu"))).all()):
+            raise FedmergeError(f"client {int(present[t])}: tensor {name!r} holds NaN or infinite values; nothing was "
+                                "merged. Leave that client out (weight 0) or repair its model.")
 
 
 def _merge_integer(rule: Rule, found: list[Term], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -152,10 +166,10 @@ def _given_dtype(term: Term) -> torch.dtype:
 
 def _merge_floating(
     rule: Rule, name: str, found: list[Term], device: torch.device, pool: ThreadPoolExecutor, workers: int,
-    server_lr: float | None, want_norms: bool,
+    server_lr: float | None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """One floating tensor: Δ in the accumulation dtype, or θ + β·Δ in θ's dtype (``server_lr`` given); and each
-    client's ‖τ_t‖² (zeros unless ``want_norms``)."""
+    client's ‖τ_t‖² (non-finite where its values are)."""
     dtype = accumulation_dtype((found[0].value if found[0].base is None else found[0].base).dtype)
     numel = found[0].shape.numel()
     out = torch.empty(found[0].shape, dtype=found[0].base.dtype if server_lr is not None else dtype, device=device)
@@ -179,8 +193,7 @@ def _merge_floating(
             n = s.stop - s.start
             values = rows[:, :n]
             theta = read_chunk(found, s, values, base_row[:n])
-            if want_norms:
-                norms += torch.linalg.vector_norm(values, dim=1).to(torch.float64) ** 2
+            norms += torch.linalg.vector_norm(values, dim=1).to(torch.float64) ** 2
             if delta is None:
                 rule.merge_chunk(name, s, values, flat_out[s])
             else:
