@@ -5,9 +5,10 @@ from pathlib import Path
 
 FINDINGS_HELP = """\
 Test the paper's claims on fedmerge's own suites: run the shipped study sweeps (Flower simulations, resumable,
-under --work), check claim 1 exactly, run the FedNova update-size study, decide each claim by explicit rules on
-paired differences over seeds, and write a Markdown page with the numbers, a verdict per claim and figures (PNGs
-beside the page, in <page-stem>/). About 15 minutes on 2 CPU cores from nothing; finished cells are reused.
+under --work), check claim 1 exactly, run the FedNova studies (exploratory and held-out), decide each claim by
+explicit rules on paired differences over seeds, and write a Markdown page with the numbers, a verdict per claim
+and figures (PNGs beside the page, in <page-stem>/). About 20 minutes on 2 CPU cores from nothing; finished cells
+made by the same code are reused.
 """
 
 
