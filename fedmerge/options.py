@@ -85,6 +85,13 @@ def fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def share(name: str, value: Any) -> float:
+    """A float in [0, 1)."""
+    if not 0 <= _number(name, value, "a number in [0, 1)") < 1:
+        raise FedmergeError(f"option {name!r} must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
 def proportion(name: str, value: Any) -> float:
     """A float in (0, 1]."""
     if not 0 < _number(name, value, "a number in (0, 1]") <= 1:

@@ -60,9 +60,9 @@ def test_a_run_directory_holds_every_result_file(runs, results):
 
 
 def without_run_identity(document):
-    """Drop what is not a number of the run: timings, start time, and the node ids Flower draws."""
+    """Drop what is not a number of the run: timings (a round's seconds too), start time, and Flower's node ids."""
     if isinstance(document, dict):
-        return {k: without_run_identity(v) for k, v in document.items() if k not in ("timings", "started", "node_ids")}
+        return {k: without_run_identity(v) for k, v in document.items() if k not in ("timings", "started", "node_ids", "seconds")}
     if isinstance(document, list):
         return [without_run_identity(v) for v in document]
     return document

@@ -112,7 +112,7 @@ def test_bad_specs_are_refused_naming_the_culprit(changes, message):
         (["run", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["run", "missing.toml"], "no such experiment file"),
         (["run", "quadratic", "--set", "clients"], "write KEY=VALUE"),
-        (["run", "quadratic", "--strategy", "krum"], "unknown strategy 'krum'"),
+        (["run", "quadratic", "--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
         (["run", "quadratic", "--set", "training.steps=[1,2]"], "lists 2 values for 4 clients"),
     ],
 )
@@ -164,7 +164,8 @@ def test_values_are_stored_in_their_type():
     got = Spec.from_flat({"server.server_lr": "2", "engine.client_gpus": "0", "strategy.cclip.radius": "1",
                           "engine.ray_address": "127.0.0.1:6379", "name": "2024"}, BASE)
     assert got.server["server_lr"] == 2.0 and isinstance(got.server["server_lr"], float)
-    assert got.engine == {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": "127.0.0.1:6379", "server_device": "auto"}
+    assert got.engine == {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": "127.0.0.1:6379", "server_device": "auto",
+                          "stall_timeout": 600.0}
     assert got.strategy["cclip"]["radius"] == 1.0 and got.name == "2024"
 
 

@@ -100,7 +100,7 @@ def test_round_metrics_keep_per_client_metadata():
     assert metrics["client-train-loss"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     norms = [np.sqrt(sum(((r.content["arrays"][k].numpy() - base[k]) ** 2).sum() for k in SHAPES)) for r in replies]
     assert metrics["task-vector-norms"] == pytest.approx(norms, rel=1e-5)
-    assert strategy.rounds[0].effective_steps_key == "lr-sum"
+    assert strategy.rounds[0].effective_steps_key == "num-steps"  # FedNova's default a_t, also for FedAvg's diagnostics
 
 
 def test_fednova_uses_the_reported_effective_steps():
@@ -291,7 +291,7 @@ def _summary(caplog, strategy):
 
 def test_summary_tells_the_real_weighting_rule_and_server_lr(caplog):
     text = _summary(caplog, FedNova(server_lr=2.5))
-    assert "Merging: FedNova, normalize_by='lr-sum'" in text and "β = 2.5" in text
+    assert "Merging: FedNova, normalize_by='steps'" in text and "β = 2.5" in text
     assert "Weighted by: nothing: uniform p_t = 1/T" in text and "'num-examples'" not in text
     assert "Weighted by: 'shots' (p_t ∝ shots)" in _summary(caplog, FedAvg(weighting="num-examples", weighted_by_key="shots"))
     assert "uniform p_t = 1/T (Median is unweighted)" in _summary(caplog, Median(weighting="num-examples"))

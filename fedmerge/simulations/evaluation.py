@@ -31,16 +31,18 @@ def evaluate(fed: Federation, arrays: ArrayRecord, split: str, own: Sequence[flo
     tasks = []
     for t, task in enumerate(fed.tasks):
         result = {"task": task.name, **fed.evaluate(model, task, split)}
-        if own is not None and "accuracy" in result and own[t] > 0:
+        if own is not None and "accuracy" in result and own[t]:
             result["normalized_accuracy"] = result["accuracy"] / own[t]
         tasks.append(result)
     summary = {"tasks": tasks}
+    if own is not None and None in own and any("normalized_accuracy" in r for r in tasks):
+        summary["normalized_over"] = [r["task"] for r in tasks if "normalized_accuracy" in r]  # a client failed
     diverged = [r["task"] for r in tasks if r.get("diverged")]
     if diverged:
         summary["diverged"] = diverged  # non-finite outputs: its means are NaN, and selection never prefers it
     for key in ("accuracy", "normalized_accuracy", "loss"):
         values = [r[key] for r in tasks if key in r]
-        if len(values) == len(tasks):
+        if len(values) == len(tasks) or key == "normalized_accuracy" and "normalized_over" in summary:
             summary[f"mean_{key}"] = float(np.mean(values))
     optimum = fed.optimum()
     if optimum is not None:

@@ -34,7 +34,7 @@ from fedmerge.merging.tensors import gram_matrix
 from fedmerge.simulations import evaluation
 from fedmerge.simulations.spec import Spec
 from fedmerge.simulations.statistics import local_reestimate
-from fedmerge.simulations.watched_grid import RunStopped, WatchedGrid
+from fedmerge.simulations.watched_grid import RunStopped, WatchedGrid, failure_reason
 from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.roles import subset
 from fedmerge.strategies.statistics import reestimate
@@ -58,15 +58,17 @@ class Experiment:
     the final models out of ``results["models"]``.
     """
 
-    def __init__(self, spec: Spec, grid: Grid | None, progress: Progress | None = None, timeout: float = 3600.0,
+    def __init__(self, spec: Spec, grid: Grid | None, progress: Progress | None = None,
                  stop: threading.Event | None = None,
                  on_partial: Callable[[dict, list[str]], None] | None = None) -> None:
         self.spec = spec
         self.progress = progress or (lambda message: None)
         self.on_partial = on_partial or (lambda results, pending: None)
         self.stop = stop or threading.Event()
-        self.grid = None if grid is None else WatchedGrid(grid, self.stop, on_reply=self._client_done)
-        self.timeout = timeout
+        self.grid = None if grid is None else WatchedGrid(grid, self.stop, on_reply=self._client_done,
+                                                          max_failed_share=spec.server["max_failed_share"])
+        self.timeout = spec.engine["stall_timeout"]  # seconds without any reply (a round may take longer)
+        self.failed: list[dict] = []  # clients whose one-shot round failed (within server.max_failed_share)
         self.timings: dict[str, float] = {}
         self.device: torch.device | None = None  # the server's: resolved when the work starts
         self.lora_scaling = 1.0  # s = α/r of the suite's LoRA adapters, for server.lora = "dense"
@@ -134,6 +136,7 @@ class Experiment:
             "lora": spec.server["lora"] if has_adapters(list(base)) else None,
             "pretrained": pretrained,
             "clients": clients,
+            **({"failed": self.failed} if self.failed else {}),
             "diagnostics": self._diagnostics(fed, base, replies),
             "runs": [],
             "models": {},
@@ -158,8 +161,9 @@ class Experiment:
         started = time.perf_counter()
         sender = self._strategy("fedavg")
         messages = sender.configure_train(1, base, self._round_config(1), self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        replies.sort(key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID])
+        answers = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        self.failed = [{"node_id": r.metadata.src_node_id, "reason": failure_reason(r)} for r in answers if r.has_error()]
+        replies = sorted((r for r in answers if not r.has_error()), key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID])
         self.timings["client_training"] = time.perf_counter() - started
         return replies
 
@@ -235,7 +239,8 @@ class Experiment:
         else:  # the value given, or the method's default
             candidates = [{method.tuned: spec.strategy_options(name)[method.tuned]} if method.tuned else {}]
         beta = spec.server["server_lr"]
-        scales = search_grid(num_clients, method.scale) if spec.select else [(method.scaling(beta, num_clients), beta)]
+        searched_scale = spec.select and not method.own_step  # FedExP's own step is its point: β as given
+        scales = search_grid(num_clients, method.scale) if searched_scale else [(method.scaling(beta, num_clients), beta)]
         if method.no_lambda:
             scales = [(None, server_lr) for _, server_lr in scales]  # no λ of its own: β alone
         selection, best = [], None
@@ -328,9 +333,15 @@ class Experiment:
         return ConfigRecord({"num-rounds": rounds, "same-compute": self.spec.same_compute})
 
 
-def _own(fed: Federation, clients: Sequence[dict], split: str) -> list[float] | None:
-    """Each client's own accuracy on ``split`` (what normalised accuracy divides by); None for loss suites."""
-    return [c["own"][split].get("accuracy") for c in clients] if fed.metric == "accuracy" else None
+def _own(fed: Federation, clients: Sequence[dict], split: str) -> list[float | None] | None:
+    """Each task's client's own accuracy on ``split`` (what normalised accuracy divides by; None for a client whose
+    one-shot round failed); None for loss suites."""
+    if fed.metric != "accuracy":
+        return None
+    own = [None] * len(fed.tasks)
+    for client in clients:
+        own[client["id"]] = client["own"][split].get("accuracy")
+    return own
 
 
 def _sample(data: Dataset, size: int, seed: int) -> Dataset:

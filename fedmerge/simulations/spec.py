@@ -26,7 +26,7 @@ from fedmerge.strategies.base import LORA_MODES, WEIGHTINGS
 STATISTICS = ("reestimate", "average", "theta0")
 from fedmerge.options import (
     Option, boolean, choice, list_of, non_negative_float, non_negative_int, positive_float, positive_int,
-    resolve, string, text,
+    resolve, share, string, text,
 )
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -71,6 +71,11 @@ SERVER = {
                    "rule; the default) | stack (the stacked factors: exact for fedavg and fednova, cheaper) | factors "
                    "(A and B averaged apart: cheap, inexact, not the merge of the clients' updates); stack and dense "
                    "fold the update into the adapted base weights, which then travel too", choice(*LORA_MODES)),
+    "clients_per_round": Option(0, "multi-round runs: clients sampled each round from the run's seed (the same "
+                                "clients for every strategy in a round); 0: every client. The one-shot round trains "
+                                "every client", non_negative_int),
+    "max_failed_share": Option(0.0, "the share of a round's clients that may fail: they are left out and recorded; "
+                               "more stops the run", share),
     "statistics": Option("reestimate", "normalisation statistics (BatchNorm's) of a merged model: reestimate (the "
                          "clients re-estimate them for the merged weights on their training data, averaged exactly) | "
                          "average (the clients' own, averaged) | theta0 (θ0's kept); never merged as task vectors",
@@ -82,6 +87,8 @@ ENGINE = {
     "client_cpus": Option(1.0, "Ray CPUs per client", positive_float),
     "client_gpus": Option(0.0, "Ray GPUs per client (a fraction shares a GPU)", non_negative_float),
     "ray_address": Option("", "an existing Ray cluster to attach to; empty: a fresh local one", string),
+    "stall_timeout": Option(600.0, "seconds without any client reply after which a round ends in error (a round "
+                            "takes as long as it needs while replies come)", positive_float),
     "server_device": Option("auto", "where the server evaluates, selects λ/ρ and merges: auto (cuda when available) "
                             "| cpu | cuda | cuda:N", device_name),
 }
@@ -178,6 +185,9 @@ class Spec:
             raise FedmergeError("'rounds' is empty; give the round counts to compare, e.g. rounds = [1, 5].")
         self.client_configs()
         corruptions(self.training, self.clients)
+        if self.server["clients_per_round"] > self.clients:
+            raise FedmergeError(f"server.clients_per_round = {self.server['clients_per_round']} is more than the "
+                                f"{self.clients} clients; give at most {self.clients} (0: every client).")
         if self.server["lora"] == "stack":
             inexact = [name for name in self.strategies if not METHODS[name].linear]
             if inexact:
@@ -198,9 +208,9 @@ class Spec:
 
     def build_strategy(self, name: str, **overrides):
         """A fresh strategy object with this spec's server and strategy options."""
-        server = {key: value for key, value in self.server.items() if key != "statistics"}
-        options = {**server, "statistics_rule": STATISTICS_RULE[self.server["statistics"]], **self.strategy_options(name),
-                   "device": self.engine["server_device"], **overrides}
+        server = {key: value for key, value in self.server.items() if key not in ("statistics", "max_failed_share")}
+        options = {**server, "statistics_rule": STATISTICS_RULE[self.server["statistics"]], "sample_seed": self.seed,
+                   **self.strategy_options(name), "device": self.engine["server_device"], **overrides}
         if "seed" in options:  # a random rule's draws flow from the run's seed too
             options["seed"] += self.seed
         flower = logging.getLogger("flwr")

@@ -1,10 +1,12 @@
-"""A Flower Grid that the experiment can stop, that reports each reply as it lands and refuses failed clients.
+"""A Flower Grid that the experiment can stop, that reports each reply as it lands and watches failures.
 
-Flower's grids wait for replies until a timeout (an hour here) whatever happens around them: after a
-Ctrl-C or a crash of the simulation runtime, a ServerApp thread waiting in ``send_and_receive`` would keep
-the process alive. This wrapper polls instead, raises :class:`RunStopped` as soon as ``stop`` is set, and
-ends the run with a :class:`FedmergeError` when a client replies with an error: an experiment's results
-are never computed from failed clients.
+Flower's grids wait for replies until a timeout whatever happens around them: after a Ctrl-C or a crash of the
+simulation runtime, a ServerApp thread waiting in ``send_and_receive`` would keep the process alive. This wrapper
+polls instead, raises :class:`RunStopped` as soon as ``stop`` is set, and ends the run with a
+:class:`FedmergeError` when more clients of a round fail than ``max_failed_share`` allows (none, by default):
+failed replies within that share are returned for the strategies to leave out and record, and an experiment's
+results are never computed from failed clients. Its ``timeout`` is a stall timeout: the round ends in error
+when no reply has come for that long, however long the round takes as a whole.
 """
 
 import itertools
@@ -40,10 +42,12 @@ def failure_reason(reply: Message) -> str:
 class WatchedGrid(Grid):
     """Delegates to ``grid``; ``send_and_receive`` polls, honours ``stop`` and calls ``on_reply`` per reply."""
 
-    def __init__(self, grid: Grid, stop: threading.Event, on_reply: Callable[[Message], None] | None = None) -> None:
+    def __init__(self, grid: Grid, stop: threading.Event, on_reply: Callable[[Message], None] | None = None,
+                 max_failed_share: float = 0.0) -> None:
         self.grid = grid
         self.stop = stop
         self.on_reply = on_reply or (lambda reply: None)
+        self.max_failed_share = max_failed_share
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -72,25 +76,38 @@ class WatchedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         waiting = dict.fromkeys(self.push_messages(messages))  # in the order sent
-        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = len(waiting)
+        allowed = int(self.max_failed_share * sent)
+        stalled_at = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while waiting and (deadline is None or time.monotonic() < deadline):
+        failed = 0
+        while waiting and (stalled_at is None or time.monotonic() < stalled_at):
             self.check_stopped()
             window = list(itertools.islice(waiting, POLL_WINDOW))
             pulled = list(self.pull_messages(window))
             for reply in pulled:
                 waiting.pop(reply.metadata.reply_to_message_id, None)
-                node = reply.metadata.src_node_id
                 if reply.has_error():
-                    raise FedmergeError(f"a client (node {node}) failed: {failure_reason(reply)}. "
-                                        "Nothing was computed from the failed round.")
+                    failed += 1
+                    if failed > allowed:
+                        raise FedmergeError(self._too_many(reply, failed, sent, allowed))
                 replies.append(reply)
                 self.on_reply(reply)
+            if pulled and timeout is not None:
+                stalled_at = time.monotonic() + timeout
             if waiting and len(pulled) < len(window):  # a whole window answered: the next may be too
                 self.stop.wait(POLL_SECONDS)
         if waiting:
             raise FedmergeError(
-                f"{len(waiting)} of {len(replies) + len(waiting)} clients did not reply within {timeout:g} s; "
+                f"{len(waiting)} of {sent} clients did not reply, and none replied for {timeout:g} s (engine.stall_timeout); "
                 "nothing was computed from that round."
             )
         return replies
+
+    def _too_many(self, reply: Message, failed: int, sent: int, allowed: int) -> str:
+        node, reason = reply.metadata.src_node_id, failure_reason(reply)
+        if self.max_failed_share == 0:
+            return f"a client (node {node}) failed: {reason}. Nothing was computed from the failed round."
+        return (f"{failed} of the round's {sent} clients failed, more than server.max_failed_share = "
+                f"{self.max_failed_share:g} allows ({allowed}); the last, node {node}: {reason}. Nothing was computed "
+                "from the failed round.")

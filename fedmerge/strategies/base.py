@@ -12,10 +12,11 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedmerge import contract
 from fedmerge.devices import resolve_device
@@ -23,6 +24,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merging import OnDevice, Rule, TaskVector, apply_update, chi_square, effective_weights, iter_merge
 from fedmerge.merging.lora import DenseUpdate, adapted_layers, fold, stacked_delta
 from fedmerge.merging.method import Method
+from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY
 from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
 from fedmerge.strategies.roles import STATISTICS_RULES, TensorRoles, assemble, subset
@@ -32,6 +34,8 @@ log = logging.getLogger("fedmerge")
 """Warnings about left-out clients; the summary goes through Flower's logger, which has a handler."""
 
 WEIGHTINGS = ("uniform", "num-examples")
+A_T_KEYS = {"steps": contract.NUM_STEPS, "lr-sum": contract.LR_SUM}
+"""FedNova's normalisers → the reply metric that gives a_t."""
 LORA_MODES = ("factors", "stack", "dense")
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
@@ -76,6 +80,13 @@ class MergingStrategy(FlowerFedAvg):
         The normalisation statistics (BatchNorm's running mean and variance and its counter): not task vectors,
         never merged by the rule. "auto": the tensors named ``….running_mean``, ``….running_var`` or
         ``….num_batches_tracked``.
+    clients_per_round : int (default 0)
+        Partial participation: each round trains this many clients, drawn from ``sample_seed`` and the round
+        number (the same clients for every strategy given the same seed and round), among the clients whose node
+        is known (:attr:`clients_by_node`), else among the nodes; 0 samples as Flower's FedAvg does
+        (``fraction_train``, every node by default). The draw is recorded in each round's ``sampled``.
+    sample_seed : int (default 0)
+        The seed of those draws.
     statistics_rule : "keep" | "average" (default "keep")
         The new model's statistics: the current model's (re-estimate them for the merged weights on the clients'
         data with :func:`fedmerge.strategies.statistics.reestimate`), or the p-weighted mean of the clients'.
@@ -111,6 +122,8 @@ class MergingStrategy(FlowerFedAvg):
         private: Mapping[str, int] | None = None,
         statistics: str | Sequence[str] = "auto",
         statistics_rule: str = "keep",
+        clients_per_round: int = 0,
+        sample_seed: int = 0,
     ) -> None:
         if lora not in LORA_MODES:
             raise FedmergeError(f"lora must be one of {LORA_MODES}, got {lora!r}.")
@@ -123,6 +136,11 @@ class MergingStrategy(FlowerFedAvg):
             raise FedmergeError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
         if statistics_rule not in STATISTICS_RULES:
             raise FedmergeError(f"statistics_rule must be one of {STATISTICS_RULES}, got {statistics_rule!r}.")
+        if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int) or clients_per_round < 0:
+            raise FedmergeError(f"clients_per_round must be an integer ≥ 0 (0: Flower's sampling), got {clients_per_round!r}.")
+        self.clients_per_round, self.sample_seed = clients_per_round, int(sample_seed)
+        self.sampled: dict[int, list[int]] = {}
+        """round → the clients (or nodes, where unknown) drawn to train in it."""
         self.roles = TensorRoles.of(private, statistics)
         self.statistics_rule = statistics_rule
         self.clients_by_node: dict[int, int] = {}
@@ -164,8 +182,10 @@ class MergingStrategy(FlowerFedAvg):
         return {}
 
     def effective_steps_key(self, replies: Sequence[ClientReply]) -> str | None:
-        """Which metric gives a_t for the diagnostics w_t and χ²(p‖w)."""
-        for key in (contract.LR_SUM, contract.NUM_STEPS):
+        """Which metric gives a_t for the diagnostics w_t and χ²(p‖w): FedNova's default normaliser's, else the
+        other's, when every reply reports it."""
+        default = A_T_KEYS[DEFAULT_NORMALIZE_BY]
+        for key in (default, *(k for k in A_T_KEYS.values() if k != default)):
             if all(isinstance(r.metrics.get(key), (int, float)) and r.metrics[key] > 0 for r in replies):
                 return key
         return None
@@ -203,9 +223,28 @@ class MergingStrategy(FlowerFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model sent (``aggregate_train`` never receives it), then as FedAvg."""
+        """Remember the global model sent (``aggregate_train`` never receives it), then as FedAvg, or to the clients
+        drawn for this round (``clients_per_round``)."""
         self._global_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        if not self.clients_per_round:
+            return super().configure_train(server_round, arrays, config, grid)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, self._draw(server_round, grid), MessageType.TRAIN)
+
+    def _draw(self, server_round: int, grid: Grid) -> list[int]:
+        """This round's ``clients_per_round`` nodes, drawn from (``sample_seed``, round) by client id where every
+        node's client is known, else by node id; the draw is kept in :attr:`sampled`."""
+        nodes, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        if self.clients_per_round > len(nodes):
+            raise FedmergeError(f"clients_per_round = {self.clients_per_round} but only {len(nodes)} nodes are connected.")
+        known = all(node in self.clients_by_node for node in nodes)
+        ids = sorted(self.clients_by_node[node] for node in nodes) if known else sorted(nodes)
+        rng = np.random.default_rng([self.sample_seed, server_round])
+        chosen = sorted(int(i) for i in rng.choice(ids, self.clients_per_round, replace=False))
+        self.sampled[server_round] = chosen
+        by_client = {client: node for node, client in self.clients_by_node.items()}
+        return [by_client[i] for i in chosen] if known else chosen
 
     def arrays_for(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
         """What node ``node_id`` is sent of ``arrays``: all but the other clients' private tensors."""
@@ -259,8 +298,10 @@ class MergingStrategy(FlowerFedAvg):
         if not accepted:
             log.warning("round %d: no usable reply; the global model is unchanged.", server_round)
             self.rounds.append(RoundRecord.empty(server_round, self.server_lr, _excluded(excluded)))
+            self.rounds[-1].sampled = self.sampled.get(server_round)
             return None, self.rounds[-1].to_metrics()
         self.rounds.append(self._record(server_round, rule, accepted, squared_norms, excluded))
+        self.rounds[-1].sampled = self.sampled.get(server_round)
         metrics = self.rounds[-1].to_metrics()
         if self.train_metrics_aggr_fn is not None:
             metrics.update(self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key))

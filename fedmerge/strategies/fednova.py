@@ -4,11 +4,8 @@ Wang et al., "Tackling the Objective Inconsistency Problem in Heterogeneous Fede
 NeurIPS 2020. a_t is the client's ``num-steps`` or its ``lr-sum`` (Σ_k η_t^(k)), ā = Σ_t p_t a_t.
 """
 
-from fedmerge import contract
 from fedmerge.merging.rules.fednova import METHOD, FedNovaRule
-from fedmerge.strategies.base import MethodStrategy
-
-_KEY = {"steps": contract.NUM_STEPS, "lr-sum": contract.LR_SUM}
+from fedmerge.strategies.base import A_T_KEYS, MethodStrategy
 
 
 class FedNova(MethodStrategy):
@@ -27,10 +24,10 @@ class FedNova(MethodStrategy):
     method = METHOD
 
     def required_metrics(self):
-        return (*super().required_metrics(), _KEY[self.normalize_by])
+        return (*super().required_metrics(), A_T_KEYS[self.normalize_by])
 
     def effective_steps_key(self, replies):
-        return _KEY[self.normalize_by]
+        return A_T_KEYS[self.normalize_by]
 
     def build_rule(self, replies, weights):
-        return FedNovaRule([float(r.metrics[_KEY[self.normalize_by]]) for r in replies], weights)
+        return FedNovaRule([float(r.metrics[A_T_KEYS[self.normalize_by]]) for r in replies], weights)

@@ -27,6 +27,8 @@ class RoundRecord:
     chi_square: float | None = None
     train_losses: list[float] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
+    sampled: list[int] | None = None
+    """The clients drawn to train in the round (``clients_per_round``); None when every node was asked."""
 
     @classmethod
     def empty(cls, server_round: int, server_lr: float, excluded: list[dict]) -> "RoundRecord":
