@@ -1,6 +1,7 @@
 """Suites of your own: found by import path beside an experiment file or as an installed plugin, checked
 before Ray starts, with θ0 from a weights file; broken plugins named with what is wrong."""
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -268,3 +269,17 @@ def test_a_runs_saved_spec_runs_again_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "results")
     again = Spec.from_dict(load_experiment(str(saved)))
     assert [t.name for t in load_suite(again.suite, 2, {}, 0).tasks] == ["line0", "line1"]
+
+
+def test_failed_clients_within_the_tolerated_share_are_left_out_and_recorded(tmp_path, monkeypatch):
+    from fedmerge.simulations.runner import run
+
+    monkeypatch.setattr(sys, "path", [str(write_suite(tmp_path)), *sys.path])
+    spec = Spec.from_dict({"name": "tolerant", "suite": "lines:fails_late", "clients": 2, "strategies": ["fedavg"],
+                           "server": {"max_failed_share": 0.5},
+                           "training": {"steps": 3, "lr": 0.1, "batch_size": 4}})
+    results = json.loads((run(spec, tmp_path / "results", show_progress=False) / "results.json").read_text())
+    (failed,) = results["failed"]
+    assert "item" in failed["reason"] and "cannot be read" in failed["reason"]
+    assert [c["id"] for c in results["clients"]] == [0]  # the merge and the diagnostics use client 0 alone
+    assert results["runs"][0]["history"][0]["aggregation"]["client_ids"] == [0]

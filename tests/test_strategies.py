@@ -423,3 +423,35 @@ def test_two_replies_from_one_client_are_refused_naming_both_nodes():
                reply(7, clients[2], num_examples=1, client_id=2)]
     with pytest.raises(FedmergeError, match="nodes 5 and 9 both reply as client 1.*its own partition-id"):
         FedAvg().merge_replies(1, replies, arrays_record(base))
+
+
+def test_partial_participation_draws_from_the_seed_and_the_round_alike_for_every_strategy(server_app):
+    """clients_per_round: the same clients for every strategy in a round, others in the next, recorded per round."""
+    base, clients, _ = federation(6)
+
+    def app_for(shift):
+        app = ClientApp()
+
+        @app.train()
+        def train(message, context):
+            arrays, _ = contract.received(message.content)
+            trained = {k: arrays[k].numpy() + shift for k in arrays}
+            metrics = contract.train_reply_metrics(1, 1, 1.0, client_id=context.node_config["partition-id"])
+            return Message(RecordDict({"arrays": arrays_record(trained), "metrics": MetricRecord(metrics)}), reply_to=message)
+
+        return app
+
+    draws = []
+    for strategy in (FedAvg(clients_per_round=2, sample_seed=7, min_available_nodes=6),
+                     Median(clients_per_round=2, sample_seed=7, min_available_nodes=6)):
+        grid = InProcessGrid(app_for(0.1), 6)
+        strategy.clients_by_node = {node: node - 1 for node in grid.node_ids}
+        strategy.start(grid=grid, initial_arrays=arrays_record(base), num_rounds=3)
+        sent = [[m.metadata.dst_node_id - 1 for m in grid.sent[k:k + 2]] for k in (0, 2, 4)]
+        assert len(grid.sent) == 6 and [sorted(s) for s in sent] == [strategy.sampled[r] for r in (1, 2, 3)]
+        assert [r.sampled for r in strategy.rounds] == [strategy.sampled[r] for r in (1, 2, 3)]
+        assert [r.client_ids for r in strategy.rounds] == [strategy.sampled[r] for r in (1, 2, 3)]
+        draws.append(strategy.sampled)
+    assert draws[0] == draws[1] and len({tuple(d) for d in draws[0].values()}) > 1
+    with pytest.raises(FedmergeError, match="clients_per_round must be an integer ≥ 0"):
+        FedAvg(clients_per_round=-1)

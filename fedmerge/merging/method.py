@@ -52,7 +52,8 @@ class Method:
     ``sum`` (θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T) or ``mean`` (θ0 + λ·Δ, TIES's, β = λ).
     ``linear``: Δ = Σ_t c_t τ_t with the c_t known before any tensor is read (what exact stacked LoRA needs).
     ``no_lambda`` says why a method has no λ of its own (its paper defines none and both conventions fit it): it is
-    then scaled by β alone, searched over the paper's grid in β (``scale`` "mean").
+    then scaled by β alone, searched over the paper's grid in β (``scale`` "mean"). ``own_step``: the rule sets its
+    own step from the updates (FedExP), so the one-shot search applies the experiment's β as given instead of a grid.
     """
 
     name: str
@@ -66,6 +67,7 @@ class Method:
     scale: str = "sum"
     linear: bool = False
     no_lambda: str = ""
+    own_step: bool = False
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:

@@ -181,6 +181,9 @@ class Experiment:
     def _client_done(self, reply: Message) -> None:
         if reply.metadata.message_type != MessageType.TRAIN:
             return  # a statistics query: not a unit of the progress display
+        if reply.has_error():
+            self.progress(f"node {reply.metadata.src_node_id} failed (tolerated): {failure_reason(reply)}")
+            return
         metrics = reply.content[contract.METRICS]
         who = f"client {metrics[contract.CLIENT_ID]}" if contract.CLIENT_ID in metrics else f"node {reply.metadata.src_node_id}"
         self.progress(f"{who} trained ({metrics.get(contract.NUM_STEPS, '?')} steps)")
@@ -206,16 +209,18 @@ class Experiment:
         return clients
 
     def _diagnostics(self, fed: Federation, base: ArrayRecord, replies: Sequence[Message]) -> dict:
-        """Task-vector norms and cosines, and ζ² from every task's gradient at θ0 (over its whole training set,
-        or a seeded sample of :data:`ZETA2_EXAMPLES` where it is larger: the server reads every task here)."""
+        """Task-vector norms and cosines, and ζ² from the gradient at θ0 of every task whose client replied (over its
+        whole training set, or a seeded sample of :data:`ZETA2_EXAMPLES` where it is larger: the server reads those
+        tasks here)."""
         started = time.perf_counter()
         names = self._strategy("fedavg").roles.merged(base)  # the merged tensors only: no head, no statistics
         base_tensors = RecordTensors(subset(base, names))
         task_vectors = [TaskVector(RecordTensors(subset(r.content[contract.ARRAYS], names)), base_tensors) for r in replies]
         gram = gram_matrix(task_vectors, names)
         model = fed.model_from(evaluation.state_dict(base), self.device)  # θ0: the suite's, or a given base
+        replied = [fed.tasks[int(r.content[contract.METRICS][contract.CLIENT_ID])] for r in replies]
         gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head,
-                                   fed.eval_batch_size) for task in fed.tasks]
+                                   fed.eval_batch_size) for task in replied]  # the tasks whose clients replied
         p = [1.0 / len(gradients)] * len(gradients)
         self.task_vector_norms = norms(gram).tolist()
         diagnostics = {
