@@ -217,7 +217,7 @@ def test_frozen_parameters_are_neither_sent_nor_sent_back(tmp_path, monkeypatch)
     sent = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
     message = Message(content=RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}),
                       metadata=_metadata(1))
-    reply = local_training(spec.to_flat(), {"partition-id": 1, "num-partitions": 2}, message)
+    reply = local_training(spec.to_flat(), {"partition-id": 1, "num-partitions": 2}, message.content)
     (arrays,) = reply.array_records.values()
     assert list(arrays) == ["weight"]
     assert not torch.equal(torch.from_numpy(arrays["weight"].numpy()), fed.pretrained["weight"])  # it trained

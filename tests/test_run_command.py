@@ -186,3 +186,28 @@ def test_a_failure_after_some_runs_finished_keeps_them(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "partial" / "models").iterdir()) == [
         "cclip-r1.safetensors", "fedavg-r1.safetensors", "fedavg-r2.safetensors"]
     assert not is_complete(tmp_path / "partial")  # a sweep runs such a cell again
+
+
+def test_several_clients_per_call_give_the_same_numbers_and_diagnostics_sample_above_their_cap(tmp_path):
+    """engine.clients_per_call packs clients into fewer Flower calls; every client's numbers are those of its own
+    call. diagnostics_clients caps the pairwise diagnostics (a seeded sample), never the norms."""
+    def numbers(run_dir):
+        results = json.loads((run_dir / "results.json").read_text())
+        drop = ("seconds", "node_ids")  # a round's time and Flower's node ids are not numbers of the run
+
+        def kept(value):
+            if isinstance(value, dict):
+                return {k: kept(v) for k, v in value.items() if k not in drop}
+            return [kept(v) for v in value] if isinstance(value, list) else value
+
+        return kept(results["runs"]), results
+
+    base = {"name": "packed", "suite": "quadratic", "clients": 5, "strategies": ["fedavg", "median"], "rounds": [1, 2],
+            "diagnostics_clients": 3, "training": {"steps": [2, 3, 4, 5, 6], "lr": 0.1}}
+    one, results = numbers(run(Spec.from_dict(base), tmp_path, run_dir=tmp_path / "one", show_progress=False))
+    packed, _ = numbers(run(Spec.from_dict({**base, "engine": {"clients_per_call": 2}}), tmp_path,
+                            run_dir=tmp_path / "packed", show_progress=False))
+    assert packed == one
+    diagnostics = results["diagnostics"]
+    assert len(diagnostics["task_vector_norms"]) == 5 and len(diagnostics["sample"]) == 3
+    assert len(diagnostics["cosine_similarity"]) == 3 and diagnostics["sample"] == sorted(diagnostics["sample"])

@@ -165,7 +165,7 @@ def test_values_are_stored_in_their_type():
                           "engine.ray_address": "127.0.0.1:6379", "name": "2024"}, BASE)
     assert got.server["server_lr"] == 2.0 and isinstance(got.server["server_lr"], float)
     assert got.engine == {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": "127.0.0.1:6379", "server_device": "auto",
-                          "stall_timeout": 600.0}
+                          "stall_timeout": 600.0, "clients_per_call": 1}
     assert got.strategy["cclip"]["radius"] == 1.0 and got.name == "2024"
 
 

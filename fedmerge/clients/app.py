@@ -21,6 +21,7 @@ from fedmerge.clients.settings import client_seed, client_table, corruptions, wi
 from fedmerge.clients.statistics import estimate_statistics
 from fedmerge.clients.trainer import TrainConfig, total_steps, train
 from fedmerge.config import unflatten
+from fedmerge.clients.packing import answer_packed, is_packed
 from fedmerge.errors import FedmergeError
 from fedmerge.tasks import Federation, load_suite
 
@@ -79,15 +80,15 @@ def _client(run_config: Mapping, node_config: Mapping):
     return run, client_id, run.fed.tasks[client_id], with_node_overrides(run.settings[client_id], node_config)
 
 
-def local_training(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
-    """Train this client for one round on the message's arrays; the reply's content.
+def local_training(run_config: Mapping, node_config: Mapping, content: RecordDict) -> RecordDict:
+    """Train this client for one round on a train message's arrays (its ``content``); the reply's content.
 
     The reply carries back the tensors received (the shared ones the clients train) and this client's private
     tensors (from θ0 when they were not sent), as CPU arrays.
     """
     run, client_id, task, settings = _client(run_config, node_config)
     config, fed = run.config, run.fed
-    arrays, round_config = contract.received(message.content)
+    arrays, round_config = contract.received(content)
     first, steps = round_steps(
         total_steps(settings, len(task.train)),
         int(round_config["server-round"]),
@@ -116,12 +117,12 @@ def local_training(run_config: Mapping, node_config: Mapping, message: Message) 
     return RecordDict({contract.ARRAYS: ArrayRecord(weights), contract.METRICS: MetricRecord(metrics)})
 
 
-def local_statistics(run_config: Mapping, node_config: Mapping, message: Message) -> RecordDict:
+def local_statistics(run_config: Mapping, node_config: Mapping, content: RecordDict) -> RecordDict:
     """Re-estimate the received model's normalisation statistics on this client's training data; the reply's
     content (the statistics, and how many batches they average)."""
     run, client_id, task, settings = _client(run_config, node_config)
     config, fed = run.config, run.fed
-    arrays, query = contract.received(message.content)
+    arrays, query = contract.received(content)
     if query.get(contract.QUERY) != contract.STATISTICS:
         raise FedmergeError(f"a query message must ask for {contract.QUERY} = {contract.STATISTICS!r}, got "
                             f"{query.get(contract.QUERY)!r}.")
@@ -143,12 +144,19 @@ def client_app(run_config: Mapping | None = None) -> ClientApp:
     app = ClientApp()
 
     def answer(work, message: Message, context: Context) -> Message:
+        config = context.run_config if run_config is None else run_config
+        if is_packed(message.content):  # several clients in one call (simulation, engine.clients_per_call)
+            done = answer_packed(message.content, lambda client, content: one(work, config, {"partition-id": client},
+                                                                              content))
+            return Message(content=done, reply_to=message)
+        return Message(content=one(work, config, context.node_config, message.content), reply_to=message)
+
+    def one(work, config: Mapping, node_config: Mapping, content: RecordDict) -> RecordDict:
         try:
-            content = work(context.run_config if run_config is None else run_config, context.node_config, message)
+            return work(config, node_config, content)
         except Exception as error:  # the server sees only this text: say which client, and what was raised
-            who = context.node_config.get("partition-id", "?")
+            who = node_config.get("partition-id", "?")
             raise FedmergeError(f"client {who}: {type(error).__name__}: {error}") from error
-        return Message(content=content, reply_to=message)
 
     @app.train()
     def _train(message: Message, context: Context) -> Message:

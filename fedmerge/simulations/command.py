@@ -34,7 +34,8 @@ def register(subparsers) -> None:
                      help="override a spec key, e.g. training.lr=0.1, clients=8, 'training.steps=[50,100,200,400]', "
                           "'training.lr={geometric=[0.01,0.1]}', strategy.fedgma.threshold=0.3 (repeatable)")
     run.add_argument("--strategy", nargs="+", metavar="NAME",
-                     help=f"strategies to run, of: {' '.join(strategy_names())} (default: the experiment's)")
+                     help="strategies to run, any of `fedmerge list` (every merging method is one), e.g. fedavg "
+                          "ties krum; default: the experiment's")
     run.add_argument("--rounds", nargs="+", type=int, metavar="R", help="round counts to compare, e.g. 1 10")
     run.add_argument("--seed", type=int, help="the run's seed (every random choice flows from it)")
     run.add_argument("--out", type=Path, default=Path("results"), metavar="DIR", help="parent directory of the run's results directory (default: results)")
@@ -44,13 +45,6 @@ def register(subparsers) -> None:
 
     listing = subparsers.add_parser("list", description="List the strategies, task suites and presets.")
     listing.set_defaults(handler=list_command)
-
-
-def strategy_names() -> list[str]:
-    """Every registered strategy's name, for --help (the merging registry imports no Flower, Ray or data)."""
-    from fedmerge.merging.registry import METHODS
-
-    return list(METHODS)
 
 
 def spec_from_args(args):
@@ -75,9 +69,13 @@ def spec_from_args(args):
 
 
 def run_command(args) -> int:
-    from fedmerge.simulations.runner import run  # Flower's simulation stack: loaded only to run
+    return run_and_show(args, lambda spec: _run(spec, args))
 
-    return run_and_show(args, lambda spec: run(spec, out=args.out, show_progress=not args.no_progress))
+
+def _run(spec, args):
+    from fedmerge.simulations.runner import run  # the simulation stack: loaded once the spec is valid
+
+    return run(spec, out=args.out, show_progress=not args.no_progress)
 
 
 def run_and_show(args, make_results) -> int:

@@ -4,7 +4,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedmerge.merging import METHODS
 from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY
 from fedmerge.merging.scale import CONVENTIONS, PAPER_GRID
 
@@ -66,7 +65,8 @@ def register(subparsers) -> None:
     parser.add_argument("--models", required=True, nargs="+", metavar="MODEL",
                         help="the fine-tuned checkpoints θ_t, one per task of the suite, in the suite's task order")
     parser.add_argument("--strategy", nargs="+", metavar="NAME",
-                        help=f"strategies to merge with ({' '.join(METHODS)}); default: the experiment's")
+                        help="strategies to merge with, any of `fedmerge list` (every merging method is one); "
+                             "default: the experiment's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec key, e.g. suite_options.root=/data, engine.server_device=cpu, "
                              "strategy.fednova.normalize_by=steps (repeatable)")

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
@@ -28,9 +29,9 @@ from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS, TaskVector, apply_update
 from fedmerge.merging.lora import adapted_layers, has_adapters
-from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity, norms
+from fedmerge.merging.diagnostics import cosine_similarities, dissimilarity
 from fedmerge.merging.scale import search_grid
-from fedmerge.merging.tensors import gram_matrix
+from fedmerge.merging.tensors import gram_matrix, squared_norms
 from fedmerge.simulations import evaluation
 from fedmerge.simulations.spec import Spec
 from fedmerge.simulations.statistics import local_reestimate
@@ -65,8 +66,9 @@ class Experiment:
         self.progress = progress or (lambda message: None)
         self.on_partial = on_partial or (lambda results, pending: None)
         self.stop = stop or threading.Event()
-        self.grid = None if grid is None else WatchedGrid(grid, self.stop, on_reply=self._client_done,
-                                                          max_failed_share=spec.server["max_failed_share"])
+        self.grid = None if grid is None else WatchedGrid(
+            grid, self.stop, on_reply=self._client_done, max_failed_share=spec.server["max_failed_share"],
+            clients_per_call=spec.engine["clients_per_call"], num_clients=spec.clients)
         self.timeout = spec.engine["stall_timeout"]  # seconds without any reply (a round may take longer)
         self.failed: list[dict] = []  # clients whose one-shot round failed (within server.max_failed_share)
         self.timings: dict[str, float] = {}
@@ -209,25 +211,31 @@ class Experiment:
         return clients
 
     def _diagnostics(self, fed: Federation, base: ArrayRecord, replies: Sequence[Message]) -> dict:
-        """Task-vector norms and cosines, and ζ² from the gradient at θ0 of every task whose client replied (over its
-        whole training set, or a seeded sample of :data:`ZETA2_EXAMPLES` where it is larger: the server reads those
-        tasks here)."""
+        """Every replying client's task-vector norm; the pairwise cosines and ζ² (from the gradient at θ0 of each task,
+        over its whole training set or a seeded sample of :data:`ZETA2_EXAMPLES`: the server reads those tasks here)
+        over the replying clients, or a seeded sample of ``spec.diagnostics_clients`` of them (their ids in
+        ``sample``), so that their cost and size do not grow with the number of clients. Merged tensors only."""
         started = time.perf_counter()
         names = self._strategy("fedavg").roles.merged(base)  # the merged tensors only: no head, no statistics
         base_tensors = RecordTensors(subset(base, names))
         task_vectors = [TaskVector(RecordTensors(subset(r.content[contract.ARRAYS], names)), base_tensors) for r in replies]
-        gram = gram_matrix(task_vectors, names)
+        self.task_vector_norms = np.sqrt(np.maximum(squared_norms(task_vectors, names), 0.0)).tolist()
+        cap = self.spec.diagnostics_clients
+        picked = sorted(np.random.default_rng([self.spec.seed, 11]).choice(len(replies), cap, replace=False).tolist()) \
+            if cap and len(replies) > cap else list(range(len(replies)))
+        gram = gram_matrix([task_vectors[i] for i in picked], names)
         model = fed.model_from(evaluation.state_dict(base), self.device)  # θ0: the suite's, or a given base
-        replied = [fed.tasks[int(r.content[contract.METRICS][contract.CLIENT_ID])] for r in replies]
+        tasks = [fed.tasks[int(replies[i].content[contract.METRICS][contract.CLIENT_ID])] for i in picked]
         gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head,
-                                   fed.eval_batch_size) for task in replied]  # the tasks whose clients replied
-        p = [1.0 / len(gradients)] * len(gradients)
-        self.task_vector_norms = norms(gram).tolist()
+                                   fed.eval_batch_size) for task in tasks]
         diagnostics = {
             "tensors": len(names),
             "task_vector_norms": self.task_vector_norms,
             "cosine_similarity": cosine_similarities(gram).tolist(),
-            "zeta2": dissimilarity(gram_matrix(gradients, [n for n in gradients[0] if n in set(names)]), p),
+            "zeta2": dissimilarity(gram_matrix(gradients, [n for n in gradients[0] if n in set(names)]),
+                                   [1.0 / len(gradients)] * len(gradients)),
+            **({"sample": [int(replies[i].content[contract.METRICS][contract.CLIENT_ID]) for i in picked]}
+               if len(picked) < len(replies) else {}),
         }
         self.timings["diagnostics"] = time.perf_counter() - started
         return diagnostics

@@ -63,6 +63,9 @@ TOP = {
     "rounds": Option([1], "the round counts to compare: 1 is one-shot merging", list_of(positive_int)),
     "same_compute": Option(True, "split each client's local steps over the rounds", boolean),
     "select": Option(True, "one-shot: choose λ (and ρ) on the validation splits", boolean),
+    "diagnostics_clients": Option(64, "the pairwise diagnostics (task-vector cosines, ζ²) over at most this many "
+                                  "clients, a sample drawn from the seed (0: every client); norms cover every client",
+                                  non_negative_int),
 }
 SERVER = {
     "server_lr": Option(1.0, "β in θ ← θ + β·Δ (mean-scale) for multi-round runs", positive_float),
@@ -87,6 +90,9 @@ ENGINE = {
     "client_cpus": Option(1.0, "Ray CPUs per client", positive_float),
     "client_gpus": Option(0.0, "Ray GPUs per client (a fraction shares a GPU)", non_negative_float),
     "ray_address": Option("", "an existing Ray cluster to attach to; empty: a fresh local one", string),
+    "clients_per_call": Option(1, "simulation: each worker call trains this many clients in turn and returns their "
+                               "updates together (N/k Flower nodes; the same numbers, less of Flower's cost per call)",
+                               positive_int),
     "stall_timeout": Option(600.0, "seconds without any client reply after which a round ends in error (a round "
                             "takes as long as it needs while replies come)", positive_float),
     "server_device": Option("auto", "where the server evaluates, selects λ/ρ and merges: auto (cuda when available) "
@@ -123,6 +129,7 @@ class Spec:
     rounds: tuple[int, ...]
     same_compute: bool
     select: bool
+    diagnostics_clients: int = 64
     suite_options: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     server: dict = field(default_factory=lambda: _defaults(SERVER))

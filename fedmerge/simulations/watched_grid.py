@@ -6,7 +6,8 @@ polls instead, raises :class:`RunStopped` as soon as ``stop`` is set, and ends t
 :class:`FedmergeError` when more clients of a round fail than ``max_failed_share`` allows (none, by default):
 failed replies within that share are returned for the strategies to leave out and record, and an experiment's
 results are never computed from failed clients. Its ``timeout`` is a stall timeout: the round ends in error
-when no reply has come for that long, however long the round takes as a whole.
+when no reply has come for that long, however long the round takes as a whole. With ``clients_per_call`` > 1 it
+packs the messages of that many clients into one call (:mod:`fedmerge.clients.packing`).
 """
 
 import itertools
@@ -19,6 +20,7 @@ from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 from fedmerge.errors import FedmergeError
+from fedmerge.clients.packing import pack, unpack, virtual_node
 
 POLL_SECONDS = 0.1
 POLL_WINDOW = 256
@@ -43,11 +45,12 @@ class WatchedGrid(Grid):
     """Delegates to ``grid``; ``send_and_receive`` polls, honours ``stop`` and calls ``on_reply`` per reply."""
 
     def __init__(self, grid: Grid, stop: threading.Event, on_reply: Callable[[Message], None] | None = None,
-                 max_failed_share: float = 0.0) -> None:
+                 max_failed_share: float = 0.0, clients_per_call: int = 1, num_clients: int | None = None) -> None:
         self.grid = grid
         self.stop = stop
         self.on_reply = on_reply or (lambda reply: None)
         self.max_failed_share = max_failed_share
+        self.clients_per_call, self.num_clients = clients_per_call, num_clients
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -61,6 +64,8 @@ class WatchedGrid(Grid):
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
+        if self.clients_per_call > 1:
+            return [virtual_node(client) for client in range(self.num_clients)]
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -75,9 +80,10 @@ class WatchedGrid(Grid):
             raise RunStopped("the run was stopped")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        waiting = dict.fromkeys(self.push_messages(messages))  # in the order sent
-        sent = len(waiting)
-        allowed = int(self.max_failed_share * sent)
+        messages = list(messages)
+        calls = self._calls(messages)
+        waiting = dict(zip(self.push_messages([call for call, _ in calls]), (sent for _, sent in calls)))  # in order
+        allowed = int(self.max_failed_share * len(messages))
         stalled_at = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         failed = 0
@@ -85,24 +91,47 @@ class WatchedGrid(Grid):
             self.check_stopped()
             window = list(itertools.islice(waiting, POLL_WINDOW))
             pulled = list(self.pull_messages(window))
-            for reply in pulled:
-                waiting.pop(reply.metadata.reply_to_message_id, None)
-                if reply.has_error():
-                    failed += 1
-                    if failed > allowed:
-                        raise FedmergeError(self._too_many(reply, failed, sent, allowed))
-                replies.append(reply)
-                self.on_reply(reply)
+            for call in pulled:
+                sent = waiting.pop(call.metadata.reply_to_message_id, None)
+                for reply in [call] if sent is None else unpack(call, sent):
+                    if reply.has_error():
+                        failed += 1
+                        if failed > allowed:
+                            raise FedmergeError(self._too_many(reply, failed, len(messages), allowed))
+                    replies.append(reply)
+                    self.on_reply(reply)
             if pulled and timeout is not None:
                 stalled_at = time.monotonic() + timeout
             if waiting and len(pulled) < len(window):  # a whole window answered: the next may be too
                 self.stop.wait(POLL_SECONDS)
         if waiting:
+            missing = sum(1 if sent is None else len(sent) for sent in waiting.values())
             raise FedmergeError(
-                f"{len(waiting)} of {sent} clients did not reply, and none replied for {timeout:g} s (engine.stall_timeout); "
-                "nothing was computed from that round."
+                f"{missing} of {len(messages)} clients did not reply, and none replied for {timeout:g} s "
+                "(engine.stall_timeout); nothing was computed from that round."
             )
         return replies
+
+    def _calls(self, messages: list[Message]) -> list[tuple[Message, dict[int, Message] | None]]:
+        """The calls to make: each message itself, or (``clients_per_call`` > 1) packs of that many virtual
+        messages, each to a real node in turn, with the messages they carry by client."""
+        if self.clients_per_call == 1:
+            return [(message, None) for message in messages]
+        nodes = self._real_nodes()
+        calls = []
+        for k, start in enumerate(range(0, len(messages), self.clients_per_call)):
+            group = messages[start : start + self.clients_per_call]
+            sent = {message.metadata.dst_node_id - 1: message for message in group}
+            calls.append((pack(group, nodes[k % len(nodes)]), sent))
+        return calls
+
+    def _real_nodes(self) -> list[int]:
+        """The runtime's nodes, once all of them (N / ``clients_per_call``) have connected."""
+        expected = -(-self.num_clients // self.clients_per_call)
+        while len(nodes := list(self.grid.get_node_ids())) < expected:
+            self.check_stopped()
+            self.stop.wait(POLL_SECONDS)
+        return nodes
 
     def _too_many(self, reply: Message, failed: int, sent: int, allowed: int) -> str:
         node, reason = reply.metadata.src_node_id, failure_reason(reply)
