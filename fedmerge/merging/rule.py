@@ -174,7 +174,7 @@ def _merge_floating(
     numel = found[0].shape.numel()
     out = torch.empty(found[0].shape, dtype=found[0].base.dtype if server_lr is not None else dtype, device=device)
     flat_out = out.view(-1)
-    size = chunk_size(device)
+    size = chunk_size(device, len(found), torch.tensor([], dtype=dtype).element_size())
     slices = list(chunks(numel, size))
     reads_disk = any(not isinstance(term.value, torch.Tensor) for term in found)
     workers = min(workers if device.type == "cpu" or reads_disk else 1, len(slices))

@@ -30,9 +30,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_size(device: torch.device) -> int:
-    """Elements per chunk on ``device``: cache-sized on the CPU, large on an accelerator."""
-    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
+SCRATCH_BYTES = 1 << 28
+"""The scratch rows one worker holds (T clients × a chunk): 256 MiB at most, so chunks shrink as T grows."""
+MIN_CHUNK = 1 << 10
+
+
+def chunk_size(device: torch.device, rows: int = 1, itemsize: int = 4) -> int:
+    """Elements per chunk on ``device``: cache-sized on the CPU, large on an accelerator, and small enough that
+    ``rows`` rows of it stay within :data:`SCRATCH_BYTES` (memory bounded whatever the number of clients)."""
+    size = CHUNK if device.type == "cpu" else DEVICE_CHUNK
+    return max(MIN_CHUNK, min(size, SCRATCH_BYTES // (rows * itemsize)))
 
 
 def chunks(numel: int, size: int) -> Iterator[slice]:
@@ -232,7 +239,7 @@ def _floating_chunks(vectors: Sequence[Tensors], names: Sequence[str], device: t
             continue
         found = terms(vectors, name)
         where = found[-1].home if device is None else torch.device(device)
-        size = chunk_size(where)
+        size = chunk_size(where, len(found), 8)
         values = torch.empty(len(found), min(size, found[0].shape.numel()), dtype=torch.float64, device=where)
         base_row = torch.empty(values.shape[1], dtype=torch.float64, device=where)
         for s in chunks(found[0].shape.numel(), size):
@@ -260,6 +267,18 @@ def squared_norms(vectors: Sequence[Tensors], names: Sequence[str],
         row = (x * x).sum(1)
         total = row if total is None else total.add_(row)
     return np.zeros(len(vectors)) if total is None else total.cpu().numpy()
+
+
+def products_with_first(vectors: Sequence[Tensors], names: Sequence[str],
+                        device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(‖v_i‖², ⟨v_i, v_0⟩) for every vector, in float64: the Gram matrix's diagonal and first column in O(T)."""
+    squares = products = None
+    for x in _floating_chunks(vectors, names, device):
+        squares = (x * x).sum(1) if squares is None else squares.add_((x * x).sum(1))
+        products = x @ x[0] if products is None else products.add_(x @ x[0])
+    if squares is None:
+        return np.zeros(len(vectors)), np.zeros(len(vectors))
+    return squares.cpu().numpy(), products.cpu().numpy()
 
 
 def apply_update(base: torch.Tensor, delta: torch.Tensor, server_lr: float) -> torch.Tensor:

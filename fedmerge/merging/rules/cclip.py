@@ -7,10 +7,11 @@ the whole update (all tensors), for L iterations; Δ = v_L. L = 1, center 0 and 
 Without a radius, ρ is the median of the clients' distances to the center, ‖τ_t − v_0‖.
 
 Every v_l is a linear combination of the center and the task vectors, so one pass computing their Gram
-matrix gives every norm of every iteration exactly; a second pass writes Δ as that combination.
+matrix gives every norm of every iteration exactly (for L = 1 its diagonal and first column, O(T)); a second
+pass writes Δ as that combination.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,44 +20,40 @@ from fedmerge.errors import FedmergeError
 from fedmerge.options import Option, choice, non_negative_float, positive_int
 from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
-from fedmerge.merging.tensors import Tensors, gram_matrix, read_into, source, weighted_sum_into
+from fedmerge.merging.tensors import (
+    Tensors, gram_matrix, products_with_first, read_into, source, weighted_sum_into,
+)
 from fedmerge.merging.validate import check_center
 
 
-def _distance(gram: np.ndarray, combination: np.ndarray) -> float:
-    """‖Σ_i c_i b_i‖ from the Gram matrix of the basis b."""
-    return float(np.sqrt(max(combination @ gram @ combination, 0.0)))
-
-
 def clipping_coefficients(
-    gram: np.ndarray, p: np.ndarray, radius: float | None, iterations: int, has_center: bool
+    diagonal: np.ndarray, gram_times: Callable[[np.ndarray], np.ndarray], p: np.ndarray, radius: float | None,
+    iterations: int, has_center: bool,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Run the L iterations in the span of [center,] τ_1..τ_T given their Gram matrix.
+    """Run the L iterations in the span of the basis [center,] τ_1..τ_T, given its Gram matrix G as its diagonal and
+    ``gram_times(v)`` = G·v: ‖τ_t − v‖² = G_tt − 2(Gv)_t + vᵀGv for every client at once, O(T²) per iteration (O(T)
+    for the first, whose v is 0 or the center alone).
 
     Returns the coefficients of Δ = v_L over that basis, the last iteration's clip factors and ρ.
     """
     offset = 1 if has_center else 0
-    num_clients = len(p)
-    v = np.zeros(gram.shape[0])
+    v = np.zeros(len(diagonal))
     if has_center:
         v[0] = 1.0
 
-    def offset_from(v: np.ndarray, t: int) -> np.ndarray:
-        d = -v.copy()
-        d[offset + t] += 1.0
-        return d
+    def distances(v: np.ndarray) -> np.ndarray:
+        gv = gram_times(v)
+        return np.sqrt(np.maximum(diagonal[offset:] - 2 * gv[offset:] + v @ gv, 0.0))
 
     if radius is None:
-        radius = float(np.median([_distance(gram, offset_from(v, t)) for t in range(num_clients)]))
-    factors = np.ones(num_clients)
+        radius = float(np.median(distances(v)))
+    factors = np.ones(len(p))
     for _ in range(iterations):
-        step = np.zeros_like(v)
-        for t in range(num_clients):
-            d = offset_from(v, t)
-            norm = _distance(gram, d)
-            factors[t] = 1.0 if norm <= radius else radius / norm
-            step += p[t] * factors[t] * d
-        v = v + step
+        norm = distances(v)
+        factors = np.where(norm <= radius, 1.0, radius / np.where(norm > 0, norm, 1.0))
+        w = p * factors  # v ← v + Σ_t w_t (τ_t − v)
+        v = v * (1.0 - w.sum())
+        v[offset:] += w
     return v, factors, radius
 
 
@@ -89,10 +86,15 @@ class CClipRule(Rule):
         if self.center is not None:
             check_center(self.center, task_vectors, names)
         basis = ([self.center] if self.center is not None else []) + list(task_vectors)
-        gram = gram_matrix(basis, names, device)
+        if self.iterations == 1:  # v_0 is 0 or the center: G's diagonal and first column suffice, O(T)
+            diagonal, first = products_with_first(basis, names, device)
+            gram_times = (lambda v: first * v[0]) if self.center is not None else (lambda v: np.zeros_like(v))
+        else:
+            gram = gram_matrix(basis, names, device)
+            diagonal, gram_times = np.diag(gram), gram.__matmul__
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: the driver's norms flag them
             self.coeffs, self.clip_factors, self.radius_used = clipping_coefficients(
-                gram, self.p, self.radius, self.iterations, self.center is not None
+                diagonal, gram_times, self.p, self.radius, self.iterations, self.center is not None
             )
 
     def merge_chunk(self, name, s, values, out):
