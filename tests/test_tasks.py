@@ -279,3 +279,22 @@ def test_a_corrupt_image_is_named_with_its_file_wherever_it_is_read(tmp_path, wo
             next(batches)
     with pytest.raises(FedmergeError, match=message):
         gather(torch.utils.data.Subset(data, list(range(len(data)))), [bad])
+
+
+def test_a_suite_makes_each_clients_task_when_it_is_asked_for():
+    """A worker holds the clients it trains: building the federation of 1,000 clients makes none of their tasks."""
+    from fedmerge.tasks import Federation, Task, TaskList, check_federation
+
+    for name, options in (("quadratic", {}), ("mnist1d", {"partition": "iid", "num_samples": 4000})):
+        fed = load_suite(name, 1000 if name == "quadratic" else 50, options, 0)
+        assert isinstance(fed.tasks, TaskList) and not fed.tasks.made
+        task = fed.tasks[7]
+        assert set(fed.tasks.made) == {7} and fed.tasks[7] is task and task.name.endswith("-7")
+    data = torch.utils.data.TensorDataset(torch.zeros(2, 1), torch.zeros(2, 1))
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1), torch.zeros(0, 1))
+    fed = Federation(tasks=TaskList(3, lambda t: Task(f"t{t}", empty if t == 1 else data, data, data)),
+                     model_fn=lambda: torch.nn.Linear(1, 1))
+    check_federation(fed, "mine", 3)  # a TaskList's tasks are checked as each is made
+    assert fed.tasks[0].name == "t0"
+    with pytest.raises(FedmergeError, match=r"suite 'mine': task 1 \(t1\) train must be a non-empty map-style"):
+        fed.tasks[1]

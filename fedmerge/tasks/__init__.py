@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from fedmerge.errors import FedmergeError
-from fedmerge.tasks.federation import Federation, Task, forward
+from fedmerge.tasks.federation import Federation, Task, TaskList, forward
 from fedmerge.options import Option, resolve
 from fedmerge.tasks.suites import Suite, find_suite, installed, options_key
 from fedmerge.tasks.weights import load_weights
@@ -59,7 +59,8 @@ def _build(name: str, num_clients: int, options: str, seed: int) -> Federation:
 
 
 def check_federation(fed: Any, path: str, num_clients: int) -> None:
-    """What every suite must return: a Federation with one task per client, each split a non-empty Dataset."""
+    """What every suite must return: a Federation with one task per client, each split a non-empty Dataset (a
+    :class:`TaskList`'s tasks are checked as each is made)."""
     if not isinstance(fed, Federation):
         raise FedmergeError(f"suite {path!r} returned a {type(fed).__name__}; return a fedmerge.tasks.Federation.")
     if len(fed.tasks) != num_clients:
@@ -67,14 +68,11 @@ def check_federation(fed: Any, path: str, num_clients: int) -> None:
                             "return one Task per client.")
     if fed.metric not in ("accuracy", "loss"):
         raise FedmergeError(f"suite {path!r}: metric must be 'accuracy' or 'loss', got {fed.metric!r}.")
+    if isinstance(fed.tasks, TaskList):
+        fed.tasks.check = lambda t, task: check_task(path, t, task)
+        return
     for t, task in enumerate(fed.tasks):
-        if not isinstance(task, Task):
-            raise FedmergeError(f"suite {path!r}: task {t} is a {type(task).__name__}; give fedmerge.tasks.Task objects.")
-        for split in ("train", "val", "test"):
-            data = getattr(task, split, None)
-            if not isinstance(data, Dataset) or not hasattr(data, "__len__") or len(data) == 0:
-                raise FedmergeError(f"suite {path!r}: task {t} ({getattr(task, 'name', '?')}) {split} must be a "
-                                    f"non-empty map-style torch Dataset, got {type(data).__name__}.")
+        check_task(path, t, task)
     if any(task.private for task in fed.tasks):
         try:
             fed.private_names  # every private name a trainable tensor of the model, owned by one client
@@ -82,7 +80,18 @@ def check_federation(fed: Any, path: str, num_clients: int) -> None:
             raise FedmergeError(f"suite {path!r}: {error}") from None
 
 
+def check_task(path: str, t: int, task: Any) -> None:
+    """A task must be a :class:`Task` whose splits are non-empty map-style Datasets."""
+    if not isinstance(task, Task):
+        raise FedmergeError(f"suite {path!r}: task {t} is a {type(task).__name__}; give fedmerge.tasks.Task objects.")
+    for split in ("train", "val", "test"):
+        data = getattr(task, split, None)
+        if not isinstance(data, Dataset) or not hasattr(data, "__len__") or len(data) == 0:
+            raise FedmergeError(f"suite {path!r}: task {t} ({getattr(task, 'name', '?')}) {split} must be a "
+                                f"non-empty map-style torch Dataset, got {type(data).__name__}.")
+
+
 load_suite.cache_clear = _build.cache_clear  # forget the in-process federations (tests, long sessions)
 
 
-__all__ = ["Federation", "Option", "Suite", "Task", "find_suite", "forward", "installed", "load_suite", "load_weights"]
+__all__ = ["Federation", "Option", "Suite", "Task", "TaskList", "find_suite", "forward", "installed", "load_suite", "load_weights"]

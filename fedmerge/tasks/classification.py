@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedmerge.tasks.federation import Federation, Task
+from fedmerge.tasks.federation import Federation, Task, TaskList
 from fedmerge.tasks.models import MultiHeadNet
 from fedmerge.options import Option, choice, fraction, non_negative_int, positive_float
 from fedmerge.tasks.partition import label_partition, label_proportions, matching_subset, split_indices
@@ -81,16 +81,17 @@ def label_skewed(
     parts = label_partition(labels[rest], num_clients, options, seed)
     val_index, test_index = split_indices(len(evaluation[1]), options["val_fraction"], seed + 1)
     val, test = (_subset(*evaluation, val_index), _subset(*evaluation, test_index))
-    tasks = []
-    for client, part in enumerate(parts):
-        train_index = rest[part]
+    def task(client: int) -> Task:  # made when asked for: a worker holds the clients it trains
+        train_index = rest[parts[client]]
         proportions = label_proportions(labels[train_index], num_classes)
         if options.get("client_eval", "matched") == "global":
             own_val, own_test = val, test
         else:
             own_val = _subset(*val.tensors, matching_subset(val.tensors[1].numpy(), proportions, seed + 2 + client))
             own_test = _subset(*test.tensors, matching_subset(test.tensors[1].numpy(), proportions, seed + 2 + client))
-        tasks.append(Task(name=f"{suite}:client-{client}", train=_subset(x, y, train_index), val=own_val, test=own_test))
+        return Task(name=f"{suite}:client-{client}", train=_subset(x, y, train_index), val=own_val, test=own_test)
+
+    tasks = TaskList(len(parts), task)
     return _federation(suite, tasks, options, seed, model_fn, [(_subset(x, y, held_out), 0)], cache_key, test)
 
 

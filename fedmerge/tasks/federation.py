@@ -1,7 +1,7 @@
 """A federation: one task per client, a model builder, the loss, evaluation and the pretrained base θ0."""
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -63,6 +63,30 @@ class Task:
         return getattr(self, name)
 
 
+class TaskList(Sequence[Task]):
+    """``count`` tasks, each made by ``make(t)`` the first time it is asked for, then kept: a process holds only the
+    clients it asks for (a Ray worker, the ones it trains), whatever the number of clients. Give it as
+    :attr:`Federation.tasks` where building every task up front would cost memory or time."""
+
+    def __init__(self, count: int, make: Callable[[int], Task]) -> None:
+        self.count, self.make = count, make
+        self.made: dict[int, Task] = {}
+        self.check: Callable[[int, Task], None] = lambda t, task: None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[t] for t in range(*index.indices(self.count))]
+        t = range(self.count)[index]
+        if t not in self.made:
+            task = self.make(t)
+            self.check(t, task)
+            self.made[t] = task
+        return self.made[t]
+
+
 Theta0 = Callable[[nn.Module], Mapping[str, torch.Tensor]] | str | Path | None
 """Where θ0 comes from: a function that pretrains the fresh model and returns its state dict, a weights file
 (``.safetensors``, or ``.pt``/``.bin`` read with ``weights_only``), or None: the model's own weights as
@@ -75,7 +99,7 @@ class Federation:
 
     Parameters
     ----------
-    tasks : one :class:`Task` per client.
+    tasks : one :class:`Task` per client (a list, or a :class:`TaskList` that makes each when asked for).
     model_fn : builds a fresh model (its random initialisation is drawn from the run's seed).
     loss_fn : ``loss_fn(output, target)``, the mean loss over a batch (default: cross-entropy).
     metric : ``"accuracy"`` (classification: top-1 of ``output.argmax(1)``) or ``"loss"``.
@@ -93,7 +117,7 @@ class Federation:
     ``pretrained`` is θ0's state dict (made on first access, then read from the cache when keyed).
     """
 
-    tasks: list[Task]
+    tasks: Sequence[Task]
     model_fn: Callable[[], nn.Module]
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     metric: str = "accuracy"

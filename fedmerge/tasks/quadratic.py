@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedmerge.errors import FedmergeError
-from fedmerge.tasks.federation import Federation, Task
+from fedmerge.tasks.federation import Federation, Task, TaskList
 from fedmerge.tasks.models import Point
 from fedmerge.options import Option, non_negative_float, positive_float, positive_int
 
@@ -48,17 +48,18 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
         raise FedmergeError("option 'zeta2' must be 0 with one client (a single task has no heterogeneity).")
     dim, n = options["dim"], options["samples"]
     mean, task_centers = centers(num_clients, dim, options["zeta2"], options["distance"], seed)
-    rng = np.random.default_rng([seed, 1])
 
-    def samples(center: np.ndarray) -> TensorDataset:
-        noise = rng.standard_normal((n, dim)) * options["noise"]
-        noise -= noise.mean(0)
-        return TensorDataset(torch.zeros(n, 1), torch.from_numpy(center + noise).float())
+    def task(t: int) -> Task:  # made when asked for: its samples from its own generator
+        rng = np.random.default_rng([seed, 1, t])
 
-    tasks = [
-        Task(f"quadratic:task-{t}", samples(center), samples(center), samples(center))
-        for t, center in enumerate(task_centers)
-    ]
+        def samples() -> TensorDataset:
+            noise = rng.standard_normal((n, dim)) * options["noise"]
+            noise -= noise.mean(0)
+            return TensorDataset(torch.zeros(n, 1), torch.from_numpy(task_centers[t] + noise).float())
+
+        return Task(f"quadratic:task-{t}", samples(), samples(), samples())
+
+    tasks = TaskList(num_clients, task)
 
     def optimum() -> dict:
         return {"theta": torch.from_numpy(mean).float(), "tasks": [torch.from_numpy(c).float() for c in task_centers]}
