@@ -1,15 +1,20 @@
-"""Benchmark ``fedmerge merge`` against mergekit's task_arithmetic on random Llama-style checkpoints.
+"""Benchmark ``fedmerge merge`` against mergekit on random Llama-style checkpoints.
 
 Writes a base and 3 fine-tunes (about 170M parameters each by default, bfloat16, two safetensors shards
 with an index, as Hugging Face saves them), merges them with both tools in subprocesses, checks that the
-outputs agree, and prints wall time and peak resident memory of each. The last line is the ratio
-mergekit time / fedmerge time.
+outputs agree, and prints wall time and peak resident memory of each: Task Arithmetic (mergekit's
+task_arithmetic and a plain loop), then each method of --methods, beside mergekit's merge of the same rule where
+mergekit has one (TIES, DARE, Model Breadcrumbs with and without TIES, DELLA, Model Stock, SLERP of the first two
+fine-tunes, the Karcher mean). The last line is the ratio mergekit time / fedmerge time for Task Arithmetic.
 
 mergekit is not a dependency of fedmerge: it is installed into its own virtual environment,
 ``benchmarks/.mergekit-venv``, on first use. Both tools compute in float32 and write bfloat16
 (mergekit: ``dtype: float32``, ``out_dtype: bfloat16``; its ``weight`` per model is λ, ``normalize: false``),
 so they compute the same θ + λ·Σ_t τ_t. ``--device cuda`` runs both tools' arithmetic on the GPU
-(fedmerge ``--device cuda``, mergekit ``--cuda``); both still read and write on the CPU.
+(fedmerge ``--device cuda``, mergekit ``--cuda``); both still read and write on the CPU. The other methods run on
+the CPU. Agreement: exact methods element by element within a bfloat16 rounding step (TIES and Breadcrumbs but for
+coordinates where a |τ_t| ties with a magnitude threshold); DARE and DELLA, random in both, by how far each strays
+from θ + mean τ (mergekit's DELLA also rescales to each τ_t's L1 norm where fedmerge divides by the keep probability).
 
     python benchmarks/merge.py [--layers 8] [--hidden 1024] [--scaling 0.3] [--device cpu|cuda|auto] [--keep]
 """
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 import venv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -186,15 +192,16 @@ def agreement(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) ->
     return equal / total, worst, close
 
 
-def mergekit_config(work: Path, models: list[Path], method: str, weight: float, normalize: bool, **params) -> Path:
-    """A mergekit config: θ + Σ_t weight·(the method's τ_t), divided by Σ weights where ``normalize``; arithmetic
-    in float32, written in bfloat16."""
+def mergekit_config(work: Path, name: str, method: str, models: list[Path], base: Path | None, per_model: dict,
+                    shared: dict) -> Path:
+    """A mergekit config of ``method`` over ``models``, ``base`` its base_model (None: none), with ``per_model``
+    parameters for each model and ``shared`` ones; arithmetic in float32, written in bfloat16."""
     config = {
-        "merge_method": method, "base_model": str(work / "base"),
-        "models": [{"model": str(m), "parameters": {"weight": weight, **params}} for m in models],
-        "parameters": {"normalize": normalize}, "dtype": "float32", "out_dtype": "bfloat16",
+        "merge_method": method, **({"base_model": str(base)} if base is not None else {}),
+        "models": [{"model": str(m), **({"parameters": per_model} if per_model else {})} for m in models],
+        **({"parameters": shared} if shared else {}), "dtype": "float32", "out_dtype": "bfloat16",
     }
-    path = work / f"mergekit-{method}.yml"
+    path = work / f"mergekit-{name}.yml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
 
@@ -210,37 +217,91 @@ def deviation(merged: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     return total / count, (squares / count) ** 0.5
 
 
-MERGEKIT_TWINS = {"ties": "ties", "dare-linear": "dare_linear", "dare-ties": "dare_ties"}
-"""fedmerge's methods and mergekit's of the same rule (mergekit with normalize: true and λ = 1, so both give
-θ + Δ with Δ mean-scale; fedmerge's default β = 1)."""
+@dataclass(frozen=True)
+class Twin:
+    """mergekit's merge of a fedmerge method's rule: its merge_method, how the outputs are compared (``exact``: element
+    by element; ``thresholds``: so too, but for coordinates where a model's |τ_t| ties with a magnitude threshold;
+    ``estimate``: random in both, by what they estimate), fedmerge's flags, mergekit's per-model and shared parameters,
+    how many of the fine-tunes both merge (None: all) and mergekit's base_model (``base``, ``first``: the first
+    fine-tune, as SLERP's θ_1, or ``none``)."""
+
+    method: str
+    check: str
+    flags: tuple = ()
+    per_model: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
+    models: int | None = None
+    base: str = "base"
+
+
+def twins(args: argparse.Namespace) -> dict[str, Twin]:
+    """fedmerge's methods that mergekit implements, each with mergekit's merge of the same rule. Both give θ + Δ with
+    fedmerge's default β = 1 (mergekit: λ = 1, and normalize: true where Δ is a mean), but Breadcrumbs, given
+    --scaling λ, is θ + λ·Σ_t m_t ⊙ τ_t (mergekit's weight λ, normalize: false)."""
+    k, gamma, epsilon, t = args.density, args.gamma, args.epsilon, args.t
+    mean = {"normalize": True}
+    return {
+        "ties": Twin("ties", "thresholds", ("--density", k), {"weight": 1.0, "density": k}, mean),
+        "dare-linear": Twin("dare_linear", "estimate", ("--density", k), {"weight": 1.0, "density": k}, mean),
+        "dare-ties": Twin("dare_ties", "estimate", ("--density", k), {"weight": 1.0, "density": k}, mean),
+        "breadcrumbs": Twin("breadcrumbs", "thresholds", ("--density", k, "--gamma", gamma, "--scaling", args.scaling),
+                            {"weight": args.scaling, "density": k, "gamma": gamma}, {"normalize": False}),
+        "breadcrumbs-ties": Twin("breadcrumbs_ties", "thresholds", ("--density", k, "--gamma", gamma),
+                                 {"weight": 1.0, "density": k, "gamma": gamma}, mean),
+        "della": Twin("della", "estimate", ("--density", k, "--epsilon", epsilon),
+                      {"weight": 1.0, "density": k, "epsilon": epsilon}, mean),
+        "model-stock": Twin("model_stock", "exact"),
+        "slerp": Twin("slerp", "exact", ("--t", t), shared={"t": t}, models=2, base="first"),
+        "karcher": Twin("karcher", "exact", base="none"),
+    }
+
+
+def top_counts(method: str, args: argparse.Namespace, n: int) -> list[int]:
+    """How many of a tensor's n largest |τ_t| sit above each magnitude threshold of the method: TIES keeps the top
+    ⌊k·n⌋; Breadcrumbs the top ⌊γ·n⌋ + ⌊k·n⌋ but the top ⌊γ·n⌋."""
+    keep = max(1, int(args.density * n))
+    if method == "ties":
+        return [keep]
+    outliers = min(int(args.gamma * n), n - keep)
+    return [count for count in (outliers + keep, outliers) if count]
 
 
 def compare_methods(work: Path, args: argparse.Namespace, mean: dict[str, torch.Tensor]) -> None:
-    """TIES against mergekit's element by element; DARE, random in both, by what it estimates (θ + mean τ)."""
-    for method, theirs in MERGEKIT_TWINS.items():
+    """Each method against mergekit's: exact ones element by element, TIES and Breadcrumbs so too but for ties at their
+    thresholds, DARE and DELLA, random in both, by what they estimate (θ + mean τ)."""
+    for method, twin in twins(args).items():
         if method not in args.methods:
             continue
         ours, other = read_merged(work / method), read_merged(work / f"mergekit-{method}")
-        if method == "ties":
-            differ, unexplained, total = ties_disagreements(work, ours, other, args.density)
-            print(f"fedmerge ties vs mergekit ties (density {args.density}): {1 - differ / total:.4%} of elements "
-                  f"within one bfloat16 rounding step; every other one ({differ - unexplained} of {total}) at a "
-                  "coordinate where a model's |τ_t| ties with its trimming threshold (mergekit's unstable sort "
-                  "keeps arbitrary ones of those, fedmerge the first by position)"
+        label = f"fedmerge {method} vs mergekit {twin.method}"
+        if twin.check == "exact":
+            equal, worst, close = agreement(ours, other)
+            print(f"{label}: {equal:.2%} equal, max |diff| {worst:.1e}, "
+                  f"{'within' if close else 'NOT within'} one bfloat16 rounding step")
+            if not close:
+                raise SystemExit(f"fedmerge's {method} and mergekit's {twin.method} disagree")
+        elif twin.check == "thresholds":
+            differ, unexplained, total = threshold_disagreements(work, ours, other, lambda n: top_counts(method, args, n))
+            print(f"{label} (density {args.density}{f', gamma {args.gamma}' if 'breadcrumbs' in method else ''}): "
+                  f"{1 - differ / total:.4%} of elements within one bfloat16 rounding step; every other one "
+                  f"({differ - unexplained} of {total}) at a coordinate where a model's |τ_t| ties with a magnitude "
+                  "threshold (mergekit's unstable sort keeps arbitrary ones of those, fedmerge the first by position)"
                   + (f"; {unexplained} elsewhere" if unexplained else ""))
             if unexplained:
-                raise SystemExit("fedmerge's TIES and mergekit's disagree beyond ties at the threshold")
-            continue
-        (bias, rms), (their_bias, their_rms) = deviation(ours, mean), deviation(other, mean)
-        print(f"fedmerge {method} vs mergekit {theirs} (density {args.density}), each against θ + mean τ: bias "
-              f"{bias:.1e} vs {their_bias:.1e}, RMS {rms:.2e} vs {their_rms:.2e} (ratio {rms / their_rms:.2f})")
-        if method == "dare-linear" and not 0.8 < rms / their_rms < 1.25:
-            raise SystemExit("fedmerge's DARE and mergekit's differ in how far they stray from the mean")
+                raise SystemExit(f"fedmerge's {method} and mergekit's disagree beyond ties at the thresholds")
+        else:
+            (bias, rms), (their_bias, their_rms) = deviation(ours, mean), deviation(other, mean)
+            print(f"{label} (density {args.density}{f', epsilon {args.epsilon}' if method == 'della' else ''}), each "
+                  f"against θ + mean τ: bias {bias:.1e} vs {their_bias:.1e}, RMS {rms:.2e} vs {their_rms:.2e} (ratio "
+                  f"{rms / their_rms:.2f})")
+            if method == "dare-linear" and not 0.8 < rms / their_rms < 1.25:
+                raise SystemExit("fedmerge's DARE and mergekit's differ in how far they stray from the mean")
 
 
-def ties_disagreements(work: Path, ours: dict, theirs: dict, density: float) -> tuple[int, int, int]:
-    """How many elements of the two TIES merges differ by more than one bfloat16 rounding step, how many of
-    those lie where no model's |τ_t| equals its trimming threshold (unexplained), and the element count."""
+def threshold_disagreements(work: Path, ours: dict, theirs: dict, counts) -> tuple[int, int, int]:
+    """How many elements of two merges differ by more than one bfloat16 rounding step, how many of those lie where no
+    model's |τ_t| equals one of its magnitude thresholds (unexplained), and the element count. ``counts(n)``: the
+    sizes of the top sets whose smallest magnitude is a threshold, in a tensor of n entries."""
     eps = torch.finfo(torch.bfloat16).eps
     base, models = read_merged(work / "base"), [read_merged(work / f"ft{i}") for i in range(NUM_MODELS)]
     differ = unexplained = total = 0
@@ -253,8 +314,8 @@ def ties_disagreements(work: Path, ours: dict, theirs: dict, density: float) -> 
         tied = torch.zeros_like(off)
         for model in models:
             magnitude = (model[name] - base[name]).abs()
-            keep = max(1, int(density * magnitude.numel()))
-            tied |= magnitude == torch.kthvalue(magnitude.view(-1), magnitude.numel() - keep + 1).values
+            for count in counts(magnitude.numel()):
+                tied |= magnitude == torch.kthvalue(magnitude.view(-1), magnitude.numel() - count + 1).values
         differ += int(off.sum())
         unexplained += int((off & ~tied).sum())
     return differ, unexplained, total
@@ -268,9 +329,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--scaling", type=float, default=0.3, help="Task Arithmetic's λ (mergekit's weight)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each merge; the best time is kept")
-    parser.add_argument("--methods", nargs="*", default=["median", "cclip", "ties", "dare-linear", "dare-ties"],
-                        help="other fedmerge methods to time (TIES and DARE beside mergekit's)")
-    parser.add_argument("--density", type=float, default=0.2, help="TIES's and DARE's density k")
+    parser.add_argument("--methods", nargs="*", default=["median", "cclip", "ties", "dare-linear", "dare-ties",
+                                                          "breadcrumbs", "breadcrumbs-ties", "della", "model-stock",
+                                                          "slerp", "karcher"],
+                        help="other fedmerge methods to time (those mergekit implements beside mergekit's)")
+    parser.add_argument("--density", type=float, default=0.2, help="TIES's, DARE's, Breadcrumbs' and DELLA's density k")
+    parser.add_argument("--gamma", type=float, default=0.01, help="Breadcrumbs' γ, the share of outliers dropped")
+    parser.add_argument("--epsilon", type=float, default=0.15, help="DELLA's ε (mergekit's half-width)")
+    parser.add_argument("--t", type=float, default=0.5, help="SLERP's t, between the first two fine-tunes")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
@@ -304,25 +370,31 @@ def main() -> None:
             runs[f"plain loop ({device})"] = (
                 [sys.executable, "-c", PLAIN_LOOP, str(work / "base"), str(out), str(args.scaling), device,
                  *map(str, models)], out)
-        fedmerge = [sys.executable, "-m", "fedmerge.cli", "merge", "--base", str(work / "base"), "--models",
-                    *map(str, models), "--quiet"]
+
+        def fedmerge(used: list[Path]) -> list[str]:
+            return [sys.executable, "-m", "fedmerge.cli", "merge", "--base", str(work / "base"), "--models",
+                    *map(str, used), "--quiet"]
+
         for device in devices:
             out = work / f"fedmerge-{device}"
-            runs[f"fedmerge ({device})"] = ([*fedmerge, "--device", device, "--scaling", str(args.scaling), "--out", str(out)], out)
+            runs[f"fedmerge ({device})"] = ([*fedmerge(models), "--device", device, "--scaling", str(args.scaling), "--out", str(out)], out)
         if why_not is None:
             for device in devices:
                 out = work / f"mergekit-{device}"
-                config_file = mergekit_config(work, models, "task_arithmetic", args.scaling, False)
+                config_file = mergekit_config(work, "task_arithmetic", "task_arithmetic", models, work / "base",
+                                              {"weight": args.scaling}, {"normalize": False})
                 runs[f"mergekit ({device})"] = (
                     [str(MERGEKIT), str(config_file), str(out), "--quiet", *(["--cuda"] if device == "cuda" else [])], out)
-        for method in args.methods:
+        for method, twin in [(m, twins(args).get(m)) for m in args.methods]:
+            used = models[:twin.models] if twin else models
+            flags = [str(flag) for flag in twin.flags] if twin else []
             out = work / method
-            density = ["--density", str(args.density)] if method in MERGEKIT_TWINS else []
-            runs[f"fedmerge {method} (cpu)"] = ([*fedmerge, "--method", method, *density, "--out", str(out)], out)
-            if method in MERGEKIT_TWINS and why_not is None:
+            runs[f"fedmerge {method} (cpu)"] = ([*fedmerge(used), "--method", method, *flags, "--out", str(out)], out)
+            if twin and why_not is None:
                 out = work / f"mergekit-{method}"
-                config_file = mergekit_config(work, models, MERGEKIT_TWINS[method], 1.0, True, density=args.density)
-                runs[f"mergekit {MERGEKIT_TWINS[method]} (cpu)"] = ([str(MERGEKIT), str(config_file), str(out), "--quiet"], out)
+                base_model = {"base": work / "base", "first": used[0], "none": None}[twin.base]
+                config_file = mergekit_config(work, method, twin.method, used, base_model, twin.per_model, twin.shared)
+                runs[f"mergekit {twin.method} (cpu)"] = ([str(MERGEKIT), str(config_file), str(out), "--quiet"], out)
         rows = {label: (float("inf"), 0.0) for label in runs}
         for _ in range(args.repeat):  # rounds over all merges, so a busy moment hits them alike
             for label, (command, out) in runs.items():

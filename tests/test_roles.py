@@ -17,13 +17,19 @@ from fedmerge.clients.app import client_app
 from fedmerge.simulations import evaluation
 from fedmerge.simulations.experiment import Experiment
 from fedmerge.simulations.spec import Spec
+from fedmerge.merging import METHODS
 from fedmerge.simulations.statistics import local_reestimate
 from fedmerge.strategies import STRATEGIES
 from fedmerge.tasks import load_suite
 from replies import InProcessGrid
 
 CLIENTS = 3
-TRAINING = {"optimizer": "momentum", "lr": 0.05, "steps": [20, 40, 60], "batch_size": 32}
+TRAINING = {"optimizer": "momentum", "lr": 0.05, "steps": {"linear": [20, 60]}, "batch_size": 32}
+
+
+def clients_of(name: str) -> int:
+    """How many clients a strategy merges here: the one number it takes (SLERP: two), else CLIENTS."""
+    return METHODS[name].num_clients or CLIENTS
 
 
 @pytest.fixture
@@ -35,10 +41,11 @@ def server_app(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def setup(suite_options=None, suite="digits", **spec):
-    spec = Spec.from_dict({"name": "roles", "suite": suite, "clients": CLIENTS, "strategies": list(STRATEGIES),
+def setup(suite_options=None, suite="digits", clients=CLIENTS, **spec):
+    strategies = [name for name in STRATEGIES if clients_of(name) == clients]
+    spec = Spec.from_dict({"name": "roles", "suite": suite, "clients": clients, "strategies": strategies,
                            "suite_options": suite_options or {}, "training": TRAINING, **spec})
-    fed = load_suite(spec.suite, CLIENTS, spec.suite_options, spec.seed)
+    fed = load_suite(spec.suite, clients, spec.suite_options, spec.seed)
     base = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
     return spec, fed, base
 
@@ -58,7 +65,7 @@ class RecordingGrid(InProcessGrid):
 
 def one_shot(spec, fed, base):
     """Every client trained once from θ0 by the real ClientApp, in client-id order; and the grid."""
-    grid = RecordingGrid(client_app(spec.to_flat()), CLIENTS)
+    grid = RecordingGrid(client_app(spec.to_flat()), spec.clients)
     sender = spec.build_strategy("fedavg", private=fed.private_names, statistics=fed.statistics_names)
     replies = grid.send_and_receive(sender.configure_train(1, base, ConfigRecord({"num-rounds": 1}), grid))
     assert not any(reply.has_error() for reply in replies), [r.error.reason for r in replies if r.has_error()]
@@ -75,9 +82,10 @@ def client_of(reply) -> int:
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_each_client_keeps_its_own_head_under_every_rule_one_shot_and_over_rounds(name, server_app):
-    spec, fed, base = setup()
+    spec, fed, base = setup(clients=clients_of(name))
+    clients = spec.clients
     heads = fed.private_names
-    assert set(heads.values()) == set(range(CLIENTS)) and not set(heads) & set(fed.shared_names)
+    assert set(heads.values()) == set(range(clients)) and not set(heads) & set(fed.shared_names)
     replies, _ = one_shot(spec, fed, base)
     merged, _ = spec.build_strategy(name, server_lr=2.5, private=heads).merge_replies(1, replies, base)
     for reply in replies:
@@ -86,15 +94,15 @@ def test_each_client_keeps_its_own_head_under_every_rule_one_shot_and_over_round
             assert torch.equal(tensors(merged)[head], own[head]) and not torch.equal(own[head], fed.pretrained[head])
 
     strategy = spec.build_strategy(name, private=heads)
-    grid = RecordingGrid(client_app(spec.to_flat()), CLIENTS)
+    grid = RecordingGrid(client_app(spec.to_flat()), clients)
     result = strategy.start(grid=grid, initial_arrays=base, num_rounds=2, train_config=ConfigRecord({"num-rounds": 2}))
-    first, second = grid.replies[:CLIENTS], grid.replies[CLIENTS:]
+    first, second = grid.replies[:clients], grid.replies[clients:]
     for reply in second:  # the model of round 2 carries each client's head as it sent it in round 2
         own = tensors(reply.content["arrays"])
         for head in (n for n, owner in heads.items() if owner == client_of(reply)):
             assert torch.equal(tensors(result.arrays)[head], own[head])
     by_node = {r.metadata.src_node_id: tensors(r.content["arrays"]) for r in first}
-    for message in grid.sent[CLIENTS:]:  # round 2 starts each client from its own head of round 1
+    for message in grid.sent[clients:]:  # round 2 starts each client from its own head of round 1
         node, sent = message.metadata.dst_node_id, tensors(message.content["arrays"])
         client = strategy.clients_by_node[node]
         own_heads = [n for n, owner in heads.items() if owner == client]
@@ -155,7 +163,7 @@ def test_private_heads_alone_give_every_rule_normalized_accuracy_one_exactly(tmp
     assert fed.shared_names == [] and len(fed.private_names) == 2 * CLIENTS
     replies, _ = one_shot(spec, fed, base)
     results = Experiment(spec, None).merge_one_shot(fed, base, replies)
-    assert [run["strategy"] for run in results["runs"]] == list(STRATEGIES)
+    assert [run["strategy"] for run in results["runs"]] == list(spec.strategies)
     for run in results["runs"]:
         assert run["final"]["mean_normalized_accuracy"] == 1.0, run["strategy"]
         assert all(task["normalized_accuracy"] == 1.0 for task in run["final"]["tasks"])
@@ -167,7 +175,7 @@ def test_statistics_are_never_merged_and_reestimated_exactly(server_app):
     names = fed.statistics_names
     assert [n.rsplit(".", 1)[1] for n in names] == ["running_mean", "running_var", "num_batches_tracked"] * 2
     replies, _ = one_shot(spec, fed, base)
-    for name in STRATEGIES:
+    for name in spec.strategies:
         strategy = spec.build_strategy(name, server_lr=3.0, private=fed.private_names, statistics=names)
         merged, _ = strategy.merge_replies(1, replies, base)
         assert all(torch.equal(tensors(merged)[n], fed.pretrained[n]) for n in names), name  # kept, not merged

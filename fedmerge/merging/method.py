@@ -54,6 +54,7 @@ class Method:
     ``no_lambda`` says why a method has no λ of its own (its paper defines none and both conventions fit it): it is
     then scaled by β alone, searched over the paper's grid in β (``scale`` "mean"). ``own_step``: the rule sets its
     own step from the updates (FedExP), so the one-shot search applies the experiment's β as given instead of a grid.
+    ``num_clients``: the one number of clients (models) the method merges, if it has one (SLERP: two).
     """
 
     name: str
@@ -68,6 +69,7 @@ class Method:
     linear: bool = False
     no_lambda: str = ""
     own_step: bool = False
+    num_clients: int | None = None
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:

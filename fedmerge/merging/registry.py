@@ -7,17 +7,28 @@ import difflib
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.method import Method
+from fedmerge.merging.rules.breadcrumbs import METHOD as BREADCRUMBS, TIES as BREADCRUMBS_TIES
+from fedmerge.merging.rules.bulyan import METHOD as BULYAN
 from fedmerge.merging.rules.cclip import METHOD as CCLIP
 from fedmerge.merging.rules.dare import LINEAR as DARE_LINEAR, TIES as DARE_TIES
+from fedmerge.merging.rules.della import METHOD as DELLA
 from fedmerge.merging.rules.fedavg import METHOD as FEDAVG
+from fedmerge.merging.rules.fedexp import METHOD as FEDEXP
 from fedmerge.merging.rules.fedgma import METHOD as FEDGMA
 from fedmerge.merging.rules.fednova import METHOD as FEDNOVA
+from fedmerge.merging.rules.karcher import METHOD as KARCHER
+from fedmerge.merging.rules.krum import KRUM, MULTI as MULTI_KRUM
 from fedmerge.merging.rules.mean_direction import METHOD as MEAN_DIRECTION
 from fedmerge.merging.rules.median import METHOD as MEDIAN
+from fedmerge.merging.rules.model_stock import METHOD as MODEL_STOCK
+from fedmerge.merging.rules.slerp import METHOD as SLERP
 from fedmerge.merging.rules.ties import METHOD as TIES
+from fedmerge.merging.rules.trimmed_mean import METHOD as TRIMMED_MEAN
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    FEDAVG, FEDNOVA, FEDGMA, MEDIAN, CCLIP, TIES, DARE_LINEAR, DARE_TIES, MEAN_DIRECTION)}
+    FEDAVG, FEDEXP, FEDNOVA, FEDGMA, MEDIAN, CCLIP, KRUM, MULTI_KRUM, BULYAN, TRIMMED_MEAN, TIES, DARE_LINEAR,
+    DARE_TIES, MEAN_DIRECTION,
+    BREADCRUMBS, BREADCRUMBS_TIES, DELLA, MODEL_STOCK, SLERP, KARCHER)}
 
 
 def find_method(name: str, what: str = "method") -> Method:

@@ -3,10 +3,14 @@
 Every rule returns a mean-scale update Δ and the new model is θ + β·Δ. A method's user-facing λ means what its
 paper means (:attr:`fedmerge.merging.method.Method.scale`):
 
-- ``sum`` (Task Arithmetic's convention: FedAvg, FedNova, FedGMA, DARE-linear, mean-direction, whose Δ is a
-  re-weighted average of the task vectors): λ multiplies the sum, θ0 + λ·Σ_t τ_t, so β = λ·T;
-- ``mean`` (TIES's convention: TIES, DARE-TIES, Median, CCLIP, whose Δ is a disjoint mean or a robust location):
-  λ multiplies the update itself, θ0 + λ·Δ, so β = λ.
+- ``sum`` (Task Arithmetic's convention, for methods whose Δ is a re-weighted average of the task vectors: FedAvg,
+  FedNova, FedGMA, DARE-linear, Breadcrumbs, mean-direction): λ multiplies the sum, θ0 + λ·Σ_t τ_t, so β = λ·T;
+- ``mean`` (TIES's convention, for disjoint means: TIES, DARE-TIES, DELLA, Breadcrumbs-TIES): λ multiplies the
+  update itself, θ0 + λ·Δ, so β = λ.
+
+Methods whose paper defines no λ (robust locations such as the median, CCLIP, Krum; SLERP, Model Stock, the Karcher
+mean; FedExP, which sets its own step) are scaled by β alone (``Method.no_lambda``); the one-shot search then
+searches β over the paper's grid.
 """
 
 from fedmerge.errors import FedmergeError

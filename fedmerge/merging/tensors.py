@@ -39,7 +39,7 @@ def chunk_size(device: torch.device, rows: int = 1, itemsize: int = 4) -> int:
     """Elements per chunk on ``device``: cache-sized on the CPU, large on an accelerator, and small enough that
     ``rows`` rows of it stay within :data:`SCRATCH_BYTES` (memory bounded whatever the number of clients)."""
     size = CHUNK if device.type == "cpu" else DEVICE_CHUNK
-    return max(MIN_CHUNK, min(size, SCRATCH_BYTES // (rows * itemsize)))
+    return min(size, max(MIN_CHUNK, SCRATCH_BYTES // (rows * itemsize)))
 
 
 def chunks(numel: int, size: int) -> Iterator[slice]:

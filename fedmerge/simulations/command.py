@@ -167,10 +167,12 @@ def _tuned(run: dict) -> str:
 def notes(results: dict) -> list[str]:
     """What the table's numbers rest on: λ's conventions, what was merged, statistics, LoRA, suspicious baselines."""
     lines = []
-    if any(run["rounds"] == 1 for run in results["runs"]):
+    one_shot = [run for run in results["runs"] if run["rounds"] == 1]
+    if one_shot:
+        without = sorted({run["strategy"] for run in one_shot if run["selected"].get("scaling") is None})
         lines.append("λ is each method's own: (Σ) θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T; (Δ) θ0 + λ·Δ, "
-                     "TIES's convention, β = λ; none for median and cclip, scaled by β alone. One-shot λ (β) and the "
-                     "starred tuned values were chosen on validation.")
+                     "TIES's convention, β = λ" + (f"; none for {', '.join(without)}, scaled by β alone" if without else "")
+                     + ". One-shot λ (β) and the starred tuned values were chosen on validation.")
     tensors = results.get("tensors")
     if tensors and (tensors["private"] or tensors["statistics"]):
         lines.append(f"the rules merged the {tensors['shared']} shared tensors; the {tensors['private']} private tensors "

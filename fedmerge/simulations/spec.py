@@ -192,6 +192,12 @@ class Spec:
             raise FedmergeError("'rounds' is empty; give the round counts to compare, e.g. rounds = [1, 5].")
         self.client_configs()
         corruptions(self.training, self.clients)
+        fixed = [name for name in self.strategies if METHODS[name].num_clients not in (None, self.clients)]
+        if fixed:
+            needed = METHODS[fixed[0]].num_clients
+            raise FedmergeError(f"strategy {fixed[0]!r} merges exactly {needed} clients, but the experiment has "
+                                f"{self.clients}; set clients = {needed}, or leave {fixed[0]} out (karcher is the "
+                                "spherical mean of any number of models).")
         if self.server["clients_per_round"] > self.clients:
             raise FedmergeError(f"server.clients_per_round = {self.server['clients_per_round']} is more than the "
                                 f"{self.clients} clients; give at most {self.clients} (0: every client).")

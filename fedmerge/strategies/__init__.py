@@ -5,23 +5,36 @@ Replies follow the client contract in :mod:`fedmerge.contract`.
 """
 
 from fedmerge.strategies.base import MergingStrategy, MethodStrategy
+from fedmerge.strategies.breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from fedmerge.strategies.bulyan import Bulyan
 from fedmerge.strategies.cclip import CClip
 from fedmerge.strategies.dare import DareLinear, DareTies
+from fedmerge.strategies.della import Della
 from fedmerge.strategies.fedavg import FedAvg
+from fedmerge.strategies.fedexp import FedExP
 from fedmerge.strategies.fedgma import FedGMA
 from fedmerge.strategies.fednova import FedNova
+from fedmerge.strategies.karcher import Karcher
+from fedmerge.strategies.krum import Krum, MultiKrum
 from fedmerge.strategies.mean_direction import MeanDirection
 from fedmerge.strategies.median import Median
+from fedmerge.strategies.model_stock import ModelStock
 from fedmerge.strategies.round_record import RoundRecord
+from fedmerge.strategies.slerp import Slerp
 from fedmerge.strategies.ties import Ties
+from fedmerge.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[MethodStrategy]] = {
     strategy.method.name: strategy
-    for strategy in (FedAvg, FedNova, FedGMA, Median, CClip, Ties, DareLinear, DareTies, MeanDirection)
+    for strategy in (FedAvg, FedExP, FedNova, FedGMA, Median, CClip, Krum, MultiKrum, Bulyan, TrimmedMean, Ties, DareLinear,
+                     DareTies, MeanDirection,
+                     Breadcrumbs, BreadcrumbsTies, Della, ModelStock, Slerp, Karcher)
 }
 """One strategy per merging method, by the method's name."""
 
 __all__ = [
     "STRATEGIES", "CClip", "DareLinear", "DareTies", "FedAvg", "FedGMA", "FedNova", "MeanDirection", "Median",
     "MergingStrategy", "MethodStrategy", "RoundRecord", "Ties",
+    "Breadcrumbs", "BreadcrumbsTies", "Della", "Karcher", "ModelStock", "Slerp",
+    "Bulyan", "FedExP", "Krum", "MultiKrum", "TrimmedMean",
 ]
