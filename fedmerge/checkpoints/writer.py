@@ -1,8 +1,9 @@
 """Writing a merged checkpoint: shard by shard, tensor by tensor, atomically.
 
 The output is staged beside OUT by :func:`fedmerge.files.staged` (with the user's umask) and renamed into
-place only once complete, so a failed or interrupted merge leaves nothing at OUT. A directory output is in
-Hugging Face's layout:
+place only once complete, so a failed or interrupted merge leaves nothing at OUT; a full file system (or
+quota, or file-size limit) ends it with a :class:`~fedmerge.files.DiskFull` naming the shard and its size.
+A directory output is in Hugging Face's layout:
 ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fedmerge.errors import FedmergeError
-from fedmerge.files import check_output_dir
+from fedmerge.files import DISK_FULL, check_output_dir, disk_full
 from fedmerge.checkpoints.safetensors_format import TensorSpec, layout, tensor_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -83,8 +84,19 @@ def write_shard(
 
     Each tensor is written by ``writer`` (one thread) while the next one is made; at most two wait, so memory
     holds a few tensors whatever the shard's size. Every write has ended when this returns or raises.
+    Raises :class:`~fedmerge.files.DiskFull` when the shard does not fit.
     """
     header, offsets = layout(specs, metadata)
+    try:
+        _write_tensors(path, header, offsets, specs, tensors, writer)
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        raise disk_full(error, path, len(header) + sum(spec.nbytes for spec in specs.values())) from None
+
+
+def _write_tensors(path: Path, header: bytes, offsets: Mapping[str, int], specs: Mapping[str, TensorSpec],
+                   tensors: Iterator[tuple[str, torch.Tensor]], writer: Executor) -> None:
     pending: deque[Future] = deque()
     with open(path, "wb") as f:
         try:

@@ -20,7 +20,7 @@ import numpy as np
 import tomli_w
 
 from fedmerge.errors import FedmergeError
-from fedmerge.files import TargetAppeared, staged, write_file, write_safetensors
+from fedmerge.files import DiskFull, TargetAppeared, staged, write_file, write_safetensors
 from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import find_suite
 
@@ -133,11 +133,11 @@ class ResultsDirectory:
         files = self._files()
         if self.path is None:
             self.path = self._create(files, models)
-        else:
-            for name, text in files.items():
-                write_file(self.path / name, text)
+        else:  # results.json last: on a full disk it keeps saying what the files beside it hold
             for name, state in models.items():
                 write_safetensors(self.path / "models" / f"{name}.safetensors", state)
+            for name, text in reversed(files.items()):
+                write_file(self.path / name, text)
         return self.path
 
     def amend(self, **fields) -> Path | None:
@@ -149,8 +149,14 @@ class ResultsDirectory:
         return self.path
 
     def fail(self, reason: str) -> Path | None:
-        """Record why the run stopped; the directory, if there is one yet, keeps what finished."""
-        return self.amend(complete=False, error=reason) if self.document.get("complete") is not True else self.path
+        """Record why the run stopped; the directory, if there is one yet, keeps what finished (on a full disk its
+        results.json keeps saying ``"complete": false`` without the reason)."""
+        if self.document.get("complete") is True:
+            return self.path
+        try:
+            return self.amend(complete=False, error=reason)
+        except DiskFull:
+            return self.path
 
     def _files(self) -> dict[str, str]:
         return {
@@ -168,8 +174,10 @@ class ResultsDirectory:
         for candidate in candidates:
             if candidate.exists():
                 continue
+            size = sum(len(text.encode()) for text in files.values()) + sum(
+                tensor.numel() * tensor.element_size() for state in models.values() for tensor in state.values())
             try:
-                with staged(candidate, directory=True) as staging:
+                with staged(candidate, directory=True, size=size) as staging:
                     for name, text in files.items():
                         (staging / name).write_text(text)
                     (staging / "models").mkdir()

@@ -1,22 +1,23 @@
 """Run a spec on Flower's simulation runtime (Ray): validate, simulate with a progress display, store results.
 
-Everything that can be checked is checked before Ray starts (the spec, the output path, the resources
-each client asks for, the suite's data). While the simulation runs, a Ctrl-C or a failure of the runtime
-stops the ServerApp thread too, so the process ends promptly with Ray shut down.
+Everything that can be checked is checked before Ray is imported or started (the spec, the output path, the
+resources each client asks for, the suite's data). Ray is started with Flower's own code, again while its GCS does
+not answer (a heavily loaded machine), for a bounded time. While the simulation runs, a Ctrl-C, a SIGTERM or a
+failure of the runtime stops the ServerApp thread too, so the process ends promptly with Ray shut down; the
+loggers, environment variables and SIGTERM handler the run changed are restored on every way out.
 """
 
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
+import signal
 import socket
-import sys
 import threading
 import time
 import warnings
 from pathlib import Path
-
-from flwr.simulation import run_simulation
 
 from fedmerge.clients.app import client_app
 from fedmerge.clients.trainer import total_steps
@@ -62,7 +63,8 @@ def available_resources(ray_address: str) -> tuple[float, float, str]:
 
     check_reachable(ray_address)
     try:
-        ray.init(address=ray_address, logging_level=logging.ERROR, log_to_driver=False)
+        with sigterm_kept():
+            ray.init(address=ray_address, logging_level=logging.ERROR, log_to_driver=False)
     except Exception as error:  # Ray raises ConnectionError, ValueError, RuntimeError... for a bad address
         raise FedmergeError(f"engine.ray_address = {ray_address!r}: cannot attach to a Ray cluster there ({error}); "
                             "start one with `ray start --head` or leave ray_address empty for a local Ray.") from None
@@ -119,26 +121,95 @@ def units_of_work(spec: Spec) -> int:
     return one_shot + sum(r * strategies * (spec.clients + 1) for r in spec.rounds if r > 1)
 
 
+RAY_ENVIRONMENT = {"RAY_DEDUP_LOGS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+"""Set for a run unless the user set them: one copy of repeated worker lines; Ray leaves CUDA_VISIBLE_DEVICES alone
+for a client given no GPU."""
+
+
 @contextlib.contextmanager
 def quiet_flower():
     """Keep Flower's, Ray's and the strategies' logging (per-round chatter, tracebacks of failed clients, a
     warning per merge that leaves a client out) off the display: every failure reaches fedmerge as a failed
     reply or an exception and is reported once, as a :class:`FedmergeError`; clients left out are recorded
     in the results and listed under ``fedmerge run``'s table.
+
+    On every way out (success, failure, Ctrl-C) the loggers' levels and the environment (:data:`RAY_ENVIRONMENT`, and
+    the PYTHONPATH Flower sets for Ray's workers) are restored.
     """
     loggers = [logging.getLogger(name) for name in ("flwr", "ray", "fedmerge")]
     levels = [logger.level for logger in loggers]
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    environment = {key: os.environ.get(key) for key in (*RAY_ENVIRONMENT, "PYTHONPATH")}
+    try:
+        for key, value in RAY_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def sigterm_kept():
+    """Keep this process's SIGTERM handler through a ``ray.init`` (which installs one that exits and a native one
+    that prints a stack dump): SIGTERM then stops a run as the caller decided (``fedmerge``: like Ctrl-C, exit
+    143). A SIGTERM that Ray's handler caught meanwhile is delivered again, to the restored handler."""
+    if threading.current_thread() is not threading.main_thread():
         yield
-    # Only after a run that ended well: after Ctrl-C or a failure the ServerApp thread may still be winding
-    # down, and its strategy's start-up banner must not follow "fedmerge: interrupted" onto the screen.
-    for logger, level in zip(loggers, levels):
-        logger.setLevel(level)
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    handler = signal.SIG_DFL if handler is None else handler
+    try:
+        yield
+    except SystemExit as stopped:  # Ray's handler: sys.exit(SIGTERM)
+        if stopped.code != signal.SIGTERM:
+            raise
+        signal.signal(signal.SIGTERM, handler)
+        signal.raise_signal(signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
+RAY_START_SECONDS = 120.0
+"""How long fedmerge keeps starting Ray while its GCS does not answer (a machine at a load of 10 to 20 on 2 cores)."""
+
+RAY_RETRY_PAUSE = 2.0
+
+
+def start_ray(config: dict) -> None:
+    """Start Ray with Flower's own code for ``config`` (``run_simulation`` then finds it running and uses it), again
+    while the failure is Ray's GCS not answering, for :data:`RAY_START_SECONDS` at most; then fail with a
+    :class:`FedmergeError`."""
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    started, attempts = time.monotonic(), 0
+    while True:
+        attempts += 1
+        try:
+            with sigterm_kept():
+                RayBackend(config)  # ray.init with config's init_args, as run_simulation would call it
+            return
+        except Exception as error:
+            ray.shutdown()
+            elapsed = time.monotonic() - started
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if "GCS" not in str(error):
+                raise FedmergeError(f"Ray did not start: {cause}") from None
+            if elapsed + RAY_RETRY_PAUSE >= RAY_START_SECONDS:
+                raise FedmergeError(
+                    f"Ray did not start: {cause} ({attempts} attempts in {elapsed:.0f} s; its GCS does not answer, as "
+                    "happens on a heavily loaded machine). Try again when the machine is less busy.") from None
+            time.sleep(RAY_RETRY_PAUSE)
 
 
 FLOWER_CRASHES = ("An error was encountered. Ending simulation.", "Simulation Runtime crashed.")
@@ -149,6 +220,10 @@ def root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None:
         error = error.__cause__
     return error
+
+
+WIND_DOWN_SECONDS = 5.0
+"""After a failure or an interrupt, how long the ServerApp thread gets to stop (it checks every 0.1 s for replies)."""
 
 
 def run(spec: Spec, out: Path = Path("results"), run_dir: Path | None = None, show_progress: bool = True) -> Path:
@@ -163,34 +238,55 @@ def run(spec: Spec, out: Path = Path("results"), run_dir: Path | None = None, sh
     check_runnable(spec)
     flat = spec.to_flat()
     stop = threading.Event()
+    serving: list[threading.Thread] = []  # the ServerApp's thread, once it asks for the results store
+
+    def store(_: Spec) -> ResultsDirectory:
+        serving.append(threading.current_thread())
+        return results
+
     title = f"{spec.name}: {spec.clients} clients on {spec.suite}"
     try:
         with ProgressDisplay(units_of_work(spec), title, show_progress) as display, quiet_flower():
             try:
-                run_simulation(
-                    server_app=server_app(flat, store=lambda _: results, progress=display.advance, stop=stop),
-                    client_app=client_app(flat),
-                    num_supernodes=spec.clients,
-                    backend_config=backend_config(spec),
-                )
-            except RuntimeError as error:
-                if not str(error).startswith(FLOWER_CRASHES):
-                    raise  # not Flower's runtime: an error of the server's own work, with its traceback
-                raise FedmergeError(f"Flower's simulation runtime failed: {root_cause(error)}") from None
-            finally:
-                stop.set()  # the ServerApp thread stops waiting for replies that will never come
+                simulate(spec, server_app(flat, store=store, progress=display.advance, stop=stop), client_app(flat))
+            finally:  # its last lines stay quiet and its last writes land before the run's own record
+                stop.set()
+                for thread in serving:
+                    thread.join(WIND_DOWN_SECONDS)
     except FedmergeError as error:
         kept = results.fail(str(error))
-        raise FedmergeError(f"{error}{_kept(kept)}") from None
-    except BaseException as error:
-        if (kept := results.fail(type(error).__name__)) is not None:
-            print(f"fedmerge:{_kept(kept)}", file=sys.stderr)
+        raise FedmergeError(str(error) if kept is None else f"{error} The {_kept(kept)}.") from None
+    except BaseException as error:  # Ctrl-C, SIGTERM, a bug: the command line says where the finished runs are
+        if (kept := results.fail(_why(error))) is not None:
+            error.__notes__ = [*getattr(error, "__notes__", []), f"the {_kept(kept)}"]
         raise
     if results.document.get("complete") is not True:
         raise FedmergeError("the simulation ended without results and without an error; please report this.")
     return results.amend(timings={**results.document.get("timings", {}), "total": round(time.perf_counter() - started, 3)})
 
 
-def _kept(path: Path | None) -> str:
-    return "" if path is None else (f" The runs that finished are kept in {path} (its results.json says "
-                                    "\"complete\": false, and why).")
+def simulate(spec: Spec, server, client) -> None:
+    """Start Ray and run the simulation; on any way out, Ray is shut down."""
+    import ray
+    from flwr.simulation import run_simulation  # Ray's import: only once everything is checked
+
+    config = backend_config(spec)
+    try:
+        start_ray(config)
+        nodes = math.ceil(spec.clients / spec.engine["clients_per_call"])  # several clients per call: fewer nodes
+        run_simulation(server_app=server, client_app=client, num_supernodes=nodes, backend_config=config)
+    except RuntimeError as error:
+        if not str(error).startswith(FLOWER_CRASHES):
+            raise  # not Flower's runtime: an error of the server's own work, with its traceback
+        raise FedmergeError(f"Flower's simulation runtime failed: {root_cause(error)}") from None
+    finally:
+        ray.shutdown()
+
+
+def _why(error: BaseException) -> str:
+    """What results.json records of an exception that is no user's mistake (Ctrl-C, SIGTERM, a bug)."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _kept(path: Path) -> str:
+    return f"runs that finished are kept in {path} (its results.json says \"complete\": false, and why)"

@@ -42,7 +42,7 @@ from typing import Any
 
 from fedmerge.clients.settings import is_spread
 from fedmerge.errors import FedmergeError
-from fedmerge.files import check_output_dir, write_file
+from fedmerge.files import DiskFull, check_output_dir, write_file
 from fedmerge.simulations.presets import load_experiment, shipped_path
 from fedmerge.simulations.spec import Spec, _suggest, directory_name, load_toml
 from fedmerge.tasks.suites import search_beside
@@ -338,13 +338,12 @@ def run_sweep(
         try:
             runner(cell.spec, cell_dir(sweep_dir, cell))
         except FedmergeError as error:
-            clean_partial(sweep_dir, cell)
-            write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
+            _stopped(sweep, sweep_dir, cell, timings)
             raise FedmergeError(f"sweep cell {cell.id} ({cell.describe()}) failed: {error} Finished cells are kept; "
                                 "run the sweep again to resume.") from None
-        except BaseException:
-            clean_partial(sweep_dir, cell)
-            write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
+        except BaseException as error:  # Ctrl-C, SIGTERM: the command line says so, and where the finished cells are
+            _stopped(sweep, sweep_dir, cell, timings)
+            error.__notes__ = [f"the finished cells are kept in {sweep_dir}; run the sweep again to resume"]
             raise
         timings[cell.id] = time.perf_counter() - cell_started
         write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
@@ -353,6 +352,16 @@ def run_sweep(
     write_manifest(sweep_dir, result)
     log(f"sweep {sweep.name}: {total} cells complete in {_duration(result['seconds'])} → {sweep_dir}")
     return result
+
+
+def _stopped(sweep: Sweep, sweep_dir: Path, cell: Cell, timings: Mapping[str, float]) -> None:
+    """After ``cell`` stopped: remove what it left and record the finished cells (on a full disk the manifest may
+    stay as it was; a resumed sweep rebuilds it from the cells)."""
+    clean_partial(sweep_dir, cell)
+    try:
+        write_manifest(sweep_dir, manifest(sweep, sweep_dir, timings))
+    except DiskFull:
+        pass
 
 
 def _duration(seconds: float) -> str:
