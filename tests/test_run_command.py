@@ -143,9 +143,10 @@ def test_a_run_of_the_same_name_finishing_meanwhile_keeps_its_directory_and_this
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_a_gpu_server_device_validates_anywhere_and_is_refused_at_start_without_cuda(tmp_path, capsys):
-    assert main(["run", "quadratic", "--set", "engine.server_device=cuda", "--dry-run"]) == 0
-    capsys.readouterr()
+def test_a_gpu_server_device_is_refused_without_cuda_by_a_dry_run_as_by_a_run(tmp_path, capsys):
+    """--dry-run checks what a run checks before it starts: this machine's devices too."""
+    assert main(["run", "quadratic", "--set", "engine.server_device=cuda", "--dry-run"]) == 2
+    assert "engine.server_device cuda: CUDA is not available on this machine" in capsys.readouterr().err
     assert main(["run", "quadratic", "--set", "engine.server_device=cuda", "--out", str(tmp_path / "r")]) == 2
     assert "engine.server_device cuda: CUDA is not available on this machine" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "r").exists()
@@ -211,3 +212,15 @@ def test_several_clients_per_call_give_the_same_numbers_and_diagnostics_sample_a
     diagnostics = results["diagnostics"]
     assert len(diagnostics["task_vector_norms"]) == 5 and len(diagnostics["sample"]) == 3
     assert len(diagnostics["cosine_similarity"]) == 3 and diagnostics["sample"] == sorted(diagnostics["sample"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("suite=vision", "the vision suite needs option 'root'"),
+    ("training.warmup_steps=5000", "training option 'warmup_steps' (5000) must be smaller than the client's total"),
+    ("training.corruption=nan", None),  # the documented corruption passes a dry run and a run alike
+])
+def test_a_dry_run_checks_what_a_run_checks_before_it_starts(setting, message, capsys):
+    assert main(["run", "quadratic", "--set", setting, "--dry-run"]) == (2 if message else 0)
+    err = capsys.readouterr().err
+    assert (message in err) if message else err == ""
+    assert not ray.is_initialized()

@@ -40,7 +40,8 @@ def register(subparsers) -> None:
     run.add_argument("--seed", type=int, help="the run's seed (every random choice flows from it)")
     run.add_argument("--out", type=Path, default=Path("results"), metavar="DIR", help="parent directory of the run's results directory (default: results)")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    run.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec, run nothing")
+    run.add_argument("--dry-run", action="store_true", help="check everything a run checks before it starts (the spec, "
+                     "resources, the suite's data against its model) and print the resolved spec; run nothing")
     run.set_defaults(handler=run_command)
 
     listing = subparsers.add_parser("list", description="List the strategies, task suites and presets.")
@@ -69,7 +70,7 @@ def spec_from_args(args):
 
 
 def run_command(args) -> int:
-    return run_and_show(args, lambda spec: _run(spec, args))
+    return run_and_show(args, lambda spec: _run(spec, args), _check)
 
 
 def _run(spec, args):
@@ -78,14 +79,25 @@ def _run(spec, args):
     return run(spec, out=args.out, show_progress=not args.no_progress)
 
 
-def run_and_show(args, make_results) -> int:
-    """The spec of ``args``, printed (``--dry-run``) or handed to ``make_results(spec) -> run_dir``, whose
-    results are then shown: the table, what the scores mean, clients left out, where the files are."""
+def _check(spec) -> None:
+    """What a run checks before Ray starts: resources, the suite's data against its model, the local steps."""
+    from fedmerge.simulations.runner import check_resources, check_runnable
+
+    check_resources(spec)
+    check_runnable(spec)
+
+
+def run_and_show(args, make_results, check=None) -> int:
+    """The spec of ``args``, checked and printed (``--dry-run``: ``check(spec)``, what a real run checks before it
+    starts) or handed to ``make_results(spec) -> run_dir``, whose results are then shown: the table, what the scores
+    mean, clients left out, where the files are."""
     from rich.console import Console
 
     spec = spec_from_args(args)
     console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
     if args.dry_run:
+        if check is not None:
+            check(spec)
         console.print_json(json.dumps(spec.to_dict()))
         return 0
     run_dir = make_results(spec)

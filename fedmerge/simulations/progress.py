@@ -5,7 +5,7 @@ import threading
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class ProgressDisplay:
@@ -21,7 +21,8 @@ class ProgressDisplay:
         self.lines = enabled and not self.live
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[last]}"), console=console, disable=not self.live,
+            TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console,
+            disable=not self.live,
         )
         self.task = self.progress.add_task(title, total=total, last="")
         self.started = time.perf_counter()
@@ -44,4 +45,5 @@ class ProgressDisplay:
     def _line(self, message: str) -> None:
         if self.lines:
             elapsed = time.perf_counter() - self.started
-            print(f"{self.title} [{self.done}/{self.total}] {elapsed:.0f}s {message}", file=sys.stderr, flush=True)
+            left = f" (about {elapsed / self.done * (self.total - self.done):.0f}s left)" if self.done else ""
+            print(f"{self.title} [{self.done}/{self.total}] {elapsed:.0f}s{left} {message}", file=sys.stderr, flush=True)

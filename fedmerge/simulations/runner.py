@@ -14,13 +14,14 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
 from pathlib import Path
 
 from fedmerge.clients.app import client_app
-from fedmerge.clients.trainer import total_steps
+from fedmerge.clients.trainer import check_warmup, total_steps
 from fedmerge.devices import resolve_device
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir
@@ -45,6 +46,10 @@ def check_runnable(spec: Spec) -> None:
         most_rounds = max(spec.rounds)
         for t, (config, task) in enumerate(zip(spec.client_configs(), fed.tasks)):
             steps = total_steps(config, len(task.train))
+            try:
+                check_warmup(config, steps)  # with epochs, the steps are known only now
+            except FedmergeError as error:
+                raise FedmergeError(f"client {t}: {error}") from None
             if steps < most_rounds:
                 raise FedmergeError(
                     f"client {t} has {steps} local steps, fewer than the {most_rounds} rounds they must be split over; "
@@ -115,10 +120,25 @@ def backend_config(spec: Spec) -> dict:
 
 def units_of_work(spec: Spec) -> int:
     """Progress steps: each client's reply (the one-shot round always runs: its task vectors feed the
-    diagnostics), each one-shot merge, and per multi-round round every client's reply plus the round."""
+    diagnostics), each one-shot merge, and per multi-round round every sampled client's reply plus the round."""
     strategies = len(spec.strategies)
     one_shot = spec.clients + (strategies if 1 in spec.rounds else 0)
-    return one_shot + sum(r * strategies * (spec.clients + 1) for r in spec.rounds if r > 1)
+    per_round = spec.server["clients_per_round"] or spec.clients
+    return one_shot + sum(r * strategies * (per_round + 1) for r in spec.rounds if r > 1)
+
+
+MANY_CLIENTS = 500
+"""From this many clients a run with one client per call says up front what that costs."""
+
+
+def scale_note(spec: Spec) -> str | None:
+    """What a run of many clients, one per Flower call, should know before it starts."""
+    if spec.clients < MANY_CLIENTS or spec.engine["clients_per_call"] > 1:
+        return None
+    calls = units_of_work(spec) - len(spec.strategies) * (1 if 1 in spec.rounds else 0)
+    return (f"{spec.name}: {calls:,} client calls, each paying Flower's runtime some milliseconds whatever it trains; "
+            f"engine.clients_per_call = k trains k clients per call with the same numbers (docs/simulations.md, "
+            "'Many clients'). The progress display says how long is left once clients reply.")
 
 
 RAY_ENVIRONMENT = {"RAY_DEDUP_LOGS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
@@ -236,6 +256,8 @@ def run(spec: Spec, out: Path = Path("results"), run_dir: Path | None = None, sh
     started = time.perf_counter()
     check_resources(spec)
     check_runnable(spec)
+    if show_progress and (note := scale_note(spec)):
+        print(f"fedmerge: {note}", file=sys.stderr)
     flat = spec.to_flat()
     stop = threading.Event()
     serving: list[threading.Thread] = []  # the ServerApp's thread, once it asks for the results store
