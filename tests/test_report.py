@@ -6,6 +6,7 @@ import os
 import re
 import stat
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -13,7 +14,7 @@ from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.report import figures, load_runs, write_report
 from fedmerge.report.findings import write_findings, write_page
-from fedmerge.report.document import build_report
+from fedmerge.report.document import TASK_QUANTILES, build_report
 from fedmerge.report.records import aggregate, first_round, rows
 from fedmerge.report.stats import format_paired, mean_ci, paired, sign
 from report_data import THETA0, OWN, results, write_grid, write_run, write_sweep
@@ -41,6 +42,29 @@ def test_a_single_run_gives_markdown_html_and_readable_figures(tmp_path):
     assert html.count("data:image/png;base64,") == len(figures)
     assert not re.search(r"src=['\"](?!data:)", html), "the HTML must not reference outside files"
     assert "| setting | model | rounds | seeds |" in markdown and "| fedavg |" in markdown
+
+
+def test_a_run_of_many_clients_is_summarised_not_drawn_client_by_client(tmp_path):
+    """Above DETAIL_LIMIT clients: the per-task table gives quantiles and the count not scored, the effective
+    weights are one dot per client, and the heatmap of the diagnostics' sample is labelled with the sampled ids."""
+    clients, sampled = 300, list(range(0, 280, 7))
+    data = results(clients=clients, lrs=[0.01 * (1 + t % 7) for t in range(clients)], diverged=())
+    data["runs"][0]["final"]["tasks"][5] = {"task": "mnist1d:task-5", "diverged": True}
+    data["diagnostics"]["cosine_similarity"] = (0.2 + 0.8 * np.eye(len(sampled))).tolist()
+    data["diagnostics"]["sample"] = sampled
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(data))
+    table = {row["task (normalized accuracy)"]: row for row in _table(tmp_path / "run", "task (normalized accuracy)")}
+    assert len(table) == len(TASK_QUANTILES) + 1 and f"median of {clients} tasks" in table
+    assert table["not scored (diverged or missing)"]["fedavg r1"] == "1"
+    assert table["not scored (diverged or missing)"]["median r3"] == "0"
+    collection = load_runs(tmp_path / "run")
+    weights = figures.effective_weights(collection).figure.axes[0]
+    assert not weights.patches and len(weights.collections[0].get_offsets()) == clients
+    heatmap = figures.cosine_heatmap(collection).figure.axes[0]
+    assert {int(t.get_text()) for t in heatmap.get_xticklabels()} <= set(sampled)
+    assert "40 sampled" in heatmap.get_xlabel()
+    figures.plt.close("all")
 
 
 def test_a_sweep_is_averaged_over_seeds_with_intervals(tmp_path):

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir, write_tree
 from fedmerge.report import figures, records
@@ -199,9 +201,25 @@ def task_table(collection: Collection) -> Table | None:
     key = "normalized_accuracy" if data["suite"].get("metric") == "accuracy" else "loss"
     entries = [(f"{e['strategy']} r{e['rounds']}", {t["task"]: t for t in e["final"]["tasks"]}) for e in data["runs"]]
     tasks = list(data["suite"].get("tasks", []))
+    columns = [f"task ({key.replace('_', ' ')})", *(name for name, _ in entries)]
+    if len(tasks) > records.DETAIL_LIMIT:
+        return Table(columns, _task_quantiles(tasks, [values for _, values in entries], key))
     cell = lambda t: "diverged" if t.get("diverged") else _number(t.get(key))  # noqa: E731
     rows = [[task, *(cell(values.get(task, {})) for _, values in entries)] for task in tasks]
-    return Table([f"task ({key.replace('_', ' ')})", *(name for name, _ in entries)], rows)
+    return Table(columns, rows)
+
+
+TASK_QUANTILES = {"min": 0.0, "10%": 0.1, "25%": 0.25, "median": 0.5, "75%": 0.75, "90%": 0.9, "max": 1.0}
+
+
+def _task_quantiles(tasks: list[str], entries: list[dict], key: str) -> list[list[str]]:
+    """Many tasks: the distribution of each model's per-task ``key`` over the tasks it scored (quantiles), and how
+    many tasks it did not (diverged or missing); the per-task values are in ``tasks.csv``."""
+    scores = [[float(v[t][key]) for t in tasks if t in v and not v[t].get("diverged") and v[t].get(key) is not None]
+              for v in entries]
+    rows = [[f"{name} of {len(tasks)} tasks", *(_number(float(np.quantile(s, q))) if s else "–" for s in scores)]
+            for name, q in TASK_QUANTILES.items()]
+    return rows + [["not scored (diverged or missing)", *(str(len(tasks) - len(s)) for s in scores)]]
 
 
 def warnings(collection: Collection) -> list[str]:

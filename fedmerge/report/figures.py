@@ -313,24 +313,38 @@ def against_levels(table: Sequence[dict], axis: str, labels: Sequence[str], metr
 
 
 # -- diagnostics ------------------------------------------------------------------------------------
+def _cosines(runs) -> tuple[np.ndarray, list[int], int] | None:
+    """The mean over seeds of the runs' cosine matrices that cover the same clients (the first run's diagnostics
+    sample, or every client), those clients' ids, and the number of seeds averaged."""
+    entries = [(np.array(d["cosine_similarity"]), d.get("sample")) for d in (r.data.get("diagnostics", {}) for r in runs)
+               if len(d.get("cosine_similarity") or []) > 1]
+    if not entries:
+        return None
+    first, ids = entries[0]
+    same = [m for m, sample in entries if m.shape == first.shape and sample == ids]
+    return np.mean(same, axis=0), ids or list(range(len(first))), len(same)
+
+
 def cosine_heatmap(collection: Collection) -> Figure | None:
-    """Pairwise cosine similarity of the clients' task vectors (mean over seeds), one panel per setting."""
-    groups = {g: runs for g, runs in _groups(collection).items()
-              if any(len(r.data.get("diagnostics", {}).get("cosine_similarity") or []) > 1 for r in runs)}
+    """Pairwise cosine similarity of the clients' task vectors (mean over the seeds that sampled the same clients),
+    one panel per setting; each client labelled up to :data:`~fedmerge.report.records.DETAIL_LIMIT` of them."""
+    groups = {g: (runs[0], cosines) for g, runs in _groups(collection).items() if (cosines := _cosines(runs))}
     if not groups:
         return None
     fig, axes = _panels(len(groups), width=4.6, height=4.2)
     image = None
-    for ax, (group, runs) in zip(axes, groups.items()):
-        matrices = [np.array(r.data["diagnostics"]["cosine_similarity"]) for r in runs
-                    if r.data.get("diagnostics", {}).get("cosine_similarity")]
-        matrix = np.mean([m for m in matrices if m.shape == matrices[0].shape], axis=0)
+    for ax, (group, (run, (matrix, ids, _))) in zip(axes, groups.items()):
         image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
         n = len(matrix)
-        names = [str(t).split(":")[-1] for t in runs[0].data["suite"].get("tasks", [])][:n] or [str(i) for i in range(n)]
-        ax.set_xticks(range(n), [f"{i}" for i in range(n)])
-        ax.set_yticks(range(n), [f"{i}: {names[i]}" if i < len(names) else str(i) for i in range(n)], fontsize=8)
-        ax.set_xlabel("client")
+        names = [str(t).split(":")[-1] for t in run.data["suite"].get("tasks", [])]
+        if n <= records.DETAIL_LIMIT:
+            ax.set_xticks(range(n), [str(i) for i in ids])
+            ax.set_yticks(range(n), [f"{i}: {names[i]}" if i < len(names) else str(i) for i in ids], fontsize=8)
+        else:
+            ticks = np.unique(np.linspace(0, n - 1, 6).round().astype(int))
+            ax.set_xticks(ticks, [str(ids[i]) for i in ticks])
+            ax.set_yticks(ticks, [str(ids[i]) for i in ticks])
+        ax.set_xlabel("client" + (f" ({n} sampled)" if ids != list(range(n)) else ""))
         ax.grid(False)
         if n <= 10:
             for i in range(n):
@@ -339,12 +353,13 @@ def cosine_heatmap(collection: Collection) -> Figure | None:
                             color="white" if abs(matrix[i, j]) > 0.6 else "black")
         ax.set_title(group, fontsize=11)
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity cos(τ_s, τ_t)")
-    counts = sorted({len(runs) for runs in groups.values()})
+    counts = sorted({seeds for _, (_, _, seeds) in groups.values()})
     seeds = f"mean over {counts[0]}{f'–{counts[-1]}' if len(counts) > 1 else ''} seed(s)"
     fig.suptitle(f"Task-vector cosine similarities\n({seeds}{_shown(len(groups))})")
     return Figure("cosine-similarity.png", "Cosine similarity between the clients' task vectors τ_t = θ_t − θ0 of the "
                   "one-shot round, on the merged tensors (1 on the diagonal; near 0: nearly orthogonal updates); "
-                  f"{seeds}.", fig)
+                  f"{seeds} that covered the same clients (a run of many clients samples them: `diagnostics_clients`).",
+                  fig)
 
 
 def effective_weights(collection: Collection) -> Figure | None:
@@ -363,18 +378,26 @@ def effective_weights(collection: Collection) -> Figure | None:
     for ax, (group, (run, aggregation)) in zip(axes, groups.items()):
         p, w = aggregation["weights"], aggregation["effective_weights"]
         ids = aggregation.get("client_ids") or list(range(len(p)))
-        xs = np.arange(len(p))
-        ax.bar(xs - 0.2, p, width=0.4, label="p_t (averaging weight)", color="#9ecae1")
-        ax.bar(xs + 0.2, w, width=0.4, label="w_t (effective weight)", color="#e6550d")
-        ax.set_xticks(xs, [str(i) for i in ids])
-        ax.set_xlabel("client")
-        ax.set_ylabel("weight (sums to 1)")
+        if len(p) <= records.DETAIL_LIMIT:
+            xs = np.arange(len(p))
+            ax.bar(xs - 0.2, p, width=0.4, label="p_t (averaging weight)", color="#9ecae1")
+            ax.bar(xs + 0.2, w, width=0.4, label="w_t (effective weight)", color="#e6550d")
+            ax.set_xticks(xs, [str(i) for i in ids])
+            ax.set_xlabel("client")
+            ax.set_ylabel("weight (sums to 1)")
+        else:
+            ax.scatter(p, w, s=6, alpha=0.5, color="#e6550d", label=f"a client ({len(p)})")
+            ends = [min(min(p), min(w)), max(max(p), max(w))]
+            ax.plot(ends, ends, color="#555555", ls=":", lw=1.2, label="w_t = p_t")
+            ax.set_xlabel("p_t (averaging weight)")
+            ax.set_ylabel("w_t (effective weight)")
         ax.set_title(f"{group}\nseed {run.seed}: χ²(p‖w) = {aggregation.get('chi_square'):.3g}\n"
                      f"({records.first_round_source(run.data)})", fontsize=9)
     legend(fig, axes)
     fig.suptitle(f"Effective weights of plain averaging in the first round (first seed){_shown(len(groups))}")
     return Figure("effective-weights.png", "Averaging weights p_t against the effective weights w_t = p_t a_t / Σ p_s a_s "
                   "(a_t: a client's local steps, or the sum of its learning rates) in the first round of the strategy named "
-                  "under each panel, for the setting's first seed. Plain averaging minimises Σ w_t L_t, not Σ p_t L_t; "
+                  "under each panel, for the setting's first seed (bars per client; above "
+                  f"{records.DETAIL_LIMIT} clients, one dot per client against the line w_t = p_t). Plain averaging minimises Σ w_t L_t, not Σ p_t L_t; "
                   "χ²(p‖w) measures the mismatch (0 when all a_t are equal); the diagnostics table gives its mean over "
                   "seeds.", fig)

@@ -38,6 +38,10 @@ FACTOR_KEYS = {
 }
 
 
+DETAIL_LIMIT = 32
+"""Up to this many clients a report shows each one (a table row, a pair of bars, a labelled heatmap row); above it,
+their distribution (quantiles, a scatter, an unlabelled heatmap of the diagnostics' sample)."""
+
 BASELINES = {"theta0": "θ0 (pretrained)", "own": "clients' own models"}
 """The reference models every report shows: prefix of their row keys (``theta0_mean_accuracy``) → name."""
 
