@@ -33,13 +33,17 @@ def array_view(array: Array) -> torch.Tensor:
 
 
 class RecordTensors(Mapping[str, torch.Tensor]):
-    """An ArrayRecord seen as a name → tensor mapping; each tensor is a zero-copy view made when read."""
+    """An ArrayRecord seen as a name → tensor mapping; each tensor is a zero-copy view made when first read (its
+    header parsed once, however often the merge, its checks and its diagnostics read it)."""
 
     def __init__(self, record: ArrayRecord) -> None:
         self.record = record
+        self._views: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return array_view(self.record[name])
+        if name not in self._views:
+            self._views[name] = array_view(self.record[name])
+        return self._views[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.record)
