@@ -5,6 +5,10 @@ For each N, two simulations on Flower's runtime (Ray), each in a process of its 
 
 - ``flower``: Flower's FedAvg for R rounds over N nodes whose ClientApp sends back the arrays it received (10 floats)
   with ``num-examples`` 1: Flower's own cost per client call;
+- ``flower+work``: the same, but each ClientApp does the work a fedmerge client does here, written plainly in torch
+  (4 SGD steps on ½‖θ − x‖² over 32 samples of 10 dimensions, one thread) and the server scores each round's model
+  on every client's val and test samples as fedmerge does: Flower's cost with the same work, so that
+  fedmerge / (flower+work) is fedmerge's own overhead;
 - ``fedmerge``: ``fedmerge run`` on the quadratic suite (10 dimensions, 4 local gradient steps per client), FedAvg
   over R rounds with no λ search (the one-shot round runs too: its replies feed the diagnostics).
 
@@ -34,13 +38,43 @@ from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-clients, rounds = int(sys.argv[1]), int(sys.argv[2])
+import torch
+
+clients, rounds, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "work"
+DIM, SAMPLES, STEPS, LR = 10, 32, 4, 0.1
+torch.set_num_threads(1)
 client = ClientApp()
+
+
+def samples(t, split):
+    """Client t's samples x_i = c_t + noise of one split (the quadratic suite's sizes, not its numbers)."""
+    rng = np.random.default_rng([t, split])
+    return torch.from_numpy(rng.standard_normal(DIM) + 0.1 * rng.standard_normal((SAMPLES, DIM))).float()
+
 
 @client.train()
 def train(message, context):
     arrays = next(iter(message.content.array_records.values()))
+    if work:
+        torch.set_num_threads(1)  # in the Ray worker, as fedmerge's trainer runs
+        theta = torch.nn.Parameter(torch.from_numpy(arrays["theta"].numpy()))
+        data, optimizer = samples(int(context.node_config["partition-id"]), 0), torch.optim.SGD([theta], lr=LR)
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            (0.5 * (theta - data).pow(2).sum(1).mean()).backward()
+            optimizer.step()
+        arrays = ArrayRecord({"theta": Array(theta.detach().numpy())})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=message)
+
+
+held_out = [[samples(t, split) for split in (1, 2)] for t in range(clients)] if work else []
+
+
+def evaluate(server_round, arrays):
+    marks.append(time.perf_counter())
+    theta = torch.from_numpy(arrays["theta"].numpy())
+    return MetricRecord({"loss": float(np.mean([float(0.5 * (theta - x).pow(2).sum(1).mean())
+                                                for splits in held_out for x in splits]))}) if work else None
 
 server = ServerApp()
 marks = []
@@ -49,7 +83,7 @@ marks = []
 def main(grid, context):
     strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
     strategy.start(grid=grid, initial_arrays=ArrayRecord({"theta": Array(np.zeros(10, dtype=np.float32))}), num_rounds=rounds,
-                   evaluate_fn=lambda r, arrays: marks.append(time.perf_counter()))
+                   evaluate_fn=evaluate)
 
 logging.getLogger("flwr").setLevel(logging.ERROR)
 run_simulation(server_app=server, client_app=client, num_supernodes=clients,
@@ -89,8 +123,9 @@ def measured(argv: list[str], what: str) -> dict:
     return {**json.loads(out.strip().splitlines()[-1]), "worker_mib": workers}
 
 
-def flower(clients: int, rounds: int) -> dict:
-    return measured([sys.executable, "-c", FLOWER, str(clients), str(rounds)], f"Flower at N = {clients}")
+def flower(clients: int, rounds: int, work: bool = False) -> dict:
+    return measured([sys.executable, "-c", FLOWER, str(clients), str(rounds), "work" if work else "trivial"],
+                    f"Flower{' with work' if work else ''} at N = {clients}")
 
 
 FEDMERGE = r'''
@@ -135,18 +170,18 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores; Ray runs {cores} clients at a time on both sides (client_cpus 1); {args.rounds} rounds; "
           f"cost per call = median round (after the first) / N")
-    print(f"{'N':>7} {'Flower ms/call':>15} {'fedmerge ms/call':>17} {'ratio':>6}"
-          + (f" {'batched ms/call':>16} {'Flower/batched':>14}" if args.batch else "")
-          + f" {'driver MiB F/f':>15} {'worker MiB F/f':>15}")
+    print(f"{'N':>7} {'Flower':>8} {'F+work':>8} {'fedmerge':>9} {'f/F':>5} {'f/(F+work)':>10}"
+          + (f" {'batched':>8} {'F/batched':>9}" if args.batch else "")
+          + f" {'driver MiB F/f':>15} {'worker MiB F/f':>15}   (ms per client call)")
     for clients in args.clients:
         started = time.perf_counter()
-        theirs, ours = flower(clients, args.rounds), fedmerge(clients, args.rounds)
-        line = (f"{clients:>7} {per_call_ms(theirs, clients):>15.2f} {per_call_ms(ours, clients):>17.2f} "
-                f"{per_call_ms(ours, clients) / per_call_ms(theirs, clients):>6.2f}")
+        theirs, working, ours = flower(clients, args.rounds), flower(clients, args.rounds, True), fedmerge(clients, args.rounds)
+        flower_ms, working_ms, ours_ms = (per_call_ms(r, clients) for r in (theirs, working, ours))
+        line = (f"{clients:>7} {flower_ms:>8.2f} {working_ms:>8.2f} {ours_ms:>9.2f} {ours_ms / flower_ms:>5.2f} "
+                f"{ours_ms / working_ms:>10.2f}")
         if args.batch:
             batched = fedmerge(clients, args.rounds, args.batch)
-            line += (f" {per_call_ms(batched, clients):>16.2f} "
-                     f"{per_call_ms(theirs, clients) / per_call_ms(batched, clients):>14.1f}")
+            line += f" {per_call_ms(batched, clients):>8.2f} {flower_ms / per_call_ms(batched, clients):>9.1f}"
         line += f" {theirs['driver_mib']:>7.0f}/{ours['driver_mib']:<7.0f} {theirs['worker_mib']:>7.0f}/{ours['worker_mib']:<7.0f}"
         print(line + f"   ({time.perf_counter() - started:.0f} s)", flush=True)
 
