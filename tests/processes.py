@@ -1,11 +1,35 @@
-"""Start and stop real processes on loopback for tests: free ports, waiting for a listener, clean stops."""
+"""Start and stop real processes on loopback for tests: free ports, waiting for a listener, clean stops; and the
+one multiplier of every time limit in the tests."""
 
+import math
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+TIME_SCALE = "FEDMERGE_TEST_TIME_SCALE"
+"""The environment variable multiplying every time limit of the tests (1 when unset or empty): raise it on a loaded
+machine."""
+
+
+def time_scale() -> float:
+    """The value of :data:`TIME_SCALE`; ``ValueError`` naming it unless it is a positive number."""
+    text = os.environ.get(TIME_SCALE) or "1"
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{TIME_SCALE}={text!r}: give a positive number of times the tests' time limits, e.g. 3 on a "
+                         "loaded machine")
+    return scale
+
+
+def seconds(limit: float) -> float:
+    """A test's time limit of ``limit`` seconds on a quiet machine, times :data:`TIME_SCALE`."""
+    return limit * time_scale()
 
 
 def free_port() -> int:
@@ -15,7 +39,7 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds(timeout)
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -67,10 +91,10 @@ def stop(processes: list[subprocess.Popen]) -> None:
             process.terminate()
     for process in processes:
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=seconds(20))
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=10)
+            process.wait(timeout=seconds(10))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [(pid, start) for pid, start in leftovers if (stat := _proc_stat(pid)) and stat[1] == start]
         for pid, _ in alive:
@@ -78,7 +102,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + seconds(10)
         while alive and time.monotonic() < deadline:
             alive = [(pid, start) for pid, start in alive if (stat := _proc_stat(pid)) and stat[1] == start]
             time.sleep(0.2)

@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from fedmerge.errors import FedmergeError
@@ -91,10 +90,8 @@ def run_and_show(args, make_results, check=None) -> int:
     """The spec of ``args``, checked and printed (``--dry-run``: ``check(spec)``, what a real run checks before it
     starts) or handed to ``make_results(spec) -> run_dir``, whose results are then shown: the table, what the scores
     mean, clients left out, where the files are."""
-    from rich.console import Console
-
     spec = spec_from_args(args)
-    console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
+    console = output_console()
     if args.dry_run:
         if check is not None:
             check(spec)
@@ -113,8 +110,21 @@ def run_and_show(args, make_results, check=None) -> int:
     return 0
 
 
-LOG_WIDTH = 140
-"""Columns of the results table when the output is a file, not a terminal (rich would wrap at 80)."""
+UNWRAPPED = 1_000_000
+"""The width of a command's output off a terminal: wider than anything printed, so nothing wraps."""
+
+
+def output_console():
+    """The rich Console of a command's standard output. On a terminal it wraps at the terminal's width; off one (a
+    pipe, a file, a batch job's log), where rich would wrap at 80 columns (or ``$COLUMNS``), it wraps nothing, so that
+    cell ids, paths and table rows stay whole for grep and copying. Colour follows rich's rules (``FORCE_COLOR``)."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.file.isatty():
+        console.width = UNWRAPPED
+    return console
+
 
 SCORE_NOTES = (
     "mean loss: each task's test loss, averaged over tasks; distance to optimum: ‖θ − θ*‖ to the minimiser of the "
@@ -229,7 +239,6 @@ def left_out(results: dict) -> list[str]:
 
 
 def list_command(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from fedmerge.simulations.presets import shipped_names, shipped_path
@@ -237,7 +246,7 @@ def list_command(args) -> int:
     from fedmerge.merging import METHODS
     from fedmerge.tasks import find_suite, installed
 
-    console = Console()
+    console = output_console()
     strategies = Table(title="strategies (fedmerge.strategies, --strategy; options under \\[strategy.NAME])")
     for column in ("name", "rule", "options (default)"):
         strategies.add_column(column)

@@ -42,14 +42,14 @@ def register(subparsers) -> None:
 
 
 def sweep_command(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from fedmerge.simulations.command import output_console
     from fedmerge.simulations.presets import shipped_names, shipped_path
     from fedmerge.simulations.sweep import load_sweep, run_sweep
     from fedmerge.simulations.spec import load_toml
 
-    console = Console()
+    console = output_console()
     if args.list:
         table = Table(title="shipped studies (fedmerge sweep STUDY)")
         table.add_column("name")
@@ -63,7 +63,9 @@ def sweep_command(args) -> int:
     sweep = load_sweep(args.file)
     out = args.out or Path("results/sweeps") / sweep.name
     if args.dry_run:
-        table = Table(title=f"{sweep.name}: {len(sweep.cells)} cells → {out}")
+        # a line of its own, not the table's title: a title wraps at the table's width, cutting the path
+        console.print(f"{sweep.name}: {len(sweep.cells)} cells → {out}", highlight=False)
+        table = Table()
         table.add_column("#", justify="right")
         table.add_column("cell id")
         for axis in sweep.axes:
