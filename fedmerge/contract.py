@@ -13,6 +13,7 @@ strategies read a reply's one ArrayRecord and one MetricRecord whatever their ke
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedmerge.errors import FedmergeError
+from fedmerge.merging import client_statistics
 
 ARRAYS = "arrays"
 """Default key of the ArrayRecord in messages (both directions)."""
@@ -40,6 +41,38 @@ QUERY = "query"
 """Config key naming what a ``query`` message asks for."""
 NUM_BATCHES = "num-batches"
 """int > 0: the batches a client's re-estimated statistics average (the server's weights when combining them)."""
+
+FISHER = client_statistics.FISHER  # "fisher"
+"""Fisher merging's statistics. A train message whose ConfigRecord holds ``fisher = N`` (int > 0) asks the client for
+its diagonal Fisher at its trained weights over N of its training examples (fewer if it holds fewer); the reply
+carries it as an extra ArrayRecord under this key: for each floating parameter the reply's weights hold, under its
+name and in its shape, (1/N) Σ_n E_y[(∂ log p(y | x_n) / ∂θ)²] in float32, y drawn from the model for a classifier
+(exactly, over the classes), else the observed target through the suite's loss (the empirical Fisher)."""
+GRAMS = client_statistics.GRAMS  # "grams"
+"""RegMean's statistics. ``grams = N`` in a train message's ConfigRecord asks for the Gram matrices of the linear layers'
+inputs over N training examples; the reply carries them as an extra ArrayRecord under this key: for each linear layer
+whose weight (out × in) the reply's weights hold, under that weight's name, XᵀX / n (in × in, float32), X the n rows
+(examples × positions) of the layer's input."""
+MERGING_STATISTICS = (FISHER, GRAMS)
+"""The statistics a train reply may carry beside its weights, each an ArrayRecord under its key; a reply holds
+exactly one other ArrayRecord, its weights."""
+
+PROX_MU = "prox-mu"
+"""float > 0: FedProx's μ, when the client trained with the proximal term μ/2·‖w − w_global‖² (absent: none)."""
+PROXIMAL_MU = "proximal-mu"
+"""Config key of μ in the train messages of Flower's FedProx strategy; fedmerge's ClientApp trains with it."""
+
+CONTROL = "control"
+"""SCAFFOLD's server control variate c: a train message may carry it as an extra ArrayRecord under this key (a tensor
+per shared floating tensor of the model sent, in its name and shape, float32). A client that gets it takes the steps
+y ← y − η_k (g_k − c_t + c), updates its own control variate c_t, kept across rounds, by SCAFFOLD's option II,
+c_t ← c_t − c + (x − y_t) / Σ_k η_k (x the model received, Σ_k η_k this round's ``lr-sum``), and says so in its reply
+(``control-applied``); the server derives Δc_t = −c − τ_t / ``lr-sum`` from the reply, which carries nothing more."""
+CONTROL_RUN = "control-run"
+"""str: the SCAFFOLD run a train message's ``control`` belongs to (in its ConfigRecord); a c_t kept for another run is
+0, as is a client's first."""
+CONTROL_APPLIED = "control-applied"
+"""1: the client took SCAFFOLD's corrected steps with the ``control`` it was sent and updated its c_t."""
 
 REQUIRED = (NUM_EXAMPLES,)
 OPTIONAL = (NUM_STEPS, LR_SUM, TRAIN_LOSS, CLIENT_ID)

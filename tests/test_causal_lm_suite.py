@@ -19,6 +19,7 @@ from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import load_suite
 from fedmerge.tasks.causal_lm.data import IGNORE
 from fedmerge.tasks.causal_lm.scoring import gsm8k_answer, response_loss
+from processes import seconds
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:?!+-*/=#$\n"
 
@@ -259,7 +260,7 @@ def test_the_command_line_refuses_a_missing_model_before_ray_starts(assets, tmp_
     experiment.write_text(f'name = "llm"\nsuite = "causal-lm"\nclients = 2\nstrategies = ["fedavg"]\n\n'
                           f'[suite_options]\nmodel = "{tmp_path}/missing-model"\ntasks = ["{assets[1]}", "{assets[2]}"]\n')
     done = subprocess.run([sys.executable, "-m", "fedmerge.cli", "run", str(experiment), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=seconds(300))
     assert done.returncode == 2, done.stderr
     assert "fedmerge: error: suite 'fedmerge.tasks.causal_lm:build': option 'model': the model directory" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
@@ -283,6 +284,7 @@ def llm_run(assets, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_fedmerge_run_fine_tunes_and_merges_the_language_model(llm_run):
     results = json.loads((llm_run / "results.json").read_text())
     assert results["suite"]["name"] == "causal-lm" and results["suite"]["metric"] == "accuracy"
@@ -301,6 +303,7 @@ def test_fedmerge_run_fine_tunes_and_merges_the_language_model(llm_run):
     assert len(one_shot["selection"]) == 40 and 0.05 <= one_shot["selected"]["scaling"] <= 2.0  # λ chosen on val
 
 
+@pytest.mark.slow
 def test_the_merged_models_load_into_transformers_as_they_are(llm_run, assets):
     from transformers import AutoModelForCausalLM
 
@@ -377,6 +380,7 @@ def test_lora_mistakes_are_named(assets, change, message):
         load_suite("causal-lm", 2, options(assets, **change), 0)
 
 
+@pytest.mark.slow
 def test_fedmerge_evaluate_merges_peft_adapters_on_the_language_model_suite(assets, tmp_path):
     """LoRA fine-tunes saved by peft (with a Trainer-style trainer_state.json) are merged and evaluated in place of
     full checkpoints; FedNova's a_t come from the trainer states."""

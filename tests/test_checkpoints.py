@@ -322,14 +322,17 @@ def test_task_arithmetic_scaling_multiplies_the_sum(tmp_path, capsys):
 
 
 BETA_PER_LAMBDA = {"task-arithmetic": 3, "fedavg": 3, "fednova": 3, "fedgma": 3, "dare-linear": 3, "mean-direction": 3,
-                   "breadcrumbs": 3, "ties": 1, "dare-ties": 1, "breadcrumbs-ties": 1, "della": 1}
+                   "breadcrumbs": 3, "scaffold": 3, "ties": 1, "dare-ties": 1, "breadcrumbs-ties": 1, "della": 1,
+                   "tsv-m": 1, "iso-c": 1, "iso-cts": 1}
 """β/λ over T = 3 models for each method's own λ: Task Arithmetic's (θ0 + λ·Σ_t τ_t) or TIES's (θ0 + λ·Δ)."""
 AMBIGUOUS = ("median", "cclip", "krum", "multi-krum", "bulyan", "trimmed-mean", "fedexp", "model-stock", "slerp",
              "karcher")
+STATISTICS = ("fisher", "regmean")
+"""Methods that need the clients' statistics (--statistics) and have no λ of their own (tests/test_fisher_regmean.py)."""
 
 
 def test_every_method_takes_a_side_on_scaling():
-    assert sorted([*BETA_PER_LAMBDA, *AMBIGUOUS]) == sorted(MERGE_METHODS)
+    assert sorted([*BETA_PER_LAMBDA, *AMBIGUOUS, *STATISTICS]) == sorted(MERGE_METHODS)
 
 
 @pytest.mark.parametrize("method", BETA_PER_LAMBDA)

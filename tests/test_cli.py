@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fedmerge.cli import COMMANDS
+from processes import seconds
 
 HEAVY = ("torch", "flwr", "ray", "matplotlib")
 
@@ -14,7 +15,7 @@ HEAVY = ("torch", "flwr", "ray", "matplotlib")
 def test_help_and_version_do_not_import_torch_flower_ray_or_matplotlib(argv):
     script = (f"import sys\nfrom fedmerge.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
               f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds(60))
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
 
 
@@ -45,7 +46,7 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_heavy_imports(
     argv = [arg.format(file=file) for arg in argv]
     script = (f"import sys\nfrom fedmerge.cli import main\ncode = main({argv!r})\n"
               f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\nsys.exit(code)")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds(60), cwd=tmp_path)
     (line,) = result.stderr.splitlines()
     assert result.returncode == 2 and line.startswith(f"fedmerge: error: {message.format(file=file)}")
     assert result.stdout.strip() == "[]" and file.read_text() == "mine"

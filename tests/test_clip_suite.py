@@ -228,6 +228,7 @@ def clip_run(assets, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_fedmerge_run_trains_and_merges_the_image_encoder(clip_run):
     results = json.loads((clip_run / "results.json").read_text())
     assert results["suite"]["tasks"] == ["MNIST", "EuroSAT"] and len(results["clients"]) == 2

@@ -32,14 +32,14 @@ from safetensors.torch import load_file
 from fedmerge.config import tomllib
 from fedmerge.merging import METHODS
 from fedmerge.simulations.presets import load_experiment
-from processes import free_port, stop, tail, wait_for_port
+from processes import free_port, seconds, stop, tail, wait_for_port
 from fedmerge.simulations.runner import run
 from fedmerge.simulations.spec import Spec
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the console scripts of the environment running the tests
 CONNECTION = "deployment"
-RUN_TIMEOUT = 240  # seconds for the whole `flwr run --stream` (a loaded 2-core machine needs ~60-90)
+RUN_TIMEOUT = seconds(240)  # seconds for the whole `flwr run --stream` (a loaded 2-core machine needs ~60-90)
 
 OVERRIDES = {
     "clients": 2,
@@ -137,7 +137,7 @@ def deploy(work: Path, cache: Path, abort: threading.Event) -> tuple[str, Path, 
         assert flwr_run.returncode == 0 and match, f"flwr run failed:\n{logs_text()}"
         listed = subprocess.run(
             [str(BIN / "flwr"), "list", CONNECTION, "--run-id", match.group(1), "--format", "json"],
-            env=env, cwd=work, capture_output=True, text=True, timeout=60,
+            env=env, cwd=work, capture_output=True, text=True, timeout=seconds(60),
         )
         status = json.loads(listed.stdout)["runs"][0]["status"]
         return status, results, logs_text()
@@ -176,6 +176,7 @@ def test_the_app_config_is_the_default_preset():
     assert not any(METHODS[name].tuned in app.strategy.get(name, {}) for name in METHODS)  # searched one-shot
 
 
+@pytest.mark.slow
 def test_a_round_of_fednova_on_a_superlink_and_two_supernodes_completes(runs):
     assert runs["status"] == "finished:completed", runs["log"]
     (run_dir,) = runs["results"].iterdir()
@@ -185,6 +186,7 @@ def test_a_round_of_fednova_on_a_superlink_and_two_supernodes_completes(runs):
     assert (run_dir / "models" / "fednova-r1.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_deployment_and_simulation_merge_the_same_model(runs):
     assert runs["status"] == "finished:completed", runs["log"]
     (run_dir,) = runs["results"].iterdir()

@@ -17,6 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from fedmerge.simulations.sweep import is_complete
+from processes import seconds
+
+pytestmark = pytest.mark.slow
 
 LIMIT = 64
 """Bytes a limited process may write to one file: less than any results file or model."""
@@ -49,7 +52,7 @@ def limited_after(when: str, argv: list[str], cwd) -> subprocess.CompletedProces
         ResultsDirectory.update = limited
         sys.exit(main({argv!r}))
     """)
-    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=seconds(300))
 
 
 def overrides(spec: dict) -> list[str]:
@@ -116,7 +119,7 @@ def test_a_merge_that_does_not_fit_says_which_file_and_how_much_and_leaves_nothi
     process = subprocess.run(
         [sys.executable, "-m", "fedmerge.cli", "merge", "--base", "base", "--models", "a.safetensors",
          "b.safetensors", "--out", out, "--quiet"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True, timeout=seconds(300),
         preexec_fn=limit_writes,
     )
     line = one_error_line(process)

@@ -10,6 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from processes import seconds
+
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
@@ -18,7 +22,7 @@ def custom_suite_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("example") / "custom-suite"
     shutil.copytree(EXAMPLES / "custom-suite", folder, ignore=shutil.ignore_patterns("data", "results", ".fedmerge-cache"))
     done = subprocess.run([sys.executable, "-m", "fedmerge.cli", "run", "experiment.toml"], cwd=folder,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=seconds(600))
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = (folder / "results").iterdir()
     return done, run_dir

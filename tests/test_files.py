@@ -13,6 +13,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.files import (
     DISK_FULL, DiskFull, check_output_dir, output_path, staged, write_file, write_tree,
 )
+from processes import seconds
 
 
 def test_a_tree_appears_whole_with_the_users_umask(tmp_path):
@@ -93,7 +94,7 @@ def test_a_real_file_size_limit_is_a_disk_full_error(tmp_path):
         except DiskFull as error:
             print(error)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds(60))
     assert result.stdout.startswith(
         f"cannot write {tmp_path / 'big.txt'}: the file is larger than this process may write (ulimit -f) or the file "
         "system allows (File too large); it needs 5.0 kB"), result.stderr
@@ -126,7 +127,7 @@ def test_a_process_exiting_at_once_lets_quick_writes_finish_and_removes_the_rest
             print("refused")
         os._exit(0)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds(60))
     assert result.stdout == "refused\n", result.stderr
     assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("quick.txt", "whole")]
 

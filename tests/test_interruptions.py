@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from processes import _proc_stat, descendants, stop, tail
+from processes import _proc_stat, descendants, seconds, stop, tail
+
+pytestmark = pytest.mark.slow
 
 FEDMERGE = [sys.executable, "-m", "fedmerge.cli"]
 LONG_RUN = ["--set", "suite=quadratic", "--set", "clients=2", "--set", "strategies=[\"fedavg\"]",
@@ -35,7 +37,7 @@ def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
 
 
 def wait_for_line(process: subprocess.Popen, log: Path, pattern: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds(timeout)
     while not re.search(pattern, log.read_text(errors="replace"), re.MULTILINE):
         if process.poll() is not None or time.monotonic() > deadline:
             stop([process])
@@ -45,14 +47,14 @@ def wait_for_line(process: subprocess.Popen, log: Path, pattern: str, timeout: f
 
 def wait_for_exit(process: subprocess.Popen, log: Path, within: float) -> int:
     try:
-        return process.wait(timeout=within)
+        return process.wait(timeout=seconds(within))
     except subprocess.TimeoutExpired:
         stop([process])
-        raise AssertionError(f"still running {within} s later; the output ends:\n{tail(log)}") from None
+        raise AssertionError(f"still running {seconds(within):g} s later; the output ends:\n{tail(log)}") from None
 
 
 def assert_all_gone(processes: list[tuple[int, str]], within: float = 15) -> None:
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + seconds(within)
     while (alive := [pid for pid, started in processes if (stat := _proc_stat(pid)) and stat[1] == started]):
         if time.monotonic() > deadline:
             raise AssertionError(f"processes the run started are still alive: {alive}")
@@ -133,7 +135,7 @@ def test_a_run_stopped_while_it_starts_exits_promptly_leaving_nothing(tmp_path, 
     """While ray.init runs (its first daemon is up), and while Flower starts its actors (the ServerApp thread is
     waiting for replies): both used to take 10 s or more, or to end in Ray's stack dump."""
     process, log = start(["run", "quadratic", *LONG_RUN, "--out", "results"], tmp_path)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + seconds(120)
     while not children(process, moment):
         assert process.poll() is None and time.monotonic() < deadline, tail(log)
         time.sleep(0.01)
@@ -158,7 +160,7 @@ def checkpoints(folder: Path, tensors: int) -> list[str]:
 def test_a_command_stopped_while_it_loads_exits_quietly(tmp_path, sig):
     """Stopped while torch is still being imported (seconds, before the command runs): as during the run."""
     process, log = start(["merge", *checkpoints(tmp_path, 1), "--out", "merged.safetensors"], tmp_path)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds(60)
     while b"libtorch" not in Path(f"/proc/{process.pid}/maps").read_bytes():  # torch's import has begun
         assert process.poll() is None and time.monotonic() < deadline, tail(log)
         time.sleep(0.005)
@@ -171,7 +173,7 @@ def test_a_command_stopped_while_it_loads_exits_quietly(tmp_path, sig):
 def test_a_merge_stopped_while_it_writes_leaves_nothing(tmp_path, sig):
     inputs = checkpoints(tmp_path, 32)  # 128 MB each: seconds of writing
     process, log = start(["merge", *inputs, "--method", "median", "--out", "merged.safetensors"], tmp_path)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + seconds(120)
     while not list(tmp_path.glob(".merged.safetensors.*")):  # the output is being written
         assert process.poll() is None and time.monotonic() < deadline, tail(log)
         time.sleep(0.005)

@@ -226,6 +226,7 @@ def lora_run(request, tmp_path_factory):
     return mode, run_dir, fed
 
 
+@pytest.mark.slow
 def test_a_lora_run_merges_as_its_aggregation_says(lora_run):
     import json
 

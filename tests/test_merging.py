@@ -607,8 +607,11 @@ def test_the_public_functions_refuse_a_non_finite_client_naming_it(name):
     clients = METHODS[name].num_clients or 4
     models = [random_model(gen) for _ in range(clients)]
     models[-1]["w"][3, 1] = float("nan")
-    rule = lambda: METHODS[name].build(None, **METHODS[name].resolve(  # noqa: E731
-        {"steps": list(range(1, clients + 1))} if name == "fednova" else {}, "merge"))
+    statistics = {"fisher": [{k: v.abs() for k, v in random_model(gen).items() if v.is_floating_point()}] * clients,
+                  "grams": [{"w": torch.eye(models[0]["w"].shape[1], dtype=models[0]["w"].dtype)}] * clients}
+    rule = lambda: METHODS[name].build(None, {k: statistics[k] for k in METHODS[name].statistics},  # noqa: E731
+                                       **METHODS[name].resolve({"steps": list(range(1, clients + 1))} if name == "fednova"
+                                                               else {}, "merge"))
     message = rf"client {clients - 1}: tensor 'w' holds NaN or infinite values; nothing was merged"
     with pytest.raises(FedmergeError, match=message):
         merged_model(rule(), base, models)

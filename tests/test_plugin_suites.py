@@ -17,6 +17,7 @@ from fedmerge.simulations.presets import load_experiment
 from fedmerge.simulations.runner import check_runnable
 from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import find_suite, installed, load_suite
+from processes import seconds
 
 SUITE = '''
 """Lines: two clients, each a linear regression on its own data."""
@@ -238,10 +239,11 @@ def test_a_fedmerge_folder_beside_the_experiment_does_not_hide_the_package_from_
     load_experiment(experiment(write_suite(tmp_path), "lines:build"))
     worker = subprocess.run([sys.executable, "-c", "import fedmerge; print(fedmerge.__file__)"], cwd="/",
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=seconds(60))
     assert worker.stdout.strip() == fedmerge.__file__, worker.stderr
 
 
+@pytest.mark.slow
 def test_a_client_failing_inside_ray_is_named_with_what_it_raised(tmp_path, monkeypatch):
     from fedmerge.simulations.runner import run
 
@@ -271,6 +273,7 @@ def test_a_runs_saved_spec_runs_again_from_any_folder(tmp_path, monkeypatch):
     assert [t.name for t in load_suite(again.suite, 2, {}, 0).tasks] == ["line0", "line1"]
 
 
+@pytest.mark.slow
 def test_failed_clients_within_the_tolerated_share_are_left_out_and_recorded(tmp_path, monkeypatch):
     from fedmerge.simulations.runner import run
 

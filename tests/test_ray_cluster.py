@@ -13,7 +13,9 @@ import ray
 from fedmerge.errors import FedmergeError
 from fedmerge.simulations.runner import run
 from fedmerge.simulations.spec import Spec
-from processes import free_port, stop, tail, wait_for_port
+from processes import free_port, seconds, stop, tail, wait_for_port
+
+pytestmark = pytest.mark.slow
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -56,7 +58,7 @@ def head(tmp_path_factory):
         with open(logs / "worker.log", "w") as out:
             processes.append(subprocess.Popen([str(RAY), "start", "--address", address, "--num-cpus", "2", *common],
                                               stdout=out, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + seconds(120)
         while len(alive_nodes(address)) < 2:
             assert time.monotonic() < deadline, f"the worker node did not join:\n{tail(logs / 'worker.log')}"
             time.sleep(1)

@@ -41,6 +41,7 @@ def failing_starts(monkeypatch):
     return install
 
 
+@pytest.mark.slow
 def test_a_start_whose_gcs_does_not_answer_is_tried_again(failing_starts, tmp_path):
     calls = failing_starts(1)
     run_dir = runner.run(SPEC, tmp_path, run_dir=tmp_path / "run", show_progress=False)
@@ -92,6 +93,7 @@ def interrupted(monkeypatch):
     monkeypatch.setattr(ProgressDisplay, "advance", interrupt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["success", "failure", "ctrl-c"])
 def test_a_run_leaves_loggers_environment_and_sigterm_handler_as_they_were(ending, monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")  # the user's own value

@@ -456,6 +456,7 @@ def server_app(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
+@pytest.mark.slow
 def test_the_one_shot_search_covers_the_robust_methods_parameters(server_app):
     """Krum's f and the trimmed mean's β (the other grids are checked above), each beside β over the paper's grid."""
     from flwr.app import ArrayRecord, ConfigRecord

@@ -72,6 +72,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     assert json.loads((second / "results.json").read_text())["started"] == "2026-01-02T03:04:05"
 
 
+@pytest.mark.slow
 def test_results_record_the_start_time(started_and_results):
     before, run_dir, results = started_and_results
     started = dt.datetime.fromisoformat(results["started"])
@@ -80,6 +81,7 @@ def test_results_record_the_start_time(started_and_results):
     assert run_dir.name == f"diverged-client-{started:%Y%m%d-%H%M%S}"
 
 
+@pytest.mark.slow
 def test_a_diverged_client_is_left_out_of_every_round_and_each_record_sits_on_its_round(started_and_results):
     _, _, results = started_and_results
     norms = results["diagnostics"]["task_vector_norms"]
@@ -102,6 +104,7 @@ def table_rows(results: dict) -> list[list[str]]:
             if line.startswith("│")]
 
 
+@pytest.mark.slow
 def test_the_results_table_shows_the_baselines_and_lambda_only_on_one_shot_rows(started_and_results):
     _, _, results = started_and_results
     rows = table_rows(results)
@@ -115,6 +118,7 @@ def test_the_results_table_shows_the_baselines_and_lambda_only_on_one_shot_rows(
     assert all(row[3] != "" for row in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift, marked", [(-1.0, 0), (+1.0, 4)])
 def test_a_model_worse_than_theta0_is_marked(started_and_results, shift, marked):
     _, _, results = started_and_results
@@ -161,6 +165,7 @@ def test_results_files_hold_every_rows_fields_whatever_the_first_row_lacks():
     assert text.splitlines() == ["task,accuracy,normalized_accuracy,loss", "a,0.0,,", "b,0.5,0.8,", "c,,,"]
 
 
+@pytest.mark.slow
 def test_a_failure_after_some_runs_finished_keeps_them(tmp_path, monkeypatch):
     """The one-shot merges and the first multi-round run are written when they finish; a later failure records why
     and takes nothing along."""
@@ -189,6 +194,7 @@ def test_a_failure_after_some_runs_finished_keeps_them(tmp_path, monkeypatch):
     assert not is_complete(tmp_path / "partial")  # a sweep runs such a cell again
 
 
+@pytest.mark.slow
 def test_several_clients_per_call_give_the_same_numbers_and_diagnostics_sample_above_their_cap(tmp_path):
     """engine.clients_per_call packs clients into fewer Flower calls; every client's numbers are those of its own
     call. diagnostics_clients caps the pairwise diagnostics (a seeded sample), never the norms."""

@@ -14,6 +14,8 @@ from fedmerge.simulations.runner import run
 from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import load_suite
 
+pytestmark = pytest.mark.slow
+
 LR, STEPS, ROUNDS = 0.02, [5, 10, 20, 40], 30
 SPEC = Spec.from_dict({
     "name": "simulation-test",

@@ -97,7 +97,7 @@ def test_a_supernode_overrides_its_own_settings():
         ({"strategy": {"fedgma": {"rho": 0.3}}}, "unknown key 'strategy.fedgma.rho'"),
         ({"server": {"server_lr": 0}}, "server_lr"),
         ({"server": {"lora": "stack"}, "strategies": ["fedavg", "median", "ties"]},
-         'server.lora = "stack" is exact only for rules that are weighted sums \\(fedavg, fednova\\), not median, ties'),
+         'server.lora = "stack" is exact only for rules that are weighted sums \\(fedavg, fednova, scaffold\\), not median, ties'),
         ({"server": {"statistics": "merge"}}, "one of reestimate, average, theta0"),
     ],
 )

@@ -401,6 +401,10 @@ def test_a_strategy_on_a_device_this_machine_lacks_is_refused_and_cpu_is_the_def
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_aggregates_on_the_gpu_as_on_the_cpu(name):
     base, _, replies = federation(5)
+    rng = np.random.default_rng(1)
+    for message in replies:  # the statistics Fisher merging and RegMean read beside the weights
+        message.content[contract.FISHER] = arrays_record({k: np.abs(v) for k, v in model(rng).items()})
+        message.content[contract.GRAMS] = arrays_record({"fc.weight": np.eye(SHAPES["fc.weight"][1], dtype=np.float32)})
     on_cpu, _ = STRATEGIES[name]().merge_replies(1, replies, arrays_record(base))
     on_gpu, _ = STRATEGIES[name](device="cuda").merge_replies(1, replies, arrays_record(base))
     assert_records_close(on_gpu, on_cpu, tol=1e-5)
@@ -423,6 +427,16 @@ def test_two_replies_from_one_client_are_refused_naming_both_nodes():
                reply(7, clients[2], num_examples=1, client_id=2)]
     with pytest.raises(FedmergeError, match="nodes 5 and 9 both reply as client 1.*its own partition-id"):
         FedAvg().merge_replies(1, replies, arrays_record(base))
+
+
+def test_partial_participation_draws_real_node_ids_however_large():
+    """Flower's node ids are 64-bit: a draw over ids on both sides of 2**63 must return those ids, not floats."""
+    grid = InProcessGrid(ClientApp(), 0)
+    grid.node_ids = [3, 2**40 + 1, 2**63 - 25, 2**63 + 1, 2**64 - 59, 17]
+    strategy = FedAvg(clients_per_round=3, sample_seed=1, min_available_nodes=6)
+    for server_round in range(1, 6):
+        chosen = strategy._draw(server_round, grid)
+        assert len(set(chosen)) == 3 and set(chosen) <= set(grid.node_ids) and all(type(n) is int for n in chosen)
 
 
 def test_partial_participation_draws_from_the_seed_and_the_round_alike_for_every_strategy(server_app):

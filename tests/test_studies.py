@@ -14,6 +14,7 @@ import torch
 from fedmerge.cli import main
 from fedmerge.merging import FedAvgRule, merged_model
 from fedmerge.studies import exactness, fednova
+from processes import seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def test_the_report_layer_imports_nothing_that_runs_things():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray') "
             "or m.startswith(('fedmerge.simulations', 'fedmerge.studies', 'fedmerge.strategies', 'fedmerge.clients'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=seconds(120))
     assert done.returncode == 0, done.stdout + done.stderr
     for path in (ROOT / "fedmerge" / "report").glob("*.py"):
         imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", path.read_text(), re.M)
@@ -82,6 +83,7 @@ def test_fednova_clients_train_their_own_head_and_the_merge_touches_shared_tenso
         assert all(torch.equal(model[k], v) for k, v in head.items())
 
 
+@pytest.mark.slow
 def test_the_fednova_study_trains_real_digits_clients_and_reuses_its_cells(tmp_path):
     study = fednova.UPDATE_SIZE
     folder = fednova.run_study(tmp_path, study, recipes=("sgd-small",), seeds=(0,), log=lambda line: None,

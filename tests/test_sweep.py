@@ -172,6 +172,7 @@ def test_a_non_sweep_directory_is_not_overwritten(tmp_path):
         run_sweep(sweep({"seed": [0]}), tmp_path / "other", runner=fake_runner([]), log=lambda line: None)
 
 
+@pytest.mark.slow
 def test_a_tiny_real_sweep_resumes_and_reports(tmp_path, capsys):
     """Two quadratic cells: one finished before (skipped), one interrupted (temp dir left) and run for real."""
     path = tmp_path / "tiny.toml"

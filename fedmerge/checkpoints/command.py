@@ -53,6 +53,8 @@ FedNova's a_t: --steps or --lr-sums; given neither, each model's trainer_state.j
 Hugging Face's Trainer beside it) gives them, by the normaliser --trainer-state names, else by FedNova's
 default, {DEFAULT_NORMALIZE_BY} ({SOURCES[DEFAULT_NORMALIZE_BY]}). Which a_t were used, and from
 where, is printed on standard error and recorded in the output's metadata.
+Fisher merging and RegMean merge by statistics of each model's training data that a checkpoint does not
+hold: --statistics gives one file per model (its diagonal Fisher, or its linear layers' input Gram matrices).
 A model holding NaN or infinite values is refused, naming its file and tensor, and nothing is written;
 --skip-nonfinite leaves such models out instead. A model of weight 0 (--weights) is left out unread.
 
@@ -72,6 +74,8 @@ examples:
   fedmerge merge --base B --models A1 A2 A3 --method median --device cuda --out merged
   fedmerge merge --base B --models A1 A2 A3 --method ties --density 0.2 --scaling 1 --out merged
   fedmerge merge --base B --models A1 A2 A3 --method dare-ties --density 0.3 --seed 1 --out merged
+  fedmerge merge --base B --models A1 A2 A3 --method tsv-m --scaling 1 --out merged
+  fedmerge merge --base B --models A1 A2 --method fisher --statistics F1.safetensors F2.safetensors --out merged
 """
 
 
@@ -125,6 +129,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fednova: read each a_t from the model directory's trainer_state.json (Hugging Face Trainer): its "
         "global_step (steps) or the sum of its logged learning rates, interpolated between logging steps (lr-sum); "
         f"given neither this nor --steps or --lr-sums, fednova reads {DEFAULT_NORMALIZE_BY}, its default normaliser",
+    )
+    rule.add_argument(
+        "--statistics", nargs="+", metavar="FILE",
+        help="fisher and regmean: one safetensors file per model, in the order of --models, holding that model's "
+        "diagonal Fisher (fisher) or its linear layers' input Gram matrices (regmean), by the model's tensor names, as "
+        "fedmerge.clients.merging_statistics makes them on its training data",
     )
     parser.set_defaults(handler=run)
 
@@ -183,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
             **params_from_flags(args.method, {flag: getattr(args, _dest(flag)) for flag in flags()}),
             max_shard_size=args.max_shard_size, skip_nonfinite=args.skip_nonfinite, force=args.force,
-            progress=not args.quiet, device=args.device, trainer_state=args.trainer_state,
+            progress=not args.quiet, device=args.device, trainer_state=args.trainer_state, statistics=args.statistics,
             note=lambda line: print(f"fedmerge: {line}", file=sys.stderr),
         )
     left_out = 0

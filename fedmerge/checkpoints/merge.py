@@ -101,6 +101,7 @@ def merge_checkpoints(
     progress: bool = False,
     device: str | torch.device = "cpu",
     trainer_state: str | None = None,
+    statistics: Sequence[str | os.PathLike] | None = None,
     note: Callable[[str], None] | None = None,
     **params,
 ) -> Path:
@@ -137,6 +138,10 @@ def merge_checkpoints(
         ``global_step`` ("steps") or its logged learning rates summed ("lr-sum"). Given neither this nor ``steps``
         or ``lr_sums``, a_t is read from it by FedNova's default normaliser
         (:data:`fedmerge.merging.rules.fednova.DEFAULT_NORMALIZE_BY`); see :mod:`fedmerge.checkpoints.trainer_state`.
+    statistics : fisher and regmean only: one safetensors file (or directory) per model, in the order of ``models``,
+        holding that model's diagonal Fisher (fisher) or its linear layers' input Gram matrices (regmean), by the
+        model's tensor names, as :mod:`fedmerge.clients.merging_statistics` makes them; read a chunk (a layer) at a
+        time like the models.
     note : called, once the output is written, with one line saying which β was applied and why (and, for
         fednova, which a_t and where they came from); ``fedmerge merge`` prints them on standard error.
 
@@ -155,13 +160,14 @@ def merge_checkpoints(
         raise FedmergeError(f"trainer_state (--trainer-state) is only used by method 'fednova', not {method!r}; drop it.")
     options = dict(params, weights=weights)
     per_model = ["weights", *per_model_params(method)]
-    build_rule(method, len(models), **options)  # every option checked before any file is read
+    statistics = None if statistics is None else list(statistics)
+    build_rule(method, len(models), statistics=statistics, **options)  # every option checked before any file is read
     resolve_scale(method, len(models), scaling, server_lr)
     device = resolve_device(device)
     if out.name.endswith(".safetensors") and max_shard_size is not None:
         raise FedmergeError(f"the output {out} is a single file; drop max_shard_size or give a directory.")
     max_size = None if max_shard_size is None else parse_size(max_shard_size)
-    check_output(out, [Path(base), *map(Path, models)], force)
+    check_output(out, [Path(base), *map(Path, models), *map(Path, statistics or [])], force)
 
     with ExitStack() as stack:
         stack.enter_context(single_threaded())
@@ -172,6 +178,7 @@ def merge_checkpoints(
         source = stack.enter_context(Checkpoint(base, pin))
         finetuned = [stack.enter_context(open_model(model, source, pin)) for model in models]
         check_compatible(source, finetuned)
+        stats = None if statistics is None else [stack.enter_context(Checkpoint(path, pin)) for path in statistics]
         specs = source.specs
         single_file = out.name.endswith(".safetensors")
         shards = [Shard(out.name, list(specs))] if single_file else plan_shards(source.groups(), specs, max_size)
@@ -182,7 +189,8 @@ def merge_checkpoints(
                 warnings.warn(ModelLeftOut(f"left out {models[t]}: its weight is 0."), stacklevel=2)
         while True:
             chosen = {key: _pick(options.get(key), kept) for key in per_model}
-            rule = build_rule(method, len(kept), **{**options, **chosen})
+            labels = None if statistics is None else _pick([f"{path}'s" for path in statistics], kept)
+            rule = build_rule(method, len(kept), statistics=_pick(stats, kept), labels=labels, **{**options, **chosen})
             merged = [t for i, t in enumerate(kept) if not chosen["weights"] or chosen["weights"][i] != 0]
             scale = resolve_scale(method, len(merged), scaling, server_lr)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS, Method, Param, Rule, client_weights, find_method
+from fedmerge.merging.client_statistics import FISHER, GRAMS
 from fedmerge.merging.scale import CONVENTIONS
 
 TASK_ARITHMETIC = dataclasses.replace(
@@ -57,10 +58,13 @@ def params_from_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def build_rule(method: str, num_models: int, weights: Sequence[float] | None = None, **params) -> Rule:
+def build_rule(method: str, num_models: int, weights: Sequence[float] | None = None,
+               statistics: Sequence[Mapping] | None = None, labels: Sequence[str] | None = None, **params) -> Rule:
     """The rule of ``method`` over ``num_models`` task vectors, its parameters (named as in its record, e.g.
-    ``density``, ``threshold``; per-model ones with one value per model) and ``weights`` checked."""
+    ``density``, ``threshold``; per-model ones with one value per model) and ``weights`` checked; ``statistics``, one
+    per model (named by ``labels`` in messages), for the methods that need them (:attr:`Method.statistics`)."""
     record = merge_method(method)
+    check_statistics(record, num_models, statistics)
     if weights is not None and not record.weighted:
         users = ", ".join(m.name for m in MERGE_METHODS.values() if m.weighted)
         raise FedmergeError(f"weights (--weights) are only used by methods {users}, not {method!r}; drop them.")
@@ -74,7 +78,32 @@ def build_rule(method: str, num_models: int, weights: Sequence[float] | None = N
             if len(values) != num_models:
                 raise FedmergeError(f"{label[name]} needs one value per model: {num_models} models, {len(values)} values.")
             resolved[name] = [param.option.check(label[name], v) for v in values]
-    return record.build(weights, **resolved)
+    if not record.statistics:
+        return record.build(weights, **resolved)
+    return record.build(weights, dict.fromkeys(record.statistics, statistics), labels=labels, **resolved)
+
+
+STATISTICS_FILES = {FISHER: "diagonal Fisher", GRAMS: "linear layers' input Gram matrices"}
+"""What a ``--statistics`` file of each kind holds (:attr:`Method.statistics`), for messages."""
+
+
+def check_statistics(record: Method, num_models: int, statistics: Sequence | None) -> None:
+    """A method needing client statistics has one statistics file per model; the other methods none."""
+    if not record.statistics:
+        if statistics is not None:
+            users = ", ".join(repr(m.name) for m in MERGE_METHODS.values() if m.statistics)
+            raise FedmergeError(f"--statistics (statistics) is only used by methods {users}, not {record.name!r}; "
+                                "drop it.")
+        return
+    what = " and ".join(STATISTICS_FILES[key] for key in record.statistics)
+    if statistics is None:
+        raise FedmergeError(
+            f"method {record.name!r} merges by each model's {what}, which a checkpoint does not hold: give "
+            "--statistics with one safetensors file per model, in the order of --models, made on that model's training "
+            "data by "
+            "fedmerge.clients.merging_statistics (see docs/merging-checkpoints.md, Methods that need statistics).")
+    if len(statistics) != num_models:
+        raise FedmergeError(f"--statistics needs one file per model: {num_models} models, {len(statistics)} files.")
 
 
 def per_model_params(method: str) -> list[str]:

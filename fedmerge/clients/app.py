@@ -7,17 +7,20 @@ node config; a deployed SuperNode may override its own settings there too
 """
 
 import json
-from collections.abc import Mapping
-from functools import lru_cache
+from collections.abc import Mapping, Sequence
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedmerge import contract
 from fedmerge.clients.corruption import corrupt
-from fedmerge.clients.settings import client_seed, client_table, corruptions, with_node_overrides
+from fedmerge.clients.merging_statistics import requested
+from fedmerge.clients.scaffold import ControlVariates, take_control
+from fedmerge.clients.settings import client_seed, client_table, corruptions, with_node_overrides, with_proximal_mu
 from fedmerge.clients.statistics import estimate_statistics
 from fedmerge.clients.trainer import TrainConfig, total_steps, train
 from fedmerge.config import unflatten
@@ -80,15 +83,23 @@ def _client(run_config: Mapping, node_config: Mapping):
     return run, client_id, run.fed.tasks[client_id], with_node_overrides(run.settings[client_id], node_config)
 
 
-def local_training(run_config: Mapping, node_config: Mapping, content: RecordDict) -> RecordDict:
+def local_training(run_config: Mapping, node_config: Mapping, content: RecordDict,
+                   state: RecordDict | None = None) -> RecordDict:
     """Train this client for one round on a train message's arrays (its ``content``); the reply's content.
 
     The reply carries back the tensors received (the shared ones the clients train) and this client's private
-    tensors (from θ0 when they were not sent), as CPU arrays.
+    tensors (from θ0 when they were not sent), as CPU arrays, and the statistics for merging the message's config
+    asks for (:func:`fedmerge.clients.merging_statistics.requested`: Fisher merging's, RegMean's), each an
+    ArrayRecord. ``state`` is the node's ``Context.state``, where SCAFFOLD's control variates persist across rounds
+    (:mod:`fedmerge.clients.scaffold`).
     """
     run, client_id, task, settings = _client(run_config, node_config)
     config, fed = run.config, run.fed
+    content, control = take_control(content)
     arrays, round_config = contract.received(content)
+    settings = with_proximal_mu(settings, round_config)
+    controls = None if control is None else ControlVariates.load(control, round_config, state, client_id,
+                                                                 settings.optimizer)
     first, steps = round_steps(
         total_steps(settings, len(task.train)),
         int(round_config["server-round"]),
@@ -98,12 +109,17 @@ def local_training(run_config: Mapping, node_config: Mapping, content: RecordDic
     received = arrays.to_torch_state_dict()
     model = fed.model_from(received, client_device(config.get("engine", {})))
     try:
-        result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head)
+        result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head,
+                       correction=None if controls is None else controls.correction())
         sent_back = {*received, *task.private}
         trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in sent_back}
+        statistics = requested(model, fed, task, round_config, sent_back, settings.batch_size,  # Fisher's, RegMean's
+                               client_seed(int(config["seed"]), client_id) + int(round_config["server-round"]))
     finally:  # out of memory included: the Ray worker must not keep the GPU memory of a finished client
         del model
         release_gpu_memory()
+    if controls is not None:
+        controls.keep(state, received, trained, result.lr_sum)
     kind, scale = run.corruptions[client_id]
     seed = client_seed(int(config["seed"]), client_id) + int(round_config["server-round"])
     weights = corrupt(trained, received, kind, scale, seed)
@@ -113,8 +129,15 @@ def local_training(run_config: Mapping, node_config: Mapping, content: RecordDic
         lr_sum=result.lr_sum,
         train_loss=result.train_loss,
         client_id=client_id,
+        **remedy_metrics(settings, controls),
     )
-    return RecordDict({contract.ARRAYS: ArrayRecord(weights), contract.METRICS: MetricRecord(metrics)})
+    return RecordDict({contract.ARRAYS: ArrayRecord(weights), contract.METRICS: MetricRecord(metrics), **statistics})
+
+
+def remedy_metrics(settings: TrainConfig, controls: ControlVariates | None) -> dict[str, float]:
+    """What a reply says of the federated remedies its client applied: FedProx's μ, SCAFFOLD's control variates."""
+    return {**({contract.PROX_MU: settings.prox_mu} if settings.prox_mu else {}),
+            **({contract.CONTROL_APPLIED: 1} if controls is not None else {})}
 
 
 def local_statistics(run_config: Mapping, node_config: Mapping, content: RecordDict) -> RecordDict:
@@ -138,9 +161,14 @@ def local_statistics(run_config: Mapping, node_config: Mapping, content: RecordD
     return RecordDict({contract.ARRAYS: ArrayRecord(statistics), contract.METRICS: MetricRecord(metrics)})
 
 
-def client_app(run_config: Mapping | None = None) -> ClientApp:
+def client_app(run_config: Mapping | None = None, train_mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp reading ``run_config`` if given (``run_simulation``), else the run's own config: it trains
-    (``train`` messages) and re-estimates normalisation statistics (``query`` messages)."""
+    (``train`` messages) and re-estimates normalisation statistics (``query`` messages).
+
+    ``train_mods`` wrap the training calls only (Flower's ``@app.train(mods=...)``), e.g. Flower's client-side
+    clipping for differential privacy, ``fixedclipping_mod`` or ``adaptiveclipping_mod``: they need one client per
+    call (``engine.clients_per_call = 1``) and the reply to carry exactly the tensors received (no private tensors).
+    """
     app = ClientApp()
 
     def answer(work, message: Message, context: Context) -> Message:
@@ -158,9 +186,9 @@ def client_app(run_config: Mapping | None = None) -> ClientApp:
             who = node_config.get("partition-id", "?")
             raise FedmergeError(f"client {who}: {type(error).__name__}: {error}") from error
 
-    @app.train()
+    @app.train(mods=list(train_mods))
     def _train(message: Message, context: Context) -> Message:
-        return answer(local_training, message, context)
+        return answer(partial(local_training, state=context.state), message, context)
 
     @app.query()
     def _query(message: Message, context: Context) -> Message:

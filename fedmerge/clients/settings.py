@@ -9,10 +9,11 @@ In the table every training option (the fields of :class:`TrainConfig` but ``see
 """
 
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 
+from fedmerge import contract
 from fedmerge.clients.corruption import check_corruption
 from fedmerge.clients.trainer import TrainConfig
 from fedmerge.errors import FedmergeError
@@ -122,3 +123,14 @@ def with_node_overrides(config: TrainConfig, node_config: Mapping) -> TrainConfi
         return TrainConfig(**values)
     except FedmergeError as error:
         raise FedmergeError(f"node config: {error}") from None
+
+
+def with_proximal_mu(config: TrainConfig, round_config: Mapping) -> TrainConfig:
+    """FedProx's μ as a train message gives it (Flower's FedProx strategy sends ``proximal-mu``) over the table's
+    ``prox_mu``; the row itself without one."""
+    if contract.PROXIMAL_MU not in round_config:
+        return config
+    try:
+        return replace(config, prox_mu=round_config[contract.PROXIMAL_MU])
+    except FedmergeError as error:
+        raise FedmergeError(f"the server's '{contract.PROXIMAL_MU}': {error}") from None

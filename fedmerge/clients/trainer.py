@@ -6,7 +6,7 @@ split into R rounds of K_t / R steps follows the same learning rates as one-shot
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
@@ -58,6 +58,9 @@ class TrainConfig:
     num_workers : DataLoader worker processes reading a lazy train set (0: in the client's process).
     pin_memory : pin batches bound for a GPU (faster host-to-device copies).
     seed : seeds the minibatch order and the model's own randomness (dropout).
+    prox_mu : FedProx's μ ≥ 0 (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020): the local
+        objective is the task's loss + μ/2·‖w − w_global‖² over the trainable parameters, w_global the weights a call
+        to :func:`train` starts from (the model the server sent); 0: plain local training.
 
     Raises :class:`FedmergeError` naming the field and the fix on a bad value.
     """
@@ -74,6 +77,7 @@ class TrainConfig:
     precision: str = "fp32"
     num_workers: int = 0
     pin_memory: bool = False
+    prox_mu: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +108,7 @@ class TrainConfig:
         _check_number("num_workers", self.num_workers, integer=True, positive=False)
         if not isinstance(self.pin_memory, bool):
             raise FedmergeError(f"training option 'pin_memory' must be true or false, got {self.pin_memory!r}.")
+        _check_number("prox_mu", self.prox_mu, positive=False)
 
 
 @dataclass
@@ -185,6 +190,7 @@ def train(
     first_step: int = 0,
     num_steps: int | None = None,
     head: int | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``task.train`` for steps [first_step, first_step + num_steps) of the schedule.
 
@@ -196,6 +202,9 @@ def train(
         and the model's own randomness (dropout) from torch's RNG seeded by (``config.seed``, ``first_step``),
         so a call is reproducible and the global RNG is left as it was.
     head : model head to train; default ``task.head`` (None: the model is called as ``model(x)``).
+    correction : parameter name → a tensor added to that parameter's gradient at every step (SCAFFOLD's c − c_t,
+        :mod:`fedmerge.clients.scaffold`); names of other tensors (buffers, frozen parameters) are ignored. With ``config.prox_mu`` = μ > 0, μ·(w − w_global) is added too (FedProx's
+        proximal term, w_global the weights this call starts from). Both are added before ``grad_clip`` clips.
 
     Trains on the model's device (batches follow it) with ``config.precision``; only parameters with
     ``requires_grad`` move. Runs single-threaded (:mod:`fedmerge.threads`). Minibatches are drawn without
@@ -217,6 +226,7 @@ def train(
     autocast = _autocast(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     optimizer = _optimizer(config, model)
+    add_terms = _gradient_terms(model, config.prox_mu, correction)
     order_seed, model_seed = chunk_seeds(config.seed, first_step)
     batches = train_batches(
         task.train, config.batch_size, order_seed, num_workers=config.num_workers, pin_memory=config.pin_memory, device=device
@@ -239,14 +249,47 @@ def train(
             with autocast:
                 loss = loss_fn(forward(model, inputs, head), targets)
             scaler.scale(loss).backward()
-            if config.grad_clip is not None:
+            if config.grad_clip is not None or add_terms is not None:
                 scaler.unscale_(optimizer)
+            if add_terms is not None:
+                add_terms()
+            if config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             lr_sum += lr
             loss_sum += loss.detach()
     return TrainResult(num_steps=num_steps, lr_sum=lr_sum, train_loss=float(loss_sum) / num_steps, num_examples=num_examples)
+
+
+def _gradient_terms(model: nn.Module, mu: float,
+                    correction: Mapping[str, torch.Tensor] | None) -> Callable[[], None] | None:
+    """A function adding to the gradient of each trainable parameter FedProx's μ·(w − w_global), w_global its value
+    now, and ``correction[name]`` (also where the step gave it no gradient); None when there is neither."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    correction = {name: value for name, value in (correction or {}).items() if name in params}
+    for name, value in correction.items():
+        if value.shape != params[name].shape:
+            raise FedmergeError(f"the gradient correction of {name!r} has shape {tuple(value.shape)}, but the parameter "
+                                f"has {tuple(params[name].shape)}; send one in the parameter's shape.")
+        correction[name] = value.to(params[name].device, params[name].dtype)
+    if not mu and not correction:
+        return None
+    anchors = {name: p.detach().clone() for name, p in params.items()} if mu else {}
+
+    @torch.no_grad()
+    def add() -> None:
+        for name, p in params.items():
+            if p.grad is None and name not in correction:
+                continue  # no part in this step (another task's head): it stays where it is, and so μ·(w − w_global) = 0
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if name in correction:
+                grad.add_(correction[name])
+            if mu:
+                grad.add_(p - anchors[name], alpha=mu)
+            p.grad = grad
+
+    return add
 
 
 def full_gradient(model: nn.Module, dataset: Dataset, loss_fn: LossFn, head: int | None = None,

@@ -19,15 +19,19 @@ from fedmerge.merging.rules.della import DellaRule, della
 from fedmerge.merging.rules.fedavg import FedAvgRule, fedavg
 from fedmerge.merging.rules.fedexp import FedExPRule, fedexp
 from fedmerge.merging.rules.fedgma import FedGMARule, fedgma
+from fedmerge.merging.rules.fisher import FisherRule, fisher_merge
 from fedmerge.merging.rules.fednova import FedNovaRule, effective_steps, fednova
+from fedmerge.merging.rules.isotropic import IsoCRule, IsoCtsRule, iso_c, iso_cts
 from fedmerge.merging.rules.karcher import KarcherRule, karcher
 from fedmerge.merging.rules.krum import KrumRule, MultiKrumRule, krum, multi_krum
 from fedmerge.merging.rules.mean_direction import MeanDirectionRule, mean_direction
 from fedmerge.merging.rules.median import MedianRule, median
 from fedmerge.merging.rules.model_stock import ModelStockRule, model_stock
+from fedmerge.merging.rules.regmean import RegMeanRule, regmean
 from fedmerge.merging.rules.slerp import SlerpRule, slerp
 from fedmerge.merging.rules.ties import TiesRule, ties
 from fedmerge.merging.rules.trimmed_mean import TrimmedMeanRule, trimmed_mean
+from fedmerge.merging.rules.tsv import TsvRule, tsv
 from fedmerge.merging.scale import scaling_to_server_lr, server_lr_to_scaling
 from fedmerge.merging.tensors import OnDevice, TaskVector, apply_update
 from fedmerge.merging.weights import chi_square, client_weights, effective_weights
@@ -40,4 +44,5 @@ __all__ = [
     "effective_weights", "fedavg", "fedexp", "fedgma", "fednova", "find_method", "iter_merge", "iter_merged_model",
     "karcher", "krum", "mean_direction", "median", "merge", "merged_model", "model_stock", "multi_krum",
     "scaling_to_server_lr", "server_lr_to_scaling", "slerp", "ties", "trimmed_mean",
+    "FisherRule", "IsoCRule", "IsoCtsRule", "RegMeanRule", "TsvRule", "fisher_merge", "iso_c", "iso_cts", "regmean", "tsv",
 ]

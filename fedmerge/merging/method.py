@@ -55,6 +55,9 @@ class Method:
     then scaled by β alone, searched over the paper's grid in β (``scale`` "mean"). ``own_step``: the rule sets its
     own step from the updates (FedExP), so the one-shot search applies the experiment's β as given instead of a grid.
     ``num_clients``: the one number of clients (models) the method merges, if it has one (SLERP: two).
+    ``statistics``: the client statistics the rule needs beside the task vectors, by their contract keys
+    (:data:`fedmerge.contract.MERGING_STATISTICS`: Fisher merging's ``fisher``, RegMean's ``grams``); the rule takes
+    each as a keyword argument of that name, one name → tensor mapping per client (:meth:`build`'s ``statistics``).
     """
 
     name: str
@@ -70,6 +73,7 @@ class Method:
     no_lambda: str = ""
     own_step: bool = False
     num_clients: int | None = None
+    statistics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -112,8 +116,15 @@ class Method:
             resolved[name] = value
         return resolved
 
-    def build(self, weights: Sequence[float] | None = None, **params) -> Rule:
-        """The rule with these (resolved) parameters and client weights."""
+    def build(self, weights: Sequence[float] | None = None,
+              statistics: Mapping[str, Sequence[Mapping]] | None = None, **params) -> Rule:
+        """The rule with these (resolved) parameters and client weights, and, for a method that needs them
+        (:attr:`statistics`), each client's statistics by key (one mapping per client, in the clients' order)."""
+        missing = [key for key in self.statistics if key not in (statistics or {})]
+        if missing:
+            raise FedmergeError(f"method {self.name!r} needs each client's {missing[0]!r} statistics beside its model "
+                                "(see docs/client-contract.md, Statistics for merging).")
+        params = {**params, **{key: statistics[key] for key in self.statistics}}
         if self.make is not None:
             return self.make(weights, **params)
         return self.rule(**params, weights=weights) if self.weighted else self.rule(**params)

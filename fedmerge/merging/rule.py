@@ -23,7 +23,9 @@ class Rule:
     """A merging rule: an optional first pass over whole task vectors, then a function per chunk.
 
     Subclasses set ``name`` and implement :meth:`merge_chunk`; rules that need global quantities (norms)
-    extend :meth:`prepare`. ``weights`` are raw client weights (e.g. example counts), ``None`` for uniform.
+    extend :meth:`prepare`. Rules that need a whole matrix at once (an SVD, a layer's closed form) say which tensors
+    in :meth:`merges_whole` and merge those in :meth:`merge_whole`, reading the clients' whole tensors one at a time.
+    ``weights`` are raw client weights (e.g. example counts), ``None`` for uniform.
     A client of weight 0 is absent: the driver drops it before :meth:`prepare`, so ``p`` and every
     per-client quantity cover the ``present`` clients only.
     """
@@ -65,6 +67,16 @@ class Rule:
         """
         raise NotImplementedError
 
+    def merges_whole(self, name: str, shape: torch.Size) -> bool:
+        """Whether floating tensor ``name`` is merged whole, by :meth:`merge_whole`, instead of chunk by chunk."""
+        return False
+
+    def merge_whole(self, name: str, clients: "WholeTensors", out: torch.Tensor) -> None:
+        """Write Δ for the whole tensor ``name`` into ``out`` (its shape, in the accumulation dtype, on the merge's
+        device). ``clients[t]`` reads present client t's whole τ_t, fresh at each access: read them one at a time, so
+        that memory holds a few tensors of this size whatever the number of clients."""
+        raise NotImplementedError
+
     def merge_integer(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Δ for an integer buffer (a counter): the p-weighted mean, rounded, as int64."""
         values = stacked(tensors, torch.float64)
@@ -79,6 +91,46 @@ class Rule:
     def params(self) -> dict:
         """The rule's parameters, for results and checkpoint metadata."""
         return {"rule": self.name}
+
+
+class WholeTensors(Sequence[torch.Tensor]):
+    """Every present client's whole tensor of one name (τ_t = θ_t − θ for a task vector), read when indexed.
+
+    A base θ the clients share is read once and held while the tensor is merged; each access reads client t's
+    tensor again into a new buffer, so a rule holding one at a time holds one. Each read records ‖τ_t‖²; a client's
+    tensor holding NaN or ±inf is handed over as zeros (its norm flags it, and the caller refuses that client or
+    leaves it out and merges again), so that no decomposition fails on it.
+    """
+
+    def __init__(self, found: Sequence[Term], dtype: torch.dtype, device: torch.device) -> None:
+        self.found, self.dtype, self.device = found, dtype, device
+        shared = found[0].base if all(term.base is found[0].base for term in found) else None
+        self.base = None if shared is None else read_whole(shared, dtype, device)
+        self.norms = np.zeros(len(found))
+        self.read = np.zeros(len(found), dtype=bool)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.found[0].shape
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        term = self.found[t]
+        if self.base is None:
+            tensor = term.whole(self.dtype, self.device)
+        else:
+            tensor = read_whole(term.value, self.dtype, self.device).sub_(self.base)
+        self.norms[t] = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+        self.read[t] = True
+        return tensor.nan_to_num_(0.0, 0.0, 0.0) if not np.isfinite(self.norms[t]) else tensor
+
+    def squared_norms(self) -> np.ndarray:
+        """Each client's ‖τ_t‖² (reading, once, any client the rule did not read)."""
+        for t in np.flatnonzero(~self.read):
+            self[t]
+        return self.norms
 
 
 def iter_merge(
@@ -123,8 +175,11 @@ def _drive(rule, task_vectors, names, squared_norms, device, server_lr) -> Itera
                 delta, base = _merge_integer(rule, found, where)
                 yield name, delta if server_lr is None else apply_update(base, delta, server_lr)
                 continue
-            with single_threaded():
-                out, norms = _merge_floating(rule, name, found, where, pool, workers, server_lr)
+            if rule.merges_whole(name, found[0].shape):  # torch's own threads: few, large decompositions
+                out, norms = _merge_whole(rule, name, found, where, server_lr)
+            else:
+                with single_threaded():
+                    out, norms = _merge_floating(rule, name, found, where, pool, workers, server_lr)
             if squared_norms is not None:
                 squared_norms[present] += norms
             else:  # the caller does not look at the norms: a non-finite input is refused here, not merged
@@ -164,13 +219,32 @@ def _given_dtype(term: Term) -> torch.dtype:
     return accumulation_dtype(term.base.dtype) if term.floating else torch.int64
 
 
+def _accumulation(term: Term) -> torch.dtype:
+    """The dtype a floating tensor's τ_t and Δ are computed in."""
+    return accumulation_dtype((term.value if term.base is None else term.base).dtype)
+
+
+def _merge_whole(rule: Rule, name: str, found: list[Term], device: torch.device,
+                 server_lr: float | None) -> tuple[torch.Tensor, np.ndarray]:
+    """One floating tensor merged whole (:meth:`Rule.merge_whole`): Δ in the accumulation dtype, or θ + β·Δ in θ's dtype
+    (``server_lr`` given); and each client's ‖τ_t‖². Memory: θ, Δ, the client tensor being read and the rule's own
+    per-tensor state, each of this tensor's size."""
+    clients = WholeTensors(found, _accumulation(found[0]), device)
+    delta = torch.empty(found[0].shape, dtype=clients.dtype, device=device)
+    rule.merge_whole(name, clients, delta)
+    norms = clients.squared_norms()
+    if server_lr is None:
+        return delta, norms
+    return clients.base.add_(delta, alpha=server_lr).to(found[0].base.dtype), norms
+
+
 def _merge_floating(
     rule: Rule, name: str, found: list[Term], device: torch.device, pool: ThreadPoolExecutor, workers: int,
     server_lr: float | None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """One floating tensor: Δ in the accumulation dtype, or θ + β·Δ in θ's dtype (``server_lr`` given); and each
     client's ‖τ_t‖² (non-finite where its values are)."""
-    dtype = accumulation_dtype((found[0].value if found[0].base is None else found[0].base).dtype)
+    dtype = _accumulation(found[0])
     numel = found[0].shape.numel()
     out = torch.empty(found[0].shape, dtype=found[0].base.dtype if server_lr is not None else dtype, device=device)
     flat_out = out.view(-1)

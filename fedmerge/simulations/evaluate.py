@@ -38,6 +38,7 @@ from fedmerge.checkpoints.trainer_state import GIVE, EffectiveSteps, effective_s
 from fedmerge.checkpoints.validate import finite, non_finite
 from fedmerge.errors import FedmergeError
 from fedmerge.files import check_output_dir
+from fedmerge.merging import METHODS
 from fedmerge.merging.rules.fednova import NORMALIZE_BY
 from fedmerge.merging.validate import check_like, describe
 from fedmerge.simulations.experiment import Experiment, Progress
@@ -200,6 +201,12 @@ def evaluate_checkpoints(
             f"{len(models)} models given but experiment {spec.name!r} has {spec.clients} clients (one task per model, "
             f"in order); give {spec.clients} models, or --set clients={len(models)} with the suite's options to match."
         )
+    needing = [name for name in spec.strategies if METHODS[name].statistics]
+    if needing:
+        raise FedmergeError(
+            f"strategy {needing[0]!r} merges by statistics of each client's training data "
+            f"({', '.join(METHODS[needing[0]].statistics)}), which checkpoints do not hold: leave it out (--strategy), "
+            f"or merge with `fedmerge merge --method {needing[0]} --statistics ...`.")
     spec, per_model, fednova = _effective_steps(spec, models, _per_model("--steps", steps, len(models), whole=True),
                                                 _per_model("--lr-sums", lr_sums, len(models)))
     if run_dir is not None and Path(run_dir).exists():

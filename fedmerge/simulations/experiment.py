@@ -162,12 +162,20 @@ class Experiment:
     def _one_shot_replies(self, base: ArrayRecord) -> list[Message]:
         started = time.perf_counter()
         sender = self._strategy("fedavg")
-        messages = sender.configure_train(1, base, self._round_config(1), self.grid)
+        messages = sender.configure_train(1, base, self._one_shot_config(), self.grid)
         answers = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         self.failed = [{"node_id": r.metadata.src_node_id, "reason": failure_reason(r)} for r in answers if r.has_error()]
         replies = sorted((r for r in answers if not r.has_error()), key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID])
         self.timings["client_training"] = time.perf_counter() - started
         return replies
+
+    def _one_shot_config(self) -> ConfigRecord:
+        """The one-shot round's config, asking the clients for the statistics every strategy merging its replies needs
+        beside their weights (Fisher merging's, RegMean's)."""
+        config = self._round_config(1)
+        for name in self.spec.strategies if 1 in self.spec.rounds else ():
+            config.update(self._strategy(name).statistics_request())
+        return config
 
     def _with_statistics(self, arrays: ArrayRecord, strategy) -> ArrayRecord:
         """``arrays`` with normalisation statistics as ``server.statistics`` says: re-estimated by the clients for

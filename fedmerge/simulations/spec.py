@@ -22,6 +22,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS
 from fedmerge.strategies import STRATEGIES
 from fedmerge.strategies.base import LORA_MODES, WEIGHTINGS
+from fedmerge.strategies.server_optimizer import OPTIMIZERS
 
 STATISTICS = ("reestimate", "average", "theta0")
 from fedmerge.options import (
@@ -83,6 +84,13 @@ SERVER = {
                          "clients re-estimate them for the merged weights on their training data, averaged exactly) | "
                          "average (the clients' own, averaged) | theta0 (θ0's kept); never merged as task vectors",
                          choice(*STATISTICS)),
+    "server_optimizer": Option("sgd", "θ ← θ + β·u, u from every rule's mean-scale Δ: sgd (u = Δ) | momentum "
+                               "(FedAvgM) | adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad), −Δ their gradient, "
+                               "β their learning rate, state kept over the rounds of a run", choice(*OPTIMIZERS)),
+    "server_momentum": Option(0.9, "μ of server_optimizer = momentum", share),
+    "server_beta_1": Option(0.9, "β1 of server_optimizer = adam or yogi", share),
+    "server_beta_2": Option(0.99, "β2 of server_optimizer = adam or yogi", share),
+    "server_tau": Option(1e-3, "τ (adaptivity) of server_optimizer = adam, yogi or adagrad", positive_float),
 }
 STRATEGY_OPTIONS = {name: {p.name: p.option for p in method.scoped("strategy").values()} for name, method in METHODS.items()}
 """strategy.<method>.<param>: every merging method's record (fedmerge.merging.registry) gives its keys."""
@@ -190,8 +198,13 @@ class Spec:
             resolve(self.suite, suite.options, dict(self.suite_options))
         if not self.rounds:
             raise FedmergeError("'rounds' is empty; give the round counts to compare, e.g. rounds = [1, 5].")
-        self.client_configs()
+        configs = self.client_configs()
         corruptions(self.training, self.clients)
+        not_sgd = [t for t, config in enumerate(configs) if config.optimizer != "sgd"]
+        if "scaffold" in self.strategies and max(self.rounds) > 1 and not_sgd:
+            raise FedmergeError(f"strategy 'scaffold' over rounds needs plain SGD steps (its control variates, option II), "
+                                f"but client {not_sgd[0]} trains with optimizer = {configs[not_sgd[0]].optimizer!r}; set "
+                                "training.optimizer = \"sgd\", or run scaffold one-shot only (rounds = [1]).")
         fixed = [name for name in self.strategies if METHODS[name].num_clients not in (None, self.clients)]
         if fixed:
             needed = METHODS[fixed[0]].num_clients

@@ -19,6 +19,7 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
+from fedmerge import contract
 from fedmerge.errors import FedmergeError
 from fedmerge.clients.packing import pack, unpack, virtual_node
 
@@ -114,16 +115,23 @@ class WatchedGrid(Grid):
 
     def _calls(self, messages: list[Message]) -> list[tuple[Message, dict[int, Message] | None]]:
         """The calls to make: each message itself, or (``clients_per_call`` > 1) packs of that many virtual
-        messages, each to a real node in turn, with the messages they carry by client."""
+        messages, each to a real node in turn, with the messages they carry by client. Messages that make clients keep
+        state in their node's Context across rounds (SCAFFOLD's control variates) go by client instead: client t
+        always to the same node, beside the clients of its t // clients_per_call, so that its state is there next
+        round."""
         if self.clients_per_call == 1:
             return [(message, None) for message in messages]
-        nodes = self._real_nodes()
-        calls = []
-        for k, start in enumerate(range(0, len(messages), self.clients_per_call)):
-            group = messages[start : start + self.clients_per_call]
-            sent = {message.metadata.dst_node_id - 1: message for message in group}
-            calls.append((pack(group, nodes[k % len(nodes)]), sent))
-        return calls
+        nodes, k = self._real_nodes(), self.clients_per_call
+        if any(contract.CONTROL in message.content.array_records for message in messages):
+            nodes, groups = sorted(nodes), {}
+            for message in messages:
+                groups.setdefault((message.metadata.dst_node_id - 1) // k, []).append(message)
+            packs = [(nodes[g % len(nodes)], group) for g, group in sorted(groups.items())]
+        else:
+            packs = [(nodes[i % len(nodes)], messages[start : start + k])
+                     for i, start in enumerate(range(0, len(messages), k))]
+        return [(pack(group, node), {message.metadata.dst_node_id - 1: message for message in group})
+                for node, group in packs]
 
     def _real_nodes(self) -> list[int]:
         """The runtime's nodes, once all of them (N / ``clients_per_call``) have connected."""

@@ -8,6 +8,7 @@ task vectors τ_t = θ_t − θ, run the strategy's merging rule tensor by tenso
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from logging import INFO
 
 import numpy as np
@@ -29,6 +30,7 @@ from fedmerge.strategies.arrays import RecordTensors, to_array
 from fedmerge.strategies.replies import ClientReply, Exclusion, check_replies, non_finite_tensor
 from fedmerge.strategies.roles import STATISTICS_RULES, TensorRoles, assemble, subset
 from fedmerge.strategies.round_record import RoundRecord
+from fedmerge.strategies.server_optimizer import ServerOptimizer, State
 
 log = logging.getLogger("fedmerge")
 """Warnings about left-out clients; the summary goes through Flower's logger, which has a handler."""
@@ -90,6 +92,14 @@ class MergingStrategy(FlowerFedAvg):
     statistics_rule : "keep" | "average" (default "keep")
         The new model's statistics: the current model's (re-estimate them for the merged weights on the clients'
         data with :func:`fedmerge.strategies.statistics.reestimate`), or the p-weighted mean of the clients'.
+    server_optimizer : "sgd" | "momentum" | "adam" | "yogi" | "adagrad" (default "sgd")
+        θ ← θ + β·u with u the rule's Δ (sgd), or a server optimizer's step from it, −Δ being its gradient: FedAvgM,
+        FedAdam, FedYogi, FedAdagrad of any rule, their state kept over rounds, β their learning rate η
+        (:mod:`fedmerge.strategies.server_optimizer`). Shared tensors only: private tensors and statistics never move
+        by it.
+    server_momentum, server_beta_1, server_beta_2, server_tau : float (default 0.9, 0.9, 0.99, 1e-3)
+        μ of ``momentum``; β1, β2 of ``adam`` and ``yogi``; τ of ``adam``, ``yogi`` and ``adagrad``. Set for another
+        optimizer, refused.
     fraction_train, min_train_nodes, min_evaluate_nodes, min_available_nodes, arrayrecord_key,
     configrecord_key, evaluate_metrics_aggr_fn
         As in Flower's FedAvg.
@@ -124,6 +134,11 @@ class MergingStrategy(FlowerFedAvg):
         statistics_rule: str = "keep",
         clients_per_round: int = 0,
         sample_seed: int = 0,
+        server_optimizer: str = "sgd",
+        server_momentum: float = 0.9,
+        server_beta_1: float = 0.9,
+        server_beta_2: float = 0.99,
+        server_tau: float = 1e-3,
     ) -> None:
         if lora not in LORA_MODES:
             raise FedmergeError(f"lora must be one of {LORA_MODES}, got {lora!r}.")
@@ -143,6 +158,10 @@ class MergingStrategy(FlowerFedAvg):
         """round → the clients (or nodes, where unknown) drawn to train in it."""
         self.roles = TensorRoles.of(private, statistics)
         self.statistics_rule = statistics_rule
+        self.server_optimizer = ServerOptimizer(server_optimizer, server_momentum, server_beta_1, server_beta_2,
+                                                server_tau)
+        self.optimizer_state: dict[str, State] = {}
+        """tensor name → the server optimizer's state after the last merged round."""
         self.clients_by_node: dict[int, int] = {}
         """node id → client id, from the replies (or set by the caller): which private tensors a node gets."""
         super().__init__(
@@ -181,6 +200,12 @@ class MergingStrategy(FlowerFedAvg):
         """The rule's own parameters, for the summary (subclasses add theirs)."""
         return {}
 
+    def statistics_request(self) -> dict[str, int]:
+        """The statistics for merging this strategy asks of every client beside its weights (Fisher merging's,
+        RegMean's): contract key → training examples, added to each train message's config; every reply must then
+        carry them (:data:`fedmerge.contract.MERGING_STATISTICS`)."""
+        return {}
+
     def effective_steps_key(self, replies: Sequence[ClientReply]) -> str | None:
         """Which metric gives a_t for the diagnostics w_t and χ²(p‖w): FedNova's default normaliser's, else the
         other's, when every reply reports it."""
@@ -211,6 +236,9 @@ class MergingStrategy(FlowerFedAvg):
         params = "".join(f", {k}={v!r}" for k, v in self.rule_params().items())
         flwr_log(INFO, "\t├──> Merging: %s%s", type(self).__name__, params)
         flwr_log(INFO, "\t│\t└── Server learning rate: β = %g (θ ← θ + β·Δ, Δ mean-scale)", self.server_lr)
+        if self.server_optimizer.name != "sgd":
+            flwr_log(INFO, "\t│\t└── Server optimizer: %s (θ ← θ + β·u, u its step from Δ)",
+                     self.server_optimizer.params())
         flwr_log(INFO, "\t├──> Sampling:")
         flwr_log(INFO, "\t│\t├──Fraction: train (%.2f) | evaluate (%.2f)", self.fraction_train, self.fraction_evaluate)
         flwr_log(INFO, "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)", self.min_train_nodes, self.min_evaluate_nodes)
@@ -224,8 +252,9 @@ class MergingStrategy(FlowerFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global model sent (``aggregate_train`` never receives it), then as FedAvg, or to the clients
-        drawn for this round (``clients_per_round``)."""
+        drawn for this round (``clients_per_round``); the config asks for the statistics the rule needs."""
         self._global_arrays = arrays
+        config.update(self.statistics_request())
         if not self.clients_per_round:
             return super().configure_train(server_round, arrays, config, grid)
         config["server-round"] = server_round
@@ -241,7 +270,8 @@ class MergingStrategy(FlowerFedAvg):
         known = all(node in self.clients_by_node for node in nodes)
         ids = sorted(self.clients_by_node[node] for node in nodes) if known else sorted(nodes)
         rng = np.random.default_rng([self.sample_seed, server_round])
-        chosen = sorted(int(i) for i in rng.choice(ids, self.clients_per_round, replace=False))
+        # indices, not the ids themselves: NumPy would turn Flower's 64-bit node ids into floats
+        chosen = sorted(ids[int(i)] for i in rng.choice(len(ids), self.clients_per_round, replace=False))
         self.sampled[server_round] = chosen
         by_client = {client: node for node, client in self.clients_by_node.items()}
         return [by_client[i] for i in chosen] if known else chosen
@@ -277,14 +307,15 @@ class MergingStrategy(FlowerFedAvg):
         Returns the new arrays (None if no reply was usable) and the round's metrics; appends the round's
         :class:`RoundRecord` to :attr:`rounds`, also when no reply was usable (with its exclusions).
         """
-        accepted, excluded = check_replies(replies, global_arrays, self.required_metrics(), self.roles)
+        accepted, excluded = check_replies(replies, global_arrays, self.required_metrics(), self.roles,
+                                           tuple(self.statistics_request()))
         self.clients_by_node.update({r.node_id: r.client_id for r in accepted})
         unmerged = [name for name in global_arrays if name not in set(self.roles.merged(global_arrays))]
         bad = {id(r): name for r in accepted if (name := non_finite_tensor(r.arrays, [n for n in unmerged if n in r.arrays]))}
         excluded += [Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'", r.client_id) for r in accepted if id(r) in bad]
         accepted = [r for r in accepted if id(r) not in bad]
         while accepted:
-            arrays, rule, squared_norms = self._merge(accepted, global_arrays)
+            arrays, rule, squared_norms, optimizer_state = self._merge(accepted, global_arrays, server_round)
             # A non-finite ‖τ_t‖² flags a client; the exact check confirms it (a norm can overflow).
             flagged = [r for r, sq in zip(accepted, squared_norms) if not math.isfinite(sq)]
             bad = {id(r): name for r in flagged if (name := non_finite_tensor(r.arrays)) is not None}
@@ -300,6 +331,7 @@ class MergingStrategy(FlowerFedAvg):
             self.rounds.append(RoundRecord.empty(server_round, self.server_lr, _excluded(excluded)))
             self.rounds[-1].sampled = self.sampled.get(server_round)
             return None, self.rounds[-1].to_metrics()
+        self.optimizer_state.update(optimizer_state)
         self.rounds.append(self._record(server_round, rule, accepted, squared_norms, excluded))
         self.rounds[-1].sampled = self.sampled.get(server_round)
         metrics = self.rounds[-1].to_metrics()
@@ -307,9 +339,11 @@ class MergingStrategy(FlowerFedAvg):
             metrics.update(self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key))
         return arrays, metrics
 
-    def _merge(self, accepted: Sequence[ClientReply], global_arrays: ArrayRecord):
-        """One pass of the rule over the accepted replies: new arrays, the rule used, and each ‖τ_t‖² (over the
-        merged tensors)."""
+    def _merge(self, accepted: Sequence[ClientReply], global_arrays: ArrayRecord, server_round: int):
+        """One pass of the rule over the accepted replies: new arrays, the rule used, each ‖τ_t‖² (over the merged
+        tensors) and the server optimizer's new state (kept if the pass is the round's last)."""
+        optimizer_state: dict[str, State] = {}
+        step = partial(self._server_step, server_round=server_round, new_state=optimizer_state)
         weights = [r.metrics[self.weighted_by_key] for r in accepted] if self._by_key else None
         rule = self.build_rule(accepted, weights)
         shared = self.roles.merged(global_arrays)
@@ -326,25 +360,33 @@ class MergingStrategy(FlowerFedAvg):
             names = [name for name in shared if name not in stacked]
         squared_norms = np.zeros(len(accepted))
         if self.lora == "stack" and layers:
-            merged = self._stack(rule, task_vectors, names, models, base, layers, squared_norms)
+            merged = self._stack(rule, task_vectors, names, models, base, layers, squared_norms, step)
         else:
             merged = {}
             for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
-                self.observe_update(name, delta)
+                delta = step(name, delta)
                 made = fold(base, folded[name], delta, self.lora_scaling, self.server_lr) if name in folded else {
                     name: apply_update(base[name], delta, self.server_lr)}
                 merged.update({key: to_array(value) for key, value in made.items()})
         present = [accepted[t] for t in rule.present]  # those of weight > 0: rule.p is theirs
         arrays = assemble(global_arrays, merged, present, self.roles, self.statistics_rule, rule.p)
-        return arrays, rule, squared_norms
+        return arrays, rule, squared_norms, optimizer_state
 
-    def _stack(self, rule, task_vectors, names, models, base, layers, squared_norms) -> dict:
+    def _server_step(self, name: str, delta: torch.Tensor, server_round: int, new_state: dict) -> torch.Tensor:
+        """What β multiplies for tensor ``name``: the rule's Δ (seen by :meth:`observe_update`), or the server
+        optimizer's step from it, whose state for the round goes into ``new_state``."""
+        self.observe_update(name, delta)
+        if self.server_optimizer.name == "sgd" or not delta.is_floating_point():
+            return delta
+        direction, new_state[name] = self.server_optimizer.step(delta, self.optimizer_state.get(name), server_round)
+        return direction
+
+    def _stack(self, rule, task_vectors, names, models, base, layers, squared_norms, step) -> dict:
         """``lora="stack"``: the other tensors through the rule (its first pass fixes c_t), then each adapted layer
         as Σ_t c_t·s·B_t A_t from the stacked factors, folded. The layers' norms are their factors' changes."""
         merged = {}
         for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
-            self.observe_update(name, delta)
-            merged[name] = to_array(apply_update(base[name], delta, self.server_lr))
+            merged[name] = to_array(apply_update(base[name], step(name, delta), self.server_lr))
         coefficients = rule.linear_coefficients()
         if coefficients is None:
             raise FedmergeError(f"lora='stack' is exact only for rules that are weighted sums (fedavg, fednova by steps "
@@ -353,8 +395,7 @@ class MergingStrategy(FlowerFedAvg):
         for layer in layers:
             for t, model in zip(rule.present, present):
                 squared_norms[t] += sum(float(((model[n].double() - base[n].double()) ** 2).sum()) for n in (layer.a, layer.b))
-            delta = stacked_delta(present, base, layer, self.lora_scaling, coefficients)
-            self.observe_update(layer.weight, delta)
+            delta = step(layer.weight, stacked_delta(present, base, layer, self.lora_scaling, coefficients))
             merged.update({k: to_array(v) for k, v in fold(base, layer, delta, self.lora_scaling, self.server_lr).items()})
         return merged
 
