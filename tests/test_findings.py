@@ -90,7 +90,8 @@ def write_work(work, nova_16x=-0.3, held_out_lr_sum=-0.2):
     write_grid(work / "data-heterogeneity", "suite_options.alpha", {
         "0.1": {"alpha": 0.1, "strategies": ("fedavg", "fedgma", "median", "cclip"), "rounds": (1, 5),
                 "shift": {"fedavg": -0.3}},
-        "100": {"alpha": 100.0, "strategies": ("fedavg", "fedgma", "median", "cclip"), "rounds": (1, 5)}}, seeds=SEEDS)
+        "100": {"alpha": 100.0, "strategies": ("fedavg", "fedgma", "median", "cclip", "ties"), "rounds": (1, 5)}},
+        seeds=SEEDS)
     write_grid(work / "robustness", "attack", {
         "f0": {"strategies": ("fedavg", "fedgma", "median", "cclip"), "rounds": (1, 3)},
         "f2-sign-flip": {"strategies": ("fedavg", "fedgma", "median", "cclip"), "rounds": (1, 3),
@@ -147,6 +148,8 @@ def test_the_page_decides_from_intervals_and_says_what_each_number_is_computed_o
     assert "Holm" in page and "cannot be resolved here" in page
     assert "the held-out rule picks `steps` (steps passes the screen); fedmerge ships `lr-sum` (they differ)" in page
     assert "`abc`" in page  # the code fingerprint of the quadratic cells
+    family, exploratory = page.split("## 4. ")[1].split("## 5. ")[0].split("*Exploratory, outside the claim:*")
+    assert "ties" not in family and "| mnist1d, α = 100 | ties − TA |" in exploratory  # beside the claim, not in it
 
 
 def test_fednovas_default_follows_the_held_out_data(tmp_path):

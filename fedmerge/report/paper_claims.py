@@ -219,7 +219,7 @@ def claim_remedies(training: Collection, data: Collection, evaluation: dict) -> 
     claim = Claim(4, "Where FedNova, FedGMA, Median and CCLIP help or hurt against Task Arithmetic",
                   "The federated remedies, used as merging methods (one-shot, λ and ρ chosen on validation), help in some "
                   "settings and hurt in others.")
-    family, bounds, notes, identical = {}, {}, [], []
+    family, bounds, notes, identical, others = {}, {}, [], [], []
     for name, table, metric, entry in _settings(training, data, evaluation):
         ta = by_seed(table, metric, strategy="fedavg")
         own = mean_over({r["seed"]: r["own_accuracy"] for r in records.select(table, strategy="fedavg")})
@@ -236,6 +236,8 @@ def claim_remedies(training: Collection, data: Collection, evaluation: dict) -> 
                 continue
             family[(name, remedy)] = diffs
             bounds[(name, remedy)] = bound(accuracy, entry, own if normalized else None)
+        others += [[name, f"{s} − TA", format_paired(paired(by_seed(table, metric, strategy=s), ta))]
+                   for s in records.varying(table, "strategy") if s not in ("fedavg", *REMEDIES)]
     comparisons = classify(family, bounds)
     outcomes = [c.outcome for c in comparisons.values()]
     listed = lambda wanted: ", ".join(f"{r} in {s}" for (s, r), c in comparisons.items() if c.outcome == wanted) or "none"  # noqa: E731
@@ -254,6 +256,10 @@ def claim_remedies(training: Collection, data: Collection, evaluation: dict) -> 
     claim.body.append("*Negligible differences* (the equivalence bound of each setting): " + "; ".join(notes) + "."
                       + (f" Left out, identical to Task Arithmetic in every seed (equal a_t: FedNova is FedAvg): "
                          f"{', '.join(identical)}." if identical else ""))
+    if others:
+        claim.body.append("*Exploratory, outside the claim:* the studies' other merging methods on the same replies, each − "
+                          "Task Arithmetic paired by seed (▲/▼: the 95% interval excludes zero, uncorrected; no verdict is "
+                          "drawn from them):\n\n" + _md_table(Table(["setting", "comparison", "mean ± 95% interval"], others)))
     return claim
 
 
