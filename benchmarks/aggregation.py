@@ -95,9 +95,20 @@ def messages(arrays, metrics):
     """Fresh reply Messages over the same serialized arrays (Flower's FedMedian pops from its replies)."""
     out = []
     for t, (a, m) in enumerate(zip(arrays, metrics)):
-        meta = Metadata(run_id=1, message_id=f"m{t}", src_node_id=t + 1, dst_node_id=0, reply_to_message_id="i",
-                        group_id="1", created_at=0.0, ttl=3600.0, message_type="train")
-        out.append(Message(content=RecordDict({"arrays": ArrayRecord(dict(a)), "metrics": MetricRecord(m)}), metadata=meta))
+        meta = Metadata(
+            run_id=1,
+            message_id=f"m{t}",
+            src_node_id=t + 1,
+            dst_node_id=0,
+            reply_to_message_id="i",
+            group_id="1",
+            created_at=0.0,
+            ttl=3600.0,
+            message_type="train",
+        )
+        out.append(
+            Message(content=RecordDict({"arrays": ArrayRecord(dict(a)), "metrics": MetricRecord(m)}), metadata=meta)
+        )
     return out
 
 
@@ -120,8 +131,10 @@ def agreement(ours: dict, theirs: dict, what: str) -> float:
     for name in SHAPES:
         difference, bound = float(np.abs(ours[name] - theirs[name]).max()), RTOL * float(np.abs(theirs[name]).max())
         if not difference <= bound:
-            raise SystemExit(f"{what}: tensor {name!r} differs by {difference:.3e} > {bound:.3e} (rtol {RTOL:g}); "
-                             "they did not compute the same aggregate")
+            raise SystemExit(
+                f"{what}: tensor {name!r} differs by {difference:.3e} > {bound:.3e} (rtol {RTOL:g}); "
+                "they did not compute the same aggregate"
+            )
         largest = max(largest, difference)
     return largest
 
@@ -131,20 +144,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cores", type=int, nargs="+", default=sorted({1, len(cpus)}),
-                        help=f"core counts to time every method with (default: 1 and all {len(cpus)})")
+    parser.add_argument(
+        "--cores",
+        type=int,
+        nargs="+",
+        default=sorted({1, len(cpus)}),
+        help=f"core counts to time every method with (default: 1 and all {len(cpus)})",
+    )
     args = parser.parse_args()
     if not all(1 <= k <= len(cpus) for k in args.cores):
         raise SystemExit(f"--cores: each count must lie in 1..{len(cpus)}, the cores this process may use.")
 
     base, arrays, metrics = make_replies(args.clients)
     params = sum(int(np.prod(s)) for s in SHAPES.values())
-    print(f"{args.clients} clients x {params / 1e6:.1f}M float32 parameters "
-          f"(largest tensor {max(int(np.prod(s)) for s in SHAPES.values()) * 4 / 2**20:.0f} MiB, "
-          f"model {params * 4 / 2**20:.0f} MiB), best of {args.repeats}")
-    print("k cores: every thread pinned to the same k CPUs, torch.set_num_threads(k), numpy's BLAS threads k; "
-          "fedmerge's merging driver runs k worker threads, torch single-threaded in each; Flower's FedAvg and "
-          "FedMedian run numpy element-wise and np.median, one thread whatever k")
+    print(
+        f"{args.clients} clients x {params / 1e6:.1f}M float32 parameters "
+        f"(largest tensor {max(int(np.prod(s)) for s in SHAPES.values()) * 4 / 2**20:.0f} MiB, "
+        f"model {params * 4 / 2**20:.0f} MiB), best of {args.repeats}"
+    )
+    print(
+        "k cores: every thread pinned to the same k CPUs, torch.set_num_threads(k), numpy's BLAS threads k; "
+        "fedmerge's merging driver runs k worker threads, torch single-threaded in each; Flower's FedAvg and "
+        "FedMedian run numpy element-wise and np.median, one thread whatever k"
+    )
 
     methods = {
         "Flower FedAvg": lambda r: FlowerFedAvg().aggregate_train(1, r)[0],
@@ -176,16 +198,22 @@ def main() -> None:
     print(f"\n{'method':<18} {columns} {'peak extra (MiB)':>17} {f'x fedmerge FedAvg ({most} cores)':>28}")
     for name in methods:
         row = "".join(f"{times[name, k]:>14.3f}" for k in args.cores)
-        print(f"{name:<18} {row} {memory[name] / 2**20:>17.0f} {times[name, most] / times['fedmerge FedAvg', most]:>28.2f}")
+        print(
+            f"{name:<18} {row} {memory[name] / 2**20:>17.0f} {times[name, most] / times['fedmerge FedAvg', most]:>28.2f}"
+        )
 
     def ratios(numerator: str, denominator: str) -> str:
-        return ", ".join(f"{times[numerator, k] / times[denominator, k]:.2f} on {k} core{'s' if k > 1 else ''} each"
-                         for k in args.cores)
+        return ", ".join(
+            f"{times[numerator, k] / times[denominator, k]:.2f} on {k} core{'s' if k > 1 else ''} each"
+            for k in args.cores
+        )
 
     print()
     for ours, theirs in PAIRS:
         largest = max(differences[ours, k] for k in args.cores)
-        print(f"max |{ours} - {theirs}| = {largest:.2e} (per tensor <= {RTOL:g} x max|value|, checked at every core count)")
+        print(
+            f"max |{ours} - {theirs}| = {largest:.2e} (per tensor <= {RTOL:g} x max|value|, checked at every core count)"
+        )
     print(f"Flower FedAvg / fedmerge FedAvg time:      {ratios('Flower FedAvg', 'fedmerge FedAvg')}  (target >= 2)")
     print(f"fedmerge Median / fedmerge FedAvg time:    {ratios('fedmerge Median', 'fedmerge FedAvg')}  (target <= 10)")
     print(f"Flower FedMedian / fedmerge Median time:   {ratios('Flower FedMedian', 'fedmerge Median')}")

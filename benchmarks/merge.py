@@ -60,11 +60,21 @@ def llama_tensors(layers: int, hidden: int, intermediate: int, vocab: int) -> di
 
 def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 64, "vocab_size": vocab, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
 
 
@@ -102,7 +112,9 @@ def ensure_mergekit() -> str | None:
         venv.create(MERGEKIT_VENV, with_pip=True, clear=True)
         subprocess.run(
             [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "mergekit"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
     except (subprocess.CalledProcessError, OSError) as error:
         detail = getattr(error, "stderr", "") or str(error)
@@ -192,14 +204,18 @@ def agreement(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) ->
     return equal / total, worst, close
 
 
-def mergekit_config(work: Path, name: str, method: str, models: list[Path], base: Path | None, per_model: dict,
-                    shared: dict) -> Path:
+def mergekit_config(
+    work: Path, name: str, method: str, models: list[Path], base: Path | None, per_model: dict, shared: dict
+) -> Path:
     """A mergekit config of ``method`` over ``models``, ``base`` its base_model (None: none), with ``per_model``
     parameters for each model and ``shared`` ones; arithmetic in float32, written in bfloat16."""
     config = {
-        "merge_method": method, **({"base_model": str(base)} if base is not None else {}),
+        "merge_method": method,
+        **({"base_model": str(base)} if base is not None else {}),
         "models": [{"model": str(m), **({"parameters": per_model} if per_model else {})} for m in models],
-        **({"parameters": shared} if shared else {}), "dtype": "float32", "out_dtype": "bfloat16",
+        **({"parameters": shared} if shared else {}),
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
     }
     path = work / f"mergekit-{name}.yml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -212,7 +228,7 @@ def deviation(merged: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     for name, value in merged.items():
         difference = (value - reference[name]).double()
         total += float(difference.sum())
-        squares += float((difference ** 2).sum())
+        squares += float((difference**2).sum())
         count += difference.numel()
     return total / count, (squares / count) ** 0.5
 
@@ -244,12 +260,27 @@ def twins(args: argparse.Namespace) -> dict[str, Twin]:
         "ties": Twin("ties", "thresholds", ("--density", k), {"weight": 1.0, "density": k}, mean),
         "dare-linear": Twin("dare_linear", "estimate", ("--density", k), {"weight": 1.0, "density": k}, mean),
         "dare-ties": Twin("dare_ties", "estimate", ("--density", k), {"weight": 1.0, "density": k}, mean),
-        "breadcrumbs": Twin("breadcrumbs", "thresholds", ("--density", k, "--gamma", gamma, "--scaling", args.scaling),
-                            {"weight": args.scaling, "density": k, "gamma": gamma}, {"normalize": False}),
-        "breadcrumbs-ties": Twin("breadcrumbs_ties", "thresholds", ("--density", k, "--gamma", gamma),
-                                 {"weight": 1.0, "density": k, "gamma": gamma}, mean),
-        "della": Twin("della", "estimate", ("--density", k, "--epsilon", epsilon),
-                      {"weight": 1.0, "density": k, "epsilon": epsilon}, mean),
+        "breadcrumbs": Twin(
+            "breadcrumbs",
+            "thresholds",
+            ("--density", k, "--gamma", gamma, "--scaling", args.scaling),
+            {"weight": args.scaling, "density": k, "gamma": gamma},
+            {"normalize": False},
+        ),
+        "breadcrumbs-ties": Twin(
+            "breadcrumbs_ties",
+            "thresholds",
+            ("--density", k, "--gamma", gamma),
+            {"weight": 1.0, "density": k, "gamma": gamma},
+            mean,
+        ),
+        "della": Twin(
+            "della",
+            "estimate",
+            ("--density", k, "--epsilon", epsilon),
+            {"weight": 1.0, "density": k, "epsilon": epsilon},
+            mean,
+        ),
         "model-stock": Twin("model_stock", "exact"),
         "slerp": Twin("slerp", "exact", ("--t", t), shared={"t": t}, models=2, base="first"),
         "karcher": Twin("karcher", "exact", base="none"),
@@ -276,24 +307,32 @@ def compare_methods(work: Path, args: argparse.Namespace, mean: dict[str, torch.
         label = f"fedmerge {method} vs mergekit {twin.method}"
         if twin.check == "exact":
             equal, worst, close = agreement(ours, other)
-            print(f"{label}: {equal:.2%} equal, max |diff| {worst:.1e}, "
-                  f"{'within' if close else 'NOT within'} one bfloat16 rounding step")
+            print(
+                f"{label}: {equal:.2%} equal, max |diff| {worst:.1e}, "
+                f"{'within' if close else 'NOT within'} one bfloat16 rounding step"
+            )
             if not close:
                 raise SystemExit(f"fedmerge's {method} and mergekit's {twin.method} disagree")
         elif twin.check == "thresholds":
-            differ, unexplained, total = threshold_disagreements(work, ours, other, lambda n: top_counts(method, args, n))
-            print(f"{label} (density {args.density}{f', gamma {args.gamma}' if 'breadcrumbs' in method else ''}): "
-                  f"{1 - differ / total:.4%} of elements within one bfloat16 rounding step; every other one "
-                  f"({differ - unexplained} of {total}) at a coordinate where a model's |τ_t| ties with a magnitude "
-                  "threshold (mergekit's unstable sort keeps arbitrary ones of those, fedmerge the first by position)"
-                  + (f"; {unexplained} elsewhere" if unexplained else ""))
+            differ, unexplained, total = threshold_disagreements(
+                work, ours, other, lambda n: top_counts(method, args, n)
+            )
+            print(
+                f"{label} (density {args.density}{f', gamma {args.gamma}' if 'breadcrumbs' in method else ''}): "
+                f"{1 - differ / total:.4%} of elements within one bfloat16 rounding step; every other one "
+                f"({differ - unexplained} of {total}) at a coordinate where a model's |τ_t| ties with a magnitude "
+                "threshold (mergekit's unstable sort keeps arbitrary ones of those, fedmerge the first by position)"
+                + (f"; {unexplained} elsewhere" if unexplained else "")
+            )
             if unexplained:
                 raise SystemExit(f"fedmerge's {method} and mergekit's disagree beyond ties at the thresholds")
         else:
             (bias, rms), (their_bias, their_rms) = deviation(ours, mean), deviation(other, mean)
-            print(f"{label} (density {args.density}{f', epsilon {args.epsilon}' if method == 'della' else ''}), each "
-                  f"against θ + mean τ: bias {bias:.1e} vs {their_bias:.1e}, RMS {rms:.2e} vs {their_rms:.2e} (ratio "
-                  f"{rms / their_rms:.2f})")
+            print(
+                f"{label} (density {args.density}{f', epsilon {args.epsilon}' if method == 'della' else ''}), each "
+                f"against θ + mean τ: bias {bias:.1e} vs {their_bias:.1e}, RMS {rms:.2e} vs {their_rms:.2e} (ratio "
+                f"{rms / their_rms:.2f})"
+            )
             if method == "dare-linear" and not 0.8 < rms / their_rms < 1.25:
                 raise SystemExit("fedmerge's DARE and mergekit's differ in how far they stray from the mean")
 
@@ -329,10 +368,24 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--scaling", type=float, default=0.3, help="Task Arithmetic's λ (mergekit's weight)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each merge; the best time is kept")
-    parser.add_argument("--methods", nargs="*", default=["median", "cclip", "ties", "dare-linear", "dare-ties",
-                                                          "breadcrumbs", "breadcrumbs-ties", "della", "model-stock",
-                                                          "slerp", "karcher"],
-                        help="other fedmerge methods to time (those mergekit implements beside mergekit's)")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=[
+            "median",
+            "cclip",
+            "ties",
+            "dare-linear",
+            "dare-ties",
+            "breadcrumbs",
+            "breadcrumbs-ties",
+            "della",
+            "model-stock",
+            "slerp",
+            "karcher",
+        ],
+        help="other fedmerge methods to time (those mergekit implements beside mergekit's)",
+    )
     parser.add_argument("--density", type=float, default=0.2, help="TIES's, DARE's, Breadcrumbs' and DELLA's density k")
     parser.add_argument("--gamma", type=float, default=0.01, help="Breadcrumbs' γ, the share of outliers dropped")
     parser.add_argument("--epsilon", type=float, default=0.15, help="DELLA's ε (mergekit's half-width)")
@@ -348,8 +401,10 @@ def main() -> None:
         config = llama_config(args.layers, args.hidden, args.intermediate, args.vocab)
         params = sum(torch.Size(s).numel() for s in shapes.values())
         largest = max(torch.Size(s).numel() for s in shapes.values())
-        print(f"writing a base and {NUM_MODELS} fine-tunes of {params / 1e6:.0f}M parameters (bfloat16) in {work}; "
-              f"{os.cpu_count()} cores, {'a GPU: ' + torch.cuda.get_device_name() if gpu else 'no GPU'}")
+        print(
+            f"writing a base and {NUM_MODELS} fine-tunes of {params / 1e6:.0f}M parameters (bfloat16) in {work}; "
+            f"{os.cpu_count()} cores, {'a GPU: ' + torch.cuda.get_device_name() if gpu else 'no GPU'}"
+        )
         base = write_model(work / "base", shapes, config, None, seed=0)
         models = [work / f"ft{i}" for i in range(NUM_MODELS)]
         expected = {name: t.float() for name, t in base.items()}
@@ -368,25 +423,56 @@ def main() -> None:
         for device in devices:
             out = work / f"plain-{device}"
             runs[f"plain loop ({device})"] = (
-                [sys.executable, "-c", PLAIN_LOOP, str(work / "base"), str(out), str(args.scaling), device,
-                 *map(str, models)], out)
+                [
+                    sys.executable,
+                    "-c",
+                    PLAIN_LOOP,
+                    str(work / "base"),
+                    str(out),
+                    str(args.scaling),
+                    device,
+                    *map(str, models),
+                ],
+                out,
+            )
 
         def fedmerge(used: list[Path]) -> list[str]:
-            return [sys.executable, "-m", "fedmerge.cli", "merge", "--base", str(work / "base"), "--models",
-                    *map(str, used), "--quiet"]
+            return [
+                sys.executable,
+                "-m",
+                "fedmerge.cli",
+                "merge",
+                "--base",
+                str(work / "base"),
+                "--models",
+                *map(str, used),
+                "--quiet",
+            ]
 
         for device in devices:
             out = work / f"fedmerge-{device}"
-            runs[f"fedmerge ({device})"] = ([*fedmerge(models), "--device", device, "--scaling", str(args.scaling), "--out", str(out)], out)
+            runs[f"fedmerge ({device})"] = (
+                [*fedmerge(models), "--device", device, "--scaling", str(args.scaling), "--out", str(out)],
+                out,
+            )
         if why_not is None:
             for device in devices:
                 out = work / f"mergekit-{device}"
-                config_file = mergekit_config(work, "task_arithmetic", "task_arithmetic", models, work / "base",
-                                              {"weight": args.scaling}, {"normalize": False})
+                config_file = mergekit_config(
+                    work,
+                    "task_arithmetic",
+                    "task_arithmetic",
+                    models,
+                    work / "base",
+                    {"weight": args.scaling},
+                    {"normalize": False},
+                )
                 runs[f"mergekit ({device})"] = (
-                    [str(MERGEKIT), str(config_file), str(out), "--quiet", *(["--cuda"] if device == "cuda" else [])], out)
+                    [str(MERGEKIT), str(config_file), str(out), "--quiet", *(["--cuda"] if device == "cuda" else [])],
+                    out,
+                )
         for method, twin in [(m, twins(args).get(m)) for m in args.methods]:
-            used = models[:twin.models] if twin else models
+            used = models[: twin.models] if twin else models
             flags = [str(flag) for flag in twin.flags] if twin else []
             out = work / method
             runs[f"fedmerge {method} (cpu)"] = ([*fedmerge(used), "--method", method, *flags, "--out", str(out)], out)
@@ -401,26 +487,34 @@ def main() -> None:
                 elapsed, rss = measure(command, out)
                 rows[label] = (min(rows[label][0], elapsed), max(rows[label][1], rss))
 
-        print(f"\n{'task arithmetic, λ = ' + str(args.scaling) + ' (best of ' + str(args.repeat) + ')':<36}"
-              f"{'time (s)':>10}{'peak RSS (MiB)':>16}")
+        print(
+            f"\n{'task arithmetic, λ = ' + str(args.scaling) + ' (best of ' + str(args.repeat) + ')':<36}"
+            f"{'time (s)':>10}{'peak RSS (MiB)':>16}"
+        )
         for label, (elapsed, rss) in rows.items():
             print(f"{label:<36}{elapsed:>10.2f}{rss:>16.0f}")
-        print(f"({params / 1e6:.0f}M parameters, {params * 2 / 2**20:.0f} MiB per checkpoint; largest tensor "
-              f"{largest * 2 / 2**20:.0f} MiB in bfloat16, {largest * 4 / 2**20:.0f} MiB in float32; "
-              f"peak RSS includes about 750 MiB of the torch import)")
+        print(
+            f"({params / 1e6:.0f}M parameters, {params * 2 / 2**20:.0f} MiB per checkpoint; largest tensor "
+            f"{largest * 2 / 2**20:.0f} MiB in bfloat16, {largest * 4 / 2**20:.0f} MiB in float32; "
+            f"peak RSS includes about 750 MiB of the torch import)"
+        )
 
         print()
         for device in devices:
             ours = read_merged(work / f"fedmerge-{device}")
             equal, worst, close = agreement(ours, expected)
-            print(f"fedmerge ({device}) vs θ + λ·Σ_t τ_t computed here in float32, rounded: {equal:.2%} equal, "
-                  f"max |diff| {worst:.1e}")
+            print(
+                f"fedmerge ({device}) vs θ + λ·Σ_t τ_t computed here in float32, rounded: {equal:.2%} equal, "
+                f"max |diff| {worst:.1e}"
+            )
             if not close:
                 raise SystemExit(f"fedmerge's output on {device} is not θ + λ·Σ_t τ_t")
             if why_not is None:
                 equal, worst, close = agreement(ours, read_merged(work / f"mergekit-{device}"))
-                print(f"fedmerge vs mergekit ({device}): {equal:.2%} equal, max |diff| {worst:.1e}, "
-                      f"{'within' if close else 'NOT within'} one bfloat16 rounding step")
+                print(
+                    f"fedmerge vs mergekit ({device}): {equal:.2%} equal, max |diff| {worst:.1e}, "
+                    f"{'within' if close else 'NOT within'} one bfloat16 rounding step"
+                )
                 if not close:
                     raise SystemExit("fedmerge and mergekit disagree")
         if why_not is None:

@@ -124,11 +124,13 @@ def measured(argv: list[str], what: str) -> dict:
 
 
 def flower(clients: int, rounds: int, work: bool = False) -> dict:
-    return measured([sys.executable, "-c", FLOWER, str(clients), str(rounds), "work" if work else "trivial"],
-                    f"Flower{' with work' if work else ''} at N = {clients}")
+    return measured(
+        [sys.executable, "-c", FLOWER, str(clients), str(rounds), "work" if work else "trivial"],
+        f"Flower{' with work' if work else ''} at N = {clients}",
+    )
 
 
-FEDMERGE = r'''
+FEDMERGE = r"""
 import json, sys, resource
 from pathlib import Path
 from fedmerge.simulations.runner import run
@@ -146,13 +148,14 @@ results = json.loads((run_dir / "results.json").read_text())
 history = next(r for r in results["runs"] if r["rounds"] == rounds)["history"]
 print(json.dumps({"rounds": [entry["seconds"] for entry in history[1:]],
                   "driver_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-'''
+"""
 
 
 def fedmerge(clients: int, rounds: int, batch: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        return measured([sys.executable, "-c", FEDMERGE, str(clients), str(rounds), str(batch), out],
-                        f"fedmerge at N = {clients}")
+        return measured(
+            [sys.executable, "-c", FEDMERGE, str(clients), str(rounds), str(batch), out], f"fedmerge at N = {clients}"
+        )
 
 
 def per_call_ms(result: dict, clients: int) -> float:
@@ -168,17 +171,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="also fedmerge with this many clients per worker call")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    print(f"{cores} cores; Ray runs {cores} clients at a time on both sides (client_cpus 1); {args.rounds} rounds; "
-          f"cost per call = median round (after the first) / N")
-    print(f"{'N':>7} {'Flower':>8} {'F+work':>8} {'fedmerge':>9} {'f/F':>5} {'f/(F+work)':>10}"
-          + (f" {'batched':>8} {'F/batched':>9}" if args.batch else "")
-          + f" {'driver MiB F/f':>15} {'worker MiB F/f':>15}   (ms per client call)")
+    print(
+        f"{cores} cores; Ray runs {cores} clients at a time on both sides (client_cpus 1); {args.rounds} rounds; "
+        f"cost per call = median round (after the first) / N"
+    )
+    print(
+        f"{'N':>7} {'Flower':>8} {'F+work':>8} {'fedmerge':>9} {'f/F':>5} {'f/(F+work)':>10}"
+        + (f" {'batched':>8} {'F/batched':>9}" if args.batch else "")
+        + f" {'driver MiB F/f':>15} {'worker MiB F/f':>15}   (ms per client call)"
+    )
     for clients in args.clients:
         started = time.perf_counter()
-        theirs, working, ours = flower(clients, args.rounds), flower(clients, args.rounds, True), fedmerge(clients, args.rounds)
+        theirs, working, ours = (
+            flower(clients, args.rounds),
+            flower(clients, args.rounds, True),
+            fedmerge(clients, args.rounds),
+        )
         flower_ms, working_ms, ours_ms = (per_call_ms(r, clients) for r in (theirs, working, ours))
-        line = (f"{clients:>7} {flower_ms:>8.2f} {working_ms:>8.2f} {ours_ms:>9.2f} {ours_ms / flower_ms:>5.2f} "
-                f"{ours_ms / working_ms:>10.2f}")
+        line = (
+            f"{clients:>7} {flower_ms:>8.2f} {working_ms:>8.2f} {ours_ms:>9.2f} {ours_ms / flower_ms:>5.2f} "
+            f"{ours_ms / working_ms:>10.2f}"
+        )
         if args.batch:
             batched = fedmerge(clients, args.rounds, args.batch)
             line += f" {per_call_ms(batched, clients):>8.2f} {flower_ms / per_call_ms(batched, clients):>9.1f}"

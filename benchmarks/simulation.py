@@ -72,11 +72,19 @@ def engine(device: str) -> dict:
 
 
 def mnist1d_spec(args) -> Spec:
-    return Spec.from_dict({
-        "name": "benchmark", "suite": "mnist1d", "clients": args.clients, "strategies": ["fedavg"], "rounds": [1],
-        "select": False, "suite_options": {"partition": "tasks", "hidden": args.hidden},
-        "training": {"steps": args.steps, "lr": 0.05, "batch_size": 32}, "engine": engine(args.device),
-    })
+    return Spec.from_dict(
+        {
+            "name": "benchmark",
+            "suite": "mnist1d",
+            "clients": args.clients,
+            "strategies": ["fedavg"],
+            "rounds": [1],
+            "select": False,
+            "suite_options": {"partition": "tasks", "hidden": args.hidden},
+            "training": {"steps": args.steps, "lr": 0.05, "batch_size": 32},
+            "engine": engine(args.device),
+        }
+    )
 
 
 def custom_suite_spec(args) -> Spec:
@@ -84,7 +92,9 @@ def custom_suite_spec(args) -> Spec:
     if str(EXAMPLE) not in sys.path:
         sys.path.insert(0, str(EXAMPLE))  # Flower passes sys.path on to its Ray workers, spawn to the pool's
     data = load_toml(EXAMPLE / "experiment.toml")
-    data.update(name="benchmark-custom-suite", strategies=["fedavg"], rounds=[1], select=False, engine=engine(args.device))
+    data.update(
+        name="benchmark-custom-suite", strategies=["fedavg"], rounds=[1], select=False, engine=engine(args.device)
+    )
     return Spec.from_dict(data)
 
 
@@ -99,12 +109,22 @@ def lora_spec(args, folder: Path) -> Spec:
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     torch.manual_seed(0)
     with quiet():
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-                                ).save_pretrained(folder / "model")
-        LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=args.lora_hidden,
-                                     intermediate_size=2 * args.lora_hidden, num_hidden_layers=4, num_attention_heads=4,
-                                     num_key_value_heads=4, max_position_embeddings=64, eos_token_id=1, pad_token_id=0)
-                         ).save_pretrained(folder / "model")
+        PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        ).save_pretrained(folder / "model")
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(vocab),
+                hidden_size=args.lora_hidden,
+                intermediate_size=2 * args.lora_hidden,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=64,
+                eos_token_id=1,
+                pad_token_id=0,
+            )
+        ).save_pretrained(folder / "model")
     generator = torch.Generator().manual_seed(0)
     tasks = []
     for name, make in (("add", lambda a, b: a + b), ("mul", lambda a, b: a * b)):
@@ -114,13 +134,26 @@ def lora_spec(args, folder: Path) -> Spec:
             rows.append(json.dumps({"prompt": f"{a} {name} {b} =", "response": f"#### {make(a, b)}"}))
         (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
         tasks.append(str(folder / f"{name}.jsonl"))
-    return Spec.from_dict({
-        "name": "benchmark-lora", "suite": "causal-lm", "clients": 2, "strategies": ["fedavg"], "rounds": [1],
-        "select": False, "engine": engine(args.device),
-        "suite_options": {"model": str(folder / "model"), "tasks": tasks, "answer": "none", "max_length": 32,
-                          "lora_r": 8, "lora_alpha": 16},
-        "training": {"optimizer": "adamw", "lr": 3e-3, "steps": args.lora_steps, "batch_size": 16},
-    })
+    return Spec.from_dict(
+        {
+            "name": "benchmark-lora",
+            "suite": "causal-lm",
+            "clients": 2,
+            "strategies": ["fedavg"],
+            "rounds": [1],
+            "select": False,
+            "engine": engine(args.device),
+            "suite_options": {
+                "model": str(folder / "model"),
+                "tasks": tasks,
+                "answer": "none",
+                "max_length": 32,
+                "lora_r": 8,
+                "lora_alpha": 16,
+            },
+            "training": {"optimizer": "adamw", "lr": 3e-3, "steps": args.lora_steps, "batch_size": 16},
+        }
+    )
 
 
 def suite(spec: Spec) -> Federation:
@@ -280,8 +313,10 @@ def largest_difference(a: Tensors, b: Tensors, what: str) -> float:
             continue
         difference, bound = float((x - y).abs().max()), RTOL * float(y.abs().max()) + ATOL
         if not difference <= bound:
-            raise SystemExit(f"{what}: the merged models differ at {name!r}: max |difference| {difference:.3e} > "
-                             f"{bound:.3e} (rtol {RTOL:g}, atol {ATOL:g}); they did not compute the same federation")
+            raise SystemExit(
+                f"{what}: the merged models differ at {name!r}: max |difference| {difference:.3e} > "
+                f"{bound:.3e} (rtol {RTOL:g}, atol {ATOL:g}); they did not compute the same federation"
+            )
         largest = max(largest, difference)
     return largest
 
@@ -306,16 +341,25 @@ def measure(title: str, spec: Spec, device: str) -> None:
     change = largest_change(framework_model, suite(spec).pretrained)
     where = "on its GPU" if device == "cuda" else "single-threaded"
     print(title)
-    print(f"  fedmerge on Flower + Ray (start included): {framework:8.2f} s   (clients' round {clients_round:.2f} s); "
-          f"{workers} clients at a time (Ray: {ray_cpus()} CPUs, engine.client_cpus {spec.engine['client_cpus']:g}), "
-          f"each {where}")
-    pool = (f"{workers} spawned worker processes, each {where} (their start and exit included)" if workers > 1
-            else "one client at a time, as Ray runs them: the sequential loop again")
+    print(
+        f"  fedmerge on Flower + Ray (start included): {framework:8.2f} s   (clients' round {clients_round:.2f} s); "
+        f"{workers} clients at a time (Ray: {ray_cpus()} CPUs, engine.client_cpus {spec.engine['client_cpus']:g}), "
+        f"each {where}"
+    )
+    pool = (
+        f"{workers} spawned worker processes, each {where} (their start and exit included)"
+        if workers > 1
+        else "one client at a time, as Ray runs them: the sequential loop again"
+    )
     print(f"  bare loop, parallel:                       {parallel:8.2f} s   {pool}")
-    print(f"  bare loop, sequential:                     {sequential:8.2f} s   the clients one after another in this "
-          f"process, {where}")
-    print(f"  merged models agree: max |fedmerge - parallel| = {agreement:.2e}, max |parallel - sequential| = "
-          f"{loops:.2e} (per tensor <= {RTOL:g} x max|value| + {ATOL:g}; the merge moved θ0 by up to {change:.2e})")
+    print(
+        f"  bare loop, sequential:                     {sequential:8.2f} s   the clients one after another in this "
+        f"process, {where}"
+    )
+    print(
+        f"  merged models agree: max |fedmerge - parallel| = {agreement:.2e}, max |parallel - sequential| = "
+        f"{loops:.2e} (per tensor <= {RTOL:g} x max|value| + {ATOL:g}; the merge moved θ0 by up to {change:.2e})"
+    )
     print(f"  fedmerge / parallel loop:   {framework / parallel:.2f}")
     print(f"  fedmerge / sequential loop: {framework / sequential:.2f}", flush=True)
 
@@ -323,8 +367,12 @@ def measure(title: str, spec: Spec, device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: clients train on the GPU (engine.client_gpus = 1), the server evaluates and merges there")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: clients train on the GPU (engine.client_gpus = 1), the server evaluates and merges there",
+    )
     parser.add_argument("--clients", type=int, default=8, help="mnist1d clients")
     parser.add_argument("--steps", type=int, default=4000, help="mnist1d local steps per client")
     parser.add_argument("--hidden", type=int, default=256, help="width of the mnist1d MLP's hidden layers")
@@ -338,20 +386,31 @@ def main() -> None:
     if "mnist1d" in workloads:
         spec = mnist1d_spec(args)
         fed = suite(spec)
-        measure(f"mnist1d: {args.clients} clients x {args.steps} local steps, MLP (hidden {args.hidden}), one-shot "
-                f"FedAvg of {len(fed.shared_names)} shared tensors, {len(fed.private_names)} private (each head its "
-                f"client's), on {args.device}", spec, args.device)
+        measure(
+            f"mnist1d: {args.clients} clients x {args.steps} local steps, MLP (hidden {args.hidden}), one-shot "
+            f"FedAvg of {len(fed.shared_names)} shared tensors, {len(fed.private_names)} private (each head its "
+            f"client's), on {args.device}",
+            spec,
+            args.device,
+        )
     if "custom-suite" in workloads:
         spec = custom_suite_spec(args)
         steps = [config.steps for config in spec.client_configs()]
-        measure(f"custom-suite: {spec.clients} clients x {min(steps)}-{max(steps)} local steps, torchvision ViT on "
-                f"image folders (examples/custom-suite), one-shot FedAvg, on {args.device}", spec, args.device)
+        measure(
+            f"custom-suite: {spec.clients} clients x {min(steps)}-{max(steps)} local steps, torchvision ViT on "
+            f"image folders (examples/custom-suite), one-shot FedAvg, on {args.device}",
+            spec,
+            args.device,
+        )
     if "lora" in workloads:
         with tempfile.TemporaryDirectory() as folder:
             spec = lora_spec(args, Path(folder))
-            measure(f"lora: 2 clients x {args.lora_steps} AdamW steps, LoRA r 8 on a 4-layer Llama (width "
-                    f"{args.lora_hidden}), FedAvg of the dense updates, on {args.device}; the bare loops are plain peft",
-                    spec, args.device)
+            measure(
+                f"lora: 2 clients x {args.lora_steps} AdamW steps, LoRA r 8 on a 4-layer Llama (width "
+                f"{args.lora_hidden}), FedAvg of the dense updates, on {args.device}; the bare loops are plain peft",
+                spec,
+                args.device,
+            )
 
 
 if __name__ == "__main__":

@@ -23,14 +23,23 @@ from fedmerge.files import check_output_dir
 COMMANDS = {
     "run": ("fedmerge.simulations.command", "run a simulation (a preset or a TOML experiment file)", "directory"),
     "list": ("fedmerge.simulations.command", "list strategies, task suites and presets", None),
-    "merge": ("fedmerge.checkpoints.command",
-              "merge fine-tuned checkpoints of one base model offline (streaming, any size)", "entry"),
+    "merge": (
+        "fedmerge.checkpoints.command",
+        "merge fine-tuned checkpoints of one base model offline (streaming, any size)",
+        "entry",
+    ),
     "sweep": ("fedmerge.simulations.sweep_command", "run a grid of experiments (resumable)", "directory"),
-    "findings": ("fedmerge.studies.command",
-                 "test the paper's claims (study sweeps, paired statistics) and write docs/findings.md", "entry"),
+    "findings": (
+        "fedmerge.studies.command",
+        "test the paper's claims (study sweeps, paired statistics) and write docs/findings.md",
+        "entry",
+    ),
     "report": ("fedmerge.report.command", "tables and figures (Markdown + HTML) from a run or a sweep", "directory"),
-    "evaluate": ("fedmerge.simulations.evaluate_command",
-                 "merge fine-tuned checkpoints with every rule and evaluate them on a suite's tasks", "directory"),
+    "evaluate": (
+        "fedmerge.simulations.evaluate_command",
+        "merge fine-tuned checkpoints with every rule and evaluate them on a suite's tasks",
+        "directory",
+    ),
 }
 """Command → (the module that registers it, its one-line help, what its ``--out`` names: a directory to write in or
 to create, or an entry, file or directory, of a directory)."""

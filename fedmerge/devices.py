@@ -26,5 +26,7 @@ def resolve_device(device: str | torch.device, option: str = "--device") -> torc
             f"use {option} cpu, or {option} auto to take a GPU only where there is one."
         )
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise FedmergeError(f"{option}: there is no {resolved}; this machine has {torch.cuda.device_count()} CUDA device(s).")
+        raise FedmergeError(
+            f"{option}: there is no {resolved}; this machine has {torch.cuda.device_count()} CUDA device(s)."
+        )
     return resolved

@@ -34,8 +34,11 @@ class DiskFull(FedmergeError):
     """An output could not be written for want of space: a full file system, a used-up quota, a file-size limit."""
 
 
-DISK_FULL = {errno.ENOSPC: "the file system is full", errno.EDQUOT: "the disk quota is used up",
-             errno.EFBIG: "the file is larger than this process may write (ulimit -f) or the file system allows"}
+DISK_FULL = {
+    errno.ENOSPC: "the file system is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f) or the file system allows",
+}
 """The errors that mean "no room for this output", and what each means."""
 
 _STAGING = re.compile(r"\.(.+)\.[0-9a-f]{8}\.(?:partial|old)")
@@ -54,9 +57,11 @@ def disk_full(error: OSError, path: Path, needed: int | None = None) -> DiskFull
     where = next((p for p in target.parents if p.exists()), Path(".")).resolve()
     free = shutil.disk_usage(where).free
     size = f"it needs {_size(needed)}, and " if needed else ""
-    return DiskFull(f"cannot write {target}: {DISK_FULL[error.errno]} ({error.strerror}); {size}{_size(free)} "
-                    f"{'is' if free == 1 else 'are'} free on the file system of {where}. Free some space or write "
-                    "elsewhere; nothing half-written was left.")
+    return DiskFull(
+        f"cannot write {target}: {DISK_FULL[error.errno]} ({error.strerror}); {size}{_size(free)} "
+        f"{'is' if free == 1 else 'are'} free on the file system of {where}. Free some space or write "
+        "elsewhere; nothing half-written was left."
+    )
 
 
 def _size(count: int) -> str:

@@ -149,4 +149,3 @@ def text(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise FedmergeError(f"option {name!r} must be a non-empty string, got {value!r}.")
     return value
-

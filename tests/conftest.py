@@ -13,9 +13,11 @@ import torch
 
 from processes import TIME_SCALE, time_scale
 
-NO_CUDA = ("the marker expression -m {expr!r} selects CUDA tests only ({count} of them), but CUDA is not available "
-           "here (torch.cuda.is_available() is False): run them on a machine with a GPU and a CUDA build of torch, or "
-           "drop -m to run the other tests (the CUDA ones are then skipped).")
+NO_CUDA = (
+    "the marker expression -m {expr!r} selects CUDA tests only ({count} of them), but CUDA is not available "
+    "here (torch.cuda.is_available() is False): run them on a machine with a GPU and a CUDA build of torch, or "
+    "drop -m to run the other tests (the CUDA ones are then skipped)."
+)
 
 
 @pytest.hookimpl(trylast=True)  # after -m has deselected: ``items`` are the tests that will run

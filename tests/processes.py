@@ -22,8 +22,9 @@ def time_scale() -> float:
     except ValueError:
         scale = math.nan
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{TIME_SCALE}={text!r}: give a positive number of times the tests' time limits, e.g. 3 on a "
-                         "loaded machine")
+        raise ValueError(
+            f"{TIME_SCALE}={text!r}: give a positive number of times the tests' time limits, e.g. 3 on a loaded machine"
+        )
     return scale
 
 
@@ -64,7 +65,7 @@ def _proc_stat(pid: int) -> tuple[int, str] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[1]), fields[19]
 
 

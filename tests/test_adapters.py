@@ -22,12 +22,23 @@ from fedmerge.merging.rules.fednova import DEFAULT_NORMALIZE_BY
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-LLAMA = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=300)
+LLAMA = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+)
 ADAPTERS = {  # name → LoraConfig options
     "a1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "a2": dict(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 3},
-               alpha_pattern={"v_proj": 5}),
+    "a2": dict(
+        r=2,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 3},
+        alpha_pattern={"v_proj": 5},
+    ),
     "a3": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"], use_rslora=True),
     "emb": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
 }
@@ -84,8 +95,18 @@ def run(*args) -> None:
 
 def test_task_arithmetic_over_adapters_equals_peft_merge_and_unload(world, tmp_path):
     root, base, ref = world
-    run("--base", root / "base", "--models", root / "a1", root / "a2", root / "a3", "--scaling", 0.5,
-        "--out", tmp_path / "out")
+    run(
+        "--base",
+        root / "base",
+        "--models",
+        root / "a1",
+        root / "a2",
+        root / "a3",
+        "--scaling",
+        0.5,
+        "--out",
+        tmp_path / "out",
+    )
     expected = {n: base[n] + 0.5 * sum(ref[a][n] - base[n] for a in ("a1", "a2", "a3")) for n in base}
     out = merged(tmp_path / "out")
     assert_close(out, expected)
@@ -98,10 +119,21 @@ def test_task_arithmetic_over_adapters_equals_peft_merge_and_unload(world, tmp_p
 def test_median_over_adapters_equals_the_median_of_peft_task_vectors(world, tmp_path, monkeypatch):
     root, base, ref = world
     monkeypatch.setattr(tensors_module, "CHUNK", 100)  # chunks that start and end inside rows of ΔW
-    run("--base", root / "base", "--models", root / "a1", root / "a2", root / "a3", "--method", "median",
-        "--out", tmp_path / "m.safetensors")
-    expected = {n: base[n] + torch.stack([ref[a][n] - base[n] for a in ("a1", "a2", "a3")]).median(0).values
-                for n in base}
+    run(
+        "--base",
+        root / "base",
+        "--models",
+        root / "a1",
+        root / "a2",
+        root / "a3",
+        "--method",
+        "median",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
+    expected = {
+        n: base[n] + torch.stack([ref[a][n] - base[n] for a in ("a1", "a2", "a3")]).median(0).values for n in base
+    }
     assert_close(merged(tmp_path / "m.safetensors"), expected)
 
 
@@ -141,8 +173,15 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=300, n_positions=64)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
-    adapter(tmp_path / "base", tmp_path / "lora", 5, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
-            fan_in_fan_out=True)
+    adapter(
+        tmp_path / "base",
+        tmp_path / "lora",
+        5,
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+    )
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     ref = folded(tmp_path / "base", tmp_path / "lora")
     base = load_file(tmp_path / "base" / "model.safetensors")
@@ -158,7 +197,9 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
 def failing(tmp_path, capsys, base, *models) -> str:
     """Run ``fedmerge merge`` expecting a refusal; nothing may appear in tmp_path (no OUT, no temporary)."""
     before = sorted(os.listdir(tmp_path))
-    code = main(["merge", "--quiet", "--base", str(base), "--models", *map(str, models), "--out", str(tmp_path / "out")])
+    code = main(
+        ["merge", "--quiet", "--base", str(base), "--models", *map(str, models), "--out", str(tmp_path / "out")]
+    )
     assert code == 2 and sorted(os.listdir(tmp_path)) == before
     return capsys.readouterr().err
 
@@ -180,21 +221,32 @@ def test_adapters_of_another_base_are_refused(world, tmp_path, capsys):
     adapter(tmp_path / "wide", tmp_path / "wide-lora", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
     err = failing(tmp_path, capsys, root / "base", root / "a1", tmp_path / "wide-lora")
     assert f"adapter {tmp_path / 'wide-lora'}:" in err
-    assert "'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' makes 'model.layers.0.self_attn" \
-           ".q_proj.weight' of shape [48, 48]" in err and "[32, 32]" in err and "give the base it was trained on" in err
+    assert (
+        "'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' makes 'model.layers.0.self_attn"
+        ".q_proj.weight' of shape [48, 48]"
+        in err
+        and "[32, 32]" in err
+        and "give the base it was trained on" in err
+    )
 
     llama(tmp_path / "deep", num_hidden_layers=3)
     adapter(tmp_path / "deep", tmp_path / "deep-lora", 1, r=4, lora_alpha=8, target_modules=["v_proj"])
     err = failing(tmp_path, capsys, root / "base", tmp_path / "deep-lora")
-    assert f"adapter {tmp_path / 'deep-lora'}: tensor 'base_model.model.model.layers.2.self_attn.v_proj.lora_A" \
-           ".weight' adapts 'model.layers.2.self_attn.v_proj.weight', which the base" in err and "lacks" in err
+    assert (
+        f"adapter {tmp_path / 'deep-lora'}: tensor 'base_model.model.model.layers.2.self_attn.v_proj.lora_A"
+        ".weight' adapts 'model.layers.2.self_attn.v_proj.weight', which the base"
+        in err
+        and "lacks" in err
+    )
 
     gpt2 = tmp_path / "gpt2-lora"  # a target module the base does not have
     edited_dir = edited(root, tmp_path, "a1")
     tensors = load_file(edited_dir / "adapter_model.safetensors")
     gpt2.mkdir()
-    save_file({k.replace("self_attn.q_proj", "attn.c_attn"): v for k, v in tensors.items()},
-              gpt2 / "adapter_model.safetensors")
+    save_file(
+        {k.replace("self_attn.q_proj", "attn.c_attn"): v for k, v in tensors.items()},
+        gpt2 / "adapter_model.safetensors",
+    )
     (gpt2 / "adapter_config.json").write_text((edited_dir / "adapter_config.json").read_text())
     err = failing(tmp_path, capsys, root / "base", gpt2)
     assert "attn.c_attn.weight', which the base" in err
@@ -206,8 +258,11 @@ def test_an_adapter_naming_another_base_of_the_same_shapes_merges_with_a_warning
     root, base, _ = world
     llama(tmp_path / "other", seed=1)  # another model of identical shapes
     adapter(tmp_path / "other", tmp_path / "other-lora", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
-    with pytest.warns(BaseMismatch, match=rf"adapter {tmp_path / 'other-lora'}: its adapter_config.json names the base "
-                      rf"'{tmp_path / 'other'}', which is not the base given \({root / 'base'}\)"):
+    with pytest.warns(
+        BaseMismatch,
+        match=rf"adapter {tmp_path / 'other-lora'}: its adapter_config.json names the base "
+        rf"'{tmp_path / 'other'}', which is not the base given \({root / 'base'}\)",
+    ):
         merge_checkpoints(root / "base", [root / "a1", tmp_path / "other-lora"], tmp_path / "merged")
     assert set(merged(tmp_path / "merged")) == set(base)
     run("--base", root / "base", "--models", tmp_path / "other-lora", "--out", tmp_path / "by-cli")
@@ -233,14 +288,17 @@ def test_an_adapter_naming_its_base_by_another_path_merges_silently(world, tmp_p
     assert not model_names("meta-llama/Llama-3.2-1B-Instruct") & model_names(snapshot)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(use_dora=True), "sets use_dora=True, which a low-rank ΔW = s·B·A cannot express (DoRA"),
-    (dict(bias="lora_only"), "sets bias='lora_only': it trains the base's biases too"),
-    (dict(modules_to_save=["lm_head"]), "sets modules_to_save=['lm_head']"),
-    (dict(peft_type="IA3"), "it is a 'IA3' adapter, and fedmerge merges LoRA adapters only"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' changed the base's weights"),
-    (dict(r=3), "are not LoRA factors of rank r=3"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(use_dora=True), "sets use_dora=True, which a low-rank ΔW = s·B·A cannot express (DoRA"),
+        (dict(bias="lora_only"), "sets bias='lora_only': it trains the base's biases too"),
+        (dict(modules_to_save=["lm_head"]), "sets modules_to_save=['lm_head']"),
+        (dict(peft_type="IA3"), "it is a 'IA3' adapter, and fedmerge merges LoRA adapters only"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' changed the base's weights"),
+        (dict(r=3), "are not LoRA factors of rank r=3"),
+    ],
+)
 def test_adapters_that_are_more_than_b_a_are_refused(world, tmp_path, capsys, changes, message):
     root, _, _ = world
     err = failing(tmp_path, capsys, root / "base", root / "a1", edited(root, tmp_path, "a1", **changes))
@@ -277,12 +335,19 @@ def trainer_state(directory, global_step: int, rates: dict[int, float] | None = 
 
 def test_lr_sum_interpolates_between_logging_steps(tmp_path):
     # linear decay 1e-3 → 0 over 10 steps, logged every 3 steps from the first: exact for a linear schedule
-    rate = lambda k: 1e-3 * (10 - (k - 1)) / 10  # noqa: E731 (the rate step k uses)
+    rate = lambda k: 1e-3 * (10 - (k - 1)) / 10  # the rate step k uses
     state = {"global_step": 10, "log_history": [{"step": s, "learning_rate": rate(s)} for s in (1, 4, 7, 10)]}
     assert lr_sum(state, tmp_path) == pytest.approx(sum(rate(k) for k in range(1, 11)))
     # held before the first and after the last logging point; a step logged twice keeps its last value
-    state = {"global_step": 5, "log_history": [{"step": 2, "learning_rate": 0.5}, {"step": 4, "learning_rate": 0.1},
-                                               {"step": 4, "learning_rate": 0.3}, {"step": 4, "eval_loss": 2.0}]}
+    state = {
+        "global_step": 5,
+        "log_history": [
+            {"step": 2, "learning_rate": 0.5},
+            {"step": 4, "learning_rate": 0.1},
+            {"step": 4, "learning_rate": 0.3},
+            {"step": 4, "eval_loss": 2.0},
+        ],
+    }
     assert lr_sum(state, tmp_path) == pytest.approx(0.5 + 0.5 + 0.4 + 0.3 + 0.3)
 
 
@@ -303,22 +368,63 @@ def test_fednova_reads_a_t_from_trainer_state(world, tmp_path, capsys):
     assert read.normalize_by == DEFAULT_NORMALIZE_BY and read.reason == "FedNova's default"
     capsys.readouterr()
     run("--base", root / "base", "--models", *models, "--method", "fednova", "--out", tmp_path / "read")
-    assert f"fedmerge: fednova: a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) from {FROM_STATE[DEFAULT_NORMALIZE_BY]}" \
+    assert (
+        f"fedmerge: fednova: a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) from {FROM_STATE[DEFAULT_NORMALIZE_BY]}"
         in capsys.readouterr().err
+    )
     given = expected[DEFAULT_NORMALIZE_BY]
-    run("--base", root / "base", "--models", *models, "--method", "fednova", FLAG[DEFAULT_NORMALIZE_BY], *given,
-        "--out", tmp_path / "given")
+    run(
+        "--base",
+        root / "base",
+        "--models",
+        *models,
+        "--method",
+        "fednova",
+        FLAG[DEFAULT_NORMALIZE_BY],
+        *given,
+        "--out",
+        tmp_path / "given",
+    )
     assert_close(merged(tmp_path / "read"), merged(tmp_path / "given"))
     record = json.loads(_metadata(tmp_path / "read" / "model.safetensors")["fedmerge"])
     assert record["rule"]["effective_steps"] == pytest.approx(given)
-    assert (record["normalize_by"], record["effective_steps_from"]) == (DEFAULT_NORMALIZE_BY, FROM_STATE[DEFAULT_NORMALIZE_BY])
+    assert (record["normalize_by"], record["effective_steps_from"]) == (
+        DEFAULT_NORMALIZE_BY,
+        FROM_STATE[DEFAULT_NORMALIZE_BY],
+    )
     for by in ("steps", "lr-sum"):  # --trainer-state asks for either
-        run("--base", root / "base", "--models", *models, "--method", "fednova", "--trainer-state", by, "--out", tmp_path / by)
+        run(
+            "--base",
+            root / "base",
+            "--models",
+            *models,
+            "--method",
+            "fednova",
+            "--trainer-state",
+            by,
+            "--out",
+            tmp_path / by,
+        )
         record = json.loads(_metadata(tmp_path / by / "model.safetensors")["fedmerge"])
         assert record["rule"]["effective_steps"] == pytest.approx(expected[by])
-        assert record["normalize_by_reason"] == f"--trainer-state {by}" and record["effective_steps_from"] == FROM_STATE[by]
+        assert (
+            record["normalize_by_reason"] == f"--trainer-state {by}"
+            and record["effective_steps_from"] == FROM_STATE[by]
+        )
     # values on the command line win over trainer_state.json, and name the normaliser
-    run("--base", root / "base", "--models", *models, "--method", "fednova", "--lr-sums", 1, 2, "--out", tmp_path / "cli")
+    run(
+        "--base",
+        root / "base",
+        "--models",
+        *models,
+        "--method",
+        "fednova",
+        "--lr-sums",
+        1,
+        2,
+        "--out",
+        tmp_path / "cli",
+    )
     record = json.loads(_metadata(tmp_path / "cli" / "model.safetensors")["fedmerge"])
     assert record["rule"]["effective_steps"] == [1.0, 2.0] and record["effective_steps_from"] == "--lr-sums"
     assert record["normalize_by"] == "lr-sum" and record["normalize_by_reason"] == "only --lr-sums given"
@@ -335,13 +441,17 @@ def test_fednova_without_a_t_says_what_to_give(world, tmp_path, capsys):
     trainer_state(models[0], 30)
     err = failing(tmp_path, capsys, root / "base", *models, "--method", "fednova")
     assert "FedNova needs each model's effective steps a_t: give --steps (local step counts) or --lr-sums" in err
-    assert f"a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) is read from each model directory's trainer_state.json" in err
+    assert (
+        f"a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) is read from each model directory's trainer_state.json"
+        in err
+    )
     assert f"but {models[1]} has none (1 of 2 models lack one)" in err
     trainer_state(models[1], 10)
     err = failing(tmp_path, capsys, root / "base", *models, "--method", "fednova", "--trainer-state", "lr-sum")
     assert f"{models[0] / 'trainer_state.json'}: its log_history holds no learning_rate" in err and "--lr-sums" in err
-    err = failing(tmp_path, capsys, root / "base", *models, "--method", "fednova", "--trainer-state", "steps",
-                  "--steps", "1", "2")
+    err = failing(
+        tmp_path, capsys, root / "base", *models, "--method", "fednova", "--trainer-state", "steps", "--steps", "1", "2"
+    )
     assert "give FedNova's a_t one way: --steps or --trainer-state steps, not both" in err
     err = failing(tmp_path, capsys, root / "base", *models, "--trainer-state", "steps")
     assert "--trainer-state) is only used by method 'fednova', not 'task-arithmetic'" in err
@@ -356,13 +466,23 @@ def test_fednova_without_a_t_says_what_to_give(world, tmp_path, capsys):
 def test_lr_sum_of_a_real_trainer_run(world, tmp_path):
     """What transformers' Trainer logs: the rate each step used, so logging every step sums them exactly."""
     root, _, _ = world
-    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(root / "base"),
-                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(root / "base"),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+    )
     data = [{"input_ids": torch.arange(8) + i, "labels": torch.arange(8) + i} for i in range(6)]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=1, learning_rate=1e-3,
-        lr_scheduler_type="linear", warmup_steps=2, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        per_device_train_batch_size=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()

@@ -25,7 +25,7 @@ WORD = 1 << 32
 
 def setup(num_clients=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    model = lambda: {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}  # noqa: E731
+    model = lambda: {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}
     base = model()
     models = [model() for _ in range(num_clients)]
     return base, models, [TaskVector(m, base) for m in models]
@@ -53,7 +53,7 @@ def breadcrumbs_mask(tau: np.ndarray, density: float, gamma: float) -> np.ndarra
     top = min(int(gamma * n), n - keep)
     ranked = sorted(range(n), key=lambda j: (-abs(tau[j]), j))
     mask = np.zeros(n, bool)
-    mask[ranked[top:top + keep]] = True
+    mask[ranked[top : top + keep]] = True
     return mask
 
 
@@ -88,8 +88,16 @@ def test_breadcrumbs_with_nothing_dropped_is_the_mean_and_its_ties_is_the_untrim
     assert all(torch.equal(got[k], want[k]) for k in SHAPES)
 
 
-def della_paper(values: np.ndarray, shape: tuple, name: str, density: float, epsilon: float, seed: int,
-                clients: list[int], draw: int = 0) -> np.ndarray:
+def della_paper(
+    values: np.ndarray,
+    shape: tuple,
+    name: str,
+    density: float,
+    epsilon: float,
+    seed: int,
+    clients: list[int],
+    draw: int = 0,
+) -> np.ndarray:
     """MagPrune: in each row (a matrix's row, a higher tensor's leading slices, a vector whole), rank by magnitude
     (0 the smallest, ties by position); keep with q = k − ε + 2ε·r/(n − 1) where DARE's bits at the position are below
     round(q·2³²), rescale by 1/q; then TIES's disjoint mean."""
@@ -115,8 +123,9 @@ def test_della_is_magnitude_ranked_drops_rescaled_then_the_disjoint_mean(density
     for name, shape in SHAPES.items():
         values = taus(tvs, name)
         dropped = values if density >= 1 else della_paper(values, shape, name, density, epsilon, 7, [0, 1, 2, 3])
-        np.testing.assert_allclose(got[name].numpy().reshape(-1), disjoint_mean(dropped, p), rtol=1e-12, atol=1e-15,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got[name].numpy().reshape(-1), disjoint_mean(dropped, p), rtol=1e-12, atol=1e-15, err_msg=name
+        )
 
 
 def test_della_keeps_a_share_k_the_largest_most_often_and_is_unbiased_before_the_election():
@@ -153,16 +162,22 @@ def test_della_draws_are_seeded_and_independent_of_chunking_and_threads(monkeypa
     assert not torch.equal(whole["w"], other["w"])
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: BreadcrumbsRule(0), r"'Breadcrumbs density' must be a number in \(0, 1\], got 0"),
-    (lambda: BreadcrumbsRule(0.2, gamma=1.0), r"'Breadcrumbs gamma' must be a number in \[0, 1\), got 1.0"),
-    (lambda: BreadcrumbsRule(0.2, gamma=-0.1), r"'Breadcrumbs gamma' must be a number in \[0, 1\), got -0.1"),
-    (lambda: DellaRule(0.2, 0.2), r"DELLA keeps entries with probabilities k ± ε, which must lie in \(0, 1\): density "
-                                  r"k = 0.2 needs epsilon ε < 0.2, got 0.2"),
-    (lambda: DellaRule(0.9, 0.15), r"density k = 0.9 needs epsilon ε < 0.1, got 0.15"),
-    (lambda: DellaRule(0.5, -0.1), r"'DELLA epsilon' must be a number ≥ 0, got -0.1"),
-    (lambda: DellaRule(0.5, 0.1, seed=-1), "'DELLA seed' must be an integer ≥ 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: BreadcrumbsRule(0), r"'Breadcrumbs density' must be a number in \(0, 1\], got 0"),
+        (lambda: BreadcrumbsRule(0.2, gamma=1.0), r"'Breadcrumbs gamma' must be a number in \[0, 1\), got 1.0"),
+        (lambda: BreadcrumbsRule(0.2, gamma=-0.1), r"'Breadcrumbs gamma' must be a number in \[0, 1\), got -0.1"),
+        (
+            lambda: DellaRule(0.2, 0.2),
+            r"DELLA keeps entries with probabilities k ± ε, which must lie in \(0, 1\): density "
+            r"k = 0.2 needs epsilon ε < 0.2, got 0.2",
+        ),
+        (lambda: DellaRule(0.9, 0.15), r"density k = 0.9 needs epsilon ε < 0.1, got 0.15"),
+        (lambda: DellaRule(0.5, -0.1), r"'DELLA epsilon' must be a number ≥ 0, got -0.1"),
+        (lambda: DellaRule(0.5, 0.1, seed=-1), "'DELLA seed' must be an integer ≥ 0, got -1"),
+    ],
+)
 def test_bad_parameters_are_refused(make, message):
     with pytest.raises(FedmergeError, match=message):
         make()
@@ -170,7 +185,11 @@ def test_bad_parameters_are_refused(make, message):
 
 def test_the_records_and_their_one_shot_grids():
     assert [p.name for p in METHODS["breadcrumbs"].params] == ["density", "gamma"]
-    assert (METHODS["breadcrumbs"].scale, METHODS["breadcrumbs-ties"].scale, METHODS["della"].scale) == ("sum", "mean", "mean")
+    assert (METHODS["breadcrumbs"].scale, METHODS["breadcrumbs-ties"].scale, METHODS["della"].scale) == (
+        "sum",
+        "mean",
+        "mean",
+    )
     for name in ("breadcrumbs", "breadcrumbs-ties", "della"):
         method = METHODS[name]
         assert method.tuned == "density" and not method.no_lambda
@@ -184,11 +203,14 @@ def numpy(tensors):
     return {k: v.numpy() for k, v in tensors.items()}
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("breadcrumbs", BreadcrumbsRule(0.3, 0.05)),
-    ("breadcrumbs-ties", BreadcrumbsRule(0.3, 0.05, elect_sign=True)),
-    ("della", DellaRule(0.3, 0.1, 2, clients=[1, 2, 3, 4], draw=1)),  # drops by client id and round
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("breadcrumbs", BreadcrumbsRule(0.3, 0.05)),
+        ("breadcrumbs-ties", BreadcrumbsRule(0.3, 0.05, elect_sign=True)),
+        ("della", DellaRule(0.3, 0.1, 2, clients=[1, 2, 3, 4], draw=1)),  # drops by client id and round
+    ],
+)
 def test_each_is_a_flower_strategy_that_merges_like_its_rule(name, rule):
     base, models, _ = setup()
     options = {"density": 0.3, **({"epsilon": 0.1, "seed": 2} if name == "della" else {"gamma": 0.05})}
@@ -204,7 +226,7 @@ def test_each_is_a_flower_strategy_that_merges_like_its_rule(name, rule):
 def test_della_strategy_drops_anew_each_round_whatever_the_order_replies_arrive_in():
     base, models, _ = setup()
     replies = [reply(i + 1, numpy(m), num_examples=10) for i, m in enumerate(models)]
-    merge = lambda r, order: STRATEGIES["della"](density=0.5).merge_replies(r, order, arrays_record(numpy(base)))[0]  # noqa: E731
+    merge = lambda r, order: STRATEGIES["della"](density=0.5).merge_replies(r, order, arrays_record(numpy(base)))[0]
     first, again, reordered, second = merge(1, replies), merge(1, replies), merge(1, replies[::-1]), merge(2, replies)
     assert np.array_equal(first["w"].numpy(), again["w"].numpy())
     np.testing.assert_allclose(first["w"].numpy(), reordered["w"].numpy(), rtol=1e-12)
@@ -214,21 +236,44 @@ def test_della_strategy_drops_anew_each_round_whatever_the_order_replies_arrive_
 def checkpoints(tmp_path, num_models=3):
     """A float32/bfloat16 base with an integer buffer and its fine-tunes, as safetensors files."""
     gen = torch.Generator().manual_seed(3)
-    base = {"a.weight": torch.randn(12, 8, generator=gen), "b.weight": torch.randn(6, 8, generator=gen).to(torch.bfloat16),
-            "c.bias": torch.randn(9, generator=gen), "steps": torch.tensor(4)}
-    models = [{k: (v.float() + 0.1 * (t + 1) * torch.randn(v.shape, generator=gen)).to(v.dtype)
-               if v.is_floating_point() else v + t for k, v in base.items()} for t in range(num_models)]
+    base = {
+        "a.weight": torch.randn(12, 8, generator=gen),
+        "b.weight": torch.randn(6, 8, generator=gen).to(torch.bfloat16),
+        "c.bias": torch.randn(9, generator=gen),
+        "steps": torch.tensor(4),
+    }
+    models = [
+        {
+            k: (v.float() + 0.1 * (t + 1) * torch.randn(v.shape, generator=gen)).to(v.dtype)
+            if v.is_floating_point()
+            else v + t
+            for k, v in base.items()
+        }
+        for t in range(num_models)
+    ]
     save_file(base, tmp_path / "base.safetensors")
     for t, m in enumerate(models):
         save_file(m, tmp_path / f"m{t}.safetensors")
-    return base, models, str(tmp_path / "base.safetensors"), [str(tmp_path / f"m{t}.safetensors") for t in range(num_models)]
+    return (
+        base,
+        models,
+        str(tmp_path / "base.safetensors"),
+        [str(tmp_path / f"m{t}.safetensors") for t in range(num_models)],
+    )
 
 
-@pytest.mark.parametrize("options, rule, server_lr", [
-    (dict(method="breadcrumbs", density=0.4, gamma=0.05, scaling=0.5), BreadcrumbsRule(0.4, 0.05), 1.5),  # β = λ·T
-    (dict(method="breadcrumbs-ties", weights=[1, 1, 2], scaling=0.8), BreadcrumbsRule(0.2, 0.01, True, [1, 1, 2]), 0.8),
-    (dict(method="della", density=0.5, epsilon=0.2, seed=3, scaling=1.0), DellaRule(0.5, 0.2, 3), 1.0),  # β = λ
-])
+@pytest.mark.parametrize(
+    "options, rule, server_lr",
+    [
+        (dict(method="breadcrumbs", density=0.4, gamma=0.05, scaling=0.5), BreadcrumbsRule(0.4, 0.05), 1.5),  # β = λ·T
+        (
+            dict(method="breadcrumbs-ties", weights=[1, 1, 2], scaling=0.8),
+            BreadcrumbsRule(0.2, 0.01, True, [1, 1, 2]),
+            0.8,
+        ),
+        (dict(method="della", density=0.5, epsilon=0.2, seed=3, scaling=1.0), DellaRule(0.5, 0.2, 3), 1.0),  # β = λ
+    ],
+)
 def test_fedmerge_merge_equals_the_in_memory_rule(tmp_path, options, rule, server_lr):
     base, models, base_path, paths = checkpoints(tmp_path)
     out = merge_checkpoints(base_path, paths, tmp_path / "merged.safetensors", **options)
@@ -240,15 +285,77 @@ def test_fedmerge_merge_equals_the_in_memory_rule(tmp_path, options, rule, serve
 def test_fedmerge_merge_flags(tmp_path, capsys):
     _, _, base_path, paths = checkpoints(tmp_path)
     out = str(tmp_path / "m.safetensors")
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "breadcrumbs", "--density", "0.3",
-                 "--gamma", "0.02", "--scaling", "0.3", "--out", out, "--quiet"]) == 0
-    assert "breadcrumbs: λ = 0.3 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 0.9 (T = 3)" in capsys.readouterr().err
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "della", "--epsilon", "0.25", "--out",
-                 out, "--force", "--quiet"]) == 2
-    assert ("fedmerge: error: DELLA keeps entries with probabilities k ± ε, which must lie in (0, 1): density k = 0.2 "
-            "needs epsilon ε < 0.2, got 0.25") in capsys.readouterr().err
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "ties", "--gamma", "0.1", "--out", out,
-                 "--force", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                base_path,
+                "--models",
+                *paths,
+                "--method",
+                "breadcrumbs",
+                "--density",
+                "0.3",
+                "--gamma",
+                "0.02",
+                "--scaling",
+                "0.3",
+                "--out",
+                out,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "breadcrumbs: λ = 0.3 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 0.9 (T = 3)"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                base_path,
+                "--models",
+                *paths,
+                "--method",
+                "della",
+                "--epsilon",
+                "0.25",
+                "--out",
+                out,
+                "--force",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "fedmerge: error: DELLA keeps entries with probabilities k ± ε, which must lie in (0, 1): density k = 0.2 "
+        "needs epsilon ε < 0.2, got 0.25"
+    ) in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                base_path,
+                "--models",
+                *paths,
+                "--method",
+                "ties",
+                "--gamma",
+                "0.1",
+                "--out",
+                out,
+                "--force",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "--gamma is only used by methods 'breadcrumbs' or 'breadcrumbs-ties', not 'ties'" in capsys.readouterr().err
 
 
@@ -279,8 +386,10 @@ def test_della_ranks_and_draws_on_the_merges_device():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("make", [lambda: BreadcrumbsRule(0.3, 0.05), lambda: BreadcrumbsRule(0.3, 0.05, True),
-                                  lambda: DellaRule(0.3, 0.1, 4)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: BreadcrumbsRule(0.3, 0.05), lambda: BreadcrumbsRule(0.3, 0.05, True), lambda: DellaRule(0.3, 0.1, 4)],
+)
 def test_on_cuda_as_on_the_cpu(make):
     base, models, _ = setup()
     on_cpu = merged_model(make(), base, models, 0.8)

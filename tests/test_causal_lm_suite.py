@@ -38,11 +38,21 @@ def tiny_llama(folder) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
@@ -73,7 +83,11 @@ def assets(tmp_path_factory):
     """(model directory, addition task, sevens task)."""
     model, data = tmp_path_factory.mktemp("tiny-llama"), tmp_path_factory.mktemp("tasks")
     tiny_llama(model)
-    return str(model), write_jsonl(data / "addition.jsonl", addition(40)), write_jsonl(data / "sevens.jsonl", sevens(40))
+    return (
+        str(model),
+        write_jsonl(data / "addition.jsonl", addition(40)),
+        write_jsonl(data / "sevens.jsonl", sevens(40)),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +101,14 @@ def offline(tmp_path, monkeypatch):
 
 def options(assets, **more):
     model, add, seven = assets
-    return {"model": model, "tasks": [add, seven], "max_new_tokens": 12, "val_fraction": 0.2, "test_fraction": 0.2,
-            **more}
+    return {
+        "model": model,
+        "tasks": [add, seven],
+        "max_new_tokens": 12,
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        **more,
+    }
 
 
 def test_examples_hold_the_prompt_then_the_response_and_only_the_response_is_labelled(assets):
@@ -106,17 +126,21 @@ def test_examples_hold_the_prompt_then_the_response_and_only_the_response_is_lab
         text = tokenizer.decode(input_ids[i, :n], skip_special_tokens=True)
         assert text.startswith("What is ") and text.endswith(f"\n#### {gsm8k_answer(text)}")
         assert input_ids[i, 0] == tokenizer.bos_token_id and input_ids[i, n - 1] == tokenizer.eos_token_id
-        assert input_ids[i, : len(prompt)].tolist() == prompt and tokenizer.decode(prompt, skip_special_tokens=True).endswith("?\n")
+        assert input_ids[i, : len(prompt)].tolist() == prompt and tokenizer.decode(
+            prompt, skip_special_tokens=True
+        ).endswith("?\n")
         assert (labels[i, : len(prompt)] == IGNORE).all() and (labels[i, n:] == IGNORE).all()
         assert torch.equal(labels[i, len(prompt) : n], input_ids[i, len(prompt) : n])
         assert (input_ids[i, n:] == tokenizer.pad_token_id).all()
-        assert data.answers[i] == gsm8k_answer(tokenizer.decode(input_ids[i, len(prompt) : n], skip_special_tokens=True))
+        assert data.answers[i] == gsm8k_answer(
+            tokenizer.decode(input_ids[i, len(prompt) : n], skip_special_tokens=True)
+        )
 
 
 def test_splits_are_drawn_from_the_seed(assets):
     first, again = (load_suite("causal-lm", 2, options(assets), 0) for _ in range(2))
     other = load_suite("causal-lm", 2, options(assets), 1)
-    rows = lambda fed: sorted(map(tuple, fed.tasks[0].test.tensors[0].tolist()))  # noqa: E731
+    rows = lambda fed: sorted(map(tuple, fed.tasks[0].test.tensors[0].tolist()))
     assert rows(first) == rows(again) and rows(first) != rows(other)
     cut = load_suite("causal-lm", 2, options(assets, max_examples=10), 0)
     assert [len(cut.tasks[0].split(s)) for s in ("train", "val", "test")] == [6, 2, 2]
@@ -130,8 +154,12 @@ def test_the_loss_counts_the_response_tokens_only(assets):
     with torch.no_grad():
         logits = model(input_ids).logits
         loss = fed.loss(model(input_ids), labels)
-        terms = [F.cross_entropy(logits[i, j - 1], input_ids[i, j], reduction="sum")
-                 for i in range(4) for j in range(1, labels.shape[1]) if labels[i, j] != IGNORE]
+        terms = [
+            F.cross_entropy(logits[i, j - 1], input_ids[i, j], reduction="sum")
+            for i in range(4)
+            for j in range(1, labels.shape[1])
+            if labels[i, j] != IGNORE
+        ]
         torch.testing.assert_close(loss, torch.stack(terms).mean())
         other_prompts = input_ids.clone()
         other_prompts[labels == IGNORE] = 5  # prompt and padding changed: the response's logits change, the count not
@@ -160,7 +188,9 @@ def test_gsm8k_answers_are_normalised():
     assert gsm8k_answer("#### 1,234.") == gsm8k_answer("####1234") == gsm8k_answer("#### $1234.0") == "1234"
     assert gsm8k_answer("#### -3.5") == "-3.5" and gsm8k_answer("#### yes") == "yes"
     assert gsm8k_answer("##### 7") == gsm8k_answer("####7\n#### 8") == "7"  # the first answer; a longer run of # too
-    assert gsm8k_answer("the answer is 42") is None and gsm8k_answer("#### ") is None and gsm8k_answer("####\n7") is None
+    assert (
+        gsm8k_answer("the answer is 42") is None and gsm8k_answer("#### ") is None and gsm8k_answer("####\n7") is None
+    )
 
 
 def test_exact_match_after_greedy_generation_rises_with_training(assets):
@@ -179,7 +209,8 @@ def test_exact_match_after_greedy_generation_rises_with_training(assets):
 
 def test_a_users_answer_extractor_and_a_token_limit(assets, tmp_path, monkeypatch):
     (tmp_path / "my_answers.py").write_text(
-        "def first_word(text):\n    words = text.replace('#', ' ').split()\n    return words[0] if words else None\n")
+        "def first_word(text):\n    words = text.replace('#', ' ').split()\n    return words[0] if words else None\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     fed = load_suite("causal-lm", 2, options(assets, answer="my_answers:first_word"), 0)
     assert fed.tasks[1].val.answers == ["7"] * 8 and fed.tasks[0].val.answers[0][1] == "+"
@@ -197,9 +228,16 @@ def test_a_saved_datasets_folder_with_other_field_names(assets, tmp_path):
 
     rows = [{"question": r["prompt"], "answer": r["response"]} for r in addition(30, seed=3)]
     Dataset.from_list(rows).save_to_disk(tmp_path / "plain")
-    DatasetDict({"train": Dataset.from_list(rows[:20]), "test": Dataset.from_list(rows[20:])}).save_to_disk(tmp_path / "dict")
-    given = {"model": assets[0], "tasks": [str(tmp_path / "plain"), str(tmp_path / "dict")], "prompt_field": "question",
-             "response_field": "answer", "prompt_template": "Q: {prompt}\nA: "}
+    DatasetDict({"train": Dataset.from_list(rows[:20]), "test": Dataset.from_list(rows[20:])}).save_to_disk(
+        tmp_path / "dict"
+    )
+    given = {
+        "model": assets[0],
+        "tasks": [str(tmp_path / "plain"), str(tmp_path / "dict")],
+        "prompt_field": "question",
+        "response_field": "answer",
+        "prompt_template": "Q: {prompt}\nA: ",
+    }
     fed = load_suite("causal-lm", 2, given, 0)
     assert [t.name for t in fed.tasks] == ["plain", "dict"]
     assert sum(len(fed.tasks[0].split(s)) for s in ("train", "val", "test")) == 30
@@ -217,34 +255,60 @@ def test_a_saved_datasets_folder_with_other_field_names(assets, tmp_path):
 def bad_tasks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
     (folder / "empty.jsonl").write_text("\n")
-    write_jsonl(folder / "no_prompt.jsonl", [{"prompt": "a", "response": "#### 1"}, {"question": "b", "response": "#### 2"}])
+    write_jsonl(
+        folder / "no_prompt.jsonl", [{"prompt": "a", "response": "#### 1"}, {"question": "b", "response": "#### 2"}]
+    )
     (folder / "broken.jsonl").write_text('{"prompt": "a", "response": "#### 1"}\n{"prompt": "b", \n')
     write_jsonl(folder / "no_answers.jsonl", [{"prompt": "a", "response": "b"}] * 10)
     write_jsonl(folder / "two.jsonl", [{"prompt": "a", "response": "#### 1"}] * 2)
     return folder
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": "/nowhere/tiny-llama"}, r"option 'model': the model directory /nowhere/tiny-llama does not exist; give a "
-                                       r"directory holding config.json"),
-    ({"model": "someone/no-such-llm"}, r"'someone/no-such-llm' is neither a directory nor in the local Hugging Face "
-                                       r"cache .*fedmerge never downloads. .*`hf download someone/no-such-llm`"),
-    ({"tasks": ["{bad}/missing.jsonl", "{bad}/two.jsonl"]}, r"task .*missing.jsonl: no such file or folder; give a JSONL"),
-    ({"tasks": ["{bad}/no_prompt.jsonl"]}, r"task .*no_prompt.jsonl, row 2: has no field 'prompt' \(its fields: question, "
-                                          r"response\); set option 'prompt_field'"),
-    ({"tasks": ["{bad}/broken.jsonl"]}, r"task .*broken.jsonl, line 2: not valid JSON"),
-    ({"tasks": ["{bad}/empty.jsonl"]}, r"task .*empty.jsonl is empty; give it examples"),
-    ({"tasks": ["{bad}/two.jsonl"]}, r"task .*two.jsonl has 2 examples: too few for a train, a validation and a test"),
-    ({"tasks": ["{bad}/no_answers.jsonl"]}, r"no response in its validation split has a final answer for the extractor "
-                                           r"'gsm8k' to compare; use answer = 'none'"),
-    ({"answer": "regex"}, r"option 'answer': unknown answer extractor 'regex'; give 'gsm8k'"),
-    ({"answer": "no_such_module:extract"}, r"option 'answer': answer extractor 'no_such_module:extract': no module "
-                                           r"'no_such_module'"),
-    ({"answer": "json:no_such_function"}, r"option 'answer': module json has no function 'no_such_function'"),
-    ({"tasks": ["{bad}/two.jsonl"] * 3}, r"option 'tasks' lists 3 tasks for 1 clients"),
-    ({"model": None}, r"needs option 'model'"),
-    ({"prompt_template": "no place"}, r"option 'prompt_template' must contain '\{prompt\}'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"model": "/nowhere/tiny-llama"},
+            r"option 'model': the model directory /nowhere/tiny-llama does not exist; give a "
+            r"directory holding config.json",
+        ),
+        (
+            {"model": "someone/no-such-llm"},
+            r"'someone/no-such-llm' is neither a directory nor in the local Hugging Face "
+            r"cache .*fedmerge never downloads. .*`hf download someone/no-such-llm`",
+        ),
+        (
+            {"tasks": ["{bad}/missing.jsonl", "{bad}/two.jsonl"]},
+            r"task .*missing.jsonl: no such file or folder; give a JSONL",
+        ),
+        (
+            {"tasks": ["{bad}/no_prompt.jsonl"]},
+            r"task .*no_prompt.jsonl, row 2: has no field 'prompt' \(its fields: question, "
+            r"response\); set option 'prompt_field'",
+        ),
+        ({"tasks": ["{bad}/broken.jsonl"]}, r"task .*broken.jsonl, line 2: not valid JSON"),
+        ({"tasks": ["{bad}/empty.jsonl"]}, r"task .*empty.jsonl is empty; give it examples"),
+        (
+            {"tasks": ["{bad}/two.jsonl"]},
+            r"task .*two.jsonl has 2 examples: too few for a train, a validation and a test",
+        ),
+        (
+            {"tasks": ["{bad}/no_answers.jsonl"]},
+            r"no response in its validation split has a final answer for the extractor "
+            r"'gsm8k' to compare; use answer = 'none'",
+        ),
+        ({"answer": "regex"}, r"option 'answer': unknown answer extractor 'regex'; give 'gsm8k'"),
+        (
+            {"answer": "no_such_module:extract"},
+            r"option 'answer': answer extractor 'no_such_module:extract': no module "
+            r"'no_such_module'",
+        ),
+        ({"answer": "json:no_such_function"}, r"option 'answer': module json has no function 'no_such_function'"),
+        ({"tasks": ["{bad}/two.jsonl"] * 3}, r"option 'tasks' lists 3 tasks for 1 clients"),
+        ({"model": None}, r"needs option 'model'"),
+        ({"prompt_template": "no place"}, r"option 'prompt_template' must contain '\{prompt\}'"),
+    ],
+)
 def test_mistakes_are_named(assets, bad_tasks, change, message):
     given = {"model": assets[0], "tasks": [assets[1]]}
     for key, value in change.items():
@@ -257,10 +321,16 @@ def test_mistakes_are_named(assets, bad_tasks, change, message):
 
 def test_the_command_line_refuses_a_missing_model_before_ray_starts(assets, tmp_path):
     experiment = tmp_path / "llm.toml"
-    experiment.write_text(f'name = "llm"\nsuite = "causal-lm"\nclients = 2\nstrategies = ["fedavg"]\n\n'
-                          f'[suite_options]\nmodel = "{tmp_path}/missing-model"\ntasks = ["{assets[1]}", "{assets[2]}"]\n')
-    done = subprocess.run([sys.executable, "-m", "fedmerge.cli", "run", str(experiment), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=seconds(300))
+    experiment.write_text(
+        f'name = "llm"\nsuite = "causal-lm"\nclients = 2\nstrategies = ["fedavg"]\n\n'
+        f'[suite_options]\nmodel = "{tmp_path}/missing-model"\ntasks = ["{assets[1]}", "{assets[2]}"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmerge.cli", "run", str(experiment), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=seconds(300),
+    )
     assert done.returncode == 2, done.stderr
     assert "fedmerge: error: suite 'fedmerge.tasks.causal_lm:build': option 'model': the model directory" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
@@ -270,11 +340,17 @@ def test_the_command_line_refuses_a_missing_model_before_ray_starts(assets, tmp_
 def llm_run(assets, tmp_path_factory):
     """One `fedmerge run` on Flower's simulation runtime: 2 clients, one-shot and 2 rounds, FedAvg and Median."""
     out = tmp_path_factory.mktemp("runs")
-    spec = Spec.from_dict({
-        "name": "llm-test", "suite": "causal-lm", "clients": 2, "strategies": ["fedavg", "median"], "rounds": [1, 2],
-        "suite_options": options(assets),
-        "training": {"optimizer": "adamw", "lr": 1e-2, "steps": 40, "batch_size": 8},
-    })
+    spec = Spec.from_dict(
+        {
+            "name": "llm-test",
+            "suite": "causal-lm",
+            "clients": 2,
+            "strategies": ["fedavg", "median"],
+            "rounds": [1, 2],
+            "suite_options": options(assets),
+            "training": {"optimizer": "adamw", "lr": 1e-2, "steps": 40, "batch_size": 8},
+        }
+    )
     with pytest.MonkeyPatch.context() as patch:  # the Ray workers inherit the environment
         patch.setenv("FEDMERGE_CACHE", str(out / "cache"))
         patch.setenv("HF_HUB_OFFLINE", "1")
@@ -289,7 +365,12 @@ def test_fedmerge_run_fine_tunes_and_merges_the_language_model(llm_run):
     results = json.loads((llm_run / "results.json").read_text())
     assert results["suite"]["name"] == "causal-lm" and results["suite"]["metric"] == "accuracy"
     assert results["suite"]["tasks"] == ["addition", "sevens"]
-    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [("fedavg", 1), ("median", 1), ("fedavg", 2), ("median", 2)]
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [
+        ("fedavg", 1),
+        ("median", 1),
+        ("fedavg", 2),
+        ("median", 2),
+    ]
     own = [c["own"]["test"] for c in results["clients"]]
     pretrained = results["pretrained"]["tasks"]
     assert own[1]["accuracy"] > pretrained[1]["accuracy"] == 0.0  # sevens: its own client learns to answer 7
@@ -310,11 +391,15 @@ def test_the_merged_models_load_into_transformers_as_they_are(llm_run, assets):
     models = {path.stem: load_file(path) for path in (llm_run / "models").glob("*.safetensors")}
     assert set(models) == {"fedavg-r1", "median-r1", "fedavg-r2", "median-r2"}
     base = AutoModelForCausalLM.from_pretrained(assets[0])
-    assert set(models["fedavg-r1"]) == set(base.state_dict())  # the model's own names: model.layers.0..., lm_head.weight
+    assert set(models["fedavg-r1"]) == set(
+        base.state_dict()
+    )  # the model's own names: model.layers.0..., lm_head.weight
     base.load_state_dict(models["fedavg-r2"], strict=True)
     assert not torch.equal(models["fedavg-r1"]["lm_head.weight"], models["fedavg-r2"]["lm_head.weight"])
-    assert not torch.equal(models["fedavg-r1"]["model.layers.0.self_attn.q_proj.weight"],
-                           AutoModelForCausalLM.from_pretrained(assets[0]).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        models["fedavg-r1"]["model.layers.0.self_attn.q_proj.weight"],
+        AutoModelForCausalLM.from_pretrained(assets[0]).state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 @pytest.mark.parametrize("name", ["causal-lm-small", "causal-lm-lora"])
@@ -370,11 +455,14 @@ def test_with_lora_only_the_adapters_train_travel_and_change(assets):
         np.testing.assert_allclose(merged[n].numpy(), (states[0][n] + states[1][n]) / 2, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lora_r": 0}, "'lora_r' must be a positive integer"),
-    ({"lora_r": 4, "lora_target_modules": ["qkv"]}, "the model has no module named 'qkv'"),
-    ({"lora_r": 4, "lora_dropout": 1.0}, r"'lora_dropout' must be a number in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lora_r": 0}, "'lora_r' must be a positive integer"),
+        ({"lora_r": 4, "lora_target_modules": ["qkv"]}, "the model has no module named 'qkv'"),
+        ({"lora_r": 4, "lora_dropout": 1.0}, r"'lora_dropout' must be a number in \[0, 1\)"),
+    ],
+)
 def test_lora_mistakes_are_named(assets, change, message):
     with pytest.raises(FedmergeError, match=message):
         load_suite("causal-lm", 2, options(assets, **change), 0)
@@ -397,8 +485,15 @@ def test_fedmerge_evaluate_merges_peft_adapters_on_the_language_model_suite(asse
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": 30 + 10 * t, "log_history": history}))
         adapters.append(folder)
     load_suite.cache_clear()
-    spec = Spec.from_dict({"name": "adapters", "suite": "causal-lm", "clients": 2, "strategies": ["fedavg", "fednova"],
-                           "suite_options": options(assets)})
+    spec = Spec.from_dict(
+        {
+            "name": "adapters",
+            "suite": "causal-lm",
+            "clients": 2,
+            "strategies": ["fedavg", "fednova"],
+            "suite_options": options(assets),
+        }
+    )
     run_dir = evaluate_checkpoints(spec, assets[0], adapters, tmp_path / "out")
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["strategy"] for r in results["runs"]] == ["fedavg", "fednova"]

@@ -21,8 +21,16 @@ from fedmerge.checkpoints.methods import MERGE_METHODS
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import (
-    CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, TiesRule,
-    iter_merged_model, merged_model,
+    CClipRule,
+    DareRule,
+    FedAvgRule,
+    FedGMARule,
+    FedNovaRule,
+    MeanDirectionRule,
+    MedianRule,
+    TiesRule,
+    iter_merged_model,
+    merged_model,
 )
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
@@ -99,7 +107,11 @@ CASES = {
     "task-arithmetic": (dict(scaling=0.4), FedAvgRule(), 1.2),
     "fedavg": (dict(weights=[1, 2, 3], server_lr=0.8), FedAvgRule([1, 2, 3]), 0.8),
     "fednova-steps": (dict(method="fednova", steps=[1, 2, 4]), FedNovaRule([1, 2, 4]), 1.0),
-    "fednova-lr-sums": (dict(method="fednova", lr_sums=[0.5, 0.1, 0.2], scaling=0.5), FedNovaRule([0.5, 0.1, 0.2]), 1.5),
+    "fednova-lr-sums": (
+        dict(method="fednova", lr_sums=[0.5, 0.1, 0.2], scaling=0.5),
+        FedNovaRule([0.5, 0.1, 0.2]),
+        1.5,
+    ),
     "mean-direction": (dict(method="mean-direction"), MeanDirectionRule(), 1.0),
     "fedgma": (dict(method="fedgma", threshold=0.6, weights=[3, 1, 1]), FedGMARule(0.6, [3, 1, 1]), 1.0),
     "median": (dict(method="median"), MedianRule(), 1.0),
@@ -136,13 +148,29 @@ def test_sharded_directories_in_and_out_keep_layout_config_and_metadata(tmp_path
     save_directory(tmp_path / "b", models[1], shards=1)
     save_file(models[2], tmp_path / "c.safetensors")
     inputs = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c.safetensors")]
-    code = main(["merge", "--base", str(tmp_path / "base"), "--models", *inputs, "--scaling", "0.5",
-                 "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(tmp_path / "base"),
+            "--models",
+            *inputs,
+            "--scaling",
+            "0.5",
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
-        "model-00003-of-00003.safetensors", "model.safetensors.index.json", "tokenizer.json",
+        "config.json",
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
     ]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     base_index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
@@ -188,7 +216,9 @@ def test_pytorch_bin_files_load_with_weights_only(tmp_path):
         paths.append(str(tmp_path / f"model{t}.pt"))
     out = merge_checkpoints(tmp_path / "base", paths, tmp_path / "out", method="median")
     assert sorted(p.name for p in out.iterdir()) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
     ]
     assert_same(read_directory(out), merged_model(MedianRule(), base, models))
 
@@ -209,8 +239,13 @@ def test_strided_tensors_of_pytorch_files_merge_as_their_contiguous_copies(tmp_p
         torch.save({n: v.T.contiguous().T if v.dim() == 2 else v for n, v in tensors.items()}, tmp_path / f"{t}.bin")
     assert not torch.load(tmp_path / "0.bin")["embed.weight"].is_contiguous()
     monkeypatch.setattr("fedmerge.merging.tensors.CHUNK", 5)  # chunks that start and end inside rows
-    out = merge_checkpoints(tmp_path / "0.bin", [tmp_path / f"{t}.bin" for t in (1, 2, 3)], tmp_path / "m.safetensors",
-                            method="ties", density=0.5)
+    out = merge_checkpoints(
+        tmp_path / "0.bin",
+        [tmp_path / f"{t}.bin" for t in (1, 2, 3)],
+        tmp_path / "m.safetensors",
+        method="ties",
+        density=0.5,
+    )
     assert_same(load_file(out), merged_model(TiesRule(0.5), base, models))
 
 
@@ -224,8 +259,19 @@ def test_a_malicious_pickle_is_refused_without_running_it(tmp_path, monkeypatch,
     base, models = make_models()
     base_path, model_paths = save_files(tmp_path, base, models)
     torch.save({"embed.weight": Exploit()}, tmp_path / "evil.bin")
-    code = main(["merge", "--base", base_path, "--models", str(tmp_path / "evil.bin"), *model_paths[1:],
-                 "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "merge",
+            "--base",
+            base_path,
+            "--models",
+            str(tmp_path / "evil.bin"),
+            *model_paths[1:],
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "evil.bin: refused to load" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
@@ -250,8 +296,10 @@ def test_command_reports_what_it_wrote(tmp_path, capsys):
     assert main(["merge", "--base", base_path, "--models", *model_paths, "--method", "fedgma", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"merged 3 models into {out}" in err
-    assert ("fedmerge: fedgma: β = 1 (the default: neither --scaling nor --server-lr; θ + β·Δ, Δ the rule's mean-scale "
-            "update); λ = 0.333333 (θ + λ·Σ_t τ_t, Task Arithmetic's convention)\n") in err
+    assert (
+        "fedmerge: fedgma: β = 1 (the default: neither --scaling nor --server-lr; θ + β·Δ, Δ the rule's mean-scale "
+        "update); λ = 0.333333 (θ + λ·Σ_t τ_t, Task Arithmetic's convention)\n"
+    ) in err
     with safe_open(out, "pt") as f:
         record = json.loads(f.metadata()["fedmerge"])
     assert record["rule"] == {"rule": "fedgma", "threshold": 0.5} and record["server_lr"] == 1.0
@@ -265,8 +313,9 @@ def float32_models(num_models: int = 3) -> tuple[dict, list[dict]]:
     """A float32 base and its fine-tunes, for comparisons with NumPy."""
     g = torch.Generator().manual_seed(5)
     base = {"a.weight": torch.randn(6, 10, generator=g), "b.bias": torch.randn(7, generator=g)}
-    return base, [{n: v + 0.1 * (t + 1) * torch.randn(v.shape, generator=g) for n, v in base.items()}
-                  for t in range(num_models)]
+    return base, [
+        {n: v + 0.1 * (t + 1) * torch.randn(v.shape, generator=g) for n, v in base.items()} for t in range(num_models)
+    ]
 
 
 def task_vectors(base: dict, models: list[dict], name: str) -> np.ndarray:
@@ -297,14 +346,37 @@ def test_ties_scaling_1_is_the_ties_papers_merge(tmp_path, capsys):
     base, models = float32_models()
     base_path, paths = save_files(tmp_path, base, models)
     out = tmp_path / "ties.safetensors"
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "ties", "--density", "0.3",
-                 "--scaling", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                base_path,
+                "--models",
+                *paths,
+                "--method",
+                "ties",
+                "--density",
+                "0.3",
+                "--scaling",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "fedmerge: ties: λ = 1 (θ + λ·Δ, TIES's convention) → β = λ = 1\n" in capsys.readouterr().err
     expected = ties_paper(base, models, 0.3, 1.0)
     for name, value in load_file(out).items():
         np.testing.assert_allclose(value.numpy(), expected[name], rtol=0, atol=1e-6, err_msg=name)
     record = metadata_of(out)
-    assert (record["server_lr"], record["scaling"], record["scale"], record["server_lr_from"]) == (1.0, 1.0, "mean", "scaling")
+    assert (record["server_lr"], record["scaling"], record["scale"], record["server_lr_from"]) == (
+        1.0,
+        1.0,
+        "mean",
+        "scaling",
+    )
 
 
 def test_task_arithmetic_scaling_multiplies_the_sum(tmp_path, capsys):
@@ -312,21 +384,53 @@ def test_task_arithmetic_scaling_multiplies_the_sum(tmp_path, capsys):
     base_path, paths = save_files(tmp_path, base, models)
     out = tmp_path / "ta.safetensors"
     assert main(["merge", "--base", base_path, "--models", *paths, "--scaling", "0.3", "--out", str(out)]) == 0
-    assert ("fedmerge: task-arithmetic: λ = 0.3 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 0.9 (T = 3)\n"
-            in capsys.readouterr().err)
+    assert (
+        "fedmerge: task-arithmetic: λ = 0.3 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 0.9 (T = 3)\n"
+        in capsys.readouterr().err
+    )
     for name, value in load_file(out).items():
-        expected = base[name].numpy().astype(np.float64) + 0.3 * task_vectors(base, models, name).sum(0).reshape(value.shape)
+        expected = base[name].numpy().astype(np.float64) + 0.3 * task_vectors(base, models, name).sum(0).reshape(
+            value.shape
+        )
         np.testing.assert_allclose(value.numpy(), expected, rtol=0, atol=1e-6, err_msg=name)
     record = metadata_of(out)
-    assert record["server_lr"] == pytest.approx(0.9) and record["scaling"] == pytest.approx(0.3) and record["scale"] == "sum"
+    assert (
+        record["server_lr"] == pytest.approx(0.9)
+        and record["scaling"] == pytest.approx(0.3)
+        and record["scale"] == "sum"
+    )
 
 
-BETA_PER_LAMBDA = {"task-arithmetic": 3, "fedavg": 3, "fednova": 3, "fedgma": 3, "dare-linear": 3, "mean-direction": 3,
-                   "breadcrumbs": 3, "scaffold": 3, "ties": 1, "dare-ties": 1, "breadcrumbs-ties": 1, "della": 1,
-                   "tsv-m": 1, "iso-c": 1, "iso-cts": 1}
+BETA_PER_LAMBDA = {
+    "task-arithmetic": 3,
+    "fedavg": 3,
+    "fednova": 3,
+    "fedgma": 3,
+    "dare-linear": 3,
+    "mean-direction": 3,
+    "breadcrumbs": 3,
+    "scaffold": 3,
+    "ties": 1,
+    "dare-ties": 1,
+    "breadcrumbs-ties": 1,
+    "della": 1,
+    "tsv-m": 1,
+    "iso-c": 1,
+    "iso-cts": 1,
+}
 """β/λ over T = 3 models for each method's own λ: Task Arithmetic's (θ0 + λ·Σ_t τ_t) or TIES's (θ0 + λ·Δ)."""
-AMBIGUOUS = ("median", "cclip", "krum", "multi-krum", "bulyan", "trimmed-mean", "fedexp", "model-stock", "slerp",
-             "karcher")
+AMBIGUOUS = (
+    "median",
+    "cclip",
+    "krum",
+    "multi-krum",
+    "bulyan",
+    "trimmed-mean",
+    "fedexp",
+    "model-stock",
+    "slerp",
+    "karcher",
+)
 STATISTICS = ("fisher", "regmean")
 """Methods that need the clients' statistics (--statistics) and have no λ of their own (tests/test_fisher_regmean.py)."""
 
@@ -341,13 +445,15 @@ def test_scaling_is_each_methods_own_lambda(tmp_path, method):
     options = {"steps": [1, 2, 4]} if method == "fednova" else {}
     out = merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method=method, scaling=0.4, **options)
     record = metadata_of(out)
-    assert record["server_lr"] == pytest.approx(0.4 * BETA_PER_LAMBDA[method]) and record["scaling"] == pytest.approx(0.4)
+    assert record["server_lr"] == pytest.approx(0.4 * BETA_PER_LAMBDA[method]) and record["scaling"] == pytest.approx(
+        0.4
+    )
 
 
 @pytest.mark.parametrize("method", AMBIGUOUS)
 def test_scaling_is_refused_where_it_is_ambiguous(tmp_path, capsys, method):
     base, models = make_models()
-    base_path, paths = save_files(tmp_path, base, models[:MERGE_METHODS[method].num_clients or len(models)])
+    base_path, paths = save_files(tmp_path, base, models[: MERGE_METHODS[method].num_clients or len(models)])
     err = run_failing(tmp_path, capsys, base_path, paths, "--method", method, "--scaling", "1")
     assert f"fedmerge: error: --scaling: method {method!r} has no λ of its own: " in err and "--server-lr β" in err
     assert "Give --server-lr β instead" in err and "Traceback" not in err
@@ -373,8 +479,9 @@ def run_failing(tmp_path, capsys, base_path, model_paths, *options) -> str:
     out_parent = tmp_path / "outputs"
     out_parent.mkdir(exist_ok=True)
     before = sorted(os.listdir(out_parent))
-    code = main(["merge", "--base", base_path, "--models", *model_paths, "--out", str(out_parent / "out"),
-                 "--quiet", *options])
+    code = main(
+        ["merge", "--base", base_path, "--models", *model_paths, "--out", str(out_parent / "out"), "--quiet", *options]
+    )
     assert code == 2
     assert sorted(os.listdir(out_parent)) == before  # no OUT, no temporary left behind
     return capsys.readouterr().err
@@ -392,12 +499,20 @@ def test_missing_tensor(tmp_path, capsys):
 
 
 def test_shape_differs(tmp_path, capsys):
-    err = run_failing(tmp_path, capsys, *broken(tmp_path, lambda m: m.update({"embed.weight": torch.zeros(13, 8, dtype=torch.bfloat16)})))
+    err = run_failing(
+        tmp_path,
+        capsys,
+        *broken(tmp_path, lambda m: m.update({"embed.weight": torch.zeros(13, 8, dtype=torch.bfloat16)})),
+    )
     assert "model1.safetensors: tensor 'embed.weight' has shape [13, 8]" in err
 
 
 def test_dtype_differs(tmp_path, capsys):
-    err = run_failing(tmp_path, capsys, *broken(tmp_path, lambda m: m.update({"layers.0.attn.weight": torch.zeros(8, 8, dtype=torch.float16)})))
+    err = run_failing(
+        tmp_path,
+        capsys,
+        *broken(tmp_path, lambda m: m.update({"layers.0.attn.weight": torch.zeros(8, 8, dtype=torch.float16)})),
+    )
     assert "model1.safetensors: tensor 'layers.0.attn.weight' is torch.float16 but the base's" in err
 
 
@@ -441,8 +556,22 @@ def test_options_checked_before_reading(tmp_path, capsys):
     assert "'--steps' must be a positive number, got -2.0" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova")
     assert "FedNova needs each model's effective steps a_t: give --steps" in err
-    err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "fednova", "--lr-sums", "1", "2", "3",
-                      "--steps", "1", "2", "3")
+    err = run_failing(
+        tmp_path,
+        capsys,
+        base_path,
+        model_paths,
+        "--method",
+        "fednova",
+        "--lr-sums",
+        "1",
+        "2",
+        "3",
+        "--steps",
+        "1",
+        "2",
+        "3",
+    )
     assert "needs the models' effective steps a_t, one way" in err
     err = run_failing(tmp_path, capsys, base_path, model_paths, "--method", "median", "--rho", "0.5")
     assert "--rho is only used by methods 'cclip' or 'fedgma', not 'median'; drop it" in err
@@ -467,7 +596,9 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and (out / "old.txt").exists()
     assert main([*args, "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == sorted(["base.safetensors", "out"] + [f"model{t}.safetensors" for t in range(3)])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["base.safetensors", "out"] + [f"model{t}.safetensors" for t in range(3)]
+    )
 
 
 def test_output_that_is_or_holds_an_input_is_refused(tmp_path):
@@ -493,6 +624,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
         return real(*args)
 
     import fedmerge.checkpoints.merge as merge_module
+
     real = merge_module.write_shard
     monkeypatch.setattr(merge_module, "write_shard", fail_on_second_shard)
     (tmp_path / "outputs").mkdir()
@@ -511,13 +643,18 @@ def test_outputs_get_the_users_umask(tmp_path, name):
     finally:
         os.umask(previous)
     paths = [out, *out.iterdir()] if out.is_dir() else [out]
-    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths} == {p.name: 0o755 if p.is_dir() else 0o644 for p in paths}
-    assert sorted(os.listdir(tmp_path)) == sorted(["base.safetensors", name] + [f"model{t}.safetensors" for t in range(3)])
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths} == {
+        p.name: 0o755 if p.is_dir() else 0o644 for p in paths
+    }
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["base.safetensors", name] + [f"model{t}.safetensors" for t in range(3)]
+    )
 
 
 def test_an_output_under_a_file_is_refused_before_reading(tmp_path, capsys, monkeypatch):
     base_path, model_paths = save_files(tmp_path, *make_models())
     import fedmerge.checkpoints.merge as merge_module
+
     monkeypatch.setattr(merge_module, "Checkpoint", None)  # nothing may be opened
     out = tmp_path / "base.safetensors" / "merged"
     assert main(["merge", "--base", base_path, "--models", *model_paths, "--out", str(out), "--quiet"]) == 2
@@ -538,7 +675,9 @@ def metadata_of(path) -> dict:
 
 
 @pytest.mark.parametrize("method", ["task-arithmetic", "median", "cclip"])
-@pytest.mark.parametrize("name, value", [("layers.0.attn.weight", float("nan")), ("layers.0.mlp.weight", float("-inf"))])
+@pytest.mark.parametrize(
+    "name, value", [("layers.0.attn.weight", float("nan")), ("layers.0.mlp.weight", float("-inf"))]
+)
 def test_a_nonfinite_model_is_refused_naming_file_and_tensor(tmp_path, capsys, method, name, value):
     err = run_failing(tmp_path, capsys, *broken(tmp_path, lambda m: nan_in(m, name, value)), "--method", method)
     assert f"model1.safetensors: tensor '{name}' holds NaN or infinite values; nothing was written" in err
@@ -555,21 +694,45 @@ def test_a_nonfinite_base_is_refused_even_with_skip_nonfinite(tmp_path, capsys):
 MEAN_SCALE = "θ + β·Δ, Δ the rule's mean-scale update"
 
 
-@pytest.mark.parametrize("method, rule, scale, beta, said", [
-    ("task-arithmetic", FedAvgRule(), ["--scaling", "0.5"], 1.0,  # Task Arithmetic's λ over the 2 models merged
-     "λ = 0.5 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 1 (T = 2)"),
-    ("ties", TiesRule(), ["--scaling", "0.5"], 0.5, "λ = 0.5 (θ + λ·Δ, TIES's convention) → β = λ = 0.5"),
-    ("median", MedianRule(), ["--server-lr", "0.7"], 0.7, f"β = 0.7 (--server-lr; {MEAN_SCALE})"),
-    ("cclip", CClipRule(), [], 1.0, f"β = 1 (the default: neither --scaling nor --server-lr; {MEAN_SCALE})"),
-])
+@pytest.mark.parametrize(
+    "method, rule, scale, beta, said",
+    [
+        (
+            "task-arithmetic",
+            FedAvgRule(),
+            ["--scaling", "0.5"],
+            1.0,  # Task Arithmetic's λ over the 2 models merged
+            "λ = 0.5 (θ + λ·Σ_t τ_t, Task Arithmetic's convention) → β = λ·T = 1 (T = 2)",
+        ),
+        ("ties", TiesRule(), ["--scaling", "0.5"], 0.5, "λ = 0.5 (θ + λ·Δ, TIES's convention) → β = λ = 0.5"),
+        ("median", MedianRule(), ["--server-lr", "0.7"], 0.7, f"β = 0.7 (--server-lr; {MEAN_SCALE})"),
+        ("cclip", CClipRule(), [], 1.0, f"β = 1 (the default: neither --scaling nor --server-lr; {MEAN_SCALE})"),
+    ],
+)
 def test_skip_nonfinite_leaves_such_models_out_and_names_them(tmp_path, capsys, method, rule, scale, beta, said):
     base, models = make_models(4)
     nan_in(models[1])
     nan_in(models[3], "lm_head.weight", float("inf"))
     base_path, paths = save_files(tmp_path, base, models)
     out = tmp_path / "m.safetensors"
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", method, *scale,
-                 "--skip-nonfinite", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                base_path,
+                "--models",
+                *paths,
+                "--method",
+                method,
+                *scale,
+                "--skip-nonfinite",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert f"left out {paths[1]}: tensor 'layers.0.attn.weight' in model1.safetensors holds NaN" in err
     assert f"left out {paths[3]}: tensor 'lm_head.weight' in model3.safetensors holds NaN" in err
@@ -589,8 +752,10 @@ def test_skip_nonfinite_with_every_model_bad_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method, rule", [("fedavg", FedAvgRule([1, 3])), ("cclip", CClipRule(None, 1, None, [1, 3])),
-                                          ("fedgma", FedGMARule(0.5, [1, 3]))])
+@pytest.mark.parametrize(
+    "method, rule",
+    [("fedavg", FedAvgRule([1, 3])), ("cclip", CClipRule(None, 1, None, [1, 3])), ("fedgma", FedGMARule(0.5, [1, 3]))],
+)
 def test_a_model_of_weight_zero_is_absent_so_its_nan_cannot_spread(tmp_path, method, rule):
     base, models = make_models()
     nan_in(models[1])
@@ -620,8 +785,11 @@ def test_each_input_byte_is_read_once_a_chunk_at_a_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reader_module, "read_bytes", counted)
     merge_checkpoints(base_path, paths, tmp_path / "m.safetensors", method="median")
-    specs = {(p.name, spec.offset): spec.nbytes for p in [Path(base_path), *map(Path, paths)]
-             for spec in Checkpoint(p).specs.values()}
+    specs = {
+        (p.name, spec.offset): spec.nbytes
+        for p in [Path(base_path), *map(Path, paths)]
+        for spec in Checkpoint(p).specs.values()
+    }
     assert dict(bytes_read) == specs  # every byte of every input once, no more
     assert max(reads.values()) > 1  # in chunks, never a whole tensor at once
 
@@ -633,13 +801,18 @@ def test_cclip_rho_zero_means_the_median_norm_as_in_experiment_specs(tmp_path, c
     base, models = make_models()
     base_path, paths = save_files(tmp_path, base, models)
     out = tmp_path / "m.safetensors"
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "cclip", "--rho", "0", "--out", str(out)]) == 0
+    assert (
+        main(["merge", "--base", base_path, "--models", *paths, "--method", "cclip", "--rho", "0", "--out", str(out)])
+        == 0
+    )
     rule = CClipRule()
     assert_same(load_file(out), merged_model(rule, base, models))
     assert metadata_of(out)["rule"]["radius"] == pytest.approx(rule.radius_used)
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
-    assert "(0: the median of the clients' distances to the center) (default 0.0)" in " ".join(capsys.readouterr().out.split())
+    assert "(0: the median of the clients' distances to the center) (default 0.0)" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def test_the_summary_counts_one_model_in_the_singular(tmp_path, capsys):
@@ -653,7 +826,11 @@ def test_the_summary_counts_one_model_in_the_singular(tmp_path, capsys):
 
 def method_options(case: str) -> dict:
     options, _, _ = CASES[case]
-    return {k: v for k, v in {"method": case if case in ("task-arithmetic", "fedavg") else None, **options}.items() if v is not None}
+    return {
+        k: v
+        for k, v in {"method": case if case in ("task-arithmetic", "fedavg") else None, **options}.items()
+        if v is not None
+    }
 
 
 def test_device_cuda_without_cuda_is_refused_before_reading(tmp_path, capsys, monkeypatch):
@@ -666,7 +843,9 @@ def test_device_cuda_without_cuda_is_refused_before_reading(tmp_path, capsys, mo
 def test_device_auto_without_cuda_merges_on_the_cpu_and_records_it(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     base, models = make_models()
-    out = merge_checkpoints(*save_files(tmp_path, base, models), tmp_path / "m.safetensors", method="median", device="auto")
+    out = merge_checkpoints(
+        *save_files(tmp_path, base, models), tmp_path / "m.safetensors", method="median", device="auto"
+    )
     assert_same(load_file(out), merged_model(MedianRule(), base, models))
     assert metadata_of(out)["device"] == "cpu"
 
@@ -695,7 +874,9 @@ def read_devices(monkeypatch):
     """The device each chunk is read onto, in order: every pass of the core reads its chunks through read_into."""
     seen = []
     read_into = tensors_module.read_into
-    monkeypatch.setattr(tensors_module, "read_into", lambda src, s, out: seen.append(out.device) or read_into(src, s, out))
+    monkeypatch.setattr(
+        tensors_module, "read_into", lambda src, s, out: seen.append(out.device) or read_into(src, s, out)
+    )
     return seen
 
 
@@ -722,7 +903,7 @@ def assert_near(actual: dict, expected: dict) -> None:
         if not want.is_floating_point():
             assert torch.equal(got, want), name
             continue
-        tol = 1e-5 if want.dtype == torch.float32 else 2 ** -7
+        tol = 1e-5 if want.dtype == torch.float32 else 2**-7
         torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol, msg=name)
 
 
@@ -744,8 +925,16 @@ def test_the_command_on_cuda_equals_the_cpu_over_shards_and_many_chunks(tmp_path
     save_directory(tmp_path / "base", base, shards=3)
     for t, model in enumerate(models):
         save_directory(tmp_path / f"m{t}", model, shards=2)
-    command = ["merge", "--base", str(tmp_path / "base"), "--models", *(str(tmp_path / f"m{t}") for t in range(4)),
-               "--method", method, "--quiet"]
+    command = [
+        "merge",
+        "--base",
+        str(tmp_path / "base"),
+        "--models",
+        *(str(tmp_path / f"m{t}") for t in range(4)),
+        "--method",
+        method,
+        "--quiet",
+    ]
     assert main([*command, "--device", "cpu", "--out", str(tmp_path / "on-cpu")]) == 0
     assert main([*command, "--device", "cuda", "--out", str(tmp_path / "on-gpu")]) == 0
     assert sorted(os.listdir(tmp_path / "on-gpu")) == sorted(os.listdir(tmp_path / "on-cpu"))
@@ -777,8 +966,23 @@ def test_checkpoints_read_into_pinned_memory_for_cuda(tmp_path):
 def test_a_weight_0_model_is_left_out_of_t_and_named(tmp_path, capsys):
     base_path, model_paths = save_files(tmp_path, *make_models())
     out = tmp_path / "merged.safetensors"
-    args = ["merge", "--base", base_path, "--models", *model_paths, "--method", "fedavg", "--weights", "1", "0", "1",
-            "--scaling", "0.5", "--out", str(out)]
+    args = [
+        "merge",
+        "--base",
+        base_path,
+        "--models",
+        *model_paths,
+        "--method",
+        "fedavg",
+        "--weights",
+        "1",
+        "0",
+        "1",
+        "--scaling",
+        "0.5",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert f"left out {model_paths[1]}: its weight is 0" in err and "merged 2 of 3 models" in err

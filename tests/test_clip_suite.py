@@ -18,8 +18,18 @@ from fedmerge.tasks import forward, load_suite
 from fedmerge.tasks.clip.data import Pixels, prompts
 from fedmerge.tasks.clip.model import load_clip, zero_shot_head
 
-EUROSAT = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
-           "Residential", "River", "SeaLake")
+EUROSAT = (
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+)
 
 
 def tiny_clip(folder) -> None:
@@ -31,11 +41,17 @@ def tiny_clip(folder) -> None:
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    tokens = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-              "pad_token_id": tokenizer.pad_token_id}
+    tokens = {
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = CLIPConfig(text_config={**small, **tokens, "vocab_size": len(vocab)},
-                        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    config = CLIPConfig(
+        text_config={**small, **tokens, "vocab_size": len(vocab)},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -88,7 +104,9 @@ def test_heads_are_frozen_and_only_the_image_encoder_travels(assets):
     assert all(name.startswith(("vision_model.", "visual_projection.")) for name in fed.trained_names)
     clip = load_clip(assets[0])[0]
     assert torch.equal(fed.pretrained["visual_projection.weight"], clip.visual_projection.weight)  # θ0: its own
-    expected = zero_shot_head(clip, load_clip(assets[0])[1], prompts()["MNIST"]["classes"], prompts()["MNIST"]["templates"])
+    expected = zero_shot_head(
+        clip, load_clip(assets[0])[1], prompts()["MNIST"]["classes"], prompts()["MNIST"]["templates"]
+    )
     torch.testing.assert_close(fed.pretrained["heads.0"], expected)
     torch.testing.assert_close(expected.norm(dim=1), clip.logit_scale.exp().expand(10).detach())
     for task, classes in zip(fed.tasks, (10, 10, 3)):
@@ -153,7 +171,8 @@ def test_a_hugging_face_dataset_by_id_or_local_folder_is_read_through_load_datas
     for split, n in (("train", 20), ("test", 10)):
         images = [Image.fromarray(rng.integers(0, 255, (24, 24, 3)).astype(np.uint8)) for _ in range(n)]
         HFDataset.from_dict({"image": images, "label": [i % 10 for i in range(n)]}, features=features).to_parquet(
-            folder / f"{split}-00000-of-00001.parquet")
+            folder / f"{split}-00000-of-00001.parquet"
+        )
     options = {"model": assets[0], "root": assets[1], "datasets": ["MNIST", "eurosat"], "hub": {"EuroSAT": str(folder)}}
     fed = load_suite("clip", 2, options, 0)
     x, y = fed.tasks[1].train[0]
@@ -161,7 +180,9 @@ def test_a_hugging_face_dataset_by_id_or_local_folder_is_read_through_load_datas
     assert len(fed.tasks[1].train) == 20 and len(fed.tasks[1].val) + len(fed.tasks[1].test) == 10
     assert fed.pretrained["heads.1"].shape == (10, 16)
     with pytest.raises(FedmergeError, match=r"data set 'EuroSAT': the Hugging Face dataset .*nowhere.* cannot be read"):
-        load_suite("clip", 1, {"model": assets[0], "datasets": ["EuroSAT"], "hub": {"EuroSAT": str(tmp_path / "nowhere")}}, 0)
+        load_suite(
+            "clip", 1, {"model": assets[0], "datasets": ["EuroSAT"], "hub": {"EuroSAT": str(tmp_path / "nowhere")}}, 0
+        )
 
 
 def test_sun397_reads_its_class_names_and_its_official_partition(assets, tmp_path):
@@ -180,7 +201,9 @@ def test_sun397_reads_its_class_names_and_its_official_partition(assets, tmp_pat
     fed = load_suite("clip", 1, {"model": assets[0], "root": str(tmp_path), "datasets": ["sun397"]}, 0)
     assert [len(fed.tasks[0].split(s)) for s in ("train", "val", "test")] == [6, 1, 1]
     clip, tokenizer = load_clip(assets[0])[:2]
-    expected = zero_shot_head(clip, tokenizer, ["abbey", "apartment building outdoor"], prompts()["SUN397"]["templates"])
+    expected = zero_shot_head(
+        clip, tokenizer, ["abbey", "apartment building outdoor"], prompts()["SUN397"]["templates"]
+    )
     torch.testing.assert_close(fed.pretrained["heads.0"], expected)
 
 
@@ -190,14 +213,20 @@ def test_a_data_set_with_other_classes_than_the_suites_is_refused(assets, tmp_pa
         load_suite("clip", 1, {"model": assets[0], "root": str(tmp_path), "datasets": ["RESISC45"]}, 0)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": "/nowhere/tiny-clip"}, "CLIP model: the model directory /nowhere/tiny-clip does not exist"),
-    ({"model": "someone/no-such-clip"}, "'someone/no-such-clip' is neither a directory nor in the local Hugging Face cache"),
-    ({"datasets": ["MNIST", "SVHN"]}, "data set 'SVHN' not found under root"),
-    ({"datasets": ["MNIST", "RESISC45"]}, "NWPU-RESISC45"),
-    ({"datasets": ["MNIST"]}, "lists 1 data sets for 2 clients"),
-    ({"datasets": ["MNIST", "mnist"]}, "lists 'MNIST' twice"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "/nowhere/tiny-clip"}, "CLIP model: the model directory /nowhere/tiny-clip does not exist"),
+        (
+            {"model": "someone/no-such-clip"},
+            "'someone/no-such-clip' is neither a directory nor in the local Hugging Face cache",
+        ),
+        ({"datasets": ["MNIST", "SVHN"]}, "data set 'SVHN' not found under root"),
+        ({"datasets": ["MNIST", "RESISC45"]}, "NWPU-RESISC45"),
+        ({"datasets": ["MNIST"]}, "lists 1 data sets for 2 clients"),
+        ({"datasets": ["MNIST", "mnist"]}, "lists 'MNIST' twice"),
+    ],
+)
 def test_mistakes_are_named(assets, change, message):
     with pytest.raises(FedmergeError, match=message):
         load_suite("clip", 2, {**options(assets, "MNIST", "EuroSAT"), **change}, 0)
@@ -206,19 +235,35 @@ def test_mistakes_are_named(assets, change, message):
 def test_a_missing_data_set_names_the_files_expected(assets):
     with pytest.raises(FedmergeError) as error:
         load_suite("clip", 1, options(assets, "SVHN"), 0)
-    assert assets[1] in str(error.value) and "train_32x32.mat" in str(error.value) and "docs/clip.md" in str(error.value)
+    assert (
+        assets[1] in str(error.value) and "train_32x32.mat" in str(error.value) and "docs/clip.md" in str(error.value)
+    )
 
 
 @pytest.fixture(scope="module")
 def clip_run(assets, tmp_path_factory):
     """One `fedmerge run` on Flower's simulation runtime: MNIST and EuroSAT clients, one-shot and 2 rounds."""
     out = tmp_path_factory.mktemp("runs")
-    spec = Spec.from_dict({
-        "name": "clip-test", "suite": "clip", "clients": 2, "strategies": ["fedavg", "median"], "rounds": [1, 2],
-        "suite_options": {"model": assets[0], "root": assets[1], "datasets": ["MNIST", "EuroSAT"]},
-        "training": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "schedule": "cosine", "warmup_steps": 1,
-                     "grad_clip": 1.0, "steps": 4, "batch_size": 8},
-    })
+    spec = Spec.from_dict(
+        {
+            "name": "clip-test",
+            "suite": "clip",
+            "clients": 2,
+            "strategies": ["fedavg", "median"],
+            "rounds": [1, 2],
+            "suite_options": {"model": assets[0], "root": assets[1], "datasets": ["MNIST", "EuroSAT"]},
+            "training": {
+                "optimizer": "adamw",
+                "lr": 1e-3,
+                "weight_decay": 0.1,
+                "schedule": "cosine",
+                "warmup_steps": 1,
+                "grad_clip": 1.0,
+                "steps": 4,
+                "batch_size": 8,
+            },
+        }
+    )
     with pytest.MonkeyPatch.context() as patch:  # the Ray workers inherit the environment
         patch.setenv("FEDMERGE_CACHE", str(out / "cache"))
         patch.setenv("HF_HUB_OFFLINE", "1")
@@ -232,7 +277,12 @@ def clip_run(assets, tmp_path_factory):
 def test_fedmerge_run_trains_and_merges_the_image_encoder(clip_run):
     results = json.loads((clip_run / "results.json").read_text())
     assert results["suite"]["tasks"] == ["MNIST", "EuroSAT"] and len(results["clients"]) == 2
-    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [("fedavg", 1), ("median", 1), ("fedavg", 2), ("median", 2)]
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [
+        ("fedavg", 1),
+        ("median", 1),
+        ("fedavg", 2),
+        ("median", 2),
+    ]
     assert all(0 <= task["accuracy"] <= 1 for run_ in results["runs"] for task in run_["final"]["tasks"])
     models = {path.stem: load_file(path) for path in (clip_run / "models").glob("*.safetensors")}
     first = models["fedavg-r1"]
@@ -243,12 +293,15 @@ def test_fedmerge_run_trains_and_merges_the_image_encoder(clip_run):
 def test_the_presets_carry_the_papers_recipe():
     from fedmerge.simulations.presets import load_experiment
 
-    paper, spread = (Spec.from_dict(load_experiment(name)) for name in ("clip-vit-b32-8task", "clip-vit-b32-8task-heterogeneous"))
+    paper, spread = (
+        Spec.from_dict(load_experiment(name)) for name in ("clip-vit-b32-8task", "clip-vit-b32-8task-heterogeneous")
+    )
     assert paper.suite == spread.suite == "clip" and paper.clients == len(paper.suite_options["datasets"]) == 8
     configs = paper.client_configs()
     assert [c.epochs for c in configs] == [35, 76, 12, 11, 5, 15, 14, 4] and {c.steps for c in configs} == {None}
-    assert {(c.optimizer, c.lr, c.weight_decay, c.batch_size, c.schedule, c.warmup_steps, c.grad_clip)
-            for c in configs} == {("adamw", 1e-5, 0.1, 128, "cosine", 500, 1.0)}
+    assert {
+        (c.optimizer, c.lr, c.weight_decay, c.batch_size, c.schedule, c.warmup_steps, c.grad_clip) for c in configs
+    } == {("adamw", 1e-5, 0.1, 128, "cosine", 500, 1.0)}
     lrs = [c.lr for c in spread.client_configs()]
     assert len(set(lrs)) == 8 and max(lrs) / min(lrs) == pytest.approx(10)
     assert paper.engine["client_gpus"] == 1

@@ -33,8 +33,12 @@ def suite(pytester, monkeypatch):
 def test_asking_for_the_cuda_tests_without_cuda_fails_naming_the_cause(suite, expr):
     result = suite.runpytest("-m", expr)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"ERROR: the marker expression -m '{expr}' selects CUDA tests only (1 of them), but "
-                                 "CUDA is not available here*"])
+    result.stderr.fnmatch_lines(
+        [
+            f"ERROR: the marker expression -m '{expr}' selects CUDA tests only (1 of them), but "
+            "CUDA is not available here*"
+        ]
+    )
 
 
 def test_a_plain_run_skips_the_cuda_tests(suite):

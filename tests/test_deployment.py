@@ -61,6 +61,7 @@ def app_config() -> dict:
 
 def run_config_arg(overrides: dict) -> str:
     """`--run-config` text: TOML values, strings as literal strings ('["fednova"]')."""
+
     def toml(value):
         if isinstance(value, bool):
             return "true" if value else "false"
@@ -105,7 +106,9 @@ def deploy(work: Path, cache: Path, abort: threading.Event) -> tuple[str, Path, 
 
     def start(name: str, *args: str) -> subprocess.Popen:
         with open(logs / f"{name}.log", "w") as log:
-            process = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT
+            )
         processes.insert(0, process)  # stopped in reverse order: SuperNodes first, flwr before them
         return process
 
@@ -114,20 +117,39 @@ def deploy(work: Path, cache: Path, abort: threading.Event) -> tuple[str, Path, 
 
     try:
         superlink = start(
-            "superlink", "flower-superlink", "--insecure", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(link_port), "--database", str(work / "superlink.db"),
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+            "--database",
+            str(work / "superlink.db"),
             "--disable-runtime-dependency-installation",
         )
         for partition, port in enumerate(node_ports):
             start(
-                f"supernode-{partition}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--node-config", f"partition-id={partition} num-partitions={OVERRIDES['clients']}",
+                f"supernode-{partition}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--node-config",
+                f"partition-id={partition} num-partitions={OVERRIDES['clients']}",
             )
         wait_for_port(link_port, superlink, logs / "superlink.log")
 
         # `--stream` prints the run's log and returns when the run has ended.
-        flwr_run = start("flwr-run", "flwr", "run", str(app), CONNECTION, "--run-config", run_config_arg(OVERRIDES), "--stream")
+        flwr_run = start(
+            "flwr-run", "flwr", "run", str(app), CONNECTION, "--run-config", run_config_arg(OVERRIDES), "--stream"
+        )
         deadline = time.monotonic() + RUN_TIMEOUT
         while flwr_run.poll() is None and not abort.is_set() and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -137,7 +159,11 @@ def deploy(work: Path, cache: Path, abort: threading.Event) -> tuple[str, Path, 
         assert flwr_run.returncode == 0 and match, f"flwr run failed:\n{logs_text()}"
         listed = subprocess.run(
             [str(BIN / "flwr"), "list", CONNECTION, "--run-id", match.group(1), "--format", "json"],
-            env=env, cwd=work, capture_output=True, text=True, timeout=seconds(60),
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=seconds(60),
         )
         status = json.loads(listed.stdout)["runs"][0]["status"]
         return status, results, logs_text()

@@ -30,11 +30,18 @@ CLIENTS, CLIP = 3, 0.05
 RULES = {"fedavg": (FedAvg, lambda x: x.mean(0)), "median": (Median, lambda x: np.median(x, axis=0))}
 WRAPPERS = {
     "server-fixed": (lambda inner, z: DifferentialPrivacyServerSideFixedClipping(inner, z, CLIP, CLIENTS), None),
-    "client-fixed": (lambda inner, z: DifferentialPrivacyClientSideFixedClipping(inner, z, CLIP, CLIENTS), fixedclipping_mod),
-    "server-adaptive": (lambda inner, z: DifferentialPrivacyServerSideAdaptiveClipping(
-        inner, z, CLIENTS, initial_clipping_norm=CLIP), None),
-    "client-adaptive": (lambda inner, z: DifferentialPrivacyClientSideAdaptiveClipping(
-        inner, z, CLIENTS, initial_clipping_norm=CLIP), adaptiveclipping_mod),
+    "client-fixed": (
+        lambda inner, z: DifferentialPrivacyClientSideFixedClipping(inner, z, CLIP, CLIENTS),
+        fixedclipping_mod,
+    ),
+    "server-adaptive": (
+        lambda inner, z: DifferentialPrivacyServerSideAdaptiveClipping(inner, z, CLIENTS, initial_clipping_norm=CLIP),
+        None,
+    ),
+    "client-adaptive": (
+        lambda inner, z: DifferentialPrivacyClientSideAdaptiveClipping(inner, z, CLIENTS, initial_clipping_norm=CLIP),
+        adaptiveclipping_mod,
+    ),
 }
 
 
@@ -47,8 +54,15 @@ def server_app(monkeypatch):
 
 @pytest.fixture(scope="module")
 def setup():
-    spec = Spec.from_dict({"name": "dp", "suite": "mnist1d", "clients": CLIENTS, "strategies": ["fedavg"],
-                           "training": {"lr": 0.1, "steps": [3, 6, 9], "batch_size": 32}})
+    spec = Spec.from_dict(
+        {
+            "name": "dp",
+            "suite": "mnist1d",
+            "clients": CLIENTS,
+            "strategies": ["fedavg"],
+            "training": {"lr": 0.1, "steps": [3, 6, 9], "batch_size": 32},
+        }
+    )
     fed = load_suite(spec.suite, CLIENTS, spec.suite_options, spec.seed)
     return spec, ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
 
@@ -68,8 +82,13 @@ def start(strategy, spec, base, mods=(), rounds=2):
         if server_round:
             models.append(flat(arrays))
 
-    strategy.start(grid=grid, initial_arrays=base, num_rounds=rounds, train_config=ConfigRecord({"num-rounds": rounds}),
-                   evaluate_fn=evaluate)
+    strategy.start(
+        grid=grid,
+        initial_arrays=base,
+        num_rounds=rounds,
+        train_config=ConfigRecord({"num-rounds": rounds}),
+        evaluate_fn=evaluate,
+    )
     return models, clips[:rounds]
 
 
@@ -119,7 +138,10 @@ def test_the_clipping_mods_wrap_training_only(server_app, setup):
     """A statistics query carries no clipping norm: the mods, around training only, leave it alone."""
     spec, base = setup
     app = client_app(spec.to_flat(), train_mods=[fixedclipping_mod])
-    query = Message(RecordDict({"arrays": base, "config": ConfigRecord({contract.QUERY: contract.STATISTICS})}),
-                    dst_node_id=1, message_type=MessageType.QUERY)
+    query = Message(
+        RecordDict({"arrays": base, "config": ConfigRecord({contract.QUERY: contract.STATISTICS})}),
+        dst_node_id=1,
+        message_type=MessageType.QUERY,
+    )
     answer = app(query, Context(1, 1, {"partition-id": 0}, RecordDict(), {}))
     assert not answer.has_error() and answer.content[contract.METRICS][contract.CLIENT_ID] == 0

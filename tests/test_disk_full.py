@@ -24,8 +24,13 @@ pytestmark = pytest.mark.slow
 LIMIT = 64
 """Bytes a limited process may write to one file: less than any results file or model."""
 
-QUICK = {"suite": "quadratic", "clients": 2, "strategies": ["fedavg"], "select": False,
-         "training": {"steps": [3, 6], "lr": 0.1}}
+QUICK = {
+    "suite": "quadratic",
+    "clients": 2,
+    "strategies": ["fedavg"],
+    "select": False,
+    "training": {"steps": [3, 6], "lr": 0.1},
+}
 
 
 def limit_writes() -> None:
@@ -67,8 +72,11 @@ def one_error_line(process: subprocess.CompletedProcess) -> str:
 
 
 def test_a_run_whose_first_results_do_not_fit_leaves_nothing(tmp_path):
-    process = limited_after("True", ["run", "quadratic", *overrides({**QUICK, "rounds": [1]}), "--out", "results",
-                                     "--no-progress"], tmp_path)
+    process = limited_after(
+        "True",
+        ["run", "quadratic", *overrides({**QUICK, "rounds": [1]}), "--out", "results", "--no-progress"],
+        tmp_path,
+    )
     line = one_error_line(process)
     assert line.startswith("fedmerge: error: cannot write results/quadratic-")
     assert "(File too large); it needs " in line and "free on the file system of " in line
@@ -76,29 +84,36 @@ def test_a_run_whose_first_results_do_not_fit_leaves_nothing(tmp_path):
 
 
 def test_a_run_that_fills_the_disk_later_keeps_the_runs_that_finished(tmp_path):
-    process = limited_after("count == 2", ["run", "quadratic", *overrides({**QUICK, "rounds": [1, 2]}),
-                                           "--out", "results", "--no-progress"], tmp_path)
+    process = limited_after(
+        "count == 2",
+        ["run", "quadratic", *overrides({**QUICK, "rounds": [1, 2]}), "--out", "results", "--no-progress"],
+        tmp_path,
+    )
     line = one_error_line(process)
     (kept,) = (tmp_path / "results").iterdir()
     assert line.startswith(f"fedmerge: error: cannot write results/{kept.name}/")
-    assert line.endswith(f"The runs that finished are kept in results/{kept.name} (its results.json says "
-                         "\"complete\": false, and why).")
+    assert line.endswith(
+        f'The runs that finished are kept in results/{kept.name} (its results.json says "complete": false, and why).'
+    )
     results = json.loads((kept / "results.json").read_text())
     assert results["complete"] is False and results["pending"] == ["fedavg-r2"]
     assert [(run["strategy"], run["rounds"]) for run in results["runs"]] == [("fedavg", 1)]
-    assert sorted(p.name for p in kept.rglob("*")) == sorted([
-        "results.json", "summary.csv", "tasks.csv", "rounds.csv", "spec.toml", "models", "fedavg-r1.safetensors"])
+    assert sorted(p.name for p in kept.rglob("*")) == sorted(
+        ["results.json", "summary.csv", "tasks.csv", "rounds.csv", "spec.toml", "models", "fedavg-r1.safetensors"]
+    )
 
 
 def test_a_sweep_on_a_full_disk_keeps_its_finished_cells(tmp_path):
-    (tmp_path / "grid.toml").write_text(textwrap.dedent(f"""
+    (tmp_path / "grid.toml").write_text(
+        textwrap.dedent(f"""
         [base]
         {chr(10).join(f"{key} = {json.dumps(value)}" for key, value in QUICK.items() if key != "training")}
         rounds = [1]
         training = {{ steps = [3, 6], lr = 0.1 }}
         [grid]
         seed = [0, 1]
-    """))
+    """)
+    )
     process = limited_after("self.spec.seed == 1", ["sweep", "grid.toml", "--out", "sweep", "--no-progress"], tmp_path)
     line = one_error_line(process)
     assert line.startswith("fedmerge: error: sweep cell seed-1-") and "cannot write sweep/cells/seed-1-" in line
@@ -108,8 +123,9 @@ def test_a_sweep_on_a_full_disk_keeps_its_finished_cells(tmp_path):
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["cells"][0]["complete"] is True
 
 
-@pytest.mark.parametrize("out, written", [("merged.safetensors", "merged.safetensors"),
-                                          ("merged", "merged/model.safetensors")])
+@pytest.mark.parametrize(
+    "out, written", [("merged.safetensors", "merged.safetensors"), ("merged", "merged/model.safetensors")]
+)
 def test_a_merge_that_does_not_fit_says_which_file_and_how_much_and_leaves_nothing(tmp_path, out, written):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
@@ -117,12 +133,29 @@ def test_a_merge_that_does_not_fit_says_which_file_and_how_much_and_leaves_nothi
         save_file({f"w{i}": torch.randn(256, 256) for i in range(4)}, tmp_path / f"{name}.safetensors")
     inputs = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     process = subprocess.run(
-        [sys.executable, "-m", "fedmerge.cli", "merge", "--base", "base", "--models", "a.safetensors",
-         "b.safetensors", "--out", out, "--quiet"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=seconds(300),
+        [
+            sys.executable,
+            "-m",
+            "fedmerge.cli",
+            "merge",
+            "--base",
+            "base",
+            "--models",
+            "a.safetensors",
+            "b.safetensors",
+            "--out",
+            out,
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=seconds(300),
         preexec_fn=limit_writes,
     )
     line = one_error_line(process)
-    assert line.startswith(f"fedmerge: error: cannot write {written}: the file is larger than this process may write "
-                           "(ulimit -f) or the file system allows (File too large); it needs 1.0 MB, and ")
+    assert line.startswith(
+        f"fedmerge: error: cannot write {written}: the file is larger than this process may write "
+        "(ulimit -f) or the file system allows (File too large); it needs 1.0 MB, and "
+    )
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == inputs

@@ -141,23 +141,21 @@ NOT_RUN = {
     "fedmerge findings --work results/studies --out docs/findings.md": STUDIES,
     "fedmerge findings --no-run": "needs the studies' results, and would rewrite docs/findings.md",
     "fedmerge findings --no-run --work results/studies --out docs/findings.md": "needs the studies' results, and "
-                                                                                 "would rewrite docs/findings.md",
+    "would rewrite docs/findings.md",
     "fedmerge findings --work DIR --out FILE.md": "DIR and FILE.md are placeholders",
-    "fedmerge merge --base llama-2-7b --models chat math code --method median --device cuda --out merged":
-        "needs a GPU (the CUDA tests run it on tiny checkpoints)",
+    "fedmerge merge --base llama-2-7b --models chat math code --method median --device cuda --out merged": "needs a GPU (the CUDA tests run it on tiny checkpoints)",
     "fedmerge run llm.toml --dry-run": "needs a language model and its task files (tests/test_causal_lm_suite.py "
-                                       "runs the suite on a tiny Llama)",
+    "runs the suite on a tiny Llama)",
     "fedmerge run llm.toml": "needs a language model, its task files and a GPU",
     "fedmerge evaluate my-llm.toml --base /models/base --models /ft/math /ft/code /ft/chat": "needs a language model "
-                                                                                            "and its fine-tunes",
-    "fedmerge run causal-lm-lora --set 'suite_options.tasks=[\"/data/a.jsonl\", \"/data/b.jsonl\", \"/data/c.jsonl\"]'":
-        "needs Qwen2.5-0.5B, task files and a GPU",
-    "fedmerge run causal-lm-lora --set server.lora=stack --set 'strategies=[\"fedavg\", \"fednova\"]' "
+    "and its fine-tunes",
+    'fedmerge run causal-lm-lora --set \'suite_options.tasks=["/data/a.jsonl", "/data/b.jsonl", "/data/c.jsonl"]\'': "needs Qwen2.5-0.5B, task files and a GPU",
+    'fedmerge run causal-lm-lora --set server.lora=stack --set \'strategies=["fedavg", "fednova"]\' '
     "--set 'suite_options.tasks=[…]'": "needs Qwen2.5-0.5B, task files and a GPU",
     "fedmerge run causal-lm-lora --set server.lora=factors --set 'suite_options.tasks=[…]'": "needs Qwen2.5-0.5B, "
-                                                                                              "task files and a GPU",
-    "fedmerge run causal-lm-small --set 'suite_options.tasks=[\"/data/gsm8k.jsonl\", \"/data/math.jsonl\", "
-    "\"/data/arith.jsonl\"]'": "needs Qwen2.5-0.5B, task files and a GPU",
+    "task files and a GPU",
+    'fedmerge run causal-lm-small --set \'suite_options.tasks=["/data/gsm8k.jsonl", "/data/math.jsonl", '
+    '"/data/arith.jsonl"]\'': "needs Qwen2.5-0.5B, task files and a GPU",
     "hf download openai/clip-vit-base-patch32": DOWNLOADS,
     "hf download openai/clip-vit-base-patch32 --local-dir clip-vit-b32": DOWNLOADS,
     "for task in stanford-cars dtd eurosat gtsrb mnist resisc45 sun397 svhn; do": DOWNLOADS,
@@ -171,10 +169,10 @@ NOT_RUN = {
     "export FEDMERGE_RESULTS=$PWD/results": SHELL,
     "export FEDMERGE_CACHE=~/.cache/fedmerge": SHELL,
     "fedmerge run clip-vit-b32-8task --dry-run --set suite_options.root=/data/clip": "needs CLIP's 8 data sets "
-                                                                                     "(tests/test_clip_suite.py)",
+    "(tests/test_clip_suite.py)",
     "fedmerge run clip-vit-b32-8task --set suite_options.root=/data/clip": "needs CLIP, its data sets and a GPU",
     "fedmerge run clip-vit-b32-8task-heterogeneous --set suite_options.root=/data/clip": "needs CLIP, its data sets "
-                                                                                         "and a GPU",
+    "and a GPU",
     "fedmerge run clip-vit-b32-8task --set suite_options.root=/data/clip --set suite_options.max_examples=256 "
     "--set training.epochs=1 --set training.warmup_steps=0 --strategy fedavg": "needs CLIP and its data sets",
     "fedmerge evaluate clip-vit-b32-8task --set suite_options.root=/data/clip --set suite_options.model=clip-vit-b32 "
@@ -183,21 +181,18 @@ NOT_RUN = {
     "ray start --head --port 6379 --num-cpus 8": "a Ray cluster (tests/test_ray_cluster.py starts one on loopback)",
     "ray start --address HEAD:6379 --num-cpus 32": "a Ray cluster (tests/test_ray_cluster.py)",
     "fedmerge run my-study.toml --set engine.ray_address=HEAD:6379 --set engine.client_cpus=4": "a Ray cluster",
-    "flwr run . local --stream --federation-config \"num-supernodes=6 client-resources-num-cpus=1\"":
-        "Flower's local SuperLink: minutes (tests/test_deployment.py runs a SuperLink)",
-    "flwr federation simulation-config @none/default local --num-supernodes 6 --client-resources-num-cpus 1":
-        "changes the user's Flower configuration",
-    "flwr run . local --stream --federation-config \"num-supernodes=2\" --run-config \"clients=2 "
-    "strategies='[\\\"fednova\\\"]' rounds='[1]' select=false training.steps='[5, 20]'\"":
-        "Flower's local SuperLink: minutes (tests/test_deployment.py runs these overrides)",
+    'flwr run . local --stream --federation-config "num-supernodes=6 client-resources-num-cpus=1"': "Flower's local SuperLink: minutes (tests/test_deployment.py runs a SuperLink)",
+    "flwr federation simulation-config @none/default local --num-supernodes 6 --client-resources-num-cpus 1": "changes the user's Flower configuration",
+    'flwr run . local --stream --federation-config "num-supernodes=2" --run-config "clients=2 '
+    "strategies='[\\\"fednova\\\"]' rounds='[1]' select=false training.steps='[5, 20]'\"": "Flower's local SuperLink: minutes (tests/test_deployment.py runs these overrides)",
     "flwr list local --run-id <RUN_ID> --format json": "needs a SuperLink and a run (tests/test_deployment.py)",
     "flwr log <RUN_ID> local --show": "needs a SuperLink and a run",
     "flower-superlink --insecure --host 0.0.0.0 --port 9093 --database superlink.db "
     "--disable-runtime-dependency-installation": "a server that runs until stopped (tests/test_deployment.py)",
     "flower-supernode --insecure --superlink SERVER:9093 --port 9094 --node-config "
-    "\"partition-id=0 num-partitions=2\"": "a server that runs until stopped (tests/test_deployment.py)",
+    '"partition-id=0 num-partitions=2"': "a server that runs until stopped (tests/test_deployment.py)",
     "flower-supernode --insecure --superlink SERVER:9093 --port 9095 --node-config "
-    "\"partition-id=1 num-partitions=2 lr=0.05 steps=200\"": "a server that runs until stopped",
+    '"partition-id=1 num-partitions=2 lr=0.05 steps=200"': "a server that runs until stopped",
     "flwr run . my-superlink --stream --run-config \"clients=2 strategies='[\\\"fednova\\\"]' rounds='[1]' "
     "select=false training.steps='[5, 20]'\"": "needs a deployed SuperLink (tests/test_deployment.py)",
     "flwr list my-superlink --run-id <RUN_ID> --format json": "needs a deployed SuperLink and a run",
@@ -208,8 +203,19 @@ IN_THE_EXAMPLE = {  # commands shown in examples/custom-suite (a copy of it)
     "fedmerge run experiment.toml --set suite_options.colour=1 --dry-run",
 }
 
-CHECKPOINT_NAMES = ("base", "math", "code", "chat", "a", "b", "c", "llama-2-7b", "llama-2-7b-chat", "llama-2-7b-math",
-                    "llama-2-7b-code")
+CHECKPOINT_NAMES = (
+    "base",
+    "math",
+    "code",
+    "chat",
+    "a",
+    "b",
+    "c",
+    "llama-2-7b",
+    "llama-2-7b-chat",
+    "llama-2-7b-math",
+    "llama-2-7b-code",
+)
 """The models the merge examples name, as tiny Hugging Face directories of the tensors the examples read."""
 
 
@@ -248,9 +254,13 @@ def work(tmp_path, isolated):
     for name in CHECKPOINT_NAMES:
         (tmp_path / name).mkdir()
         generator = torch.Generator().manual_seed(len(name))
-        save_file({"lm_head.weight": torch.randn(8, 4, generator=generator),
-                   "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=generator)},
-                  tmp_path / name / "model.safetensors")
+        save_file(
+            {
+                "lm_head.weight": torch.randn(8, 4, generator=generator),
+                "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=generator),
+            },
+            tmp_path / name / "model.safetensors",
+        )
     (tmp_path / "my_suite.py").write_text(block_with("docs/suites.md", "# my_suite.py").text)
     (tmp_path / "experiment.toml").write_text(block_with("docs/suites.md", "# experiment.toml").text)
     (tmp_path / "alpha-sweep.toml").write_text(block_with("docs/studies.md", 'name = "alpha-sweep"').text)
@@ -330,8 +340,11 @@ def agrees(value, stated) -> bool:
     if isinstance(stated, float) and "." in repr(stated) and "e" not in repr(stated):
         return round(float(value), len(repr(stated).split(".")[1])) == stated
     if isinstance(stated, dict):
-        return (isinstance(value, dict) and value.keys() == stated.keys()
-                and all(agrees(value[k], v) for k, v in stated.items()))
+        return (
+            isinstance(value, dict)
+            and value.keys() == stated.keys()
+            and all(agrees(value[k], v) for k, v in stated.items())
+        )
     if isinstance(stated, (list, tuple)):
         return len(value) == len(stated) and all(agrees(v, s) for v, s in zip(value, stated))
     return value == stated
@@ -345,7 +358,8 @@ def run_python(block: Block, namespace: dict) -> dict:
             value = eval(compile(ast.Expression(node.value), str(block), "eval"), namespace)
             if node.end_lineno in stated:
                 assert agrees(value, stated[node.end_lineno]), (
-                    f"{block.page}:{block.line + node.end_lineno}: {value!r}, not {stated[node.end_lineno]!r}")
+                    f"{block.page}:{block.line + node.end_lineno}: {value!r}, not {stated[node.end_lineno]!r}"
+                )
         else:
             exec(compile(ast.Module([node], []), str(block), "exec"), namespace)
     return namespace
@@ -358,8 +372,9 @@ def server_app(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-QUADRATIC = Spec.from_dict({"name": "docs", "suite": "quadratic", "clients": 2,
-                            "training": {"steps": [5, 20], "lr": 0.1}})
+QUADRATIC = Spec.from_dict(
+    {"name": "docs", "suite": "quadratic", "clients": 2, "training": {"steps": [5, 20], "lr": 0.1}}
+)
 
 
 def quadratic_grid() -> tuple[InProcessGrid, dict]:
@@ -382,8 +397,11 @@ def deployment_server_app(block, request):
     tmp_path, capsys = request.getfixturevalue("tmp_path"), request.getfixturevalue("capsys")
     grid, theta0 = quadratic_grid()
     save_file(theta0, tmp_path / "theta0.safetensors")
-    run_config = {**QUADRATIC.to_flat(), "base": str(tmp_path / "theta0.safetensors"),
-                  "out": str(tmp_path / "out.safetensors")}
+    run_config = {
+        **QUADRATIC.to_flat(),
+        "base": str(tmp_path / "theta0.safetensors"),
+        "out": str(tmp_path / "out.safetensors"),
+    }
     namespace = run_python(block, {})
     namespace["app"](grid, Context(0, 0, {}, RecordDict(), run_config))
     assert [m.metadata.message_type for m in grid.sent] == ["train", "train"]
@@ -417,12 +435,26 @@ def client_contract(block, request):
             optimizer.step()
         return steps, steps * lr, loss.item()
 
-    namespace = run_python(block, {"build_model_holding_theta0": build_model_holding_theta0,
-                                   "my_local_training": my_local_training, "trainset": list(zip(x, y))})
+    namespace = run_python(
+        block,
+        {
+            "build_model_holding_theta0": build_model_holding_theta0,
+            "my_local_training": my_local_training,
+            "trainset": list(zip(x, y)),
+        },
+    )
     grid = InProcessGrid(namespace["app"], 2)
     fragment = block_with("docs/client-contract.md", "trained = {name: tensor")
-    merged = run_python(fragment, {"theta0": theta0, "frozen_names": frozen_names, "strategy": FedNova(), "grid": grid,
-                                   "ArrayRecord": ArrayRecord})["merged"]
+    merged = run_python(
+        fragment,
+        {
+            "theta0": theta0,
+            "frozen_names": frozen_names,
+            "strategy": FedNova(),
+            "grid": grid,
+            "ArrayRecord": ArrayRecord,
+        },
+    )["merged"]
     assert [sorted(m.content["arrays"]) for m in grid.sent] == [["1.bias", "1.weight"]] * 2
     assert all(torch.equal(merged[n], theta0[n]) for n in frozen_names)
     assert not torch.equal(merged["1.weight"], theta0["1.weight"])
@@ -464,10 +496,12 @@ def checkpoints_api(block, request):
 
 def in_folder(folder: Callable[[pytest.FixtureRequest], Path]):
     """Run the block in ``folder(request)``, as its page says (``sys.path.insert(0, ".")``)."""
+
     def run(block, request):
         where = folder(request)
         request.getfixturevalue("monkeypatch").chdir(where)
         run_python(block, {})
+
     return run
 
 
@@ -497,12 +531,14 @@ def quoted_from_the_example(block, request):
 
 def experiment_file(folder: Callable[[pytest.FixtureRequest], Path] | None = None, base: str | None = None):
     """A TOML experiment (or a part of one over the preset ``base``) that validates as a spec, read in ``folder``."""
+
     def check(block, request):
         where = folder(request) if folder else request.getfixturevalue("tmp_path")
         (where / "doc.toml").write_text(block.text)
         request.getfixturevalue("isolated")
         given = load_experiment(str(where / "doc.toml"))
         Spec.from_dict({**load_experiment(base), **given} if base else given)
+
     return check
 
 
@@ -533,26 +569,28 @@ SNIPPETS: dict[tuple[str, str], Callable | str] = {  # (page, a line of the bloc
     ("docs/deployment.md", "[superlink.my-superlink]"): FLOWER_CONFIG,
     ("docs/llm.md", "# llm.toml"): experiment_file(),
     ("docs/llm.md", 'load_suite("causal-lm"'): "needs a language model and task files (tests/test_causal_lm_suite.py "
-                                               "makes these calls on a tiny Llama)",
+    "makes these calls on a tiny Llama)",
     ("docs/llm.md", "def boxed(text)"): boxed,
     ("docs/merging-checkpoints.md", "merge_checkpoints("): checkpoints_api,
     ("docs/simulations.md", 'name = "my-study"'): experiment_file(),
     ("docs/simulations.md", 'suite = "my_tasks:build"'): experiment_file(example_folder),
     ("docs/simulations.md", "client_gpus = 0.25"): experiment_file(base="default"),
     ("docs/simulations.md", "run_dir = run(spec)"): "a run of the default preset for 10 rounds: minutes "
-                                                    "(tests/test_simulation.py calls run)",
+    "(tests/test_simulation.py calls run)",
     ("docs/strategies.md", "from fedmerge.merging import METHODS"): in_isolation,
     ("docs/strategies.md", "app = ServerApp()"): "run by tests/test_strategies.py (the docs' ServerApp test)",
     ("docs/strategies.md", "task_vectors = [TaskVector"): merging_core,
     ("docs/strategies.md", "class ShrunkMeanRule"): new_rule,
     ("docs/strategies.md", "DifferentialPrivacyServerSideFixedClipping(Median()"): in_isolation,
     ("docs/client-contract.md", "controls = ControlVariates.load("): "steps inside a ClientApp's train function; "
-                                                                     "tests/test_scaffold.py runs fedmerge's, which "
-                                                                     "takes them",
-    ("docs/client-contract.md", "from fedmerge.clients.merging_statistics import"): "run by tests/test_fisher_regmean.py "
-                                                                               "with a model and data set of its own",
+    "tests/test_scaffold.py runs fedmerge's, which "
+    "takes them",
+    (
+        "docs/client-contract.md",
+        "from fedmerge.clients.merging_statistics import",
+    ): "run by tests/test_fisher_regmean.py with a model and data set of its own",
     ("docs/merging-checkpoints.md", "fisher_diagonal(model, train_set"): "run by tests/test_fisher_regmean.py, which "
-                                                                        "feeds the files to fedmerge merge",
+    "feeds the files to fedmerge merge",
     ("docs/studies.md", 'name = "alpha-sweep"'): sweep_file,
     ("docs/suites.md", 'load_suite("mnist1d"'): in_isolation,
     ("docs/suites.md", "# my_suite.py"): my_suite,
@@ -565,7 +603,7 @@ SNIPPETS: dict[tuple[str, str], Callable | str] = {  # (page, a line of the bloc
     ("docs/suites.md", 'load_suite("my_tasks:build"'): in_folder(example_folder),
     ("docs/suites.md", "def build(num_clients, options, seed):\n    unknown"): own_checks,
     ("docs/suites.md", 'theta0=HERE / "theta0.safetensors"'): "a part of a build function (`return` outside it); "
-                                                              "tests/test_plugin_suites.py reads θ0 from a file",
+    "tests/test_plugin_suites.py reads θ0 from a file",
     ("docs/suites.md", "ViTForImageClassification"): "needs a ViT checkpoint written by save_pretrained beside it",
     ("docs/suites.md", "[project.entry-points"): "packaging: an installed plugin (tests/test_plugin_suites.py)",
     ("docs/suites.md", '"root": "my-data"'): "needs an image folder, my-data (tests/test_vision_suite.py)",

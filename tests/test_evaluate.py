@@ -16,7 +16,6 @@ from fedmerge.merging.rules.fedgma import THRESHOLDS
 from fedmerge.merging.scale import PAPER_GRID
 from fedmerge.cli import main
 from fedmerge.clients.trainer import TrainConfig, train
-from fedmerge.simulations import evaluation
 from fedmerge.simulations.presets import load_experiment
 from fedmerge.simulations.spec import TOP
 from fedmerge.tasks import load_suite
@@ -61,8 +60,10 @@ def assets(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate")
     (folder / "evaltiny.py").write_text(textwrap.dedent(SUITE))
     experiment = folder / "experiment.toml"
-    experiment.write_text('name = "tiny"\nsuite = "evaltiny:build"\nclients = 3\nseed = 0\n'
-                          'strategies = ["fedavg", "fednova", "fedgma", "median", "cclip"]\n')
+    experiment.write_text(
+        'name = "tiny"\nsuite = "evaltiny:build"\nclients = 3\nseed = 0\n'
+        'strategies = ["fedavg", "fednova", "fedgma", "median", "cclip"]\n'
+    )
     load_experiment(str(experiment))  # puts the folder on sys.path
     load_suite.cache_clear()
     fed = load_suite("evaltiny:build", 3, {}, 0)
@@ -81,9 +82,22 @@ def assets(tmp_path_factory):
 
 def evaluate(assets, out, *more, models=None, base=None):
     experiment, default_base, default_models, _ = assets
-    return main(["evaluate", experiment, "--base", str(base or default_base),
-                 "--models", *map(str, models or default_models), "--out", str(out), "--no-progress",
-                 "--set", "engine.server_device=cpu", *more])
+    return main(
+        [
+            "evaluate",
+            experiment,
+            "--base",
+            str(base or default_base),
+            "--models",
+            *map(str, models or default_models),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "engine.server_device=cpu",
+            *more,
+        ]
+    )
 
 
 LR_SUMS = ("20", "20", "20")  # each fine-tune's 40 steps at the constant learning rate 0.5
@@ -95,6 +109,7 @@ def run_dir(assets, tmp_path_factory):
     assert evaluate(assets, out, "--lr-sums", *LR_SUMS) == 0
     (run_dir,) = out.iterdir()
     return run_dir
+
 
 DEFAULT_STRATEGIES = TOP["strategies"].default
 
@@ -137,12 +152,16 @@ def test_lambda_maximises_the_mean_validation_normalized_accuracy_over_all_tasks
     _, base, models, _ = assets
     fed = load_suite("evaltiny:build", 3, {}, 0)
     theta0, finetuned = load_file(base), [load_file(m) for m in models]
-    own = [fed.evaluate(fed.complete({n: f[n] for n in TRAINED}), task, "val")["accuracy"]
-           for f, task in zip(finetuned, fed.tasks)]
+    own = [
+        fed.evaluate(fed.complete({n: f[n] for n in TRAINED}), task, "val")["accuracy"]
+        for f, task in zip(finetuned, fed.tasks)
+    ]
     means = []
     for scaling in PAPER_GRID:
         merged = {n: theta0[n] + scaling * sum(f[n] - theta0[n] for f in finetuned) for n in TRAINED}
-        per_task = [fed.evaluate(fed.complete(merged), task, "val")["accuracy"] / own[t] for t, task in enumerate(fed.tasks)]
+        per_task = [
+            fed.evaluate(fed.complete(merged), task, "val")["accuracy"] / own[t] for t, task in enumerate(fed.tasks)
+        ]
         means.append(float(np.mean(per_task)))
     results = json.loads((run_dir / "results.json").read_text())
     fedavg = next(r for r in results["runs"] if r["strategy"] == "fedavg")
@@ -158,7 +177,9 @@ def test_own_accuracies_are_the_fine_tunes(assets, run_dir):
     for t, (client, path) in enumerate(zip(results["clients"], models)):
         state = fed.complete({n: load_file(path)[n] for n in TRAINED})
         for split in ("val", "test"):
-            assert client["own"][split]["accuracy"] == pytest.approx(fed.evaluate(state, fed.tasks[t], split)["accuracy"])
+            assert client["own"][split]["accuracy"] == pytest.approx(
+                fed.evaluate(state, fed.tasks[t], split)["accuracy"]
+            )
         assert client["settings"]["checkpoint"] == str(path)
     pretrained = fed.evaluate(fed.complete(load_file(base)), fed.tasks[0], "test")["accuracy"]
     assert results["pretrained"]["tasks"][0]["accuracy"] == pytest.approx(pretrained)
@@ -170,7 +191,12 @@ def test_fedmerge_report_reads_the_results(run_dir, capsys):
 
 
 def test_the_table_is_printed(assets, tmp_path, capsys):
-    assert evaluate(assets, tmp_path, "--strategy", "fedavg", "fednova", "--lr-sums", "1", "2", "4", "--set", "select=false") == 0
+    assert (
+        evaluate(
+            assets, tmp_path, "--strategy", "fedavg", "fednova", "--lr-sums", "1", "2", "4", "--set", "select=false"
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tiny: 3 clients on evaltiny:build (test)" in printed and "fednova" in printed and "results:" in printed
     results = json.loads(next(tmp_path.iterdir()).joinpath("results.json").read_text())
@@ -225,8 +251,10 @@ def fednova_merge(assets, a: list[float]) -> dict:
     """θ0 + ā · mean_t(τ_t / a_t) (β = 1, uniform p_t), from the checkpoints."""
     _, base, models, _ = assets
     theta0, finetuned = load_file(base), [load_file(m) for m in models]
-    return {n: theta0[n] + np.mean(a) * sum((f[n] - theta0[n]) / a_t for f, a_t in zip(finetuned, a)) / len(a)
-            for n in TRAINED}
+    return {
+        n: theta0[n] + np.mean(a) * sum((f[n] - theta0[n]) / a_t for f, a_t in zip(finetuned, a)) / len(a)
+        for n in TRAINED
+    }
 
 
 def test_steps_alone_make_fednova_normalise_by_steps_and_say_so(assets, tmp_path, capsys):
@@ -235,8 +263,11 @@ def test_steps_alone_make_fednova_normalise_by_steps_and_say_so(assets, tmp_path
     assert "fedmerge: fednova: a_t by steps (only --steps given) from --steps: 10, 20, 40\n" in capsys.readouterr().err
     results, merged = fednova_run(out)
     assert results["spec"]["strategy"]["fednova"]["normalize_by"] == "steps"
-    assert results["checkpoints"]["fednova"] == {"normalize_by": "steps", "normalize_by_reason": "only --steps given",
-                                                 "effective_steps_from": "--steps"}
+    assert results["checkpoints"]["fednova"] == {
+        "normalize_by": "steps",
+        "normalize_by_reason": "only --steps given",
+        "effective_steps_from": "--steps",
+    }
     assert results["runs"][0]["history"][0]["aggregation"]["rule"]["effective_steps"] == [10.0, 20.0, 40.0]
     assert [c["reply"].get("num-steps") for c in results["clients"]] == [10, 20, 40]
     assert all("lr-sum" not in c["reply"] and c["settings"]["lr_sum"] is None for c in results["clients"])
@@ -261,8 +292,10 @@ def test_fednova_reads_trainer_state_by_the_one_default(assets, tmp_path, capsys
     a = {"steps": [10.0, 20.0, 40.0], "lr-sum": [rate * k for k in steps]}[DEFAULT_NORMALIZE_BY]
     out = tmp_path / "out"
     assert evaluate(assets, out, "--strategy", "fednova", "--set", "select=false", models=models) == 0
-    assert f"fedmerge: fednova: a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) from trainer_state.json" \
+    assert (
+        f"fedmerge: fednova: a_t by {DEFAULT_NORMALIZE_BY} (FedNova's default) from trainer_state.json"
         in capsys.readouterr().err
+    )
     results, merged = fednova_run(out)
     assert results["checkpoints"]["fednova"]["normalize_by"] == DEFAULT_NORMALIZE_BY
     assert results["runs"][0]["history"][0]["aggregation"]["rule"]["effective_steps"] == pytest.approx(a)
@@ -272,12 +305,23 @@ def test_fednova_reads_trainer_state_by_the_one_default(assets, tmp_path, capsys
         torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("more, expected", [
-    ([], ["FedNova needs each model's effective steps a_t: give --steps (local step counts) or --lr-sums",
-          "or leave fednova out (--strategy)", "model0.safetensors has none (3 of 3 models lack one)"]),
-    (["--set", "strategy.fednova.normalize_by=lr-sum", "--steps", "10", "20", "40"],
-     ["FedNova's a_t by lr-sum (strategy.fednova.normalize_by) needs --lr-sums, but --steps was given instead"]),
-])
+@pytest.mark.parametrize(
+    "more, expected",
+    [
+        (
+            [],
+            [
+                "FedNova needs each model's effective steps a_t: give --steps (local step counts) or --lr-sums",
+                "or leave fednova out (--strategy)",
+                "model0.safetensors has none (3 of 3 models lack one)",
+            ],
+        ),
+        (
+            ["--set", "strategy.fednova.normalize_by=lr-sum", "--steps", "10", "20", "40"],
+            ["FedNova's a_t by lr-sum (strategy.fednova.normalize_by) needs --lr-sums, but --steps was given instead"],
+        ),
+    ],
+)
 def test_fednova_without_its_a_t_is_refused_before_any_work(assets, tmp_path, capsys, monkeypatch, more, expected):
     import fedmerge.simulations.evaluate as evaluate_module
 
@@ -326,7 +370,10 @@ def test_a_nonfinite_checkpoint_is_refused_before_any_evaluation(assets, tmp_pat
     assert evaluate(assets, out, "--lr-sums", *LR_SUMS, models=models, base=bad if role == "base" else None) == 2
     error = capsys.readouterr().err
     of = " of the base" if role == "base" else ""
-    assert f"nan-{role}.safetensors: tensor 'body.0.weight'{of} holds NaN or infinite values; nothing was evaluated" in error
+    assert (
+        f"nan-{role}.safetensors: tensor 'body.0.weight'{of} holds NaN or infinite values; nothing was evaluated"
+        in error
+    )
     assert "Traceback" not in error and not out.exists()
 
 
@@ -344,8 +391,10 @@ def test_ray_is_not_loaded():
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's fedmerge
-    code = ("import sys, fedmerge.simulations.evaluate, fedmerge.simulations.evaluate_command; "
-            "print(sorted(m for m in ('ray', 'flwr.simulation') if m in sys.modules))")
+    code = (
+        "import sys, fedmerge.simulations.evaluate, fedmerge.simulations.evaluate_command; "
+        "print(sorted(m for m in ('ray', 'flwr.simulation') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert done.stdout.strip() == "[]"
 
@@ -391,15 +440,33 @@ def test_hugging_face_clip_directories_map_by_name(tmp_path, monkeypatch, capsys
         clip.save_pretrained(models[-1], **({"max_shard_size": 50_000} if t else {}))
     assert list(models[1].glob("*.index.json"))  # sharded
     experiment = tmp_path / "clip.toml"
-    experiment.write_text(f'name = "clip-eval"\nsuite = "clip"\nclients = 2\nstrategies = ["fedavg", "median"]\n'
-                          f'[suite_options]\nmodel = "{base}"\nroot = "{root}"\ndatasets = ["MNIST", "EuroSAT"]\n')
+    experiment.write_text(
+        f'name = "clip-eval"\nsuite = "clip"\nclients = 2\nstrategies = ["fedavg", "median"]\n'
+        f'[suite_options]\nmodel = "{base}"\nroot = "{root}"\ndatasets = ["MNIST", "EuroSAT"]\n'
+    )
     out = tmp_path / "results"
-    assert main(["evaluate", str(experiment), "--base", str(base), "--models", *map(str, models), "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(experiment),
+                "--base",
+                str(base),
+                "--models",
+                *map(str, models),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = json.loads(next(out.iterdir()).joinpath("results.json").read_text())
     assert [r["strategy"] for r in results["runs"]] == ["fedavg", "median"]
-    own = [fed.evaluate(fed.complete({n: v for n, v in load_file_dir(m).items() if n in fed.trained_names}), task, "test")
-           for m, task in zip(models, fed.tasks)]
+    own = [
+        fed.evaluate(fed.complete({n: v for n, v in load_file_dir(m).items() if n in fed.trained_names}), task, "test")
+        for m, task in zip(models, fed.tasks)
+    ]
     assert [c["own"]["test"]["accuracy"] for c in results["clients"]] == pytest.approx([o["accuracy"] for o in own])
     load_suite.cache_clear()
 

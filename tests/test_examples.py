@@ -20,9 +20,16 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 @pytest.fixture(scope="module")
 def custom_suite_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("example") / "custom-suite"
-    shutil.copytree(EXAMPLES / "custom-suite", folder, ignore=shutil.ignore_patterns("data", "results", ".fedmerge-cache"))
-    done = subprocess.run([sys.executable, "-m", "fedmerge.cli", "run", "experiment.toml"], cwd=folder,
-                          capture_output=True, text=True, timeout=seconds(600))
+    shutil.copytree(
+        EXAMPLES / "custom-suite", folder, ignore=shutil.ignore_patterns("data", "results", ".fedmerge-cache")
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmerge.cli", "run", "experiment.toml"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=seconds(600),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = (folder / "results").iterdir()
     return done, run_dir
@@ -33,7 +40,8 @@ def test_the_custom_suite_example_runs_from_its_folder(custom_suite_run):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["suite"]["name"] == "my_tasks:build" and len(results["clients"]) == 4
     assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [
-        (s, r) for r in (1, 3) for s in ("fedavg", "fednova", "median")]
+        (s, r) for r in (1, 3) for s in ("fedavg", "fednova", "median")
+    ]
     own = [c["own"]["test"]["accuracy"] for c in results["clients"]]
     assert min(own) > results["pretrained"]["mean_accuracy"]  # fine-tuning helps every client on its own task
     assert "θ0 (no merging)" in done.stdout

@@ -64,11 +64,14 @@ def test_agreeing_updates_take_fedavgs_step_and_opposite_ones_a_finite_nothing()
     assert rule.step == pytest.approx(np.sum(x[0] ** 2) / (2 * 0.5))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: FedExP(epsilon=0), "'FedExP.epsilon' must be a positive number"),
-    (lambda: FedExP(epsilon=float("nan")), "'FedExP.epsilon' must be a positive number"),
-    (lambda: FedExPRule(epsilon=-1.0), "FedExP's epsilon ε must be a positive number, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: FedExP(epsilon=0), "'FedExP.epsilon' must be a positive number"),
+        (lambda: FedExP(epsilon=float("nan")), "'FedExP.epsilon' must be a positive number"),
+        (lambda: FedExPRule(epsilon=-1.0), "FedExP's epsilon ε must be a positive number, got -1.0"),
+    ],
+)
 def test_a_bad_epsilon_is_refused(make, message):
     with pytest.raises(FedmergeError, match=message):
         make()
@@ -87,8 +90,15 @@ def test_each_round_records_its_step_and_server_lr_multiplies_it():
     for server_round, spread in ((1, 3.0), (2, 0.5)):
         x = rng.normal(0.3, spread, size=(4, 26))
         examples = [10, 20, 30, 40]
-        replies = [reply(t + 1, {"w": base["w"] + row[:20].reshape(4, 5), "b": base["b"] + row[20:]},
-                         num_examples=examples[t], client_id=t) for t, row in enumerate(x)]
+        replies = [
+            reply(
+                t + 1,
+                {"w": base["w"] + row[:20].reshape(4, 5), "b": base["b"] + row[20:]},
+                num_examples=examples[t],
+                client_id=t,
+            )
+            for t, row in enumerate(x)
+        ]
         merged, _ = strategy.merge_replies(server_round, replies, arrays_record(base))
         p = np.asarray(examples, float) / sum(examples)
         step = paper_step(x, p, 1e-3)
@@ -135,9 +145,15 @@ def server_app(monkeypatch):
 
 def test_on_digits_replies_fedexp_takes_its_own_step_beside_the_searched_lambda(server_app):
     clients = 4
-    spec = Spec.from_dict({"name": "fedexp", "suite": "digits", "clients": clients, "strategies": ["fedavg", "fedexp"],
-                           "training": {"optimizer": "momentum", "lr": 0.05, "steps": [10, 20, 40, 80],
-                                        "batch_size": 32}})
+    spec = Spec.from_dict(
+        {
+            "name": "fedexp",
+            "suite": "digits",
+            "clients": clients,
+            "strategies": ["fedavg", "fedexp"],
+            "training": {"optimizer": "momentum", "lr": 0.05, "steps": [10, 20, 40, 80], "batch_size": 32},
+        }
+    )
     fed = load_suite(spec.suite, clients, spec.suite_options, spec.seed)
     base = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
     grid = InProcessGrid(client_app(spec.to_flat()), clients)
@@ -153,12 +169,20 @@ def test_on_digits_replies_fedexp_takes_its_own_step_beside_the_searched_lambda(
     assert fedexp["selected"]["server_lr"] == 1.0 and fedexp["selected"]["scaling"] is None
 
     names = fed.shared_names
-    x = np.stack([np.concatenate([(r.content["arrays"][n].numpy().astype(np.float64) - base[n].numpy()).ravel()
-                                  for n in names]) for r in replies])
+    x = np.stack(
+        [
+            np.concatenate(
+                [(r.content["arrays"][n].numpy().astype(np.float64) - base[n].numpy()).ravel() for n in names]
+            )
+            for r in replies
+        ]
+    )
     step = fedexp["history"][0]["aggregation"]["rule"]["step"]
     assert step == pytest.approx(paper_step(x, np.full(clients, 1 / clients), 1e-3), rel=1e-6)
     searched = fedavg["selected"]["server_lr"]  # β = λ·T of the λ chosen on validation
-    print(f"FedExP's step η = {step:.3f} (β = η, validation score {fedexp['selected']['val_score']:.4f}); "
-          f"the searched λ = {fedavg['selected']['scaling']:g} gives β = {searched:g} "
-          f"(validation score {fedavg['selected']['val_score']:.4f})")
+    print(
+        f"FedExP's step η = {step:.3f} (β = η, validation score {fedexp['selected']['val_score']:.4f}); "
+        f"the searched λ = {fedavg['selected']['scaling']:g} gives β = {searched:g} "
+        f"(validation score {fedavg['selected']['val_score']:.4f})"
+    )
     load_suite.cache_clear()

@@ -36,7 +36,9 @@ def plain_fedprox(model, task, optimizer, lr, steps, mu, grad_clip=None, weight_
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9 if optimizer == "momentum" else 0.0, weight_decay=weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=lr, momentum=0.9 if optimizer == "momentum" else 0.0, weight_decay=weight_decay
+        )
     x, y = task.train.tensors
     for _ in range(steps):
         opt.zero_grad()
@@ -47,13 +49,26 @@ def plain_fedprox(model, task, optimizer, lr, steps, mu, grad_clip=None, weight_
         opt.step()
 
 
-@pytest.mark.parametrize("optimizer, grad_clip, weight_decay", [
-    ("sgd", None, 0.0), ("momentum", None, 0.01), ("adamw", None, 0.01), ("sgd", 0.05, 0.0),
-])
+@pytest.mark.parametrize(
+    "optimizer, grad_clip, weight_decay",
+    [
+        ("sgd", None, 0.0),
+        ("momentum", None, 0.01),
+        ("adamw", None, 0.01),
+        ("sgd", 0.05, 0.0),
+    ],
+)
 def test_the_local_update_with_mu_is_an_independent_plain_torch_fedprox(optimizer, grad_clip, weight_decay):
     mu, lr, steps = 0.7, 0.05, 12
-    config = TrainConfig(optimizer=optimizer, lr=lr, steps=steps, batch_size=1000, prox_mu=mu, grad_clip=grad_clip,
-                         weight_decay=weight_decay)
+    config = TrainConfig(
+        optimizer=optimizer,
+        lr=lr,
+        steps=steps,
+        batch_size=1000,
+        prox_mu=mu,
+        grad_clip=grad_clip,
+        weight_decay=weight_decay,
+    )
     ours, theirs, plain = make_model(), make_model(), make_model()
     train(ours, make_task(), F.cross_entropy, config)
     plain_fedprox(theirs, make_task(), optimizer, lr, steps, mu, grad_clip, weight_decay)
@@ -110,8 +125,16 @@ def test_mu_is_per_client_like_the_other_training_options():
 
 # -- the ClientApp --------------------------------------------------------------------------------------------------
 def quadratic_spec(**training):
-    return Spec.from_dict({"name": "prox", "suite": "quadratic", "clients": 3, "strategies": ["fedavg"],
-                           "suite_options": {"noise": 0.0}, "training": {"lr": 0.1, "steps": 5, **training}})
+    return Spec.from_dict(
+        {
+            "name": "prox",
+            "suite": "quadratic",
+            "clients": 3,
+            "strategies": ["fedavg"],
+            "suite_options": {"noise": 0.0},
+            "training": {"lr": 0.1, "steps": 5, **training},
+        }
+    )
 
 
 def train_message_content(spec, config=None):
@@ -142,11 +165,18 @@ def test_flowers_fedprox_strategy_sets_mu_for_fedmerges_clients(server_app):
     flower_grid = InProcessGrid(client_app(by_server.to_flat()), 3)
     flower = FlowerFedProx(proximal_mu=mu, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
     theirs = flower.start(grid=flower_grid, initial_arrays=base, num_rounds=2).arrays
-    ours = FedAvg(weighting="num-examples", min_available_nodes=3, min_train_nodes=3).start(
-        grid=InProcessGrid(client_app(by_table.to_flat()), 3), initial_arrays=base, num_rounds=2).arrays
+    ours = (
+        FedAvg(weighting="num-examples", min_available_nodes=3, min_train_nodes=3)
+        .start(grid=InProcessGrid(client_app(by_table.to_flat()), 3), initial_arrays=base, num_rounds=2)
+        .arrays
+    )
     np.testing.assert_allclose(theirs["theta"].numpy(), ours["theta"].numpy(), rtol=1e-6)
-    with pytest.raises(FedmergeError, match="the server's 'proximal-mu': training option 'prox_mu' must be a non-negative"):
-        local_training(by_server.to_flat(), {"partition-id": 0}, train_message_content(by_server, {"proximal-mu": -1.0}))
+    with pytest.raises(
+        FedmergeError, match="the server's 'proximal-mu': training option 'prox_mu' must be a non-negative"
+    ):
+        local_training(
+            by_server.to_flat(), {"partition-id": 0}, train_message_content(by_server, {"proximal-mu": -1.0})
+        )
 
 
 @pytest.mark.parametrize("name", ["fedavg", "median", "ties", "cclip", "fednova"])
@@ -156,8 +186,14 @@ def test_every_rule_merges_fedprox_clients(name):
     spec = quadratic_spec(prox_mu=mus, steps=steps)
     content = train_message_content(spec)
     done = [local_training(spec.to_flat(), {"partition-id": t}, content) for t in range(3)]
-    replies = [reply(t + 1, {"theta": c[contract.ARRAYS]["theta"].numpy()},
-                     **{k.replace("-", "_"): v for k, v in c[contract.METRICS].items()}) for t, c in enumerate(done)]
+    replies = [
+        reply(
+            t + 1,
+            {"theta": c[contract.ARRAYS]["theta"].numpy()},
+            **{k.replace("-", "_"): v for k, v in c[contract.METRICS].items()},
+        )
+        for t, c in enumerate(done)
+    ]
     strategy = STRATEGIES[name]()
     merged, _ = strategy.merge_replies(1, replies, content["arrays"])
     centers = load_suite("quadratic", 3, spec.suite_options, spec.seed).optimum()["tasks"]

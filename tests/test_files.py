@@ -11,7 +11,13 @@ import pytest
 
 from fedmerge.errors import FedmergeError
 from fedmerge.files import (
-    DISK_FULL, DiskFull, check_output_dir, output_path, staged, write_file, write_tree,
+    DISK_FULL,
+    DiskFull,
+    check_output_dir,
+    output_path,
+    staged,
+    write_file,
+    write_tree,
 )
 from processes import seconds
 
@@ -70,8 +76,9 @@ def test_a_write_without_room_names_the_output_and_its_size_and_leaves_nothing(t
     with pytest.raises(DiskFull) as caught:
         with staged(tmp_path / "out", directory=True, size=3_000_000) as staging:
             no_room(staging / "model.bin", b"x" * 100)
-    assert str(caught.value).startswith(f"cannot write {tmp_path / 'out'}: {DISK_FULL[code]} ({os.strerror(code)}); "
-                                        f"it needs 3.0 MB, and ")
+    assert str(caught.value).startswith(
+        f"cannot write {tmp_path / 'out'}: {DISK_FULL[code]} ({os.strerror(code)}); it needs 3.0 MB, and "
+    )
     assert f"free on the file system of {tmp_path}." in str(caught.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -90,14 +97,15 @@ def test_a_real_file_size_limit_is_a_disk_full_error(tmp_path):
         from fedmerge.files import DiskFull, write_file
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         try:
-            write_file({str(tmp_path / 'big.txt')!r}, "x" * 5000)
+            write_file({str(tmp_path / "big.txt")!r}, "x" * 5000)
         except DiskFull as error:
             print(error)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds(60))
     assert result.stdout.startswith(
         f"cannot write {tmp_path / 'big.txt'}: the file is larger than this process may write (ulimit -f) or the file "
-        "system allows (File too large); it needs 5.0 kB"), result.stderr
+        "system allows (File too large); it needs 5.0 kB"
+    ), result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -142,4 +150,5 @@ def test_folders_made_for_an_output_that_failed_are_removed(tmp_path):
 
 def test_error_messages_name_outputs_not_their_staging_paths(tmp_path):
     assert output_path(tmp_path / ".run-1.0123abcd.partial" / "models" / ".m.safetensors.89abcdef.partial") == (
-        tmp_path / "run-1" / "models" / "m.safetensors")
+        tmp_path / "run-1" / "models" / "m.safetensors"
+    )

@@ -28,11 +28,13 @@ LINEAR = ("fc1.weight", "fc2.weight")
 
 def setup(num_clients=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)
     base = {k: randn(s) for k, s in SHAPES.items()}
     models = [{k: base[k] + 0.3 * randn(s) for k, s in SHAPES.items()} for _ in range(num_clients)]
-    fishers = [{k: torch.rand(s, generator=gen, dtype=torch.float64) ** 2 for k, s in SHAPES.items() if k != "norm"}
-               for _ in range(num_clients)]
+    fishers = [
+        {k: torch.rand(s, generator=gen, dtype=torch.float64) ** 2 for k, s in SHAPES.items() if k != "norm"}
+        for _ in range(num_clients)
+    ]
     grams = []
     for _ in range(num_clients):
         x1, x2 = randn((40, 5)) * torch.rand(5, generator=gen), randn((40, 7))
@@ -48,8 +50,10 @@ def fisher_paper(models, fishers, lambdas, floor):
     """Matena & Raffel: θ*_j = Σ_t λ_t F_t,j θ_t,j / Σ_t λ_t F_t,j (F floored by ε), on the models themselves."""
     merged = {}
     for name in SHAPES:
-        weights = [lam * (f[name] + floor) if name in f else lam * np.ones(SHAPES[name])
-                   for lam, f in zip(lambdas, map(np_, fishers))]
+        weights = [
+            lam * (f[name] + floor) if name in f else lam * np.ones(SHAPES[name])
+            for lam, f in zip(lambdas, map(np_, fishers))
+        ]
         merged[name] = sum(w * m[name].numpy() for w, m in zip(weights, models)) / sum(weights)
     return merged
 
@@ -110,20 +114,30 @@ def test_regmean_reduces_to_the_mean_for_equal_grams_and_leaves_unreached_inputs
     np.testing.assert_allclose(delta[:, keep].numpy(), expected, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda f, g: f[1].update({"fc1.weight": torch.ones(5, 7)}),
-     r"client 1's diagonal Fisher hold 'fc1.weight' as torch.float32 of shape \(5, 7\), but the model's tensor is "
-     r"torch.float64 of shape \(7, 5\): expected a floating tensor of shape \(7, 5\)\."),
-    (lambda f, g: f[2].pop("fc2.bias"),
-     r"client 2's diagonal Fisher lack tensor 'fc2.bias', unlike the first client's; every client must send them for "
-     r"the same tensors\."),
-    (lambda f, g: f.pop(),
-     r"the diagonal Fishers: 2 given for 3 clients; give one per client, in the clients' order\."),
-    (lambda f, g: [x.clear() for x in f],
-     r"the clients' diagonal Fisher cover none of the merged tensors"),
-    (lambda f, g: f[0]["fc2.weight"].__setitem__((0, 0), float("nan")),
-     r"client 0's diagonal Fisher hold NaN or infinite values in tensor 'fc2.weight'; nothing was merged"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda f, g: f[1].update({"fc1.weight": torch.ones(5, 7)}),
+            r"client 1's diagonal Fisher hold 'fc1.weight' as torch.float32 of shape \(5, 7\), but the model's tensor is "
+            r"torch.float64 of shape \(7, 5\): expected a floating tensor of shape \(7, 5\)\.",
+        ),
+        (
+            lambda f, g: f[2].pop("fc2.bias"),
+            r"client 2's diagonal Fisher lack tensor 'fc2.bias', unlike the first client's; every client must send them for "
+            r"the same tensors\.",
+        ),
+        (
+            lambda f, g: f.pop(),
+            r"the diagonal Fishers: 2 given for 3 clients; give one per client, in the clients' order\.",
+        ),
+        (lambda f, g: [x.clear() for x in f], r"the clients' diagonal Fisher cover none of the merged tensors"),
+        (
+            lambda f, g: f[0]["fc2.weight"].__setitem__((0, 0), float("nan")),
+            r"client 0's diagonal Fisher hold NaN or infinite values in tensor 'fc2.weight'; nothing was merged",
+        ),
+    ],
+)
 def test_fisher_statistics_that_do_not_fit_are_refused_naming_the_client_and_tensor(change, message):
     base, models, fishers, grams = setup()
     change(fishers, grams)
@@ -131,16 +145,25 @@ def test_fisher_statistics_that_do_not_fit_are_refused_naming_the_client_and_ten
         merged_model(FisherRule(fishers), base, models)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda g: g[1].update({"fc1.bias": torch.ones(7, 7)}),
-     r"client 1's input Gram matrices hold 'fc1.bias' as torch.float32 of shape \(7, 7\), but the model's tensor is "
-     r"torch.float64 of shape \(7,\): no statistic fits it\."),
-    (lambda g: g[0].update({"fc2.weight": torch.ones(3, 3, dtype=torch.float64)}),
-     r"client 0's input Gram matrices hold 'fc2.weight' as torch.float64 of shape \(3, 3\), but the model's tensor is "
-     r"torch.float64 of shape \(3, 7\): expected a floating tensor of shape \(7, 7\)\."),
-    (lambda g: g[2]["fc1.weight"].__setitem__((0, 0), float("inf")),
-     r"client 2's input Gram matrices hold NaN or infinite values in tensor 'fc1.weight'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda g: g[1].update({"fc1.bias": torch.ones(7, 7)}),
+            r"client 1's input Gram matrices hold 'fc1.bias' as torch.float32 of shape \(7, 7\), but the model's tensor is "
+            r"torch.float64 of shape \(7,\): no statistic fits it\.",
+        ),
+        (
+            lambda g: g[0].update({"fc2.weight": torch.ones(3, 3, dtype=torch.float64)}),
+            r"client 0's input Gram matrices hold 'fc2.weight' as torch.float64 of shape \(3, 3\), but the model's tensor is "
+            r"torch.float64 of shape \(3, 7\): expected a floating tensor of shape \(7, 7\)\.",
+        ),
+        (
+            lambda g: g[2]["fc1.weight"].__setitem__((0, 0), float("inf")),
+            r"client 2's input Gram matrices hold NaN or infinite values in tensor 'fc1.weight'",
+        ),
+    ],
+)
 def test_gram_matrices_that_do_not_fit_are_refused(change, message):
     base, models, _, grams = setup()
     change(grams)
@@ -153,8 +176,10 @@ def test_the_records():
     assert fisher.statistics == (contract.FISHER,) and regmean.statistics == (contract.GRAMS,)
     assert fisher.no_lambda and regmean.no_lambda and fisher.weighted and regmean.weighted
     assert fisher.tuned is None and regmean.tuned == "alpha" and regmean.grid([]) == [0.1, 0.3, 0.5, 0.7, 0.9]
-    assert {p.name: (p.option.default, p.scope) for p in regmean.params} == {"alpha": (0.9, "both"),
-                                                                             "examples": (256, "strategy")}
+    assert {p.name: (p.option.default, p.scope) for p in regmean.params} == {
+        "alpha": (0.9, "both"),
+        "examples": (256, "strategy"),
+    }
     with pytest.raises(FedmergeError, match=r"method 'fisher' needs each client's 'fisher' statistics"):
         fisher.build(None)
     with pytest.raises(FedmergeError, match=r"'RegMean alpha' must be a number in \[0, 1\], got 1.5"):
@@ -168,8 +193,10 @@ def softmax_regression(seed=0, num_classes=4, width=6, count=30):
     with torch.no_grad():
         model.weight.copy_(torch.randn(num_classes, width, generator=gen))
         model.bias.copy_(torch.randn(num_classes, generator=gen))
-    data = TensorDataset(torch.randn(count, width, generator=gen, dtype=torch.float64),
-                         torch.randint(num_classes, (count,), generator=gen))
+    data = TensorDataset(
+        torch.randn(count, width, generator=gen, dtype=torch.float64),
+        torch.randint(num_classes, (count,), generator=gen),
+    )
     return model, data
 
 
@@ -227,11 +254,17 @@ def stats_reply(node, model, **statistics):
     return message
 
 
-@pytest.mark.parametrize("strategy, key, make", [
-    (FisherMerging(floor=0.01, server_lr=1.2, weighting="num-examples"), contract.FISHER,
-     lambda stats: FisherRule(stats, 0.01, [10, 20, 30])),
-    (RegMean(alpha=0.5, server_lr=1.2), contract.GRAMS, lambda stats: RegMeanRule(stats, 0.5)),
-])
+@pytest.mark.parametrize(
+    "strategy, key, make",
+    [
+        (
+            FisherMerging(floor=0.01, server_lr=1.2, weighting="num-examples"),
+            contract.FISHER,
+            lambda stats: FisherRule(stats, 0.01, [10, 20, 30]),
+        ),
+        (RegMean(alpha=0.5, server_lr=1.2), contract.GRAMS, lambda stats: RegMeanRule(stats, 0.5)),
+    ],
+)
 def test_each_is_a_flower_strategy_merging_the_statistics_its_replies_carry(strategy, key, make):
     base, models, fishers, grams = setup()
     stats = fishers if key == contract.FISHER else grams
@@ -249,9 +282,12 @@ def test_a_reply_without_the_statistics_is_refused_and_one_with_non_finite_stati
     base, models, fishers, _ = setup()
     replies = [stats_reply(t + 1, m, fisher=f) for t, (m, f) in enumerate(zip(models, fishers))]
     replies[1] = stats_reply(2, models[1])
-    with pytest.raises(FedmergeError, match=r"node 2: the reply lacks its 'fisher' record, the statistics this strategy "
-                                            r"merges by; the train message asked for it \(config 'fisher'\): send it as an "
-                                            r"ArrayRecord under 'fisher' \(see docs/client-contract.md\)\."):
+    with pytest.raises(
+        FedmergeError,
+        match=r"node 2: the reply lacks its 'fisher' record, the statistics this strategy "
+        r"merges by; the train message asked for it \(config 'fisher'\): send it as an "
+        r"ArrayRecord under 'fisher' \(see docs/client-contract.md\)\.",
+    ):
         FisherMerging().merge_replies(1, replies, arrays_record(np_(base)))
     fishers[1]["fc1.bias"][3] = float("nan")
     replies[1] = stats_reply(2, models[1], fisher=fishers[1])
@@ -263,9 +299,12 @@ def test_a_reply_without_the_statistics_is_refused_and_one_with_non_finite_stati
     np.testing.assert_allclose(arrays["fc1.weight"].numpy(), expected["fc1.weight"].numpy(), rtol=1e-12)
     two = reply(1, np_(models[0]), num_examples=1)
     two.content["more"] = arrays_record(np_(models[0]))
-    with pytest.raises(FedmergeError, match=r"node 1: a train reply must carry exactly one ArrayRecord and one "
-                                            r"MetricRecord, got 2 and 1, besides the statistics for merging asked for "
-                                            r"\(ArrayRecords under 'fisher', 'grams'\)"):
+    with pytest.raises(
+        FedmergeError,
+        match=r"node 1: a train reply must carry exactly one ArrayRecord and one "
+        r"MetricRecord, got 2 and 1, besides the statistics for merging asked for "
+        r"\(ArrayRecords under 'fisher', 'grams'\)",
+    ):
         FedAvg().merge_replies(1, [two], arrays_record(np_(base)))
 
 
@@ -293,8 +332,16 @@ def test_on_digits_the_client_app_sends_them_and_the_one_shot_search_tunes_each_
     from fedmerge.tasks import load_suite
 
     names, clients = ["fisher", "regmean", "tsv-m", "iso-c", "iso-cts"], 3
-    spec = Spec.from_dict({"name": "stats", "suite": "digits", "clients": clients, "strategies": names,
-                           "training": {"steps": 10}, "strategy": {"fisher": {"examples": 16}, "regmean": {"examples": 24}}})
+    spec = Spec.from_dict(
+        {
+            "name": "stats",
+            "suite": "digits",
+            "clients": clients,
+            "strategies": names,
+            "training": {"steps": 10},
+            "strategy": {"fisher": {"examples": 16}, "regmean": {"examples": 24}},
+        }
+    )
     fed = load_suite(spec.suite, clients, spec.suite_options, spec.seed)
     base = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
     experiment = Experiment(spec, None)
@@ -303,14 +350,18 @@ def test_on_digits_the_client_app_sends_them_and_the_one_shot_search_tunes_each_
     assert config[contract.FISHER] == 16 and config[contract.GRAMS] == 24
     grid = InProcessGrid(client_app(spec.to_flat()), clients)
     sender = spec.build_strategy("fedavg", private=fed.private_names, statistics=fed.statistics_names)
-    replies = sorted(grid.send_and_receive(sender.configure_train(1, base, config, grid)),
-                     key=lambda r: r.content["metrics"]["client-id"])
+    replies = sorted(
+        grid.send_and_receive(sender.configure_train(1, base, config, grid)),
+        key=lambda r: r.content["metrics"]["client-id"],
+    )
     assert not any(r.has_error() for r in replies)
     for r in replies:
         fisher, grams, weights = r.content[contract.FISHER], r.content[contract.GRAMS], r.content[contract.ARRAYS]
         assert set(fisher) == {n for n in weights if n.endswith(("weight", "bias"))}
         assert all(fisher[n].shape == weights[n].shape for n in fisher)
-        assert {n: grams[n].shape for n in grams} == {n: (weights[n].shape[1],) * 2 for n in weights if n.endswith("weight")}
+        assert {n: grams[n].shape for n in grams} == {
+            n: (weights[n].shape[1],) * 2 for n in weights if n.endswith("weight")
+        }
     runs = {run["strategy"]: run for run in Experiment(spec, None).merge_one_shot(fed, base, replies)["runs"]}
     assert runs["regmean"]["searched"]["alpha"] == [0.1, 0.3, 0.5, 0.7, 0.9]
     assert runs["iso-cts"]["searched"]["common_fraction"] == [0.5, 0.6, 0.7, 0.8, 0.9]
@@ -324,7 +375,7 @@ def test_on_digits_the_client_app_sends_them_and_the_one_shot_search_tunes_each_
 # -- fedmerge merge -------------------------------------------------------------------------------------------------
 def files(tmp_path, base, models, stats):
     """The models and their statistics as float32 safetensors files."""
-    f32 = lambda tensors: {k: v.float().contiguous() for k, v in tensors.items()}  # noqa: E731
+    f32 = lambda tensors: {k: v.float().contiguous() for k, v in tensors.items()}
     save_file(f32(base), tmp_path / "base.safetensors")
     paths, stat_paths = [], []
     for t, (m, s) in enumerate(zip(models, stats)):
@@ -335,17 +386,21 @@ def files(tmp_path, base, models, stats):
     return str(tmp_path / "base.safetensors"), paths, stat_paths
 
 
-@pytest.mark.parametrize("method, options, make", [
-    ("fisher", dict(weights=[1, 2, 3]), lambda s: FisherRule(s, weights=[1, 2, 3])),
-    ("regmean", dict(alpha=0.4), lambda s: RegMeanRule(s, 0.4)),
-])
+@pytest.mark.parametrize(
+    "method, options, make",
+    [
+        ("fisher", dict(weights=[1, 2, 3]), lambda s: FisherRule(s, weights=[1, 2, 3])),
+        ("regmean", dict(alpha=0.4), lambda s: RegMeanRule(s, 0.4)),
+    ],
+)
 def test_fedmerge_merge_reads_each_models_statistics_from_its_file(tmp_path, method, options, make):
     base, models, fishers, grams = setup()
     stats = fishers if method == "fisher" else grams
     base_path, paths, stat_paths = files(tmp_path, base, models, stats)
-    out = merge_checkpoints(base_path, paths, tmp_path / "merged.safetensors", method=method, statistics=stat_paths,
-                            **options)
-    f32 = lambda tensors: {k: v.float() for k, v in tensors.items()}  # noqa: E731
+    out = merge_checkpoints(
+        base_path, paths, tmp_path / "merged.safetensors", method=method, statistics=stat_paths, **options
+    )
+    f32 = lambda tensors: {k: v.float() for k, v in tensors.items()}
     expected = merged_model(make([f32(s) for s in stats]), f32(base), [f32(m) for m in models])
     merged = load_file(out)
     for name in SHAPES:
@@ -359,22 +414,58 @@ def test_fedmerge_merge_refuses_statistics_methods_without_their_files(tmp_path,
     out.mkdir()
 
     def failing(*options) -> str:
-        assert main(["merge", "--base", base_path, "--models", *paths, "--out", str(out / "m.safetensors"), "--quiet",
-                     *options]) == 2
+        assert (
+            main(
+                [
+                    "merge",
+                    "--base",
+                    base_path,
+                    "--models",
+                    *paths,
+                    "--out",
+                    str(out / "m.safetensors"),
+                    "--quiet",
+                    *options,
+                ]
+            )
+            == 2
+        )
         assert list(out.iterdir()) == []
         return capsys.readouterr().err
 
-    assert ("fedmerge: error: method 'regmean' merges by each model's linear layers' input Gram matrices, which a "
-            "checkpoint does not hold: give --statistics with one safetensors file per model" in failing("--method",
-                                                                                                        "regmean"))
+    assert (
+        "fedmerge: error: method 'regmean' merges by each model's linear layers' input Gram matrices, which a "
+        "checkpoint does not hold: give --statistics with one safetensors file per model"
+        in failing("--method", "regmean")
+    )
     assert "--statistics needs one file per model: 3 models, 2 files." in failing(
-        "--method", "fisher", "--statistics", *stat_paths[:2])
+        "--method", "fisher", "--statistics", *stat_paths[:2]
+    )
     assert "--statistics (statistics) is only used by methods 'fisher', 'regmean', not 'tsv-m'; drop it." in failing(
-        "--method", "tsv-m", "--statistics", *stat_paths)
+        "--method", "tsv-m", "--statistics", *stat_paths
+    )
     assert "--scaling: method 'fisher' has no λ of its own" in failing(
-        "--method", "fisher", "--statistics", *stat_paths, "--scaling", "1")
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", "fisher", "--statistics", *stat_paths,
-                 "--out", str(out / "m.safetensors"), "--quiet"]) == 0
+        "--method", "fisher", "--statistics", *stat_paths, "--scaling", "1"
+    )
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                base_path,
+                "--models",
+                *paths,
+                "--method",
+                "fisher",
+                "--statistics",
+                *stat_paths,
+                "--out",
+                str(out / "m.safetensors"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.cuda
@@ -405,7 +496,10 @@ def docs_block(page: str, marker: str) -> str:
 def test_the_docs_way_of_making_statistics_files_feeds_fedmerge_merge(tmp_path, monkeypatch):
     model, train_set = softmax_regression(num_classes=3, width=4)
     monkeypatch.chdir(tmp_path)
-    exec(docs_block("merging-checkpoints.md", "fisher_diagonal(model, train_set"), {"model": model, "train_set": train_set})
+    exec(
+        docs_block("merging-checkpoints.md", "fisher_diagonal(model, train_set"),
+        {"model": model, "train_set": train_set},
+    )
     fisher, grams = load_file("math.fisher.safetensors"), load_file("math.grams.safetensors")
     assert {k: tuple(v.shape) for k, v in fisher.items()} == {"weight": (3, 4), "bias": (3,)}
     assert {k: tuple(v.shape) for k, v in grams.items()} == {"weight": (4, 4)}
@@ -413,9 +507,27 @@ def test_the_docs_way_of_making_statistics_files_feeds_fedmerge_merge(tmp_path, 
     save_file(state, "base.safetensors")
     for name in ("math", "code"):
         save_file({k: v + 0.1 for k, v in state.items()}, f"{name}.safetensors")
-    assert main(["merge", "--base", "base.safetensors", "--models", "math.safetensors", "code.safetensors", "--method",
-                 "regmean", "--statistics", "math.grams.safetensors", "math.grams.safetensors", "--out",
-                 "merged.safetensors", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                "base.safetensors",
+                "--models",
+                "math.safetensors",
+                "code.safetensors",
+                "--method",
+                "regmean",
+                "--statistics",
+                "math.grams.safetensors",
+                "math.grams.safetensors",
+                "--out",
+                "merged.safetensors",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     torch.testing.assert_close(load_file("merged.safetensors")["weight"], state["weight"] + 0.1)
 
 
@@ -423,9 +535,15 @@ def test_the_client_contracts_example_replies_with_the_statistics_asked_for():
     model, trainset = softmax_regression(num_classes=3, width=4)
     body = docs_block("client-contract.md", "from fedmerge.clients.merging_statistics import")
     source = "def answer(msg, model, trainset, trained, metrics, config):\n" + "".join(
-        f"    {line}" for line in body.splitlines(keepends=True))
-    namespace = {"ArrayRecord": ArrayRecord, "RecordDict": RecordDict, "MetricRecord": MetricRecord, "Message": Message,
-                 "contract": contract}
+        f"    {line}" for line in body.splitlines(keepends=True)
+    )
+    namespace = {
+        "ArrayRecord": ArrayRecord,
+        "RecordDict": RecordDict,
+        "MetricRecord": MetricRecord,
+        "Message": Message,
+        "contract": contract,
+    }
     exec(source, namespace)
     trained = {k: v.detach().float() for k, v in model.state_dict().items()}
     msg = reply(1, np_(trained), num_examples=1)
@@ -443,8 +561,11 @@ def test_fedmerge_evaluate_refuses_them_before_any_work(tmp_path):
     from fedmerge.simulations.spec import Spec
 
     spec = Spec.from_dict({"name": "e", "suite": "digits", "clients": 2, "strategies": ["fedavg", "regmean"]})
-    with pytest.raises(FedmergeError, match=r"strategy 'regmean' merges by statistics of each client's training data "
-                                            r"\(grams\), which checkpoints do not hold: leave it out \(--strategy\), or "
-                                            r"merge with `fedmerge merge --method regmean --statistics \.\.\.`\."):
+    with pytest.raises(
+        FedmergeError,
+        match=r"strategy 'regmean' merges by statistics of each client's training data "
+        r"\(grams\), which checkpoints do not hold: leave it out \(--strategy\), or "
+        r"merge with `fedmerge merge --method regmean --statistics \.\.\.`\.",
+    ):
         evaluate_checkpoints(spec, tmp_path / "missing", [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     assert not (tmp_path / "out").exists()

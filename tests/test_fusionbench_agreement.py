@@ -26,7 +26,8 @@ from fedmerge.merging.rules.tsv import TsvRule
 FUSIONBENCH_PYTHON = Path(os.environ.get("FEDMERGE_FUSIONBENCH_PYTHON", "/nonexistent"))
 pytestmark = pytest.mark.skipif(
     not FUSIONBENCH_PYTHON.exists(),
-    reason="FusionBench's scratch environment is absent: set FEDMERGE_FUSIONBENCH_PYTHON to a Python with fusion-bench")
+    reason="FusionBench's scratch environment is absent: set FEDMERGE_FUSIONBENCH_PYTHON to a Python with fusion-bench",
+)
 
 # Runs in FusionBench's environment: each job merges the models' state dicts with one of its functions.
 RUNNER = """
@@ -60,8 +61,13 @@ out.update({f"regmean/{k}": v for k, v in regmean.items()})
 save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[3])
 """
 
-SHAPES = {"layer.q.weight": (48, 32), "layer.q.bias": (48,), "layer.fc.weight": (24, 48), "norm.weight": (32,),
-          "wide.weight": (6, 40)}
+SHAPES = {
+    "layer.q.weight": (48, 32),
+    "layer.q.bias": (48,),
+    "layer.fc.weight": (24, 48),
+    "norm.weight": (32,),
+    "wide.weight": (6, 40),
+}
 COUNT, ALPHA, FRACTION, FLOOR, WEIGHTS, ALPHA_REGMEAN = 4, 0.9, 0.8, 1e-6, [1.0, 2.0, 0.5, 1.5], 0.75
 # RegMean's α exact in float32: FusionBench builds its off-diagonal mask in float32 (0.7 would differ by ~1e-9).
 
@@ -69,7 +75,7 @@ COUNT, ALPHA, FRACTION, FLOOR, WEIGHTS, ALPHA_REGMEAN = 4, 0.9, 0.8, 1e-6, [1.0,
 def inputs():
     """A float64 base, fine-tunes sharing part of their update, Fishers of every tensor and Grams of the matrices."""
     gen = torch.Generator().manual_seed(5)
-    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)
     base = {k: randn(s) for k, s in SHAPES.items()}
     shared = {k: randn(s) for k, s in SHAPES.items()}
     models = [{k: base[k] + 0.1 * (shared[k] + randn(s)) for k, s in SHAPES.items()} for _ in range(COUNT)]
@@ -94,12 +100,28 @@ def fusionbench(tmp_path_factory) -> dict[str, torch.Tensor]:
         tensors |= {f"fisher{t}/{k}": v for k, v in fishers[t].items()}
         tensors |= {f"grams{t}/{k}": v for k, v in grams[t].items()}
     save_file(tensors, work / "inputs.safetensors")
-    jobs = {"count": COUNT, "alpha": ALPHA, "common_fraction": FRACTION, "floor": FLOOR, "weights": WEIGHTS,
-            "alpha_regmean": ALPHA_REGMEAN}
+    jobs = {
+        "count": COUNT,
+        "alpha": ALPHA,
+        "common_fraction": FRACTION,
+        "floor": FLOOR,
+        "weights": WEIGHTS,
+        "alpha_regmean": ALPHA_REGMEAN,
+    }
     (work / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run([str(FUSIONBENCH_PYTHON), "-c", RUNNER, str(work / "inputs.safetensors"),
-                             str(work / "jobs.json"), str(work / "outputs.safetensors")],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            str(FUSIONBENCH_PYTHON),
+            "-c",
+            RUNNER,
+            str(work / "inputs.safetensors"),
+            str(work / "jobs.json"),
+            str(work / "outputs.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(work / "outputs.safetensors")
 
@@ -121,5 +143,6 @@ def test_fedmerge_agrees_with_fusionbench(fusionbench, case):
     base, models, fishers, grams = inputs()
     ours = merged_model(make(fishers, grams), base, models, server_lr)
     for name in SHAPES:
-        np.testing.assert_allclose(ours[name].numpy(), fusionbench[f"{case}/{name}"].numpy(), rtol=1e-9, atol=1e-11,
-                                   err_msg=f"{case}/{name}")
+        np.testing.assert_allclose(
+            ours[name].numpy(), fusionbench[f"{case}/{name}"].numpy(), rtol=1e-9, atol=1e-11, err_msg=f"{case}/{name}"
+        )

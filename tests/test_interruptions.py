@@ -23,16 +23,34 @@ from processes import _proc_stat, descendants, seconds, stop, tail
 pytestmark = pytest.mark.slow
 
 FEDMERGE = [sys.executable, "-m", "fedmerge.cli"]
-LONG_RUN = ["--set", "suite=quadratic", "--set", "clients=2", "--set", "strategies=[\"fedavg\"]",
-            "--set", "rounds=[1, 3000]", "--set", "same_compute=false", "--set", "training.steps=[5, 10]",
-            "--set", "training.lr=0.1"]
+LONG_RUN = [
+    "--set",
+    "suite=quadratic",
+    "--set",
+    "clients=2",
+    "--set",
+    'strategies=["fedavg"]',
+    "--set",
+    "rounds=[1, 3000]",
+    "--set",
+    "same_compute=false",
+    "--set",
+    "training.steps=[5, 10]",
+    "--set",
+    "training.lr=0.1",
+]
 
 
 def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
     log = cwd / "output.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([*FEDMERGE, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            [*FEDMERGE, *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     return process, log
 
 
@@ -55,7 +73,7 @@ def wait_for_exit(process: subprocess.Popen, log: Path, within: float) -> int:
 
 def assert_all_gone(processes: list[tuple[int, str]], within: float = 15) -> None:
     deadline = time.monotonic() + seconds(within)
-    while (alive := [pid for pid, started in processes if (stat := _proc_stat(pid)) and stat[1] == started]):
+    while alive := [pid for pid, started in processes if (stat := _proc_stat(pid)) and stat[1] == started]:
         if time.monotonic() > deadline:
             raise AssertionError(f"processes the run started are still alive: {alive}")
         time.sleep(0.2)
@@ -89,7 +107,8 @@ def children(process: subprocess.Popen, name: bytes) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_sweep_stopped_exits_promptly_keeping_finished_cells(tmp_path, sig):
-    (tmp_path / "sweep.toml").write_text(textwrap.dedent("""
+    (tmp_path / "sweep.toml").write_text(
+        textwrap.dedent("""
         name = "interrupted"
         [base]
         preset = "quadratic"
@@ -99,7 +118,8 @@ def test_a_sweep_stopped_exits_promptly_keeping_finished_cells(tmp_path, sig):
         training = { steps = [5, 10], lr = 0.1 }
         [grid]
         rounds = [[1], [1, 3000]]
-    """))
+    """)
+    )
     process, log = start(["sweep", "sweep.toml", "--out", "sweep"], tmp_path)
     wait_for_line(process, log, r"^\[2/2\]")
     wait_for_line(process, log, r"fedavg: round 3/3000")
@@ -179,5 +199,9 @@ def test_a_merge_stopped_while_it_writes_leaves_nothing(tmp_path, sig):
         time.sleep(0.005)
     process.send_signal(sig)
     assert_stopped_cleanly(process, log, sig, within=10)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors",
-                                                          "output.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.safetensors",
+        "b.safetensors",
+        "base.safetensors",
+        "output.log",
+    ]

@@ -24,14 +24,32 @@ def federation(num_clients=3, seed=0):
     """Global arrays with a linear and an embedding adapter, the clients' trained ones, their replies, and each
     adapted layer's dense updates (T, *shape), written out here."""
     rng = np.random.default_rng(seed)
-    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
-    base = {W: normal(6, 5), A: normal(2, 5), B: np.zeros((6, 2), np.float32), "head.bias": normal(6),
-            E: normal(7, 4), EA: normal(2, 7), EB: normal(4, 2)}
-    clients = [{**base, A: base[A] + 0.1 * normal(2, 5), B: normal(6, 2), "head.bias": base["head.bias"] + normal(6),
-                EA: base[EA] + 0.1 * normal(2, 7), EB: normal(4, 2)} for _ in range(num_clients)]
+    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+    base = {
+        W: normal(6, 5),
+        A: normal(2, 5),
+        B: np.zeros((6, 2), np.float32),
+        "head.bias": normal(6),
+        E: normal(7, 4),
+        EA: normal(2, 7),
+        EB: normal(4, 2),
+    }
+    clients = [
+        {
+            **base,
+            A: base[A] + 0.1 * normal(2, 5),
+            B: normal(6, 2),
+            "head.bias": base["head.bias"] + normal(6),
+            EA: base[EA] + 0.1 * normal(2, 7),
+            EB: normal(4, 2),
+        }
+        for _ in range(num_clients)
+    ]
     replies = [reply(t + 1, c, num_examples=10, num_steps=5, lr_sum=0.5) for t, c in enumerate(clients)]
-    dense = {W: np.stack([S * (c[B] @ c[A] - base[B] @ base[A]) for c in clients]),
-             E: np.stack([S * (c[EB] @ c[EA] - base[EB] @ base[EA]).T for c in clients])}
+    dense = {
+        W: np.stack([S * (c[B] @ c[A] - base[B] @ base[A]) for c in clients]),
+        E: np.stack([S * (c[EB] @ c[EA] - base[EB] @ base[EA]).T for c in clients]),
+    }
     return base, clients, replies, dense
 
 
@@ -44,7 +62,9 @@ def test_dense_fedavg_is_the_mean_of_the_clients_dense_updates_folded_into_the_b
     assert np.array_equal(merged[A].numpy(), base[A]) and not merged[B].numpy().any()  # adapters restart at B = 0
     assert np.array_equal(merged[EA].numpy(), base[EA]) and not merged[EB].numpy().any()
     bias = np.mean([c["head.bias"] for c in clients], 0)
-    np.testing.assert_allclose(merged["head.bias"].numpy(), base["head.bias"] + 1.5 * (bias - base["head.bias"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        merged["head.bias"].numpy(), base["head.bias"] + 1.5 * (bias - base["head.bias"]), rtol=1e-5
+    )
     assert list(merged) == list(base)
 
 
@@ -61,11 +81,16 @@ def test_every_rule_merges_the_dense_updates_exactly(name):
     base, clients, replies, dense = federation(4)
     strategy = STRATEGIES[name](lora="dense", lora_scaling=S)
     merged, _ = strategy.merge_replies(1, replies, arrays_record(base))
-    updates = [{W: torch.tensor(d), "head.bias": torch.tensor(c["head.bias"] - base["head.bias"]), E: torch.tensor(e)}
-               for d, e, c in zip(dense[W], dense[E], clients)]
+    updates = [
+        {W: torch.tensor(d), "head.bias": torch.tensor(c["head.bias"] - base["head.bias"]), E: torch.tensor(e)}
+        for d, e, c in zip(dense[W], dense[E], clients)
+    ]
     fresh = STRATEGIES[name](lora="dense", lora_scaling=S)  # CCLIP's center moves after a round: a fresh strategy
-    rule = (DareRule(0.2, 0, True, clients=[1, 2, 3, 4], draw=1) if name == "dare-ties"  # round 1's draws
-            else fresh.build_rule(check_replies(replies, arrays_record(base), (), fresh.roles)[0], None))
+    rule = (
+        DareRule(0.2, 0, True, clients=[1, 2, 3, 4], draw=1)
+        if name == "dare-ties"  # round 1's draws
+        else fresh.build_rule(check_replies(replies, arrays_record(base), (), fresh.roles)[0], None)
+    )
     delta = merge(rule, updates)
     np.testing.assert_allclose(merged[W].numpy(), base[W] + delta[W].numpy(), rtol=1e-5, atol=1e-6)
     start = S * (base[EB] @ base[EA]).T
@@ -94,9 +119,19 @@ def test_dense_needs_the_base_weights_and_both_factors():
 @pytest.mark.parametrize("name, options", [("fedavg", {}), ("fednova", {"normalize_by": "steps"})])
 def test_stack_equals_dense_for_weighted_sums(name, options):
     base, _, replies, dense = federation(3)
-    unequal = [reply(t + 1, {k: v.numpy() for k, v in RecordTensors(r.content["arrays"]).items()}, num_examples=10,
-                     num_steps=3 * (t + 1), lr_sum=0.5) for t, r in enumerate(replies)]
-    stacked, metrics = STRATEGIES[name](lora="stack", lora_scaling=S, **options).merge_replies(1, unequal, arrays_record(base))
+    unequal = [
+        reply(
+            t + 1,
+            {k: v.numpy() for k, v in RecordTensors(r.content["arrays"]).items()},
+            num_examples=10,
+            num_steps=3 * (t + 1),
+            lr_sum=0.5,
+        )
+        for t, r in enumerate(replies)
+    ]
+    stacked, metrics = STRATEGIES[name](lora="stack", lora_scaling=S, **options).merge_replies(
+        1, unequal, arrays_record(base)
+    )
     exact, _ = STRATEGIES[name](lora="dense", lora_scaling=S, **options).merge_replies(1, unequal, arrays_record(base))
     for key in base:
         np.testing.assert_allclose(stacked[key].numpy(), exact[key].numpy(), rtol=1e-5, atol=1e-6)
@@ -116,7 +151,9 @@ def test_peft_names_are_read_by_one_parser():
     assert parse_lora_name(EB) == LoraName("m.emb", "B", embedding=True)
     assert parse_lora_name("base_model.model.x.lora_embedding_A") == LoraName("base_model.model.x", "A", embedding=True)
     assert parse_lora_name("base_model.model.x.lora_B.weight") == LoraName("base_model.model.x", "B")  # saved files
-    assert [parse_lora_name(n) for n in ("m.q.weight", "m.q.lora_magnitude_vector.default.weight", "lora_A")] == [None] * 3
+    assert [parse_lora_name(n) for n in ("m.q.weight", "m.q.lora_magnitude_vector.default.weight", "lora_A")] == [
+        None
+    ] * 3
 
 
 class CountedOnDevice(OnDevice):
@@ -145,10 +182,15 @@ def test_dense_updates_learn_shapes_from_metadata_and_read_no_base_weight_onto_t
 def test_other_lora_tensors_are_refused_by_stack_and_dense_naming_them():
     base, clients, _, _ = federation()
     magnitude = "m.q.lora_magnitude_vector.default.weight"  # DoRA's
-    base, clients = {**base, magnitude: np.ones(6, np.float32)}, [{**c, magnitude: np.ones(6, np.float32)} for c in clients]
+    base, clients = (
+        {**base, magnitude: np.ones(6, np.float32)},
+        [{**c, magnitude: np.ones(6, np.float32)} for c in clients],
+    )
     replies = [reply(t + 1, c, num_examples=10) for t, c in enumerate(clients)]
     for mode in ("stack", "dense"):
-        with pytest.raises(FedmergeError, match=f"tensor '{magnitude}' belongs to a LoRA adapter but is neither a factor"):
+        with pytest.raises(
+            FedmergeError, match=f"tensor '{magnitude}' belongs to a LoRA adapter but is neither a factor"
+        ):
             FedAvg(lora=mode, lora_scaling=S).merge_replies(1, replies, arrays_record(base))
     merged, _ = FedAvg().merge_replies(1, replies, arrays_record(base))  # factors: every tensor apart, as asked
     assert np.array_equal(merged[magnitude].numpy(), base[magnitude])
@@ -159,7 +201,9 @@ def test_factors_that_do_not_make_the_base_weight_are_refused_naming_the_layer()
     conv1d = {W: base[W].T.copy()}  # a (in, out) weight, as GPT-2's Conv1D stores it (fan_in_fan_out)
     replies = [reply(t + 1, {**c, **conv1d}, num_examples=10) for t, c in enumerate(clients)]
     for mode in ("stack", "dense"):
-        with pytest.raises(FedmergeError, match=r"LoRA layer 'm.q': factors .* do not make its base weight's shape \[5, 6\]"):
+        with pytest.raises(
+            FedmergeError, match=r"LoRA layer 'm.q': factors .* do not make its base weight's shape \[5, 6\]"
+        ):
             FedAvg(lora=mode, lora_scaling=S).merge_replies(1, replies, arrays_record({**base, **conv1d}))
 
 
@@ -169,8 +213,14 @@ def test_fedavg_of_adapters_with_an_embedding_is_the_mean_of_peft_merge_and_unlo
     folding: the merged base weights (B restarting at 0) are the mean of the clients' merge_and_unload()."""
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=300)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
     model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora)
     start = {n: v.detach().clone() for n, v in model.state_dict().items()}
@@ -183,7 +233,7 @@ def test_fedavg_of_adapters_with_an_embedding_is_the_mean_of_peft_merge_and_unlo
         return {n: v.detach() for n, v in copied.merge_and_unload().state_dict().items()}
 
     expected = [folded(c) for c in clients]
-    numpy = lambda tensors: {n: v.numpy() for n, v in tensors.items()}  # noqa: E731
+    numpy = lambda tensors: {n: v.numpy() for n, v in tensors.items()}
     replies = [reply(t + 1, numpy(c), num_examples=10) for t, c in enumerate(clients)]
     merged, _ = FedAvg(lora=mode, lora_scaling=8 / 4).merge_replies(1, replies, arrays_record(numpy(start)))
     for name in (n for n in start if ".lora_" not in n):
@@ -209,13 +259,26 @@ def lora_run(request, tmp_path_factory):
     mode, folder = request.param, tmp_path_factory.mktemp(f"lora-{request.param}")
     tiny_llama(folder / "model")
     tasks = [write_jsonl(folder / "addition.jsonl", addition(40)), write_jsonl(folder / "sevens.jsonl", sevens(40))]
-    spec = Spec.from_dict({
-        "name": f"lora-{mode}", "suite": "causal-lm", "clients": 2, "strategies": STRATEGIES_OF[mode], "rounds": [1, 2],
-        "suite_options": {"model": str(folder / "model"), "tasks": tasks, "max_new_tokens": 12, "val_fraction": 0.2,
-                          "test_fraction": 0.2, "lora_r": 4, "lora_alpha": 8},
-        "server": {"lora": mode},
-        "training": {"optimizer": "adamw", "lr": 1e-2, "steps": 30, "batch_size": 8},
-    })
+    spec = Spec.from_dict(
+        {
+            "name": f"lora-{mode}",
+            "suite": "causal-lm",
+            "clients": 2,
+            "strategies": STRATEGIES_OF[mode],
+            "rounds": [1, 2],
+            "suite_options": {
+                "model": str(folder / "model"),
+                "tasks": tasks,
+                "max_new_tokens": 12,
+                "val_fraction": 0.2,
+                "test_fraction": 0.2,
+                "lora_r": 4,
+                "lora_alpha": 8,
+            },
+            "server": {"lora": mode},
+            "training": {"optimizer": "adamw", "lr": 1e-2, "steps": 30, "batch_size": 8},
+        }
+    )
     with pytest.MonkeyPatch.context() as patch:  # the Ray workers inherit the environment
         patch.setenv("FEDMERGE_CACHE", str(folder / "cache"))
         patch.setenv("HF_HUB_OFFLINE", "1")
@@ -234,7 +297,9 @@ def test_a_lora_run_merges_as_its_aggregation_says(lora_run):
 
     mode, run_dir, fed = lora_run
     results = json.loads((run_dir / "results.json").read_text())
-    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [(s, r) for r in (1, 2) for s in STRATEGIES_OF[mode]]
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [
+        (s, r) for r in (1, 2) for s in STRATEGIES_OF[mode]
+    ]
     own, pretrained = [c["own"]["test"]["loss"] for c in results["clients"]], results["pretrained"]["tasks"]
     assert all(o < p["loss"] for o, p in zip(own, pretrained))  # the adapters learn their tasks
     model = load_file(run_dir / "models" / f"{STRATEGIES_OF[mode][0]}-r2.safetensors")

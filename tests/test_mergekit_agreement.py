@@ -22,12 +22,15 @@ from fedmerge.merging.rules.karcher import KarcherRule
 from fedmerge.merging.rules.model_stock import ModelStockRule
 from fedmerge.merging.rules.slerp import SlerpRule
 
-MERGEKIT_PYTHON = Path(os.environ.get("FEDMERGE_MERGEKIT_PYTHON")
-                       or Path(__file__).resolve().parents[1] / "benchmarks" / ".mergekit-venv" / "bin" / "python")
+MERGEKIT_PYTHON = Path(
+    os.environ.get("FEDMERGE_MERGEKIT_PYTHON")
+    or Path(__file__).resolve().parents[1] / "benchmarks" / ".mergekit-venv" / "bin" / "python"
+)
 pytestmark = pytest.mark.skipif(
     not MERGEKIT_PYTHON.exists(),
     reason=f"mergekit's scratch environment is absent: no {MERGEKIT_PYTHON} (FEDMERGE_MERGEKIT_PYTHON, default "
-           "benchmarks/.mergekit-venv/bin/python, which python benchmarks/merge.py makes)")
+    "benchmarks/.mergekit-venv/bin/python, which python benchmarks/merge.py makes)",
+)
 
 # Runs in mergekit's environment: each job merges one tensor with mergekit.merge_methods.merge_tensors, or, for
 # "della_keep", runs mergekit's DELLA pruning with torch.bernoulli replaced by its argument (so the result is
@@ -60,8 +63,10 @@ def models() -> tuple[dict, list[dict]]:
     gen = torch.Generator().manual_seed(11)
     base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
     shared = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
-    return base, [{k: base[k] + 0.2 * (shared[k] + torch.randn(s, generator=gen)) for k, s in SHAPES.items()}
-                  for _ in range(NUM_MODELS)]
+    return base, [
+        {k: base[k] + 0.2 * (shared[k] + torch.randn(s, generator=gen)) for k, s in SHAPES.items()}
+        for _ in range(NUM_MODELS)
+    ]
 
 
 def near_colinear(model: dict) -> dict:
@@ -71,10 +76,22 @@ def near_colinear(model: dict) -> dict:
 
 
 FEDMERGE = {  # name: (inputs, fedmerge rule, β, mergekit method, mergekit parameters, base_index)
-    "breadcrumbs": ("base+models", BreadcrumbsRule(0.3, 0.05), 0.5 * NUM_MODELS,  # λ = 0.5: β = λ·T
-                    "breadcrumbs", {"weight": 0.5, "density": 0.3, "gamma": 0.05}, 0),
-    "breadcrumbs-ties": ("base+models", BreadcrumbsRule(0.2, 0.1, True, [1, 2, 3]), 1.0,
-                         "breadcrumbs_ties", {"weight": [1.0, 2.0, 3.0], "density": 0.2, "gamma": 0.1, "normalize": True}, 0),
+    "breadcrumbs": (
+        "base+models",
+        BreadcrumbsRule(0.3, 0.05),
+        0.5 * NUM_MODELS,  # λ = 0.5: β = λ·T
+        "breadcrumbs",
+        {"weight": 0.5, "density": 0.3, "gamma": 0.05},
+        0,
+    ),
+    "breadcrumbs-ties": (
+        "base+models",
+        BreadcrumbsRule(0.2, 0.1, True, [1, 2, 3]),
+        1.0,
+        "breadcrumbs_ties",
+        {"weight": [1.0, 2.0, 3.0], "density": 0.2, "gamma": 0.1, "normalize": True},
+        0,
+    ),
     "slerp": ("2 models", SlerpRule(0.3), 1.0, "slerp", {"t": 0.3}, 0),
     "slerp-colinear": ("colinear", SlerpRule(0.7), 1.0, "slerp", {"t": 0.7}, 0),
     "karcher": ("models", KarcherRule(), 1.0, "karcher", {}, None),
@@ -90,18 +107,43 @@ def mergekit(tmp_path_factory) -> dict[str, torch.Tensor]:
     inputs = {f"base/{k}": v for k, v in base.items()}
     inputs |= {f"m{t}/{k}": v for t, model in enumerate(fine_tunes) for k, v in model.items()}
     inputs |= {f"colinear/{k}": v for k, v in near_colinear(fine_tunes[0]).items()}
-    names = {"base+models": ["base", *(f"m{t}" for t in range(NUM_MODELS))], "models": [f"m{t}" for t in range(NUM_MODELS)],
-             "2 models": ["m0", "m1"], "colinear": ["m0", "colinear"]}
-    jobs = {f"{case}/{k}": {"method": method, "inputs": [f"{m}/{k}" for m in names[which]], "parameters": params,
-                            "base_index": base_index}
-            for case, (which, _, _, method, params, base_index) in FEDMERGE.items() for k in SHAPES}
-    jobs |= {f"della-keep/{t}/{k}": {"method": "della_keep", "inputs": [f"tau{t}/{k}"], "density": 0.3, "epsilon": 0.2}
-             for t in range(NUM_MODELS) for k in SHAPES}
+    names = {
+        "base+models": ["base", *(f"m{t}" for t in range(NUM_MODELS))],
+        "models": [f"m{t}" for t in range(NUM_MODELS)],
+        "2 models": ["m0", "m1"],
+        "colinear": ["m0", "colinear"],
+    }
+    jobs = {
+        f"{case}/{k}": {
+            "method": method,
+            "inputs": [f"{m}/{k}" for m in names[which]],
+            "parameters": params,
+            "base_index": base_index,
+        }
+        for case, (which, _, _, method, params, base_index) in FEDMERGE.items()
+        for k in SHAPES
+    }
+    jobs |= {
+        f"della-keep/{t}/{k}": {"method": "della_keep", "inputs": [f"tau{t}/{k}"], "density": 0.3, "epsilon": 0.2}
+        for t in range(NUM_MODELS)
+        for k in SHAPES
+    }
     inputs |= {f"tau{t}/{k}": model[k] - base[k] for t, model in enumerate(fine_tunes) for k in SHAPES}
     save_file(inputs, work / "inputs.safetensors")
     (work / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run([str(MERGEKIT_PYTHON), "-c", RUNNER, str(work / "inputs.safetensors"), str(work / "jobs.json"),
-                             str(work / "outputs.safetensors")], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            str(MERGEKIT_PYTHON),
+            "-c",
+            RUNNER,
+            str(work / "inputs.safetensors"),
+            str(work / "jobs.json"),
+            str(work / "outputs.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(work / "outputs.safetensors")
 
@@ -112,7 +154,9 @@ def test_fedmerge_agrees_with_mergekit(mergekit, case):
     the Karcher mean and Model Stock: the same numbers up to float32 rounding."""
     which, rule, server_lr, *_ = FEDMERGE[case]
     base, fine_tunes = models()
-    chosen = {"2 models": fine_tunes[:2], "colinear": [fine_tunes[0], near_colinear(fine_tunes[0])]}.get(which, fine_tunes)
+    chosen = {"2 models": fine_tunes[:2], "colinear": [fine_tunes[0], near_colinear(fine_tunes[0])]}.get(
+        which, fine_tunes
+    )
     ours = merged_model(rule, base, chosen, server_lr)
     for name in SHAPES:
         theirs = mergekit[f"{case}/{name}"]
@@ -128,5 +172,10 @@ def test_della_keep_probabilities_are_mergekits(mergekit):
             tau = model[name] - base[name]
             n = row_length(torch.Size(shape))
             q = keep_probabilities(tau.abs().reshape(-1, n), 0.3, 0.2).view(shape)
-            np.testing.assert_allclose((tau * q).numpy(), mergekit[f"della-keep/{t}/{name}"].numpy(), rtol=1e-6,
-                                       atol=1e-7, err_msg=f"model {t}: {name}")
+            np.testing.assert_allclose(
+                (tau * q).numpy(),
+                mergekit[f"della-keep/{t}/{name}"].numpy(),
+                rtol=1e-6,
+                atol=1e-7,
+                err_msg=f"model {t}: {name}",
+            )

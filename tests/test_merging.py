@@ -9,9 +9,31 @@ import torch
 
 from fedmerge import FedmergeError
 from fedmerge.merging import (
-    METHODS, CClipRule, DareRule, FedAvgRule, FedGMARule, FedNovaRule, MeanDirectionRule, MedianRule, OnDevice, TaskVector,
-    TiesRule, cclip, chi_square, effective_weights, fedavg, fedgma, fednova, iter_merge, iter_merged_model,
-    mean_direction, median, merge, merged_model, scaling_to_server_lr, server_lr_to_scaling,
+    METHODS,
+    CClipRule,
+    DareRule,
+    FedAvgRule,
+    FedGMARule,
+    FedNovaRule,
+    MeanDirectionRule,
+    MedianRule,
+    OnDevice,
+    TaskVector,
+    TiesRule,
+    cclip,
+    chi_square,
+    effective_weights,
+    fedavg,
+    fedgma,
+    fednova,
+    iter_merge,
+    iter_merged_model,
+    mean_direction,
+    median,
+    merge,
+    merged_model,
+    scaling_to_server_lr,
+    server_lr_to_scaling,
 )
 from fedmerge.merging import diagnostics, tensors
 from fedmerge.merging.rules.median import selection_network
@@ -37,7 +59,9 @@ def stacked(task_vectors, name):
 
 def assert_close(a, b, tol=1e-5):
     for k in a:
-        np.testing.assert_allclose(np.asarray(a[k], dtype=np.float64), np.asarray(b[k], dtype=np.float64), atol=tol, rtol=tol)
+        np.testing.assert_allclose(
+            np.asarray(a[k], dtype=np.float64), np.asarray(b[k], dtype=np.float64), atol=tol, rtol=tol
+        )
 
 
 def task_arithmetic(base, models, scaling):
@@ -86,8 +110,15 @@ def test_identical_clients_give_that_clients_model_back_under_every_rule():
     gen = torch.Generator().manual_seed(3)
     base, client = random_model(gen), random_model(gen)
     models = [client] * 4
-    rules = [FedAvgRule(), FedNovaRule([3, 3, 3, 3]), FedGMARule(0.7), MedianRule(), MedianRule("lower"),
-             CClipRule(radius=1e6), CClipRule(radius=None, iterations=3)]
+    rules = [
+        FedAvgRule(),
+        FedNovaRule([3, 3, 3, 3]),
+        FedGMARule(0.7),
+        MedianRule(),
+        MedianRule("lower"),
+        CClipRule(radius=1e6),
+        CClipRule(radius=None, iterations=3),
+    ]
     for rule in rules:
         assert_close(merged_model(rule, base, models), client, tol=1e-6)
 
@@ -153,7 +184,7 @@ def test_low_precision_tensors_keep_their_dtype_and_accumulate_in_float32():
         for k in SHAPES:
             assert rule_result[k].dtype == torch.bfloat16
             # one rounding to bf16 at the end, not one per client
-            np.testing.assert_allclose(rule_result[k].double().numpy(), reference[k], rtol=2 ** -8, atol=1e-6)
+            np.testing.assert_allclose(rule_result[k].double().numpy(), reference[k], rtol=2**-8, atol=1e-6)
     merged = merged_model(FedAvgRule(), base, models)
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
 
@@ -235,9 +266,18 @@ def test_bad_parameters_name_the_culprit(call, message):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m.update(w=torch.zeros(18, 9)), r"client 1: tensor 'w' has shape \(18, 9\) but the base's has \(17, 9\)"),
-        (lambda m: m.update(w=torch.zeros(9, 17)), r"client 1: tensor 'w' has shape \(9, 17\) but the base's has \(17, 9\)"),
-        (lambda m: m.update(b=torch.zeros(9, dtype=torch.float64)), r"client 1: tensor 'b' is torch.float64 but the base's is torch.float32"),
+        (
+            lambda m: m.update(w=torch.zeros(18, 9)),
+            r"client 1: tensor 'w' has shape \(18, 9\) but the base's has \(17, 9\)",
+        ),
+        (
+            lambda m: m.update(w=torch.zeros(9, 17)),
+            r"client 1: tensor 'w' has shape \(9, 17\) but the base's has \(17, 9\)",
+        ),
+        (
+            lambda m: m.update(b=torch.zeros(9, dtype=torch.float64)),
+            r"client 1: tensor 'b' is torch.float64 but the base's is torch.float32",
+        ),
         (lambda m: m.pop("b"), r"client 1 lacks tensor 'b'"),
         (lambda m: m.update(extra=torch.zeros(2)), r"client 1 has tensor 'extra', which is not among the base's"),
     ],
@@ -246,8 +286,12 @@ def test_every_entrance_refuses_clients_that_do_not_fit_the_base(edit, message):
     base, models, _ = setup(3)
     edit(models[1])
     tvs = [TaskVector(m, base) for m in models]
-    for call in (lambda: merged_model(FedAvgRule(), base, models), lambda: fedavg(tvs), lambda: median(tvs),
-                 lambda: list(iter_merge(CClipRule(1.0), tvs))):
+    for call in (
+        lambda: merged_model(FedAvgRule(), base, models),
+        lambda: fedavg(tvs),
+        lambda: median(tvs),
+        lambda: list(iter_merge(CClipRule(1.0), tvs)),
+    ):
         with pytest.raises(FedmergeError, match=message):
             call()
 
@@ -331,11 +375,19 @@ def poisoned(num_clients=4):
     return base, models, [1.0] * (num_clients - 1) + [0.0]
 
 
-@pytest.mark.parametrize("make_rule", [
-    lambda w: FedAvgRule(w), lambda w: FedNovaRule([1, 2, 3, 4][: len(w)], w), lambda w: FedGMARule(0.6, w),
-    lambda w: CClipRule(None, 2, None, w), lambda w: CClipRule(0.5, 1, None, w), lambda w: TiesRule(0.3, w),
-    lambda w: DareRule(0.5, 3, False, w), lambda w: DareRule(0.5, 3, True, w),
-])
+@pytest.mark.parametrize(
+    "make_rule",
+    [
+        lambda w: FedAvgRule(w),
+        lambda w: FedNovaRule([1, 2, 3, 4][: len(w)], w),
+        lambda w: FedGMARule(0.6, w),
+        lambda w: CClipRule(None, 2, None, w),
+        lambda w: CClipRule(0.5, 1, None, w),
+        lambda w: TiesRule(0.3, w),
+        lambda w: DareRule(0.5, 3, False, w),
+        lambda w: DareRule(0.5, 3, True, w),
+    ],
+)
 def test_a_client_of_weight_zero_is_absent_under_every_weighted_rule(make_rule):
     base, models, weights = poisoned()
     norms = np.zeros(4)
@@ -368,11 +420,13 @@ DEVICE_SHAPES = {"w": (70, 90), "b": (90,), "scale": ()}  # "w" spans several ch
 def device_models(num_clients, dtype=torch.float32, device="cpu"):
     """A base and fine-tunes with floating tensors, an integer counter and a boolean mask, on ``device``."""
     gen = torch.Generator().manual_seed(num_clients)
+
     def model(k):
         tensors = {n: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for n, s in DEVICE_SHAPES.items()}
         tensors["count"] = torch.tensor([100 + 3 * k, 7])
         tensors["mask"] = torch.rand(5, generator=gen) > 0.5
         return {n: t.to(device) for n, t in tensors.items()}
+
     return model(0), [model(k + 1) for k in range(num_clients)]
 
 
@@ -381,7 +435,7 @@ def device_rules(num_clients, center=None):
     weights = list(range(1, num_clients + 1))
     return {
         "fedavg": FedAvgRule(weights),
-        "fednova": FedNovaRule([2.0 ** k for k in range(num_clients)], weights),
+        "fednova": FedNovaRule([2.0**k for k in range(num_clients)], weights),
         "mean-direction": MeanDirectionRule(weights),
         "fedgma": FedGMARule(0.6, weights),
         "median": MedianRule(),
@@ -447,14 +501,25 @@ def test_a_cclip_center_may_hold_the_floating_tensors_only():
     base, models = device_models(3)
     center = {n: 0.1 * (models[0][n] - base[n]) for n in DEVICE_SHAPES}  # as the CClip strategy keeps Δ
     full = {**center, "count": torch.zeros(2, dtype=torch.int64), "mask": torch.zeros(5, dtype=torch.bool)}
-    assert_close(merged_model(CClipRule(None, 2, center), base, models), merged_model(CClipRule(None, 2, full), base, models), tol=0)
+    assert_close(
+        merged_model(CClipRule(None, 2, center), base, models),
+        merged_model(CClipRule(None, 2, full), base, models),
+        tol=0,
+    )
 
 
-@pytest.mark.parametrize("view", [
-    torch.arange(60.0).reshape(3, 4, 5).permute(2, 0, 1), torch.arange(20.0).reshape(4, 5).T,
-    torch.arange(5.0).expand(7, 5), torch.arange(120.0).reshape(4, 5, 6)[:, ::2, 1:],
-    torch.arange(8.0).reshape(2, 1, 4).expand(2, 3, 4), torch.arange(30.0).reshape(5, 6)[1:4],
-], ids=["permuted", "transposed", "expanded", "strided", "expanded-3d", "rows"])
+@pytest.mark.parametrize(
+    "view",
+    [
+        torch.arange(60.0).reshape(3, 4, 5).permute(2, 0, 1),
+        torch.arange(20.0).reshape(4, 5).T,
+        torch.arange(5.0).expand(7, 5),
+        torch.arange(120.0).reshape(4, 5, 6)[:, ::2, 1:],
+        torch.arange(8.0).reshape(2, 1, 4).expand(2, 3, 4),
+        torch.arange(30.0).reshape(5, 6)[1:4],
+    ],
+    ids=["permuted", "transposed", "expanded", "strided", "expanded-3d", "rows"],
+)
 def test_a_flat_slice_of_a_strided_tensor_is_its_row_major_elements(view):
     flat = view.reshape(-1)
     for start in range(flat.numel() + 1):
@@ -496,8 +561,16 @@ def test_no_name_of_the_merging_package_shadows_one_of_its_modules():
     for name in (m.name for m in pkgutil.iter_modules(package.__path__)):
         assert isinstance(getattr(package, name, package), types.ModuleType), name  # a module, or not yet imported
     rules = importlib.import_module("fedmerge.merging.rules")
-    assert {m.name for m in pkgutil.iter_modules(rules.__path__)} >= {"cclip", "dare", "fedavg", "fedgma", "fednova",
-                                                                     "mean_direction", "median", "ties"}
+    assert {m.name for m in pkgutil.iter_modules(rules.__path__)} >= {
+        "cclip",
+        "dare",
+        "fedavg",
+        "fedgma",
+        "fednova",
+        "mean_direction",
+        "median",
+        "ties",
+    }
     assert module.__name__ == "fedmerge.merging.rules.cclip" and module.cclip is package.cclip
     assert all(not isinstance(getattr(package, name), types.ModuleType) for name in package.__all__)
 
@@ -508,7 +581,7 @@ def on(device, tensors, dtype=None):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunk", [1000, None], ids=["small-chunks", "device-chunks"])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2 ** -7)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2**-7)])
 @pytest.mark.parametrize("num_clients", [4, 33])
 @pytest.mark.parametrize("rule_name", list(device_rules(4)))
 def test_every_rule_on_cuda_equals_the_cpu(monkeypatch, rule_name, num_clients, dtype, tol, chunk):
@@ -518,9 +591,13 @@ def test_every_rule_on_cuda_equals_the_cpu(monkeypatch, rule_name, num_clients, 
     base, models = device_models(num_clients, dtype)
     center = {n: 0.1 * (models[0][n] - base[n]).float() for n in DEVICE_SHAPES}
     cpu_norms, cuda_norms = np.zeros(num_clients), np.zeros(num_clients)
-    want = dict(iter_merged_model(device_rules(num_clients, center)[rule_name], base, models, 0.7, squared_norms=cpu_norms))
+    want = dict(
+        iter_merged_model(device_rules(num_clients, center)[rule_name], base, models, 0.7, squared_norms=cpu_norms)
+    )
     rule = device_rules(num_clients, on("cuda", center))[rule_name]
-    got = dict(iter_merged_model(rule, on("cuda", base), [on("cuda", m) for m in models], 0.7, squared_norms=cuda_norms))
+    got = dict(
+        iter_merged_model(rule, on("cuda", base), [on("cuda", m) for m in models], 0.7, squared_norms=cuda_norms)
+    )
     assert all(t.device.type == "cuda" and t.dtype == want[n].dtype for n, t in got.items())
     assert_close(on("cpu", got, torch.float64), on("cpu", want, torch.float64), tol=tol)
     assert torch.equal(got["count"].cpu(), want["count"]) and torch.equal(got["mask"].cpu(), want["mask"])
@@ -542,10 +619,16 @@ def test_a_cuda_base_with_cpu_clients_and_plain_task_vectors_on_cuda(rule_name):
     assert_close(on("cpu", got), merge(device_rules(5, center)[rule_name], tvs))
 
 
-@pytest.mark.parametrize("center, message", [
-    ({"w": torch.zeros(3)}, r"the center lacks tensor 'b' or holds it in another shape"),
-    ({"w": torch.zeros(2), "b": torch.zeros(1)}, r"the center lacks tensor 'w' or holds it in another shape than the model's \(3,\)"),
-])
+@pytest.mark.parametrize(
+    "center, message",
+    [
+        ({"w": torch.zeros(3)}, r"the center lacks tensor 'b' or holds it in another shape"),
+        (
+            {"w": torch.zeros(2), "b": torch.zeros(1)},
+            r"the center lacks tensor 'w' or holds it in another shape than the model's \(3,\)",
+        ),
+    ],
+)
 def test_a_cclip_center_of_another_model_is_refused_naming_the_tensor(center, message):
     base = {"w": torch.zeros(3), "b": torch.zeros(1)}
     clients = [{"w": torch.randn(3), "b": torch.randn(1)} for _ in range(3)]
@@ -594,7 +677,9 @@ def test_the_one_shot_grid_is_each_methods_own_lambda_and_reaches_the_mean_at_ev
         assert betas == sorted(set(betas)) and min(betas) <= 1.0 <= max(betas), method.name  # β = 1 always tried
         own = {round(scaling, 12) for scaling, _ in grid}
         assert set(PAPER_GRID) <= own, method.name  # the paper's grid in the method's own λ
-        assert all(beta == pytest.approx(scaling_to_server_lr(scaling, clients, method.scale)) for scaling, beta in grid)
+        assert all(
+            beta == pytest.approx(scaling_to_server_lr(scaling, clients, method.scale)) for scaling, beta in grid
+        )
     assert len(search_grid(20, "sum")) == len(PAPER_GRID) and len(search_grid(21, "sum")) > len(PAPER_GRID)
     assert METHODS["ties"].server_lr(1.0, 8) == 1.0 and METHODS["fedavg"].server_lr(0.3, 8) == pytest.approx(2.4)
 
@@ -607,11 +692,15 @@ def test_the_public_functions_refuse_a_non_finite_client_naming_it(name):
     clients = METHODS[name].num_clients or 4
     models = [random_model(gen) for _ in range(clients)]
     models[-1]["w"][3, 1] = float("nan")
-    statistics = {"fisher": [{k: v.abs() for k, v in random_model(gen).items() if v.is_floating_point()}] * clients,
-                  "grams": [{"w": torch.eye(models[0]["w"].shape[1], dtype=models[0]["w"].dtype)}] * clients}
-    rule = lambda: METHODS[name].build(None, {k: statistics[k] for k in METHODS[name].statistics},  # noqa: E731
-                                       **METHODS[name].resolve({"steps": list(range(1, clients + 1))} if name == "fednova"
-                                                               else {}, "merge"))
+    statistics = {
+        "fisher": [{k: v.abs() for k, v in random_model(gen).items() if v.is_floating_point()}] * clients,
+        "grams": [{"w": torch.eye(models[0]["w"].shape[1], dtype=models[0]["w"].dtype)}] * clients,
+    }
+    rule = lambda: METHODS[name].build(
+        None,
+        {k: statistics[k] for k in METHODS[name].statistics},
+        **METHODS[name].resolve({"steps": list(range(1, clients + 1))} if name == "fednova" else {}, "merge"),
+    )
     message = rf"client {clients - 1}: tensor 'w' holds NaN or infinite values; nothing was merged"
     with pytest.raises(FedmergeError, match=message):
         merged_model(rule(), base, models)

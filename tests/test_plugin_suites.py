@@ -109,7 +109,9 @@ def _linear_with_frozen_bias(features):
 
 def write_suite(folder, module="lines", extra=""):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{module}.py").write_text(textwrap.dedent(SUITE.replace("{extra}", extra).replace("{{", "{").replace("}}", "}")))
+    (folder / f"{module}.py").write_text(
+        textwrap.dedent(SUITE.replace("{extra}", extra).replace("{{", "{").replace("}}", "}"))
+    )
     return folder
 
 
@@ -127,7 +129,8 @@ def fresh_imports():
 
 def experiment(folder, suite, **more):
     text = f'name = "mine"\nsuite = "{suite}"\nclients = 2\nstrategies = ["fedavg"]\n' + "".join(
-        f"{k} = {v}\n" for k, v in more.items())
+        f"{k} = {v}\n" for k, v in more.items()
+    )
     (folder / "experiment.toml").write_text(text)
     return str(folder / "experiment.toml")
 
@@ -136,25 +139,38 @@ def test_a_suite_beside_the_experiment_file_is_found_and_built(tmp_path, monkeyp
     monkeypatch.setattr(sys, "path", list(sys.path))
     spec = Spec.from_dict(load_experiment(experiment(write_suite(tmp_path / "study"), "lines:build")))
     fed = load_suite(spec.suite, 2, {"features": 5}, 0)
-    assert fed.suite == "lines:build" and fed.options == {"features": 5} and [t.name for t in fed.tasks] == ["line0", "line1"]
+    assert (
+        fed.suite == "lines:build"
+        and fed.options == {"features": 5}
+        and [t.name for t in fed.tasks] == ["line0", "line1"]
+    )
     assert fed.pretrained["weight"].shape == (1, 5)
     assert fed.evaluate(fed.pretrained, fed.tasks[1])["loss"] > 0
     check_runnable(spec)  # the data fits the model: nothing raised, Ray not started
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("suite, message", [
-    ("lines:missing", r"suite 'lines:missing': module lines has no function 'missing'"),
-    ("nowhere:build", r"suite 'nowhere:build': no module 'nowhere' on the Python path"),
-    ("broken:build", r"suite 'broken:build': importing broken failed: SyntaxError"),
-    ("lines:wrong_type", r"suite 'lines:wrong_type' returned a dict; return a fedmerge.tasks.Federation"),
-    ("lines:too_few", r"suite 'lines:too_few' returned 1 tasks for 2 clients"),
-    ("lines:raises", r"suite 'lines:raises' failed to build its federation: OSError: images/ is not there"),
-    ("lines:wrong_shape", r"suite 'lines:wrong_shape': task 0 \(line0\): its train data does not fit the model and loss"),
-    ("lnes", r"unknown suite 'lnes'.*'module:function'"),
-    ("lines:bad_model", r"suite 'lines:bad_model': model_fn failed: TypeError"),
-    ("lines:wrong_theta0", r"suite 'lines:wrong_theta0': θ0 from the suite's theta0 does not fit the suite's model"),
-])
+@pytest.mark.parametrize(
+    "suite, message",
+    [
+        ("lines:missing", r"suite 'lines:missing': module lines has no function 'missing'"),
+        ("nowhere:build", r"suite 'nowhere:build': no module 'nowhere' on the Python path"),
+        ("broken:build", r"suite 'broken:build': importing broken failed: SyntaxError"),
+        ("lines:wrong_type", r"suite 'lines:wrong_type' returned a dict; return a fedmerge.tasks.Federation"),
+        ("lines:too_few", r"suite 'lines:too_few' returned 1 tasks for 2 clients"),
+        ("lines:raises", r"suite 'lines:raises' failed to build its federation: OSError: images/ is not there"),
+        (
+            "lines:wrong_shape",
+            r"suite 'lines:wrong_shape': task 0 \(line0\): its train data does not fit the model and loss",
+        ),
+        ("lnes", r"unknown suite 'lnes'.*'module:function'"),
+        ("lines:bad_model", r"suite 'lines:bad_model': model_fn failed: TypeError"),
+        (
+            "lines:wrong_theta0",
+            r"suite 'lines:wrong_theta0': θ0 from the suite's theta0 does not fit the suite's model",
+        ),
+    ],
+)
 def test_a_broken_plugin_fails_before_ray_starts_naming_the_import_path(suite, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))
     folder = write_suite(tmp_path)
@@ -214,10 +230,13 @@ def test_frozen_parameters_are_neither_sent_nor_sent_back(tmp_path, monkeypatch)
     monkeypatch.setattr(sys, "path", [str(write_suite(tmp_path)), *sys.path])
     fed = load_suite("lines:frozen_bias", 2, {}, 0)
     assert fed.trained_names == ["weight"] and set(fed.pretrained) == {"weight", "bias"}
-    spec = Spec.from_dict({"name": "frozen", "suite": "lines:frozen_bias", "clients": 2, "training": {"steps": 3, "lr": 0.1}})
+    spec = Spec.from_dict(
+        {"name": "frozen", "suite": "lines:frozen_bias", "clients": 2, "training": {"steps": 3, "lr": 0.1}}
+    )
     sent = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
-    message = Message(content=RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}),
-                      metadata=_metadata(1))
+    message = Message(
+        content=RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}), metadata=_metadata(1)
+    )
     reply = local_training(spec.to_flat(), {"partition-id": 1, "num-partitions": 2}, message.content)
     (arrays,) = reply.array_records.values()
     assert list(arrays) == ["weight"]
@@ -237,9 +256,14 @@ def test_a_fedmerge_folder_beside_the_experiment_does_not_hide_the_package_from_
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p and Path(p).resolve() != Path(home)])
     (tmp_path / "fedmerge").mkdir()  # a clone of the repository, say: no __init__.py at its top
     load_experiment(experiment(write_suite(tmp_path), "lines:build"))
-    worker = subprocess.run([sys.executable, "-c", "import fedmerge; print(fedmerge.__file__)"], cwd="/",
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-                            capture_output=True, text=True, timeout=seconds(60))
+    worker = subprocess.run(
+        [sys.executable, "-c", "import fedmerge; print(fedmerge.__file__)"],
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        capture_output=True,
+        text=True,
+        timeout=seconds(60),
+    )
     assert worker.stdout.strip() == fedmerge.__file__, worker.stderr
 
 
@@ -248,11 +272,21 @@ def test_a_client_failing_inside_ray_is_named_with_what_it_raised(tmp_path, monk
     from fedmerge.simulations.runner import run
 
     monkeypatch.setattr(sys, "path", [str(write_suite(tmp_path)), *sys.path])
-    spec = Spec.from_dict({"name": "late", "suite": "lines:fails_late", "clients": 2, "strategies": ["fedavg"],
-                           "training": {"steps": 3, "lr": 0.1, "batch_size": 4}})
-    with pytest.raises(FedmergeError, match=r"a client \(node \d+\) failed: client 1: FedmergeError: task 'line1', its train split: item \d+ cannot be read "
-                                            r"\(ValueError: item \d+ is corrupt\); repair or remove it\. "
-                                            r"Nothing was computed from the failed round"):
+    spec = Spec.from_dict(
+        {
+            "name": "late",
+            "suite": "lines:fails_late",
+            "clients": 2,
+            "strategies": ["fedavg"],
+            "training": {"steps": 3, "lr": 0.1, "batch_size": 4},
+        }
+    )
+    with pytest.raises(
+        FedmergeError,
+        match=r"a client \(node \d+\) failed: client 1: FedmergeError: task 'line1', its train split: item \d+ cannot be read "
+        r"\(ValueError: item \d+ is corrupt\); repair or remove it\. "
+        r"Nothing was computed from the failed round",
+    ):
         run(spec, tmp_path / "results", show_progress=False)
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
 
@@ -278,9 +312,16 @@ def test_failed_clients_within_the_tolerated_share_are_left_out_and_recorded(tmp
     from fedmerge.simulations.runner import run
 
     monkeypatch.setattr(sys, "path", [str(write_suite(tmp_path)), *sys.path])
-    spec = Spec.from_dict({"name": "tolerant", "suite": "lines:fails_late", "clients": 2, "strategies": ["fedavg"],
-                           "server": {"max_failed_share": 0.5},
-                           "training": {"steps": 3, "lr": 0.1, "batch_size": 4}})
+    spec = Spec.from_dict(
+        {
+            "name": "tolerant",
+            "suite": "lines:fails_late",
+            "clients": 2,
+            "strategies": ["fedavg"],
+            "server": {"max_failed_share": 0.5},
+            "training": {"steps": 3, "lr": 0.1, "batch_size": 4},
+        }
+    )
     results = json.loads((run(spec, tmp_path / "results", show_progress=False) / "results.json").read_text())
     (failed,) = results["failed"]
     assert "item" in failed["reason"] and "cannot be read" in failed["reason"]

@@ -49,15 +49,34 @@ def head(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ray")
     common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     with open(logs / "head.log", "w") as out:
-        head_node = subprocess.Popen([str(RAY), "start", "--head", "--port", str(port), "--num-cpus", "1",
-                                      "--include-dashboard", "false", *common], stdout=out, stderr=subprocess.STDOUT)
+        head_node = subprocess.Popen(
+            [
+                str(RAY),
+                "start",
+                "--head",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "1",
+                "--include-dashboard",
+                "false",
+                *common,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     address = f"127.0.0.1:{port}"
     processes = [head_node]
     try:
         wait_for_port(port, head_node, logs / "head.log")
         with open(logs / "worker.log", "w") as out:
-            processes.append(subprocess.Popen([str(RAY), "start", "--address", address, "--num-cpus", "2", *common],
-                                              stdout=out, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    [str(RAY), "start", "--address", address, "--num-cpus", "2", *common],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.monotonic() + seconds(120)
         while len(alive_nodes(address)) < 2:
             assert time.monotonic() < deadline, f"the worker node did not join:\n{tail(logs / 'worker.log')}"
@@ -72,10 +91,17 @@ def head(tmp_path_factory):
 def test_a_run_attaches_to_a_running_cluster_and_its_clients_run_where_their_resources_are(head, tmp_path):
     assert sorted(node["CPU"] for node in alive_nodes(head)) == [1.0, 2.0]
     before = jobs_seen(head)
-    spec = Spec.from_dict({  # 2 CPUs per client: only the worker node has them, one client at a time
-        "name": "on-cluster", "suite": "quadratic", "clients": 2, "strategies": ["fedavg"], "rounds": [1, 2],
-        "training": {"steps": [3, 6], "lr": 0.1}, "engine": {"ray_address": head, "client_cpus": 2},
-    })
+    spec = Spec.from_dict(
+        {  # 2 CPUs per client: only the worker node has them, one client at a time
+            "name": "on-cluster",
+            "suite": "quadratic",
+            "clients": 2,
+            "strategies": ["fedavg"],
+            "rounds": [1, 2],
+            "training": {"steps": [3, 6], "lr": 0.1},
+            "engine": {"ray_address": head, "client_cpus": 2},
+        }
+    )
     run_dir = run(spec, tmp_path, run_dir=tmp_path / "run", show_progress=False)
     assert json.loads((run_dir / "results.json").read_text())["runs"][0]["strategy"] == "fedavg"
     # the resource check and the simulation's driver joined this cluster (plus this query)
@@ -83,7 +109,11 @@ def test_a_run_attaches_to_a_running_cluster_and_its_clients_run_where_their_res
 
 
 def test_a_request_the_clusters_nodes_cannot_meet_is_refused_before_running(head, tmp_path):
-    spec = Spec.from_dict({"name": "too-big", "suite": "quadratic", "clients": 2, "engine": {"ray_address": head, "client_cpus": 3}})
-    with pytest.raises(FedmergeError, match=r"engine.client_cpus = 3 .* the largest node of the Ray cluster at .* \(2\)"):
+    spec = Spec.from_dict(
+        {"name": "too-big", "suite": "quadratic", "clients": 2, "engine": {"ray_address": head, "client_cpus": 3}}
+    )
+    with pytest.raises(
+        FedmergeError, match=r"engine.client_cpus = 3 .* the largest node of the Ray cluster at .* \(2\)"
+    ):
         run(spec, tmp_path, run_dir=tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()

@@ -17,16 +17,27 @@ from fedmerge.simulations.experiment import Experiment
 from fedmerge.simulations.progress import ProgressDisplay
 from fedmerge.simulations.spec import Spec
 
-SPEC = Spec.from_dict({"name": "start", "suite": "quadratic", "clients": 2, "strategies": ["fedavg"], "rounds": [1],
-                       "select": False, "training": {"steps": [3, 6], "lr": 0.1}})
-GCS_DOWN = ("Failed to connect to GCS. Please check if the GCS server is running and if this node can connect to the "
-            "head node.")
+SPEC = Spec.from_dict(
+    {
+        "name": "start",
+        "suite": "quadratic",
+        "clients": 2,
+        "strategies": ["fedavg"],
+        "rounds": [1],
+        "select": False,
+        "training": {"steps": [3, 6], "lr": 0.1},
+    }
+)
+GCS_DOWN = (
+    "Failed to connect to GCS. Please check if the GCS server is running and if this node can connect to the head node."
+)
 """What Ray raises when its GCS does not answer in time."""
 
 
 @pytest.fixture
 def failing_starts(monkeypatch):
     """``failing_starts(n, message)``: the first ``n`` calls of ``ray.init`` fail with ``message``; their times."""
+
     def install(n: int, message: str = GCS_DOWN) -> list[float]:
         real, calls = ray.init, []
 
@@ -38,6 +49,7 @@ def failing_starts(monkeypatch):
 
         monkeypatch.setattr(ray, "init", init)
         return calls
+
     return install
 
 
@@ -56,9 +68,12 @@ def test_a_gcs_that_never_answers_fails_within_the_bound_in_one_line(failing_sta
     argv = ["run", "quadratic", "--set", "clients=2", "--set", "training.steps=3", "--out", str(tmp_path / "results")]
     assert main([*argv, "--no-progress"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert re.fullmatch(rf"fedmerge: error: Ray did not start: {re.escape(GCS_DOWN)} \(\d+ attempts in \d+ s; its "
-                        r"GCS does not answer, as happens on a heavily loaded machine\)\. Try again when the machine "
-                        r"is less busy\.", line)
+    assert re.fullmatch(
+        rf"fedmerge: error: Ray did not start: {re.escape(GCS_DOWN)} \(\d+ attempts in \d+ s; its "
+        r"GCS does not answer, as happens on a heavily loaded machine\)\. Try again when the machine "
+        r"is less busy\.",
+        line,
+    )
     assert len(calls) >= 3 and calls[-1] - calls[0] < 3.0
     assert not ray.is_initialized() and not (tmp_path / "results").exists()
 
@@ -72,9 +87,11 @@ def test_any_other_failure_to_start_is_not_tried_again(failing_starts, tmp_path)
 
 # -- what a run leaves of the process ----------------------------------------------------------------------------------
 def process_state() -> tuple:
-    return (tuple(logging.getLogger(name).level for name in ("flwr", "ray", "fedmerge")),
-            {key: os.environ.get(key) for key in (*runner.RAY_ENVIRONMENT, "PYTHONPATH")},
-            signal.getsignal(signal.SIGTERM))
+    return (
+        tuple(logging.getLogger(name).level for name in ("flwr", "ray", "fedmerge")),
+        {key: os.environ.get(key) for key in (*runner.RAY_ENVIRONMENT, "PYTHONPATH")},
+        signal.getsignal(signal.SIGTERM),
+    )
 
 
 def fails(self, *args):

@@ -36,7 +36,9 @@ def test_a_single_run_gives_markdown_html_and_readable_figures(tmp_path):
     markdown = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert {"per-round.png", "one-shot-vs-multi-round.png", "cosine-similarity.png", "effective-weights.png"} <= set(figures)
+    assert {"per-round.png", "one-shot-vs-multi-round.png", "cosine-similarity.png", "effective-weights.png"} <= set(
+        figures
+    )
     for name in figures:
         assert f"figures/{name}" in markdown
     assert html.count("data:image/png;base64,") == len(figures)
@@ -121,9 +123,12 @@ def test_runs_of_one_experiment_with_other_settings_are_never_pooled_as_seeds(tm
     assert fedavg["training.lr=0.1"]["normalized accuracy"] == f"{_final(fast, 'fedavg'):.3f}"  # its own number, no ±
     assert "±" in fedavg["training.lr=0.01"]["normalized accuracy"]
     assert fedavg["training.lr=0.01"]["normalized accuracy"].startswith(
-        f"{(_final(slow, 'fedavg') + _final(root / 'c', 'fedavg')) / 2:.3f} ±")
-    assert _table(root, "training.lr") == [{"setting": "training.lr=0.01", "training.lr": "0.01"},
-                                           {"setting": "training.lr=0.1", "training.lr": "0.1"}]
+        f"{(_final(slow, 'fedavg') + _final(root / 'c', 'fedavg')) / 2:.3f} ±"
+    )
+    assert _table(root, "training.lr") == [
+        {"setting": "training.lr=0.01", "training.lr": "0.01"},
+        {"setting": "training.lr=0.1", "training.lr": "0.1"},
+    ]
 
 
 def test_experiments_with_other_names_are_other_settings_and_one_setting_is_named_by_its_experiment(tmp_path):
@@ -142,8 +147,11 @@ def test_a_sweep_never_pools_cells_whose_specs_differ_beyond_the_seed(tmp_path):
     cell.write_text(json.dumps(data))
     groups = {g.label: g.seeds for g in load_runs(sweep).groups}
     usual = "training.lr=[0.05, 0.05, 0.05]"
-    assert groups == {f"suite_options.alpha=0.1, {usual}": [0, 1], f"suite_options.alpha=1, {usual}": [0, 1, 2],
-                      "suite_options.alpha=0.1, training.lr=[0.5, 0.5, 0.5]": [2]}
+    assert groups == {
+        f"suite_options.alpha=0.1, {usual}": [0, 1],
+        f"suite_options.alpha=1, {usual}": [0, 1, 2],
+        "suite_options.alpha=0.1, training.lr=[0.5, 0.5, 0.5]": [2],
+    }
 
 
 @pytest.mark.parametrize("same", [True, False])
@@ -152,7 +160,9 @@ def test_a_repeated_seed_is_one_sample_the_newest_is_kept_and_the_report_says_so
     old = write_run(root / "a-old", started="2026-01-01T10:00:00")
     new = write_run(root / "b-new", started="2026-01-02T10:00:00", shift=None if same else {"fedavg": 0.1})
     collection = load_runs(root)
-    assert [run.path for run in collection.runs] == [new] and [(a.path, b.path) for a, b in collection.repeats] == [(old, new)]
+    assert [run.path for run in collection.runs] == [new] and [(a.path, b.path) for a, b in collection.repeats] == [
+        (old, new)
+    ]
     fedavg = next(r for r in _summary(root) if r["model"] == "fedavg" and r["rounds"] == "1")
     assert fedavg["seeds"] == "1" and fedavg["normalized accuracy"] == f"{_final(new, 'fedavg'):.3f}"
     markdown = (write_report(root) / "report.md").read_text()
@@ -176,13 +186,17 @@ def test_error_bars_are_taken_over_seeds_only_never_across_another_setting(tmp_p
     root = tmp_path / "runs"
     for alpha in (0.1, 10.0):
         for beta, shift in (("1", 0.0), ("2", 0.3)):
-            write_run(root / f"a{alpha}-b{beta}", alpha=alpha, settings={"server.server_lr": beta}, shift={"fedavg": shift})
+            write_run(
+                root / f"a{alpha}-b{beta}", alpha=alpha, settings={"server.server_lr": beta}, shift={"fedavg": shift}
+            )
     figure = figures.against(rows(load_runs(root)), "alpha", "mean_normalized_accuracy")
     series = _errorbars(figure)
     assert {title for title, *_ in series} == {"server.server_lr=1", "server.server_lr=2"}
     assert all(length == 0 for *_, lengths in series for length in lengths)  # one seed: no interval
     for beta in ("1", "2"):
-        ys = next(ys for title, label, ys, _ in series if title == f"server.server_lr={beta}" and label == "fedavg, one-shot")
+        ys = next(
+            ys for title, label, ys, _ in series if title == f"server.server_lr={beta}" and label == "fedavg, one-shot"
+        )
         assert ys == pytest.approx([_final(root / f"a{a}-b{beta}", "fedavg") for a in (0.1, 10.0)])
     assert "one seed per setting: no intervals" in figure.caption
 
@@ -223,7 +237,7 @@ def test_the_first_round_chi_square_is_one_quantity_in_the_table_and_the_figure(
     (tmp_path / "run" / "results.json").write_text(json.dumps(data))
     entry, aggregation = first_round(data)
     assert (entry["strategy"], entry["rounds"]) == ("fedavg", 1)
-    row, = _table(tmp_path / "run", "χ² from")
+    (row,) = _table(tmp_path / "run", "χ² from")
     assert row["χ²(p‖w), first round (training het.)"] == f"{aggregation['chi_square']:.3f}"
     assert row["χ² from"] == "fedavg, 1 round, a_t = lr-sum"
     title = figures.effective_weights(load_runs(tmp_path / "run")).figure.axes[0].get_title()
@@ -231,8 +245,12 @@ def test_the_first_round_chi_square_is_one_quantity_in_the_table_and_the_figure(
 
 
 def test_lambda_beta_and_tuned_parameters_say_what_they_are_and_how_they_were_set(tmp_path):
-    run = write_run(tmp_path / "run", strategies=("fedavg", "fedgma", "median", "ties"), rounds=(1, 3),
-                    settings={"strategy.ties.density": 0.5})
+    run = write_run(
+        tmp_path / "run",
+        strategies=("fedavg", "fedgma", "median", "ties"),
+        rounds=(1, 3),
+        settings={"strategy.ties.density": 0.5},
+    )
     data = json.loads((run / "results.json").read_text())
     chosen = {(r["strategy"], r["rounds"]): r["selected"] for r in data["runs"]}
     summary = {(row["model"], row["rounds"]): row for row in _summary(run)}
@@ -241,7 +259,10 @@ def test_lambda_beta_and_tuned_parameters_say_what_they_are_and_how_they_were_se
     assert summary[("median", "1")]["λ (method's own)"] == f"{chosen['median', 1]['scaling']:.3f} (mean, validation)"
     assert summary[("fedgma", "1")]["rule parameter (tuned or given)"] == "threshold=0.300 (validation)"
     assert summary[("ties", "1")]["rule parameter (tuned or given)"] == "density=0.500 (given)"
-    assert summary[("fedavg", "3")]["λ (method's own)"] == "–" and summary[("fedavg", "3")]["β (server lr applied)"] == "1.000"
+    assert (
+        summary[("fedavg", "3")]["λ (method's own)"] == "–"
+        and summary[("fedavg", "3")]["β (server lr applied)"] == "1.000"
+    )
     data["spec"]["select"] = False
     for entry in data["runs"]:
         entry.get("searched", {})["scaling"] = []
@@ -369,9 +390,15 @@ def test_a_report_never_replaces_a_file_the_results_or_the_current_directory(tmp
     work.mkdir()
     (work / "data.csv").write_text("1,2")
     monkeypatch.chdir(work)
-    source, out = {"file": (run, tmp_path / "file"), "run": (run, run), "parent": (run, tmp_path / "runs"),
-                   "cwd": (run, "."), "cwd-parent": (run, ".."), "sweep-cells": (sweep, sweep / "cells"),
-                   "run-models": (run, run / "models")}[where]
+    source, out = {
+        "file": (run, tmp_path / "file"),
+        "run": (run, run),
+        "parent": (run, tmp_path / "runs"),
+        "cwd": (run, "."),
+        "cwd-parent": (run, ".."),
+        "sweep-cells": (sweep, sweep / "cells"),
+        "run-models": (run, run / "models"),
+    }[where]
     before = _tree(tmp_path)
     assert main(["report", str(source), "--out", str(out), "--force"]) == 2
     error = capsys.readouterr().err
@@ -396,17 +423,23 @@ def test_figures_keep_legends_off_the_data_bars_from_zero_and_panels_apart(tmp_p
     table = rows(load_runs(write_sweep(tmp_path / "sweep")))
     bars = figures.one_shot_vs_multi_round(table, "mean_normalized_accuracy")
     assert all(ax.get_ylim()[0] == 0 for ax in bars.figure.axes)
-    for figure in (bars, figures.per_round(load_runs(tmp_path / "sweep")), figures.against(table, "alpha", "mean_accuracy"),
-                   figures.cosine_heatmap(load_runs(tmp_path / "sweep"))):
+    for figure in (
+        bars,
+        figures.per_round(load_runs(tmp_path / "sweep")),
+        figures.against(table, "alpha", "mean_accuracy"),
+        figures.cosine_heatmap(load_runs(tmp_path / "sweep")),
+    ):
         fig = figure.figure
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
         legends = [*fig.legends, *(ax.get_legend() for ax in panels if ax.get_legend())]
         for legend in legends:
-            assert not any(legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in panels), figure.name
+            assert not any(
+                legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in panels
+            ), figure.name
         boxes = [ax.get_tightbbox(renderer) for ax in panels]
-        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), figure.name
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]), figure.name
 
 
 SEEDS5 = (0, 1, 2, 3, 4)
@@ -446,8 +479,11 @@ def test_the_findings_page_is_atomic_and_follows_the_umask(tmp_path, monkeypatch
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     real = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("disk full")) if str(b).endswith(".md")
-                        else real(a, b))
+    monkeypatch.setattr(
+        os,
+        "replace",
+        lambda a, b: (_ for _ in ()).throw(OSError("disk full")) if str(b).endswith(".md") else real(a, b),
+    )
     with pytest.raises(OSError):
         write_page([], out, {"total": 1}, tmp_path / "work")
     assert sorted(p.name for p in out.parent.iterdir()) == ["findings", "findings.md"]

@@ -74,7 +74,7 @@ def paper_bulyan(x: np.ndarray, f: int, selected: list[int] | None = None) -> np
 def paper_trimmed_mean(x: np.ndarray, beta: float) -> np.ndarray:
     """Yin et al.: per coordinate, drop the ⌊β·T⌋ largest and smallest, average the rest."""
     b = int(beta * len(x))
-    return np.sort(x, axis=0)[b: len(x) - b].mean(axis=0)
+    return np.sort(x, axis=0)[b : len(x) - b].mean(axis=0)
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def task_vectors(x: np.ndarray, dtype=torch.float64) -> list[dict[str, torch.Ten
         tensors, start = {}, 0
         for name, shape in SHAPES.items():
             size = int(np.prod(shape))
-            tensors[name] = torch.tensor(row[start:start + size].reshape(shape), dtype=dtype)
+            tensors[name] = torch.tensor(row[start : start + size].reshape(shape), dtype=dtype)
             start += size
         out.append(tensors)
     return out
@@ -99,7 +99,7 @@ def random_rows(num: int, seed: int = 0, outliers: int = 0) -> np.ndarray:
     """num updates of 17 coordinates; the last ``outliers`` far off."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(num, 17))
-    x[num - outliers:] += rng.normal(10.0, 3.0, size=(outliers, 17))
+    x[num - outliers :] += rng.normal(10.0, 3.0, size=(outliers, 17))
     return x
 
 
@@ -172,8 +172,16 @@ def test_bulyan_without_malicious_clients_is_the_mean():
 def test_bulyan_values_tied_at_the_last_place_share_it():
     """Columns where values on both sides of the median are equally far at the β-th place: the mean over every
     β-subset the paper allows."""
-    columns = np.array([[-1, -1, 0, 1, 1, 40, -50], [-2, 0, 0, 2, 2, 40, -50], [3, 3, 3, 3, 3, 40, -50],
-                        [-1, 0, 1, 1, 2, 40, -50], [0, 1, 1, 1, 3, 40, -50]], dtype=float).T
+    columns = np.array(
+        [
+            [-1, -1, 0, 1, 1, 40, -50],
+            [-2, 0, 0, 2, 2, 40, -50],
+            [3, 3, 3, 3, 3, 40, -50],
+            [-1, 0, 1, 1, 2, 40, -50],
+            [0, 1, 1, 1, 3, 40, -50],
+        ],
+        dtype=float,
+    ).T
     common = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [0, 0], [30, 30], [-40, -40]], dtype=float)
     x = np.pad(np.hstack([common, columns]), ((0, 0), (0, 10)))  # T = 7, f = 1: θ = 5 (the first five), β = 3
     rule = BulyanRule(1)
@@ -235,32 +243,50 @@ def test_float32_task_vectors_merge_as_float32():
 
 
 # -- refusals -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rule, num, message", [
-    (KrumRule(2), 6, r"Krum needs T ≥ 2f \+ 3 clients \(models\): with num_malicious_nodes f = 2 that is 7, but 6 were "
-                     r"given; lower num_malicious_nodes to at most 1 or merge at least 7 clients"),
-    (KrumRule(0), 2, r"Krum needs T ≥ 2f \+ 3 .* f = 0 that is 3, but 2 were given; merge at least 3 clients"),
-    (MultiKrumRule(1, 2), 4, r"Krum needs T ≥ 2f \+ 3 .* at most 0 or merge at least 5"),
-    (MultiKrumRule(0, 6), 5, r"Multi-Krum cannot select num_nodes_to_select m = 6 of 5 clients \(models\); give m ≤ 5"),
-    (BulyanRule(1), 6, r"Bulyan needs T ≥ 4f \+ 3 clients \(models\): with num_malicious_nodes f = 1 that is 7, but 6 "
-                       r"were given; lower num_malicious_nodes to at most 0 or merge at least 7 clients"),
-])
+@pytest.mark.parametrize(
+    "rule, num, message",
+    [
+        (
+            KrumRule(2),
+            6,
+            r"Krum needs T ≥ 2f \+ 3 clients \(models\): with num_malicious_nodes f = 2 that is 7, but 6 were "
+            r"given; lower num_malicious_nodes to at most 1 or merge at least 7 clients",
+        ),
+        (KrumRule(0), 2, r"Krum needs T ≥ 2f \+ 3 .* f = 0 that is 3, but 2 were given; merge at least 3 clients"),
+        (MultiKrumRule(1, 2), 4, r"Krum needs T ≥ 2f \+ 3 .* at most 0 or merge at least 5"),
+        (
+            MultiKrumRule(0, 6),
+            5,
+            r"Multi-Krum cannot select num_nodes_to_select m = 6 of 5 clients \(models\); give m ≤ 5",
+        ),
+        (
+            BulyanRule(1),
+            6,
+            r"Bulyan needs T ≥ 4f \+ 3 clients \(models\): with num_malicious_nodes f = 1 that is 7, but 6 "
+            r"were given; lower num_malicious_nodes to at most 0 or merge at least 7 clients",
+        ),
+    ],
+)
 def test_too_few_clients_for_f_or_m_are_refused_naming_the_fix(rule, num, message):
     with pytest.raises(FedmergeError, match=message):
         merge(rule, task_vectors(random_rows(num)))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Krum(num_malicious_nodes=-1), "'Krum.num_malicious_nodes' must be an integer ≥ 0"),
-    (lambda: MultiKrum(num_nodes_to_select=1.5), "'MultiKrum.num_nodes_to_select' must be an integer ≥ 0"),
-    (lambda: Bulyan(num_malicious_nodes=True), "'Bulyan.num_malicious_nodes' must be an integer ≥ 0"),
-    (lambda: Bulyan(selection="one-pass"), "'Bulyan.selection' must be one of recursive, multi-krum"),
-    (lambda: TrimmedMean(beta=0.5), r"'TrimmedMean.beta' must be a number in \[0, 0.5\)"),
-    (lambda: TrimmedMean(beta=-0.1), r"'TrimmedMean.beta' must be a number in \[0, 0.5\)"),
-    (lambda: KrumRule(-1), "Krum's num_malicious_nodes f must be an integer ≥ 0, got -1"),
-    (lambda: MultiKrumRule(0, 2.5), "Multi-Krum's num_nodes_to_select m must be an integer ≥ 0, got 2.5"),
-    (lambda: BulyanRule(0, "median"), "Bulyan's selection must be one of recursive, multi-krum"),
-    (lambda: TrimmedMeanRule(0.7), r"'TrimmedMeanRule.beta' must be a number in \[0, 0.5\)"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Krum(num_malicious_nodes=-1), "'Krum.num_malicious_nodes' must be an integer ≥ 0"),
+        (lambda: MultiKrum(num_nodes_to_select=1.5), "'MultiKrum.num_nodes_to_select' must be an integer ≥ 0"),
+        (lambda: Bulyan(num_malicious_nodes=True), "'Bulyan.num_malicious_nodes' must be an integer ≥ 0"),
+        (lambda: Bulyan(selection="one-pass"), "'Bulyan.selection' must be one of recursive, multi-krum"),
+        (lambda: TrimmedMean(beta=0.5), r"'TrimmedMean.beta' must be a number in \[0, 0.5\)"),
+        (lambda: TrimmedMean(beta=-0.1), r"'TrimmedMean.beta' must be a number in \[0, 0.5\)"),
+        (lambda: KrumRule(-1), "Krum's num_malicious_nodes f must be an integer ≥ 0, got -1"),
+        (lambda: MultiKrumRule(0, 2.5), "Multi-Krum's num_nodes_to_select m must be an integer ≥ 0, got 2.5"),
+        (lambda: BulyanRule(0, "median"), "Bulyan's selection must be one of recursive, multi-krum"),
+        (lambda: TrimmedMeanRule(0.7), r"'TrimmedMeanRule.beta' must be a number in \[0, 0.5\)"),
+    ],
+)
 def test_bad_parameters_are_refused_naming_them(make, message):
     with pytest.raises(FedmergeError, match=message):
         make()
@@ -273,7 +299,12 @@ def test_the_one_shot_grids_stay_within_what_t_allows():
     assert METHODS["multi-krum"].grid(norms(3)) == [1, 2, 3] and METHODS["multi-krum"].grid(norms(9)) == [1, 3, 5, 7, 9]
     assert METHODS["bulyan"].grid(norms(6)) == [0] and METHODS["bulyan"].grid(norms(11)) == [0, 1, 2]
     assert METHODS["trimmed-mean"].grid([1.0] * 3) == [0.0, 0.4] and METHODS["trimmed-mean"].grid([1.0] * 10) == [
-        0.0, 0.1, 0.2, 0.3, 0.4]
+        0.0,
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+    ]
     for name in ("krum", "multi-krum", "bulyan", "trimmed-mean"):
         record = METHODS[name]
         assert record.scale == "mean" and record.no_lambda.startswith("its paper") and not record.linear
@@ -287,9 +318,15 @@ def federation(num, seed, outliers=0, examples=None, dtype=np.float64):
     x = random_rows(num, seed, outliers)
 
     def replies():
-        return [reply(100 + t, {name: base[name] + tensor.numpy().astype(dtype) for name, tensor in tau.items()},
-                      num_examples=(examples or [50] * num)[t], client_id=t)
-                for t, tau in enumerate(task_vectors(x))]
+        return [
+            reply(
+                100 + t,
+                {name: base[name] + tensor.numpy().astype(dtype) for name, tensor in tau.items()},
+                num_examples=(examples or [50] * num)[t],
+                client_id=t,
+            )
+            for t, tau in enumerate(task_vectors(x))
+        ]
 
     return base, replies  # Flower's strategies may consume their replies: each side gets its own
 
@@ -312,7 +349,8 @@ def test_krum_equals_flowers_krum(num, f):
 def test_example_weighted_multi_krum_equals_flowers_multikrum(num, f, m):
     base, replies = federation(num, seed=40 + num, outliers=f, examples=[10 * (t + 1) for t in range(num)])
     ours, _ = MultiKrum(num_malicious_nodes=f, num_nodes_to_select=m, weighting="num-examples").merge_replies(
-        1, replies(), arrays_record(base))
+        1, replies(), arrays_record(base)
+    )
     theirs, _ = FlowerMultiKrum(num_malicious_nodes=f, num_nodes_to_select=m).aggregate_train(1, replies())
     assert_same_arrays(ours, theirs, 1e-12)
 
@@ -381,8 +419,13 @@ def checkpoint_files(tmp_path, num, outliers):
     models = []
     for t in range(num):
         shift = 10.0 if t >= num - outliers else 0.0
-        models.append({"w": base["w"] + shift + torch.randn(3, 4, generator=g), "b": base["b"] + shift
-                       + torch.randn(5, generator=g), "steps": torch.tensor(7 + t)})
+        models.append(
+            {
+                "w": base["w"] + shift + torch.randn(3, 4, generator=g),
+                "b": base["b"] + shift + torch.randn(5, generator=g),
+                "steps": torch.tensor(7 + t),
+            }
+        )
     save_file(base, tmp_path / "base.safetensors")
     paths = []
     for t, model in enumerate(models):
@@ -394,8 +437,11 @@ def checkpoint_files(tmp_path, num, outliers):
 
 MERGES = {
     "krum": (["--num-malicious-nodes", "2"], KrumRule(2), lambda x: paper_multi_krum(x, 2, 1)),
-    "multi-krum": (["--num-malicious-nodes", "1", "--num-nodes-to-select", "4"], MultiKrumRule(1, 4),
-                   lambda x: paper_multi_krum(x, 1, 4)),
+    "multi-krum": (
+        ["--num-malicious-nodes", "1", "--num-nodes-to-select", "4"],
+        MultiKrumRule(1, 4),
+        lambda x: paper_multi_krum(x, 1, 4),
+    ),
     "bulyan": (["--num-malicious-nodes", "1"], BulyanRule(1), lambda x: paper_bulyan(x, 1)),
     "trimmed-mean": (["--beta", "0.3"], TrimmedMeanRule(0.3), lambda x: paper_trimmed_mean(x, 0.3)),
 }
@@ -411,24 +457,44 @@ def test_fedmerge_merge_writes_the_papers_merge(tmp_path, capsys, method):
     merged = load_file(out)
     assert all(torch.equal(merged[name], value) for name, value in merged_model(rule, base, models).items())
     expected = np.concatenate([base[n].double().numpy().ravel() for n in SHAPES]) + paper(rows)
-    np.testing.assert_allclose(np.concatenate([merged[n].double().numpy().ravel() for n in SHAPES]), expected,
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([merged[n].double().numpy().ravel() for n in SHAPES]), expected, rtol=0, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("method, flags, message", [
-    ("krum", ["--num-malicious-nodes", "3"], "Krum needs T ≥ 2f + 3 clients (models): with num_malicious_nodes f = 3"),
-    ("bulyan", ["--num-malicious-nodes", "2"], "Bulyan needs T ≥ 4f + 3 clients (models): with num_malicious_nodes"),
-    ("multi-krum", ["--num-nodes-to-select", "8"], "Multi-Krum cannot select num_nodes_to_select m = 8 of 7 clients"),
-    ("trimmed-mean", ["--beta", "0.5"], "--beta' must be a number in [0, 0.5)"),
-    ("krum", ["--num-malicious-nodes", "-1"], "--num-malicious-nodes' must be an integer ≥ 0"),
-    ("krum", ["--scaling", "1"], "--scaling: method 'krum' has no λ of its own: its paper (Blanchard et al. 2017)"),
-    ("trimmed-mean", ["--num-malicious-nodes", "1"], "--num-malicious-nodes is only used by methods"),
-])
+@pytest.mark.parametrize(
+    "method, flags, message",
+    [
+        (
+            "krum",
+            ["--num-malicious-nodes", "3"],
+            "Krum needs T ≥ 2f + 3 clients (models): with num_malicious_nodes f = 3",
+        ),
+        (
+            "bulyan",
+            ["--num-malicious-nodes", "2"],
+            "Bulyan needs T ≥ 4f + 3 clients (models): with num_malicious_nodes",
+        ),
+        (
+            "multi-krum",
+            ["--num-nodes-to-select", "8"],
+            "Multi-Krum cannot select num_nodes_to_select m = 8 of 7 clients",
+        ),
+        ("trimmed-mean", ["--beta", "0.5"], "--beta' must be a number in [0, 0.5)"),
+        ("krum", ["--num-malicious-nodes", "-1"], "--num-malicious-nodes' must be an integer ≥ 0"),
+        ("krum", ["--scaling", "1"], "--scaling: method 'krum' has no λ of its own: its paper (Blanchard et al. 2017)"),
+        ("trimmed-mean", ["--num-malicious-nodes", "1"], "--num-malicious-nodes is only used by methods"),
+    ],
+)
 def test_fedmerge_merge_refuses_bad_options_naming_them(tmp_path, capsys, method, flags, message):
     _, _, base_path, paths, _ = checkpoint_files(tmp_path, 7, outliers=0)
     out = tmp_path / "merged.safetensors"
-    assert main(["merge", "--base", base_path, "--models", *paths, "--method", method, *flags, "--out", str(out),
-                 "--quiet"]) == 2
+    assert (
+        main(
+            ["merge", "--base", base_path, "--models", *paths, "--method", method, *flags, "--out", str(out), "--quiet"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not out.exists()
 
@@ -468,8 +534,9 @@ def test_the_one_shot_search_covers_the_robust_methods_parameters(server_app):
     from replies import InProcessGrid
 
     names, clients = ["krum", "trimmed-mean"], 7
-    spec = Spec.from_dict({"name": "robust", "suite": "digits", "clients": clients, "strategies": names,
-                           "training": {"steps": 5}})
+    spec = Spec.from_dict(
+        {"name": "robust", "suite": "digits", "clients": clients, "strategies": names, "training": {"steps": 5}}
+    )
     fed = load_suite(spec.suite, clients, spec.suite_options, spec.seed)
     base = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
     grid = InProcessGrid(client_app(spec.to_flat()), clients)

@@ -43,8 +43,17 @@ def server_app(monkeypatch):
 
 def setup(suite_options=None, suite="digits", clients=CLIENTS, **spec):
     strategies = [name for name in STRATEGIES if clients_of(name) == clients]
-    spec = Spec.from_dict({"name": "roles", "suite": suite, "clients": clients, "strategies": strategies,
-                           "suite_options": suite_options or {}, "training": TRAINING, **spec})
+    spec = Spec.from_dict(
+        {
+            "name": "roles",
+            "suite": suite,
+            "clients": clients,
+            "strategies": strategies,
+            "suite_options": suite_options or {},
+            "training": TRAINING,
+            **spec,
+        }
+    )
     fed = load_suite(spec.suite, clients, spec.suite_options, spec.seed)
     base = ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
     return spec, fed, base
@@ -121,7 +130,9 @@ def test_what_travels_is_the_shared_tensors_and_the_clients_own_only(server_app)
         strategy = spec.build_strategy("fedavg", private=fed.private_names)
         strategy.start(grid=grid, initial_arrays=base, num_rounds=2, train_config=ConfigRecord({"num-rounds": 2}))
         shared = set(fed.shared_names)
-        assert all(set(m.content["arrays"]) == shared for m in grid.sent[:clients])  # whose node is whose: not known yet
+        assert all(
+            set(m.content["arrays"]) == shared for m in grid.sent[:clients]
+        )  # whose node is whose: not known yet
         for reply in grid.replies:
             own = {n for n, owner in fed.private_names.items() if owner == client_of(reply)}
             assert set(reply.content["arrays"]) == shared | own and len(own) == 2  # not growing with the clients
@@ -133,8 +144,11 @@ def test_a_reply_with_another_clients_head_is_refused_naming_it(server_app):
     spec, fed, base = setup()
     replies, _ = one_shot(spec, fed, base)
     replies[0].content["arrays"]["heads.1.weight"] = base["heads.1.weight"]
-    with pytest.raises(FedmergeError, match=r"reply has tensor 'heads.1.weight', which is not among the shared and "
-                                            r"client 0's own"):
+    with pytest.raises(
+        FedmergeError,
+        match=r"reply has tensor 'heads.1.weight', which is not among the shared and "
+        r"client 0's own",
+    ):
         spec.build_strategy("fedavg", private=fed.private_names).merge_replies(1, replies, base)
 
 
@@ -195,7 +209,7 @@ def test_statistics_are_never_merged_and_reestimated_exactly(server_app):
         for task, config in zip(fed.tasks, spec.client_configs()):
             x, _ = task.train.tensors
             for start in range(0, len(x) - config.batch_size + 1, config.batch_size):
-                model(x[start:start + config.batch_size], task.head)
+                model(x[start : start + config.batch_size], task.head)
                 batches += 1
     expected = model.state_dict()
     for name in names:
@@ -208,7 +222,8 @@ def test_average_takes_the_clients_statistics_weighted_mean(server_app):
     spec, fed, base = setup({"batch_norm": True}, server={"statistics": "average"})
     replies, _ = one_shot(spec, fed, base)
     merged, _ = spec.build_strategy("median", private=fed.private_names, statistics=fed.statistics_names).merge_replies(
-        1, replies, base)
+        1, replies, base
+    )
     for name in fed.statistics_names:
         mine = torch.stack([tensors(r.content["arrays"])[name].double() for r in replies]).mean(0)
         if name.endswith("num_batches_tracked"):
@@ -233,9 +248,18 @@ def ray_run(tmp_path_factory):
     from fedmerge.simulations.runner import run
 
     out = tmp_path_factory.mktemp("roles")
-    spec = Spec.from_dict({"name": "roles", "suite": "digits", "clients": CLIENTS, "rounds": [1, 2],
-                           "strategies": ["fedavg", "median", "ties"], "suite_options": {"batch_norm": True},
-                           "strategy": {"ties": {"density": 0.3}}, "training": TRAINING})
+    spec = Spec.from_dict(
+        {
+            "name": "roles",
+            "suite": "digits",
+            "clients": CLIENTS,
+            "rounds": [1, 2],
+            "strategies": ["fedavg", "median", "ties"],
+            "suite_options": {"batch_norm": True},
+            "strategy": {"ties": {"density": 0.3}},
+            "training": TRAINING,
+        }
+    )
     return run(spec, out, run_dir=out / "run", show_progress=False)
 
 

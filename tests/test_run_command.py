@@ -22,10 +22,16 @@ from fedmerge.simulations.runner import run
 from fedmerge.simulations.spec import Spec
 from processes import free_port
 
-SPEC = Spec.from_dict({
-    "name": "diverged-client", "suite": "quadratic", "clients": 3, "strategies": ["fedavg", "cclip"],
-    "rounds": [1, 3], "training": {"steps": [5, 10, 20], "lr": 0.1, "corruption": ["none", "none", "nan"]},
-})
+SPEC = Spec.from_dict(
+    {
+        "name": "diverged-client",
+        "suite": "quadratic",
+        "clients": 3,
+        "strategies": ["fedavg", "cclip"],
+        "rounds": [1, 3],
+        "training": {"steps": [5, 10, 20], "lr": 0.1, "corruption": ["none", "none", "nan"]},
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +43,14 @@ def started_and_results(tmp_path_factory):
     return before, run_dir, strict
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("engine.client_cpus=1000", r"engine.client_cpus = 1000 asks each client for more CPUs than this machine has"),
-    ("engine.client_gpus=1000", r"engine.client_gpus = 1000 asks each client for more GPUs than this machine has"),
-    ("engine.ray_address=127.0.0.1:{port}", r"engine.ray_address = '127.0.0.1:\d+': nothing answers there"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("engine.client_cpus=1000", r"engine.client_cpus = 1000 asks each client for more CPUs than this machine has"),
+        ("engine.client_gpus=1000", r"engine.client_gpus = 1000 asks each client for more GPUs than this machine has"),
+        ("engine.ray_address=127.0.0.1:{port}", r"engine.ray_address = '127.0.0.1:\d+': nothing answers there"),
+    ],
+)
 def test_resources_no_node_can_give_are_refused_before_ray_starts(setting, message, tmp_path, capsys):
     assert main(["run", "quadratic", "--set", setting.format(port=free_port()), "--out", str(tmp_path / "r")]) == 2
     assert __import__("re").search(message, capsys.readouterr().err)
@@ -92,16 +101,21 @@ def test_a_diverged_client_is_left_out_of_every_round_and_each_record_sits_on_it
         for entry in merged:
             assert entry["aggregation"]["client_ids"] == [0, 1]
             assert [(e["client_id"], e["reason"]) for e in entry["aggregation"]["excluded"]] == [
-                (2, "non-finite values in tensor 'theta'")]
+                (2, "non-finite values in tensor 'theta'")
+            ]
     assert left_out(results) == [
-        "client 2: non-finite values in tensor 'theta' (8 merges, in cclip-r1, cclip-r3, fedavg-r1, fedavg-r3)"]
+        "client 2: non-finite values in tensor 'theta' (8 merges, in cclip-r1, cclip-r3, fedavg-r1, fedavg-r3)"
+    ]
 
 
 def table_rows(results: dict) -> list[list[str]]:
     console = Console(record=True, width=200)
     console.print(summary_table(results))
-    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in console.export_text().splitlines()
-            if line.startswith("│")]
+    return [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in console.export_text().splitlines()
+        if line.startswith("│")
+    ]
 
 
 @pytest.mark.slow
@@ -113,7 +127,12 @@ def test_the_results_table_shows_the_baselines_and_lambda_only_on_one_shot_rows(
     own = [c["own"]["test"]["loss"] for c in results["clients"][:2]]  # the diverged client's loss is null
     assert float(rows[1][5]) == pytest.approx(sum(own) / 2, abs=1e-4)
     runs = rows[2:]
-    assert [(row[0].rstrip(" ✗"), row[1]) for row in runs] == [("fedavg", "1"), ("cclip", "1"), ("fedavg", "3"), ("cclip", "3")]
+    assert [(row[0].rstrip(" ✗"), row[1]) for row in runs] == [
+        ("fedavg", "1"),
+        ("cclip", "1"),
+        ("fedavg", "3"),
+        ("cclip", "3"),
+    ]
     assert runs[0][2] != "" and all(row[2] == "" for row in runs[1:])  # cclip has no λ of its own: β alone
     assert all(row[3] != "" for row in runs)
 
@@ -128,7 +147,9 @@ def test_a_model_worse_than_theta0_is_marked(started_and_results, shift, marked)
     assert sum(row[0].endswith("✗") for row in table_rows(changed)) == marked
 
 
-def test_a_run_of_the_same_name_finishing_meanwhile_keeps_its_directory_and_this_one_takes_the_next(tmp_path, monkeypatch):
+def test_a_run_of_the_same_name_finishing_meanwhile_keeps_its_directory_and_this_one_takes_the_next(
+    tmp_path, monkeypatch
+):
     import fedmerge.simulations.results as store
 
     when = dt.datetime(2026, 1, 2, 3, 4, 5)
@@ -160,8 +181,13 @@ def test_results_files_hold_every_rows_fields_whatever_the_first_row_lacks():
     """A task scored 0 by its own client has no normalized accuracy; a later one has: both land in tasks.csv."""
     from fedmerge.simulations.results import _csv
 
-    text = _csv([{"task": "a", "accuracy": 0.0}, {"task": "b", "accuracy": 0.5, "normalized_accuracy": 0.8},
-                 {"task": "c", "loss": float("nan")}])
+    text = _csv(
+        [
+            {"task": "a", "accuracy": 0.0},
+            {"task": "b", "accuracy": 0.5, "normalized_accuracy": 0.8},
+            {"task": "c", "loss": float("nan")},
+        ]
+    )
     assert text.splitlines() == ["task,accuracy,normalized_accuracy,loss", "a,0.0,,", "b,0.5,0.8,", "c,,,"]
 
 
@@ -181,8 +207,16 @@ def test_a_failure_after_some_runs_finished_keeps_them(tmp_path, monkeypatch):
         return real(self, fed, name, *args)
 
     monkeypatch.setattr(Experiment, "_multi_round", second_fails)
-    spec = Spec.from_dict({"name": "partial", "suite": "quadratic", "clients": 2, "strategies": ["fedavg", "cclip"],
-                           "rounds": [1, 2], "training": {"steps": 4, "lr": 0.1}})
+    spec = Spec.from_dict(
+        {
+            "name": "partial",
+            "suite": "quadratic",
+            "clients": 2,
+            "strategies": ["fedavg", "cclip"],
+            "rounds": [1, 2],
+            "training": {"steps": 4, "lr": 0.1},
+        }
+    )
     with pytest.raises(FedmergeError, match=r"the disk caught fire The runs that finished are kept in .*partial"):
         run(spec, tmp_path, run_dir=tmp_path / "partial", show_progress=False)
     results = json.loads((tmp_path / "partial" / "results.json").read_text())
@@ -190,7 +224,10 @@ def test_a_failure_after_some_runs_finished_keeps_them(tmp_path, monkeypatch):
     assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [("fedavg", 1), ("cclip", 1), ("fedavg", 2)]
     assert results["pending"] == ["cclip-r2"]
     assert sorted(p.name for p in (tmp_path / "partial" / "models").iterdir()) == [
-        "cclip-r1.safetensors", "fedavg-r1.safetensors", "fedavg-r2.safetensors"]
+        "cclip-r1.safetensors",
+        "fedavg-r1.safetensors",
+        "fedavg-r2.safetensors",
+    ]
     assert not is_complete(tmp_path / "partial")  # a sweep runs such a cell again
 
 
@@ -198,6 +235,7 @@ def test_a_failure_after_some_runs_finished_keeps_them(tmp_path, monkeypatch):
 def test_several_clients_per_call_give_the_same_numbers_and_diagnostics_sample_above_their_cap(tmp_path):
     """engine.clients_per_call packs clients into fewer Flower calls; every client's numbers are those of its own
     call. diagnostics_clients caps the pairwise diagnostics (a seeded sample), never the norms."""
+
     def numbers(run_dir):
         results = json.loads((run_dir / "results.json").read_text())
         drop = ("seconds", "node_ids")  # a round's time and Flower's node ids are not numbers of the run
@@ -209,22 +247,38 @@ def test_several_clients_per_call_give_the_same_numbers_and_diagnostics_sample_a
 
         return kept(results["runs"]), results
 
-    base = {"name": "packed", "suite": "quadratic", "clients": 5, "strategies": ["fedavg", "median"], "rounds": [1, 2],
-            "diagnostics_clients": 3, "training": {"steps": [2, 3, 4, 5, 6], "lr": 0.1}}
+    base = {
+        "name": "packed",
+        "suite": "quadratic",
+        "clients": 5,
+        "strategies": ["fedavg", "median"],
+        "rounds": [1, 2],
+        "diagnostics_clients": 3,
+        "training": {"steps": [2, 3, 4, 5, 6], "lr": 0.1},
+    }
     one, results = numbers(run(Spec.from_dict(base), tmp_path, run_dir=tmp_path / "one", show_progress=False))
-    packed, _ = numbers(run(Spec.from_dict({**base, "engine": {"clients_per_call": 2}}), tmp_path,
-                            run_dir=tmp_path / "packed", show_progress=False))
+    packed, _ = numbers(
+        run(
+            Spec.from_dict({**base, "engine": {"clients_per_call": 2}}),
+            tmp_path,
+            run_dir=tmp_path / "packed",
+            show_progress=False,
+        )
+    )
     assert packed == one
     diagnostics = results["diagnostics"]
     assert len(diagnostics["task_vector_norms"]) == 5 and len(diagnostics["sample"]) == 3
     assert len(diagnostics["cosine_similarity"]) == 3 and diagnostics["sample"] == sorted(diagnostics["sample"])
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("suite=vision", "the vision suite needs option 'root'"),
-    ("training.warmup_steps=5000", "training option 'warmup_steps' (5000) must be smaller than the client's total"),
-    ("training.corruption=nan", None),  # the documented corruption passes a dry run and a run alike
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("suite=vision", "the vision suite needs option 'root'"),
+        ("training.warmup_steps=5000", "training option 'warmup_steps' (5000) must be smaller than the client's total"),
+        ("training.corruption=nan", None),  # the documented corruption passes a dry run and a run alike
+    ],
+)
 def test_a_dry_run_checks_what_a_run_checks_before_it_starts(setting, message, capsys):
     assert main(["run", "quadratic", "--set", setting, "--dry-run"]) == (2 if message else 0)
     err = capsys.readouterr().err

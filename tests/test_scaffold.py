@@ -91,9 +91,18 @@ class LocalRuntime(Grid):
 
 
 def quadratic(clients=len(STEPS), **spec):
-    spec = Spec.from_dict({"name": "scaffold", "suite": "quadratic", "clients": clients, "strategies": ["fedavg", "scaffold"],
-                           "suite_options": {"noise": 0.0, "zeta2": 4.0, "dim": 5}, "same_compute": False,
-                           "training": {"lr": LR, "steps": STEPS[:clients], "batch_size": 64}, **spec})
+    spec = Spec.from_dict(
+        {
+            "name": "scaffold",
+            "suite": "quadratic",
+            "clients": clients,
+            "strategies": ["fedavg", "scaffold"],
+            "suite_options": {"noise": 0.0, "zeta2": 4.0, "dim": 5},
+            "same_compute": False,
+            "training": {"lr": LR, "steps": STEPS[:clients], "batch_size": 64},
+            **spec,
+        }
+    )
     fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
     return spec, fed, ArrayRecord({name: fed.pretrained[name] for name in fed.trained_names})
 
@@ -101,8 +110,13 @@ def quadratic(clients=len(STEPS), **spec):
 def run_rounds(strategy, grid, base, rounds):
     """The global θ after each round."""
     thetas = []
-    strategy.start(grid=grid, initial_arrays=base, num_rounds=rounds, train_config=ConfigRecord({"num-rounds": rounds, "same-compute": False}),
-                   evaluate_fn=lambda r, arrays: thetas.append(arrays["theta"].numpy().astype(np.float64)) if r else None)
+    strategy.start(
+        grid=grid,
+        initial_arrays=base,
+        num_rounds=rounds,
+        train_config=ConfigRecord({"num-rounds": rounds, "same-compute": False}),
+        evaluate_fn=lambda r, arrays: thetas.append(arrays["theta"].numpy().astype(np.float64)) if r else None,
+    )
     return thetas
 
 
@@ -131,9 +145,11 @@ def test_next_control_is_the_papers_update_written_in_numpy():
     rng = np.random.default_rng(0)
     base = {k: rng.normal(size=s) for k, s in SHAPES.items()}
     models = [{k: v + rng.normal(size=v.shape) for k, v in base.items()} for _ in range(3)]
-    control = {k: torch.from_numpy(rng.normal(size=s)) for k, s in SHAPES.items() if k != "conv.bias"}  # conv.bias: c = 0
+    control = {
+        k: torch.from_numpy(rng.normal(size=s)) for k, s in SHAPES.items() if k != "conv.bias"
+    }  # conv.bias: c = 0
     p, lr_sums, share = [0.2, 0.3, 0.5], [0.4, 1.0, 2.5], 3 / 8
-    tensors = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
+    tensors = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}
     ours = next_control(control, [TaskVector(tensors(m), tensors(base)) for m in models], p, lr_sums, share)
     for key in SHAPES:
         c = control[key].numpy() if key in control else np.zeros(SHAPES[key])
@@ -165,7 +181,9 @@ def test_it_converges_where_fedavg_drifts_with_unequal_local_steps(server_app):
     drifted = (alpha[:, None] * centers).sum(0) / alpha.sum()
     errors = {}
     for name in ("fedavg", "scaffold"):
-        theta = run_rounds(spec.build_strategy(name), StatefulGrid(client_app(spec.to_flat()), spec.clients), base, 40)[-1]
+        theta = run_rounds(spec.build_strategy(name), StatefulGrid(client_app(spec.to_flat()), spec.clients), base, 40)[
+            -1
+        ]
         errors[name] = np.linalg.norm(theta - optimum["theta"].numpy())
         if name == "fedavg":
             np.testing.assert_allclose(theta, drifted, atol=1e-4)
@@ -190,8 +208,10 @@ def test_several_clients_per_call_keep_each_clients_c_on_one_node_and_give_the_s
     packed = WatchedGrid(runtime, threading.Event(), clients_per_call=2, num_clients=spec.clients)
     strategy = spec.build_strategy("scaffold")
     np.testing.assert_allclose(np.stack(run_rounds(strategy, packed, base, 5)), np.stack(alone), rtol=1e-6, atol=1e-7)
-    kept = {node: sorted(int(key.split("/")[1]) for key in context.state.array_records)
-            for node, context in runtime.contexts.items()}
+    kept = {
+        node: sorted(int(key.split("/")[1]) for key in context.state.array_records)
+        for node, context in runtime.contexts.items()
+    }
     assert kept == {501: [0, 1], 502: [2, 3]}
 
 
@@ -206,20 +226,30 @@ def test_a_c_kept_for_another_run_counts_as_zero(server_app):
 
 def test_a_client_takes_scaffold_steps_with_sgd_only_and_needs_its_state():
     spec, fed, base = quadratic(clients=2)
-    content = lambda: RecordDict({"arrays": base, "config": ConfigRecord({"server-round": 1}),  # noqa: E731
-                                  contract.CONTROL: ArrayRecord({"theta": torch.zeros(5)})})
+    content = lambda: RecordDict(
+        {
+            "arrays": base,
+            "config": ConfigRecord({"server-round": 1}),
+            contract.CONTROL: ArrayRecord({"theta": torch.zeros(5)}),
+        }
+    )
     done = local_training(spec.to_flat(), {"partition-id": 1}, content(), RecordDict())
     assert done[contract.METRICS][contract.CONTROL_APPLIED] == 1
     with pytest.raises(FedmergeError, match="needs the node's Context.state"):
         local_training(spec.to_flat(), {"partition-id": 1}, content())
     momentum, _, _ = quadratic(clients=2, training={"optimizer": "momentum", "lr": LR, "steps": 3})
-    with pytest.raises(FedmergeError, match='client 0 trains with optimizer = \'momentum\'; set training.optimizer = "sgd"'):
+    with pytest.raises(
+        FedmergeError, match="client 0 trains with optimizer = 'momentum'; set training.optimizer = \"sgd\""
+    ):
         local_training(momentum.to_flat(), {"partition-id": 0}, content(), RecordDict())
 
 
 def test_an_experiment_of_scaffold_rounds_with_another_optimizer_is_refused_before_it_starts():
-    with pytest.raises(FedmergeError, match="'scaffold' over rounds needs plain SGD steps.*client 1 trains with "
-                                            "optimizer = 'momentum'.*or run scaffold one-shot only"):
+    with pytest.raises(
+        FedmergeError,
+        match="'scaffold' over rounds needs plain SGD steps.*client 1 trains with "
+        "optimizer = 'momentum'.*or run scaffold one-shot only",
+    ):
         quadratic(clients=2, rounds=[1, 3], training={"optimizer": ["sgd", "momentum"], "lr": LR, "steps": 3})
     quadratic(clients=2, rounds=[1], training={"optimizer": "momentum", "lr": LR, "steps": 3})  # one shot: FedAvg
 
@@ -241,15 +271,30 @@ def test_a_reply_without_control_applied_is_refused_in_a_controlled_round(server
 def test_a_real_simulation_keeps_c_over_rounds_with_one_or_two_clients_per_call(tmp_path):
     """Through Flower's simulation runtime (Ray): the same numbers with clients packed two per call, and SCAFFOLD ends
     nearer the optimum than FedAvg."""
-    base = {"name": "scaffold", "suite": "quadratic", "clients": 4, "strategies": ["fedavg", "scaffold"],
-            "rounds": [1, 8], "same_compute": False, "suite_options": {"noise": 0.0, "zeta2": 4.0},
-            "training": {"lr": LR, "steps": STEPS, "batch_size": 64}}
+    base = {
+        "name": "scaffold",
+        "suite": "quadratic",
+        "clients": 4,
+        "strategies": ["fedavg", "scaffold"],
+        "rounds": [1, 8],
+        "same_compute": False,
+        "suite_options": {"noise": 0.0, "zeta2": 4.0},
+        "training": {"lr": LR, "steps": STEPS, "batch_size": 64},
+    }
     finals = []
     for k in (1, 2):
-        out = run(Spec.from_dict({**base, "engine": {"clients_per_call": k}}), tmp_path, run_dir=tmp_path / f"k{k}",
-                  show_progress=False)
-        finals.append({name: load_file(out / "models" / f"{name}-r8.safetensors")["theta"].numpy()
-                       for name in ("fedavg", "scaffold")})
+        out = run(
+            Spec.from_dict({**base, "engine": {"clients_per_call": k}}),
+            tmp_path,
+            run_dir=tmp_path / f"k{k}",
+            show_progress=False,
+        )
+        finals.append(
+            {
+                name: load_file(out / "models" / f"{name}-r8.safetensors")["theta"].numpy()
+                for name in ("fedavg", "scaffold")
+            }
+        )
         results = json.loads((out / "results.json").read_text())
     for name in finals[0]:
         np.testing.assert_allclose(finals[1][name], finals[0][name], rtol=1e-6)

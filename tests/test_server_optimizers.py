@@ -39,11 +39,20 @@ def drifting_clients() -> ClientApp:
         arrays, config = contract.received(message.content)
         t, r = context.node_id - 1, int(config["server-round"])
         target, noise = np.random.default_rng([t]), np.random.default_rng([t, r])
-        trained = {k: a.numpy() + (target.normal(size=a.shape) - a.numpy()) / 3 + 0.1 * noise.normal(size=a.shape)
-                   for k, a in arrays.items()}
+        trained = {
+            k: a.numpy() + (target.normal(size=a.shape) - a.numpy()) / 3 + 0.1 * noise.normal(size=a.shape)
+            for k, a in arrays.items()
+        }
         metrics = contract.train_reply_metrics(num_examples=10 * (t + 1), num_steps=5, lr_sum=0.5, client_id=t)
-        return Message(RecordDict({"arrays": arrays_record({k: v.astype(np.float32) for k, v in trained.items()}),
-                                   "metrics": MetricRecord(metrics)}), reply_to=message)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": arrays_record({k: v.astype(np.float32) for k, v in trained.items()}),
+                    "metrics": MetricRecord(metrics),
+                }
+            ),
+            reply_to=message,
+        )
 
     return app
 
@@ -52,18 +61,28 @@ def trajectory(strategy, clients=3):
     """The global model after each round of ``strategy`` on :func:`drifting_clients`, from the same θ0."""
     models = []
     base = arrays_record(model(np.random.default_rng(0)))
-    strategy.start(grid=InProcessGrid(drifting_clients(), clients), initial_arrays=base, num_rounds=ROUNDS,
-                   evaluate_fn=lambda r, arrays: models.append(as_numpy(arrays)) if r else None)
+    strategy.start(
+        grid=InProcessGrid(drifting_clients(), clients),
+        initial_arrays=base,
+        num_rounds=ROUNDS,
+        evaluate_fn=lambda r, arrays: models.append(as_numpy(arrays)) if r else None,
+    )
     return models
 
 
 FLOWER = {
-    "momentum": (lambda: FedAvgM(server_learning_rate=0.7, server_momentum=0.8, fraction_evaluate=0.0),
-                 {"server_lr": 0.7, "server_momentum": 0.8}),
-    "adam": (lambda: FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2, fraction_evaluate=0.0),
-             {"server_lr": 0.05, "server_beta_1": 0.8, "server_beta_2": 0.95, "server_tau": 1e-2}),
-    "yogi": (lambda: FedYogi(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2, fraction_evaluate=0.0),
-             {"server_lr": 0.05, "server_beta_1": 0.8, "server_beta_2": 0.95, "server_tau": 1e-2}),
+    "momentum": (
+        lambda: FedAvgM(server_learning_rate=0.7, server_momentum=0.8, fraction_evaluate=0.0),
+        {"server_lr": 0.7, "server_momentum": 0.8},
+    ),
+    "adam": (
+        lambda: FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2, fraction_evaluate=0.0),
+        {"server_lr": 0.05, "server_beta_1": 0.8, "server_beta_2": 0.95, "server_tau": 1e-2},
+    ),
+    "yogi": (
+        lambda: FedYogi(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2, fraction_evaluate=0.0),
+        {"server_lr": 0.05, "server_beta_1": 0.8, "server_beta_2": 0.95, "server_tau": 1e-2},
+    ),
     "adagrad": (lambda: FedAdagrad(eta=0.1, tau=1e-2, fraction_evaluate=0.0), {"server_lr": 0.1, "server_tau": 1e-2}),
 }
 
@@ -77,7 +96,9 @@ def test_each_equals_flowers_strategy_over_several_rounds_on_the_same_clients(se
     assert len(ours) == len(theirs) == ROUNDS
     for r in range(ROUNDS):
         for key in SHAPES:
-            np.testing.assert_allclose(ours[r][key], theirs[r][key], rtol=2e-5, atol=2e-6, err_msg=f"round {r + 1} {key}")
+            np.testing.assert_allclose(
+                ours[r][key], theirs[r][key], rtol=2e-5, atol=2e-6, err_msg=f"round {r + 1} {key}"
+            )
     assert not np.allclose(ours[-1]["fc.weight"], plain[-1]["fc.weight"], atol=1e-4)  # the optimizer did something
 
 
@@ -100,12 +121,16 @@ def test_one_shot_adaptive_steps_are_their_normalised_steps(name):
     """From zero state one round is a coordinate-wise normalised step of Δ (written here in NumPy)."""
     base, clients, replies = federation(4, seed=3)
     beta, b1, b2, tau = 0.3, 0.85, 0.97, 1e-3
-    options = {"server_lr": beta, "server_tau": tau, **({"server_beta_1": b1, "server_beta_2": b2} if name != "adagrad" else {})}
+    options = {
+        "server_lr": beta,
+        "server_tau": tau,
+        **({"server_beta_1": b1, "server_beta_2": b2} if name != "adagrad" else {}),
+    }
     ours = one_round(base, replies, server_optimizer=name, **options)
     for key in SHAPES:
         delta = np.mean([c[key].astype(np.float64) - base[key] for c in clients], axis=0)
         if name == "adam":
-            step = np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2) * (1 - b1) * delta / (np.sqrt(1 - b2) * np.abs(delta) + tau)
+            step = np.sqrt(1 - b2**2) / (1 - b1**2) * (1 - b1) * delta / (np.sqrt(1 - b2) * np.abs(delta) + tau)
         elif name == "yogi":
             step = (1 - b1) * delta / (np.sqrt(1 - b2) * np.abs(delta) + tau)
         else:
@@ -130,7 +155,7 @@ def numpy_adam(deltas, beta, b1, b2, tau):
     steps = []
     for r, delta in enumerate(deltas, start=1):
         m = b1 * m + (1 - b1) * delta
-        v = b2 * v + (1 - b2) * delta ** 2
+        v = b2 * v + (1 - b2) * delta**2
         steps.append(beta * np.sqrt(1 - b2 ** (r + 1)) / (1 - b1 ** (r + 1)) * m / (np.sqrt(v) + tau))
     return steps
 
@@ -177,37 +202,65 @@ def test_the_state_moves_only_with_the_rounds_merged():
 
 def test_private_tensors_and_statistics_never_move_by_the_optimizer():
     rng = np.random.default_rng(1)
-    base = {"shared": rng.normal(size=5).astype(np.float32), "head": np.zeros(3, np.float32),
-            "bn.running_mean": np.zeros(2, np.float32)}
-    clients = [{"shared": base["shared"] + 1.0, "head": np.full(3, 0.5 + t, np.float32),
-                "bn.running_mean": np.full(2, t, np.float32)} for t in range(2)]
-    replies = [reply(t + 1, {k: v for k, v in c.items() if k != "head" or t == 0}, num_examples=1, client_id=t)
-               for t, c in enumerate(clients)]
-    merged, _ = Median(private={"head": 0}, server_optimizer="adagrad", server_lr=0.5,
-                       statistics_rule="average").merge_replies(1, replies, arrays_record(base))
+    base = {
+        "shared": rng.normal(size=5).astype(np.float32),
+        "head": np.zeros(3, np.float32),
+        "bn.running_mean": np.zeros(2, np.float32),
+    }
+    clients = [
+        {
+            "shared": base["shared"] + 1.0,
+            "head": np.full(3, 0.5 + t, np.float32),
+            "bn.running_mean": np.full(2, t, np.float32),
+        }
+        for t in range(2)
+    ]
+    replies = [
+        reply(t + 1, {k: v for k, v in c.items() if k != "head" or t == 0}, num_examples=1, client_id=t)
+        for t, c in enumerate(clients)
+    ]
+    merged, _ = Median(
+        private={"head": 0}, server_optimizer="adagrad", server_lr=0.5, statistics_rule="average"
+    ).merge_replies(1, replies, arrays_record(base))
     np.testing.assert_allclose(merged["shared"].numpy(), base["shared"] + 0.5 * 1.0 / (1.0 + 1e-3), rtol=1e-6)
     np.testing.assert_array_equal(merged["head"].numpy(), clients[0]["head"])
     np.testing.assert_allclose(merged["bn.running_mean"].numpy(), [0.5, 0.5])
 
 
 # -- checks ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options, message", [
-    ({"server_optimizer": "nesterov"}, "server_optimizer must be one of sgd, momentum, adam, yogi, adagrad, got 'nesterov'"),
-    ({"server_optimizer": "adam", "server_beta_1": 1.0}, r"server_beta_1 must be a number in \[0, 1\), got 1.0"),
-    ({"server_optimizer": "adagrad", "server_tau": 0}, "server_tau must be a number > 0, got 0"),
-    ({"server_optimizer": "momentum", "server_beta_2": 0.9},
-     r"server_beta_2 = 0.9 has no effect with server_optimizer = 'momentum' \(only adam and yogi read it\); drop it, "
-     "or choose adam or yogi"),
-    ({"server_momentum": 0.5}, r"server_momentum = 0.5 has no effect with server_optimizer = 'sgd' \(only momentum"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"server_optimizer": "nesterov"},
+            "server_optimizer must be one of sgd, momentum, adam, yogi, adagrad, got 'nesterov'",
+        ),
+        ({"server_optimizer": "adam", "server_beta_1": 1.0}, r"server_beta_1 must be a number in \[0, 1\), got 1.0"),
+        ({"server_optimizer": "adagrad", "server_tau": 0}, "server_tau must be a number > 0, got 0"),
+        (
+            {"server_optimizer": "momentum", "server_beta_2": 0.9},
+            r"server_beta_2 = 0.9 has no effect with server_optimizer = 'momentum' \(only adam and yogi read it\); drop it, "
+            "or choose adam or yogi",
+        ),
+        (
+            {"server_momentum": 0.5},
+            r"server_momentum = 0.5 has no effect with server_optimizer = 'sgd' \(only momentum",
+        ),
+    ],
+)
 def test_bad_optimizer_settings_are_refused_naming_them(options, message):
     with pytest.raises(FedmergeError, match=message):
         FedAvg(**options)
 
 
 def test_the_spec_keys_reach_every_strategy_and_are_checked():
-    spec = Spec.from_dict({"suite": "quadratic", "strategies": ["fedavg", "ties"],
-                           "server": {"server_optimizer": "yogi", "server_beta_1": 0.5, "server_lr": 0.01}})
+    spec = Spec.from_dict(
+        {
+            "suite": "quadratic",
+            "strategies": ["fedavg", "ties"],
+            "server": {"server_optimizer": "yogi", "server_beta_1": 0.5, "server_lr": 0.01},
+        }
+    )
     for name in ("fedavg", "ties"):
         assert spec.build_strategy(name).server_optimizer == ServerOptimizer("yogi", beta_1=0.5)
     assert Spec.from_flat(spec.to_flat()) == spec

@@ -17,16 +17,18 @@ from fedmerge.tasks import load_suite
 pytestmark = pytest.mark.slow
 
 LR, STEPS, ROUNDS = 0.02, [5, 10, 20, 40], 30
-SPEC = Spec.from_dict({
-    "name": "simulation-test",
-    "suite": "quadratic",
-    "clients": 4,
-    "strategies": ["fedavg", "fednova", "dare-ties"],  # dare-ties: its random drops, seeded, through real Ray
-    "rounds": [1, ROUNDS],
-    "same_compute": False,
-    "training": {"lr": LR, "steps": STEPS, "batch_size": 1000},  # full batch: gradient descent
-    "strategy": {"fednova": {"normalize_by": "steps"}},
-})
+SPEC = Spec.from_dict(
+    {
+        "name": "simulation-test",
+        "suite": "quadratic",
+        "clients": 4,
+        "strategies": ["fedavg", "fednova", "dare-ties"],  # dare-ties: its random drops, seeded, through real Ray
+        "rounds": [1, ROUNDS],
+        "same_compute": False,
+        "training": {"lr": LR, "steps": STEPS, "batch_size": 1000},  # full batch: gradient descent
+        "strategy": {"fednova": {"normalize_by": "steps"}},
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +56,27 @@ def model(run_dir, name):
 def test_a_run_directory_holds_every_result_file(runs, results):
     files = {p.name for p in runs[0].iterdir()}
     assert {"results.json", "summary.csv", "tasks.csv", "rounds.csv", "spec.toml", "models"} <= files
-    assert {p.name for p in (runs[0] / "models").iterdir()} == {f"{s}-r{r}.safetensors" for s in SPEC.strategies for r in SPEC.rounds}
+    assert {p.name for p in (runs[0] / "models").iterdir()} == {
+        f"{s}-r{r}.safetensors" for s in SPEC.strategies for r in SPEC.rounds
+    }
     assert Spec.from_dict(results["spec"]) == SPEC
     assert set(results["versions"]) >= {"flwr", "ray", "torch"}
-    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [(s, r) for r in SPEC.rounds for s in SPEC.strategies]
-    assert all(len(r["history"]) == ROUNDS + 1 for r in results["runs"] if r["rounds"] == ROUNDS)  # θ0, then every round
+    assert [(r["strategy"], r["rounds"]) for r in results["runs"]] == [
+        (s, r) for r in SPEC.rounds for s in SPEC.strategies
+    ]
+    assert all(
+        len(r["history"]) == ROUNDS + 1 for r in results["runs"] if r["rounds"] == ROUNDS
+    )  # θ0, then every round
 
 
 def without_run_identity(document):
     """Drop what is not a number of the run: timings (a round's seconds too), start time, and Flower's node ids."""
     if isinstance(document, dict):
-        return {k: without_run_identity(v) for k, v in document.items() if k not in ("timings", "started", "node_ids", "seconds")}
+        return {
+            k: without_run_identity(v)
+            for k, v in document.items()
+            if k not in ("timings", "started", "node_ids", "seconds")
+        }
     if isinstance(document, list):
         return [without_run_identity(v) for v in document]
     return document

@@ -27,7 +27,7 @@ SHAPES = {"w": (23, 11), "b": (11,), "scale": ()}
 def setup(num_clients=3, seed=0, spread=0.3):
     """A base and fine-tunes that share part of their update (so Model Stock's cosines are positive)."""
     gen = torch.Generator().manual_seed(seed)
-    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)
     base = {k: randn(s) for k, s in SHAPES.items()}
     shared = {k: randn(s) for k, s in SHAPES.items()}
     models = [{k: base[k] + spread * (shared[k] + randn(s)) for k, s in SHAPES.items()} for _ in range(num_clients)]
@@ -77,8 +77,11 @@ def karcher_paper(vectors: list[np.ndarray], p: np.ndarray, max_iter: int = 10, 
 def model_stock_paper(taus: list[np.ndarray]) -> np.ndarray:
     """Jang et al.: t = k·cos θ / (1 + (k − 1)·cos θ), cos θ the mean pairwise cosine; Δ = t·mean τ."""
     k = len(taus)
-    cosines = [taus[i] @ taus[j] / (np.linalg.norm(taus[i]) * np.linalg.norm(taus[j]))
-               for i in range(k) for j in range(i + 1, k)]
+    cosines = [
+        taus[i] @ taus[j] / (np.linalg.norm(taus[i]) * np.linalg.norm(taus[j]))
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
     cos = np.mean(cosines)
     return k * cos / (1 + (k - 1) * cos) * np.mean(taus, axis=0)
 
@@ -100,14 +103,16 @@ def test_slerp_of_nearly_colinear_tensors_is_the_straight_line():
     near = {k: 1.2 * v + 1e-6 * torch.ones_like(v) for k, v in models[0].items()}
     merged = merged_model(SlerpRule(0.25), base, [models[0], near])
     for name in SHAPES:
-        np.testing.assert_allclose(flat(merged, name), 0.75 * flat(models[0], name) + 0.25 * flat(near, name), rtol=1e-12)
+        np.testing.assert_allclose(
+            flat(merged, name), 0.75 * flat(models[0], name) + 0.25 * flat(near, name), rtol=1e-12
+        )
 
 
 def test_slerp_keeps_the_norm_of_equal_norm_models_and_halves_their_angle():
     base, (a, b) = setup(2)
     b = {k: v * (a[k].norm() / v.norm()) for k, v in b.items()}
     middle = merged_model(SlerpRule(0.5), base, [a, b])["w"]
-    cos = lambda x, y: float((x * y).sum() / (x.norm() * y.norm()))  # noqa: E731
+    cos = lambda x, y: float((x * y).sum() / (x.norm() * y.norm()))
     assert float(middle.norm()) == pytest.approx(float(a["w"].norm()), rel=1e-12)
     assert cos(middle, a["w"]) == pytest.approx(cos(middle, b["w"]), rel=1e-12)
 
@@ -148,19 +153,33 @@ def test_model_stock_of_agreeing_updates_is_their_mean_and_of_orthogonal_ones_th
     assert torch.allclose(merged_model(ModelStockRule(), base, same)["w"], same[0]["w"], rtol=1e-12)
     orthogonal = [{"w": torch.eye(4, dtype=torch.float64)[t]} for t in range(3)]
     assert torch.equal(merged_model(ModelStockRule(), base, orthogonal)["w"], base["w"])
-    opposite = [{"w": torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)}, {"w": torch.tensor([-1.0, 0, 0, 0], dtype=torch.float64)}]
+    opposite = [
+        {"w": torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)},
+        {"w": torch.tensor([-1.0, 0, 0, 0], dtype=torch.float64)},
+    ]
     assert torch.equal(merged_model(ModelStockRule(), base, opposite)["w"], base["w"])  # 1 + (k − 1)·cos θ = 0: t = 0
     with_zero = [same[0], {"w": torch.zeros(4, dtype=torch.float64)}]  # cos θ = 0 with a zero update
     assert torch.equal(merged_model(ModelStockRule(), base, with_zero)["w"], base["w"])
 
 
-@pytest.mark.parametrize("make, count, message", [
-    (lambda: SlerpRule(), 3, r"SLERP interpolates between exactly two models, got 3: give two \(t = 0 is the first, "
-                             r"t = 1 the second\), or use karcher, the spherical mean of any number of models\."),
-    (lambda: SlerpRule(), 1, "SLERP interpolates between exactly two models, got 1"),
-    (lambda: ModelStockRule(), 1, r"Model Stock needs at least two fine-tuned models \(the angle between their task "
-                                  r"vectors sets its t\), got 1\."),
-])
+@pytest.mark.parametrize(
+    "make, count, message",
+    [
+        (
+            lambda: SlerpRule(),
+            3,
+            r"SLERP interpolates between exactly two models, got 3: give two \(t = 0 is the first, "
+            r"t = 1 the second\), or use karcher, the spherical mean of any number of models\.",
+        ),
+        (lambda: SlerpRule(), 1, "SLERP interpolates between exactly two models, got 1"),
+        (
+            lambda: ModelStockRule(),
+            1,
+            r"Model Stock needs at least two fine-tuned models \(the angle between their task "
+            r"vectors sets its t\), got 1\.",
+        ),
+    ],
+)
 def test_a_wrong_number_of_models_is_refused(make, count, message):
     base, models = setup(count)
     with pytest.raises(FedmergeError, match=message):
@@ -171,17 +190,23 @@ def test_a_wrong_number_of_models_is_refused(make, count, message):
 def test_rules_of_the_models_weights_refuse_updates_alone(rule):
     base, models = setup(2)
     updates = [{k: m[k] - base[k] for k in SHAPES} for m in models]
-    with pytest.raises(FedmergeError, match=rf"{rule.name} combines the models' weights θ_t, not their updates alone: "
-                                            r"give each model with the one base θ it was fine-tuned from"):
+    with pytest.raises(
+        FedmergeError,
+        match=rf"{rule.name} combines the models' weights θ_t, not their updates alone: "
+        r"give each model with the one base θ it was fine-tuned from",
+    ):
         merge(rule, updates)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: SlerpRule(1.5), r"'SLERP t' must be a number in \[0, 1\], got 1.5"),
-    (lambda: SlerpRule(True), r"'SLERP t' must be a number in \[0, 1\], got True"),
-    (lambda: KarcherRule(0), "'Karcher max_iter' must be a positive integer, got 0"),
-    (lambda: KarcherRule(10, 0.0), "'Karcher tol' must be a positive number, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SlerpRule(1.5), r"'SLERP t' must be a number in \[0, 1\], got 1.5"),
+        (lambda: SlerpRule(True), r"'SLERP t' must be a number in \[0, 1\], got True"),
+        (lambda: KarcherRule(0), "'Karcher max_iter' must be a positive integer, got 0"),
+        (lambda: KarcherRule(10, 0.0), "'Karcher tol' must be a positive number, got 0.0"),
+    ],
+)
 def test_bad_parameters_are_refused(make, message):
     with pytest.raises(FedmergeError, match=message):
         make()
@@ -202,15 +227,20 @@ def numpy(tensors):
     return {k: v.numpy() for k, v in tensors.items()}
 
 
-@pytest.mark.parametrize("strategy, rule, count", [
-    (Slerp(t=0.3, server_lr=1.5), SlerpRule(0.3), 2),
-    (Karcher(max_iter=3, server_lr=1.5, weighting="num-examples"), KarcherRule(3, weights=[10, 20, 30]), 3),
-    (ModelStock(server_lr=1.5), ModelStockRule(), 3),
-])
+@pytest.mark.parametrize(
+    "strategy, rule, count",
+    [
+        (Slerp(t=0.3, server_lr=1.5), SlerpRule(0.3), 2),
+        (Karcher(max_iter=3, server_lr=1.5, weighting="num-examples"), KarcherRule(3, weights=[10, 20, 30]), 3),
+        (ModelStock(server_lr=1.5), ModelStockRule(), 3),
+    ],
+)
 def test_each_is_a_flower_strategy_that_merges_like_its_rule(strategy, rule, count):
     base, models = setup(count)
     replies = [reply(i + 1, numpy(m), num_examples=10 * (i + 1), client_id=i) for i, m in enumerate(models)]
-    arrays, _ = strategy.merge_replies(1, replies[::-1], arrays_record(numpy(base)))  # in client-id order whatever comes
+    arrays, _ = strategy.merge_replies(
+        1, replies[::-1], arrays_record(numpy(base))
+    )  # in client-id order whatever comes
     expected = merged_model(rule, base, models, 1.5)
     for key in SHAPES:
         np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-12, atol=1e-14)
@@ -229,9 +259,12 @@ def server_app(monkeypatch):
 def test_the_slerp_strategy_refuses_a_round_of_other_than_two_clients_before_it_starts(server_app):
     arrays = arrays_record({"w": np.zeros(3, np.float32)})
     assert len(Slerp().configure_train(1, arrays, ConfigRecord(), InProcessGrid(None, 2))) == 2
-    with pytest.raises(FedmergeError, match=r"SLERP interpolates between exactly two clients, but round 1 would train 3: "
-                                            r"run it with two clients \(or set fraction_train so that two train\), or "
-                                            r"use karcher, the spherical mean of any number of clients\."):
+    with pytest.raises(
+        FedmergeError,
+        match=r"SLERP interpolates between exactly two clients, but round 1 would train 3: "
+        r"run it with two clients \(or set fraction_train so that two train\), or "
+        r"use karcher, the spherical mean of any number of clients\.",
+    ):
         Slerp(min_available_nodes=3).configure_train(1, arrays, ConfigRecord(), InProcessGrid(None, 3))
     base, models = setup(3)
     replies = [reply(i + 1, numpy(m), client_id=i) for i, m in enumerate(models)]
@@ -255,8 +288,10 @@ def scaled_app():
     return app
 
 
-@pytest.mark.parametrize("strategy, rule, count", [(Slerp(t=0.3), SlerpRule(0.3), 2), (Karcher(), KarcherRule(), 3),
-                                                   (ModelStock(), ModelStockRule(), 3)])
+@pytest.mark.parametrize(
+    "strategy, rule, count",
+    [(Slerp(t=0.3), SlerpRule(0.3), 2), (Karcher(), KarcherRule(), 3), (ModelStock(), ModelStockRule(), 3)],
+)
 def test_over_rounds_each_round_merges_the_models_sent_back(server_app, strategy, rule, count):
     start = {"w": np.linspace(-1.0, 2.0, 6)}
     strategy.min_available_nodes = count
@@ -271,21 +306,43 @@ def test_over_rounds_each_round_merges_the_models_sent_back(server_app, strategy
 def checkpoints(tmp_path, num_models=3):
     """A float32/bfloat16/float16 base with an integer buffer and its fine-tunes, as safetensors files."""
     gen = torch.Generator().manual_seed(3)
-    base = {"a.weight": torch.randn(12, 8, generator=gen), "b.weight": torch.randn(6, 8, generator=gen).to(torch.bfloat16),
-            "c.bias": torch.randn(9, generator=gen).to(torch.float16), "steps": torch.tensor(4)}
-    models = [{k: (v.float() + 0.3 * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.is_floating_point() else v + t
-               for k, v in base.items()} for t in range(num_models)]
+    base = {
+        "a.weight": torch.randn(12, 8, generator=gen),
+        "b.weight": torch.randn(6, 8, generator=gen).to(torch.bfloat16),
+        "c.bias": torch.randn(9, generator=gen).to(torch.float16),
+        "steps": torch.tensor(4),
+    }
+    models = [
+        {
+            k: (v.float() + 0.3 * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.is_floating_point() else v + t
+            for k, v in base.items()
+        }
+        for t in range(num_models)
+    ]
     save_file(base, tmp_path / "base.safetensors")
     for t, m in enumerate(models):
         save_file(m, tmp_path / f"m{t}.safetensors")
-    return base, models, str(tmp_path / "base.safetensors"), [str(tmp_path / f"m{t}.safetensors") for t in range(num_models)]
+    return (
+        base,
+        models,
+        str(tmp_path / "base.safetensors"),
+        [str(tmp_path / f"m{t}.safetensors") for t in range(num_models)],
+    )
 
 
-@pytest.mark.parametrize("options, rule, count, server_lr", [
-    (dict(method="slerp", t=0.3), SlerpRule(0.3), 2, 1.0),
-    (dict(method="karcher", weights=[1, 2, 3], max_iter=5, server_lr=0.5), KarcherRule(5, weights=[1, 2, 3]), 3, 0.5),
-    (dict(method="model-stock"), ModelStockRule(), 3, 1.0),
-])
+@pytest.mark.parametrize(
+    "options, rule, count, server_lr",
+    [
+        (dict(method="slerp", t=0.3), SlerpRule(0.3), 2, 1.0),
+        (
+            dict(method="karcher", weights=[1, 2, 3], max_iter=5, server_lr=0.5),
+            KarcherRule(5, weights=[1, 2, 3]),
+            3,
+            0.5,
+        ),
+        (dict(method="model-stock"), ModelStockRule(), 3, 1.0),
+    ],
+)
 def test_fedmerge_merge_equals_the_in_memory_rule(tmp_path, options, rule, count, server_lr):
     base, models, base_path, paths = checkpoints(tmp_path, count)
     out = merge_checkpoints(base_path, paths, tmp_path / "merged.safetensors", **options)
@@ -304,22 +361,45 @@ def test_fedmerge_merge_refuses_what_these_methods_cannot_do(tmp_path, capsys):
         assert os.listdir(out) == []  # nothing written, no temporary left behind
         return capsys.readouterr().err
 
-    assert ("fedmerge: error: SLERP interpolates between exactly two models, got 3: give two"
-            in failing("--models", *paths, "--method", "slerp"))
+    assert "fedmerge: error: SLERP interpolates between exactly two models, got 3: give two" in failing(
+        "--models", *paths, "--method", "slerp"
+    )
     assert "fedmerge: error: --scaling: method 'karcher' has no λ of its own: the Karcher mean" in failing(
-        "--models", *paths, "--method", "karcher", "--scaling", "1")
+        "--models", *paths, "--method", "karcher", "--scaling", "1"
+    )
     assert "fedmerge: error: weights (--weights) are only used by methods" in failing(
-        "--models", *paths[:2], "--method", "slerp", "--weights", "1", "2")
+        "--models", *paths[:2], "--method", "slerp", "--weights", "1", "2"
+    )
     assert "fedmerge: error: option '--t' must be a number in [0, 1], got 2.0." in failing(
-        "--models", *paths[:2], "--method", "slerp", "--t", "2")
-    assert main(["merge", "--base", base_path, "--models", *paths[:2], "--method", "slerp", "--t", "0.25", "--out",
-                 str(out / "m.safetensors"), "--quiet"]) == 0
+        "--models", *paths[:2], "--method", "slerp", "--t", "2"
+    )
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                base_path,
+                "--models",
+                *paths[:2],
+                "--method",
+                "slerp",
+                "--t",
+                "0.25",
+                "--out",
+                str(out / "m.safetensors"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "slerp: β = 1 (the default" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("make, count", [(lambda: SlerpRule(0.3), 2), (lambda: KarcherRule(weights=[1, 2, 3]), 3),
-                                         (lambda: ModelStockRule(), 3)])
+@pytest.mark.parametrize(
+    "make, count",
+    [(lambda: SlerpRule(0.3), 2), (lambda: KarcherRule(weights=[1, 2, 3]), 3), (lambda: ModelStockRule(), 3)],
+)
 def test_on_cuda_as_on_the_cpu(make, count):
     base, models = setup(count)
     on_cpu = merged_model(make(), base, models, 0.8)

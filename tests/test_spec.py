@@ -12,8 +12,13 @@ from fedmerge.simulations.command import spec_from_args
 from fedmerge.simulations.presets import load_experiment, shipped_names
 from fedmerge.simulations.spec import Spec
 
-BASE = {"suite": "quadratic", "clients": 4, "strategies": ["fedavg", "fednova"], "rounds": [1, 3],
-        "training": {"lr": 0.1, "steps": 30, "batch_size": 1000}}
+BASE = {
+    "suite": "quadratic",
+    "clients": 4,
+    "strategies": ["fedavg", "fednova"],
+    "rounds": [1, 3],
+    "training": {"lr": 0.1, "steps": 30, "batch_size": 1000},
+}
 
 
 def spec(**changes):
@@ -21,8 +26,13 @@ def spec(**changes):
 
 
 def args(experiment=None, *overrides, **flags):
-    return argparse.Namespace(experiment=experiment, overrides=list(overrides), strategy=flags.get("strategy"),
-                              rounds=flags.get("rounds"), seed=flags.get("seed"))
+    return argparse.Namespace(
+        experiment=experiment,
+        overrides=list(overrides),
+        strategy=flags.get("strategy"),
+        rounds=flags.get("rounds"),
+        seed=flags.get("seed"),
+    )
 
 
 @pytest.mark.parametrize("name", shipped_names())
@@ -47,8 +57,17 @@ def test_flat_run_config_round_trips():
 
 
 def test_command_line_overrides_map_onto_the_spec():
-    got = spec_from_args(args("quadratic", "clients=3", "training.steps=[5, 10, 20]", "strategy.fednova.normalize_by=steps",
-                              strategy=["fednova"], rounds=[1, 4], seed=7))
+    got = spec_from_args(
+        args(
+            "quadratic",
+            "clients=3",
+            "training.steps=[5, 10, 20]",
+            "strategy.fednova.normalize_by=steps",
+            strategy=["fednova"],
+            rounds=[1, 4],
+            seed=7,
+        )
+    )
     assert got.clients == 3 and got.strategies == ("fednova",) and got.rounds == (1, 4) and got.seed == 7
     assert [c.steps for c in got.client_configs()] == [5, 10, 20]
     assert got.build_strategy("fednova").normalize_by == "steps"
@@ -96,8 +115,10 @@ def test_a_supernode_overrides_its_own_settings():
         ({"strategy": {"fedgma": 0.3}}, "'strategy.fedgma' must be a table of options"),
         ({"strategy": {"fedgma": {"rho": 0.3}}}, "unknown key 'strategy.fedgma.rho'"),
         ({"server": {"server_lr": 0}}, "server_lr"),
-        ({"server": {"lora": "stack"}, "strategies": ["fedavg", "median", "ties"]},
-         'server.lora = "stack" is exact only for rules that are weighted sums \\(fedavg, fednova, scaffold\\), not median, ties'),
+        (
+            {"server": {"lora": "stack"}, "strategies": ["fedavg", "median", "ties"]},
+            'server.lora = "stack" is exact only for rules that are weighted sums \\(fedavg, fednova, scaffold\\), not median, ties',
+        ),
         ({"server": {"statistics": "merge"}}, "one of reestimate, average, theta0"),
     ],
 )
@@ -150,7 +171,9 @@ def test_bad_command_lines_exit_non_zero_with_a_message_and_write_nothing(argv, 
         ("name=..", "starting with a letter or digit"),
     ],
 )
-def test_every_spec_value_is_checked_up_front_naming_key_value_and_what_is_allowed(setting, allowed, tmp_path, capsys, monkeypatch):
+def test_every_spec_value_is_checked_up_front_naming_key_value_and_what_is_allowed(
+    setting, allowed, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     key, _, value = setting.partition("=")
     assert main(["run", "quadratic", "--dry-run", "--set", setting]) == 2
@@ -161,11 +184,25 @@ def test_every_spec_value_is_checked_up_front_naming_key_value_and_what_is_allow
 
 
 def test_values_are_stored_in_their_type():
-    got = Spec.from_flat({"server.server_lr": "2", "engine.client_gpus": "0", "strategy.cclip.radius": "1",
-                          "engine.ray_address": "127.0.0.1:6379", "name": "2024"}, BASE)
+    got = Spec.from_flat(
+        {
+            "server.server_lr": "2",
+            "engine.client_gpus": "0",
+            "strategy.cclip.radius": "1",
+            "engine.ray_address": "127.0.0.1:6379",
+            "name": "2024",
+        },
+        BASE,
+    )
     assert got.server["server_lr"] == 2.0 and isinstance(got.server["server_lr"], float)
-    assert got.engine == {"client_cpus": 1.0, "client_gpus": 0.0, "ray_address": "127.0.0.1:6379", "server_device": "auto",
-                          "stall_timeout": 600.0, "clients_per_call": 1}
+    assert got.engine == {
+        "client_cpus": 1.0,
+        "client_gpus": 0.0,
+        "ray_address": "127.0.0.1:6379",
+        "server_device": "auto",
+        "stall_timeout": 600.0,
+        "clients_per_call": 1,
+    }
     assert got.strategy["cclip"]["radius"] == 1.0 and got.name == "2024"
 
 
@@ -187,16 +224,26 @@ def test_an_unparsable_experiment_file_is_named(tmp_path, capsys):
     assert f"{bad} is not valid TOML" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("strategies=[\"fedavg\", \"fedavg\"]", "'strategies' names 'fedavg' twice"),
-    ("rounds=[1, 1]", "'rounds' names 1 twice"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ('strategies=["fedavg", "fedavg"]', "'strategies' names 'fedavg' twice"),
+        ("rounds=[1, 1]", "'rounds' names 1 twice"),
+    ],
+)
 def test_a_strategy_or_round_count_given_twice_is_refused(setting, message, capsys):
     assert main(["run", "quadratic", "--dry-run", "--set", setting]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_random_rules_seed_flows_from_the_runs_seed():
-    spec = Spec.from_dict({"seed": 3, "suite": "quadratic", "strategies": ["dare-ties"], "strategy": {"dare-ties": {"seed": 1}}})
+    spec = Spec.from_dict(
+        {"seed": 3, "suite": "quadratic", "strategies": ["dare-ties"], "strategy": {"dare-ties": {"seed": 1}}}
+    )
     assert spec.build_strategy("dare-ties").params["seed"] == 4
-    assert Spec.from_dict({"seed": 5, "suite": "quadratic", "strategies": ["dare-linear"]}).build_strategy("dare-linear").seed == 5
+    assert (
+        Spec.from_dict({"seed": 5, "suite": "quadratic", "strategies": ["dare-linear"]})
+        .build_strategy("dare-linear")
+        .seed
+        == 5
+    )

@@ -26,7 +26,7 @@ MATRICES = ("attn", "wide")
 def setup(num_clients=3, seed=0, dtype=torch.float64):
     """A base and fine-tunes sharing part of their update."""
     gen = torch.Generator().manual_seed(seed)
-    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    randn = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)
     base = {k: randn(s) for k, s in SHAPES.items()}
     shared = {k: randn(s) for k, s in SHAPES.items()}
     models = [{k: base[k] + 0.3 * (shared[k] + randn(s)) for k, s in SHAPES.items()} for _ in range(num_clients)]
@@ -72,9 +72,12 @@ def iso_cts_paper(vectors: list[np.ndarray], fraction: float) -> np.ndarray:
     return np.concatenate(ss).mean() * polar(np.hstack(us)) @ polar(np.vstack(vhs))
 
 
-PAPERS = {"tsv-m": (TsvRule, tsv_paper), "iso-c": (IsoCRule, iso_c_paper),
-          "iso-cts": (lambda: IsoCtsRule(0.8), lambda v: iso_cts_paper(v, 0.8)),
-          "iso-cts-0.5": (lambda: IsoCtsRule(0.5), lambda v: iso_cts_paper(v, 0.5))}
+PAPERS = {
+    "tsv-m": (TsvRule, tsv_paper),
+    "iso-c": (IsoCRule, iso_c_paper),
+    "iso-cts": (lambda: IsoCtsRule(0.8), lambda v: iso_cts_paper(v, 0.8)),
+    "iso-cts-0.5": (lambda: IsoCtsRule(0.5), lambda v: iso_cts_paper(v, 0.5)),
+}
 
 
 @pytest.mark.parametrize("num_clients", [2, 3, 5])
@@ -86,8 +89,9 @@ def test_each_is_its_papers_rule_on_matrices_and_the_mean_elsewhere(method, num_
     for name in SHAPES:
         vectors = taus(base, models, name)
         delta = paper(vectors) if name in MATRICES else np.mean(vectors, axis=0)
-        np.testing.assert_allclose(merged[name].numpy(), base[name].numpy() + 0.7 * delta, rtol=1e-10, atol=1e-12,
-                                   err_msg=f"{method}/{name}")
+        np.testing.assert_allclose(
+            merged[name].numpy(), base[name].numpy() + 0.7 * delta, rtol=1e-10, atol=1e-12, err_msg=f"{method}/{name}"
+        )
 
 
 def test_the_common_subspace_leaves_the_rest_divisible_by_the_clients():
@@ -125,8 +129,10 @@ def test_rank_deficient_updates_keep_their_own_directions():
     """Two rank-1 updates of a 10 × 8 matrix: Iso-C's Δ is rank 2 at the mean of the two singular values (the
     directions of zero singular values are no directions of the updates); TSV-M's the two updates' own parts."""
     gen = torch.Generator().manual_seed(4)
-    a, b = (torch.randn(10, 1, generator=gen, dtype=torch.float64) @ torch.randn(1, 8, generator=gen, dtype=torch.float64)
-            for _ in range(2))
+    a, b = (
+        torch.randn(10, 1, generator=gen, dtype=torch.float64) @ torch.randn(1, 8, generator=gen, dtype=torch.float64)
+        for _ in range(2)
+    )
     base = {"w": torch.zeros(10, 8, dtype=torch.float64)}
     tvs = [TaskVector({"w": a}, base), TaskVector({"w": b}, base)]
     iso = merge(IsoCRule(), tvs)["w"].numpy()
@@ -194,8 +200,14 @@ def numpy(tensors):
     return {k: v.numpy() for k, v in tensors.items()}
 
 
-@pytest.mark.parametrize("strategy, rule", [(TSVM(server_lr=1.5), TsvRule()), (IsoC(server_lr=1.5), IsoCRule()),
-                                            (IsoCTS(common_fraction=0.6, server_lr=1.5), IsoCtsRule(0.6))])
+@pytest.mark.parametrize(
+    "strategy, rule",
+    [
+        (TSVM(server_lr=1.5), TsvRule()),
+        (IsoC(server_lr=1.5), IsoCRule()),
+        (IsoCTS(common_fraction=0.6, server_lr=1.5), IsoCtsRule(0.6)),
+    ],
+)
 def test_each_is_a_flower_strategy_that_merges_like_its_rule(strategy, rule):
     base, models = setup(3)
     replies = [reply(i + 1, numpy(m), num_examples=10 * (i + 1), client_id=i) for i, m in enumerate(models)]
@@ -209,21 +221,33 @@ def test_each_is_a_flower_strategy_that_merges_like_its_rule(strategy, rule):
 def checkpoints(tmp_path, num_models=3):
     """A float32/bfloat16 base with an integer buffer and its fine-tunes, as safetensors files."""
     gen = torch.Generator().manual_seed(3)
-    base = {"a.weight": torch.randn(12, 8, generator=gen), "b.weight": torch.randn(6, 9, generator=gen).to(torch.bfloat16),
-            "c.bias": torch.randn(9, generator=gen), "steps": torch.tensor(4)}
-    models = [{k: (v.float() + 0.3 * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.is_floating_point() else v + t
-               for k, v in base.items()} for t in range(num_models)]
+    base = {
+        "a.weight": torch.randn(12, 8, generator=gen),
+        "b.weight": torch.randn(6, 9, generator=gen).to(torch.bfloat16),
+        "c.bias": torch.randn(9, generator=gen),
+        "steps": torch.tensor(4),
+    }
+    models = [
+        {
+            k: (v.float() + 0.3 * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.is_floating_point() else v + t
+            for k, v in base.items()
+        }
+        for t in range(num_models)
+    ]
     save_file(base, tmp_path / "base.safetensors")
     for t, m in enumerate(models):
         save_file(m, tmp_path / f"m{t}.safetensors")
     return base, models, str(tmp_path / "base.safetensors"), [str(tmp_path / f"m{t}.safetensors") for t in range(3)]
 
 
-@pytest.mark.parametrize("options, rule, server_lr", [
-    (dict(method="tsv-m"), TsvRule(), 1.0),
-    (dict(method="iso-c", scaling=1.3), IsoCRule(), 1.3),
-    (dict(method="iso-cts", common_fraction=0.5, server_lr=0.9), IsoCtsRule(0.5), 0.9),
-])
+@pytest.mark.parametrize(
+    "options, rule, server_lr",
+    [
+        (dict(method="tsv-m"), TsvRule(), 1.0),
+        (dict(method="iso-c", scaling=1.3), IsoCRule(), 1.3),
+        (dict(method="iso-cts", common_fraction=0.5, server_lr=0.9), IsoCtsRule(0.5), 0.9),
+    ],
+)
 def test_fedmerge_merge_equals_the_in_memory_rule(tmp_path, options, rule, server_lr):
     base, models, base_path, paths = checkpoints(tmp_path)
     out = merge_checkpoints(base_path, paths, tmp_path / "merged.safetensors", **options)

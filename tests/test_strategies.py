@@ -129,7 +129,11 @@ def test_failed_and_non_finite_clients_are_left_out_and_recorded():
     bad = dict(clients[0])
     bad["fc.weight"] = bad["fc.weight"].copy()
     bad["fc.weight"][0, 0] = np.nan
-    all_replies = [*replies[1:], reply(7, bad, num_examples=5, num_steps=1, lr_sum=1.0), error_reply(8, "out of memory")]
+    all_replies = [
+        *replies[1:],
+        reply(7, bad, num_examples=5, num_steps=1, lr_sum=1.0),
+        error_reply(8, "out of memory"),
+    ]
     strategy = FedAvg()
     merged, metrics = strategy.merge_replies(1, all_replies, arrays_record(base))
     expected, _ = FedAvg().merge_replies(1, replies[1:], arrays_record(base))
@@ -144,7 +148,9 @@ def test_no_usable_reply_leaves_the_model_unchanged_and_is_recorded():
     nan = {k: np.full_like(v, np.nan) for k, v in clients[0].items()}
     strategy = FedAvg()
     strategy.merge_replies(1, replies, arrays_record(base))
-    merged, metrics = strategy.merge_replies(2, [error_reply(1, "boom"), reply(2, nan, num_examples=1)], arrays_record(base))
+    merged, metrics = strategy.merge_replies(
+        2, [error_reply(1, "boom"), reply(2, nan, num_examples=1)], arrays_record(base)
+    )
     strategy.merge_replies(3, replies, arrays_record(base))
     assert merged is None and metrics["num-clients"] == 0 and metrics["num-excluded"] == 2
     assert [r.server_round for r in strategy.rounds] == [1, 2, 3]
@@ -178,20 +184,41 @@ def _with(arrays, **changes):
 @pytest.mark.parametrize(
     "strategy, make_bad, message",
     [
-        (FedAvg(), lambda c: reply(9, {k: v for k, v in c.items() if k != "conv.bias"}, num_examples=1),
-         "node 9's reply lacks tensor 'conv.bias'.*sends back exactly the tensors it received"),
-        (FedAvg(), lambda c: reply(9, _with(c, extra=np.zeros(2, np.float32)), num_examples=1),
-         "node 9's reply has tensor 'extra', which is not among the global model's"),
-        (FedAvg(), lambda c: reply(9, _with(c, **{"fc.weight": np.zeros((4, 10), np.float32)}), num_examples=1),
-         r"node 9's reply: tensor 'fc.weight' has shape \(4, 10\) but the global model's has \(10, 4\)"),
-        (FedAvg(), lambda c: reply(9, _with(c, **{"conv.bias": c["conv.bias"].astype(np.float64)}), num_examples=1),
-         "node 9's reply: tensor 'conv.bias' is torch.float64 but the global model's is torch.float32"),
-        (FedNova(normalize_by="steps"), lambda c: reply(9, c, num_examples=1, lr_sum=1.0),
-         "node 9: reply's metrics lack 'num-steps'"),
-        (FedNova(normalize_by="lr-sum"), lambda c: reply(9, c, num_examples=1, num_steps=3, lr_sum=0.0),
-         "node 9: metric 'lr-sum' must be a positive number"),
-        (FedAvg(weighting="num-examples"), lambda c: reply(9, c, num_examples=-2, num_steps=1),
-         "node 9: metric 'num-examples' must be a positive number"),
+        (
+            FedAvg(),
+            lambda c: reply(9, {k: v for k, v in c.items() if k != "conv.bias"}, num_examples=1),
+            "node 9's reply lacks tensor 'conv.bias'.*sends back exactly the tensors it received",
+        ),
+        (
+            FedAvg(),
+            lambda c: reply(9, _with(c, extra=np.zeros(2, np.float32)), num_examples=1),
+            "node 9's reply has tensor 'extra', which is not among the global model's",
+        ),
+        (
+            FedAvg(),
+            lambda c: reply(9, _with(c, **{"fc.weight": np.zeros((4, 10), np.float32)}), num_examples=1),
+            r"node 9's reply: tensor 'fc.weight' has shape \(4, 10\) but the global model's has \(10, 4\)",
+        ),
+        (
+            FedAvg(),
+            lambda c: reply(9, _with(c, **{"conv.bias": c["conv.bias"].astype(np.float64)}), num_examples=1),
+            "node 9's reply: tensor 'conv.bias' is torch.float64 but the global model's is torch.float32",
+        ),
+        (
+            FedNova(normalize_by="steps"),
+            lambda c: reply(9, c, num_examples=1, lr_sum=1.0),
+            "node 9: reply's metrics lack 'num-steps'",
+        ),
+        (
+            FedNova(normalize_by="lr-sum"),
+            lambda c: reply(9, c, num_examples=1, num_steps=3, lr_sum=0.0),
+            "node 9: metric 'lr-sum' must be a positive number",
+        ),
+        (
+            FedAvg(weighting="num-examples"),
+            lambda c: reply(9, c, num_examples=-2, num_steps=1),
+            "node 9: metric 'num-examples' must be a positive number",
+        ),
     ],
 )
 def test_contract_breaches_stop_the_round_naming_node_and_culprit(strategy, make_bad, message):
@@ -256,12 +283,16 @@ def test_every_strategy_takes_every_fedavg_keyword(name):
 def test_weighted_by_key_picks_the_weighting_metric():
     base, clients, _ = federation(3)
     replies = [reply(10 + t, c, shots=s, client_id=t) for t, (c, s) in enumerate(zip(clients, [1, 2, 7]))]
-    ours, metrics = FedAvg(weighting="num-examples", weighted_by_key="shots").merge_replies(1, replies, arrays_record(base))
+    ours, metrics = FedAvg(weighting="num-examples", weighted_by_key="shots").merge_replies(
+        1, replies, arrays_record(base)
+    )
     theirs, _ = FlowerFedAvg(weighted_by_key="shots").aggregate_train(1, replies)
     assert_records_close(ours, theirs)
     assert metrics["client-weights"] == pytest.approx([0.1, 0.2, 0.7])
     with pytest.raises(FedmergeError, match="node 100: reply's metrics lack 'shots'"):
-        FedAvg(weighting="num-examples", weighted_by_key="shots").merge_replies(1, federation(3)[2], arrays_record(base))
+        FedAvg(weighting="num-examples", weighted_by_key="shots").merge_replies(
+            1, federation(3)[2], arrays_record(base)
+        )
 
 
 def test_train_metrics_aggr_fn_adds_its_metrics_to_the_rounds():
@@ -293,7 +324,9 @@ def test_summary_tells_the_real_weighting_rule_and_server_lr(caplog):
     text = _summary(caplog, FedNova(server_lr=2.5))
     assert "Merging: FedNova, normalize_by='steps'" in text and "β = 2.5" in text
     assert "Weighted by: nothing: uniform p_t = 1/T" in text and "'num-examples'" not in text
-    assert "Weighted by: 'shots' (p_t ∝ shots)" in _summary(caplog, FedAvg(weighting="num-examples", weighted_by_key="shots"))
+    assert "Weighted by: 'shots' (p_t ∝ shots)" in _summary(
+        caplog, FedAvg(weighting="num-examples", weighted_by_key="shots")
+    )
     assert "uniform p_t = 1/T (Median is unweighted)" in _summary(caplog, Median(weighting="num-examples"))
     text = _summary(caplog, CClip(radius=0.5, fraction_evaluate=0.5))
     assert "radius=0.5, iterations=1, center='previous'" in text and "evaluate (0.50)" in text
@@ -343,8 +376,12 @@ def test_a_round_where_every_client_fails_keeps_records_on_their_rounds(server_a
     grid = InProcessGrid(train_only_app(1.0, fail_in_round=2), 2)
     strategy = FedAvg()
     history = []
-    strategy.start(grid=grid, initial_arrays=arrays_record({"w": np.zeros(2, np.float32)}), num_rounds=3,
-                   evaluate_fn=lambda r, arrays: history.append((r, float(arrays["w"].numpy()[0]))))
+    strategy.start(
+        grid=grid,
+        initial_arrays=arrays_record({"w": np.zeros(2, np.float32)}),
+        num_rounds=3,
+        evaluate_fn=lambda r, arrays: history.append((r, float(arrays["w"].numpy()[0]))),
+    )
     assert history == [(0, 0.0), (1, 1.5), (2, 1.5), (3, 3.0)]
     assert [r.server_round for r in strategy.rounds] == [1, 2, 3]
     failed = strategy.record_for(2)
@@ -365,7 +402,9 @@ def test_the_docs_serverapp_runs_as_is_with_a_train_only_clientapp(server_app, t
     exec(compile(_docs_server_app(), "docs/strategies.md", "exec"), namespace)
     grid = InProcessGrid(train_only_app(1.0), 2)
     namespace["app"](grid, Context(0, 0, {}, RecordDict(), {"base": str(tmp_path / "base.safetensors")}))
-    assert [m.metadata.message_type for m in grid.sent] == ["train"] * 4  # no evaluate message, so no error from a ClientApp without @app.evaluate
+    assert [m.metadata.message_type for m in grid.sent] == [
+        "train"
+    ] * 4  # no evaluate message, so no error from a ClientApp without @app.evaluate
     out = capsys.readouterr().out
     assert "1 [0, 1]" in out and "2 [0, 1]" in out and "2 tensors merged" in out
 
@@ -373,7 +412,16 @@ def test_the_docs_serverapp_runs_as_is_with_a_train_only_clientapp(server_app, t
 def test_by_default_no_evaluate_message_is_sent(server_app):
     grid = InProcessGrid(train_only_app(1.0), 2)
     assert list(FedAvg().configure_evaluate(1, arrays_record({"w": np.zeros(1)}), ConfigRecord(), grid)) == []
-    assert len(list(FedAvg(fraction_evaluate=1.0).configure_evaluate(1, arrays_record({"w": np.zeros(1)}), ConfigRecord(), grid))) == 2
+    assert (
+        len(
+            list(
+                FedAvg(fraction_evaluate=1.0).configure_evaluate(
+                    1, arrays_record({"w": np.zeros(1)}), ConfigRecord(), grid
+                )
+            )
+        )
+        == 2
+    )
 
 
 def test_cclip_takes_a_second_round_of_a_model_with_an_integer_buffer():
@@ -382,15 +430,20 @@ def test_cclip_takes_a_second_round_of_a_model_with_an_integer_buffer():
     base = {**model(rng), "bn.counter": np.array(7, dtype=np.int64)}
     clients = [{**model(rng), "bn.counter": np.array(9, dtype=np.int64)} for _ in range(3)]
     strategy = CClip(radius=0.5, center="previous")
-    first, _ = strategy.merge_replies(1, [reply(10 + t, c, num_examples=1, client_id=t) for t, c in enumerate(clients)],
-                                      arrays_record(base))
-    second, _ = strategy.merge_replies(2, [reply(20 + t, as_numpy(first), num_examples=1, client_id=t) for t in range(3)], first)
+    first, _ = strategy.merge_replies(
+        1, [reply(10 + t, c, num_examples=1, client_id=t) for t, c in enumerate(clients)], arrays_record(base)
+    )
+    second, _ = strategy.merge_replies(
+        2, [reply(20 + t, as_numpy(first), num_examples=1, client_id=t) for t in range(3)], first
+    )
     assert second["bn.counter"].numpy().item() == first["bn.counter"].numpy().item() == 9
     assert_records_close(second, first)  # every client sent the global model back: nothing moves
 
 
 def test_a_strategy_on_a_device_this_machine_lacks_is_refused_and_cpu_is_the_default():
-    assert FedAvg().device.type == "cpu" and FedAvg(device="auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert FedAvg().device.type == "cpu" and FedAvg(device="auto").device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
     if not torch.cuda.is_available():
         with pytest.raises(FedmergeError, match="device cuda: CUDA is not available"):
             FedAvg(device="cuda")
@@ -423,8 +476,11 @@ def test_every_method_has_a_real_strategy_class_of_its_own_file():
 
 def test_two_replies_from_one_client_are_refused_naming_both_nodes():
     base, clients, _ = federation(3)
-    replies = [reply(5, clients[0], num_examples=1, client_id=1), reply(9, clients[1], num_examples=1, client_id=1),
-               reply(7, clients[2], num_examples=1, client_id=2)]
+    replies = [
+        reply(5, clients[0], num_examples=1, client_id=1),
+        reply(9, clients[1], num_examples=1, client_id=1),
+        reply(7, clients[2], num_examples=1, client_id=2),
+    ]
     with pytest.raises(FedmergeError, match="nodes 5 and 9 both reply as client 1.*its own partition-id"):
         FedAvg().merge_replies(1, replies, arrays_record(base))
 
@@ -451,17 +507,21 @@ def test_partial_participation_draws_from_the_seed_and_the_round_alike_for_every
             arrays, _ = contract.received(message.content)
             trained = {k: arrays[k].numpy() + shift for k in arrays}
             metrics = contract.train_reply_metrics(1, 1, 1.0, client_id=context.node_config["partition-id"])
-            return Message(RecordDict({"arrays": arrays_record(trained), "metrics": MetricRecord(metrics)}), reply_to=message)
+            return Message(
+                RecordDict({"arrays": arrays_record(trained), "metrics": MetricRecord(metrics)}), reply_to=message
+            )
 
         return app
 
     draws = []
-    for strategy in (FedAvg(clients_per_round=2, sample_seed=7, min_available_nodes=6),
-                     Median(clients_per_round=2, sample_seed=7, min_available_nodes=6)):
+    for strategy in (
+        FedAvg(clients_per_round=2, sample_seed=7, min_available_nodes=6),
+        Median(clients_per_round=2, sample_seed=7, min_available_nodes=6),
+    ):
         grid = InProcessGrid(app_for(0.1), 6)
         strategy.clients_by_node = {node: node - 1 for node in grid.node_ids}
         strategy.start(grid=grid, initial_arrays=arrays_record(base), num_rounds=3)
-        sent = [[m.metadata.dst_node_id - 1 for m in grid.sent[k:k + 2]] for k in (0, 2, 4)]
+        sent = [[m.metadata.dst_node_id - 1 for m in grid.sent[k : k + 2]] for k in (0, 2, 4)]
         assert len(grid.sent) == 6 and [sorted(s) for s in sent] == [strategy.sampled[r] for r in (1, 2, 3)]
         assert [r.sampled for r in strategy.rounds] == [strategy.sampled[r] for r in (1, 2, 3)]
         assert [r.client_ids for r in strategy.rounds] == [strategy.sampled[r] for r in (1, 2, 3)]

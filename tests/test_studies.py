@@ -20,16 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_report_layer_imports_nothing_that_runs_things():
-    code = ("import sys, fedmerge.report, fedmerge.report.findings, fedmerge.report.command; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray') "
-            "or m.startswith(('fedmerge.simulations', 'fedmerge.studies', 'fedmerge.strategies', 'fedmerge.clients'))]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, fedmerge.report, fedmerge.report.findings, fedmerge.report.command; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray') "
+        "or m.startswith(('fedmerge.simulations', 'fedmerge.studies', 'fedmerge.strategies', 'fedmerge.clients'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=seconds(120))
     assert done.returncode == 0, done.stdout + done.stderr
     for path in (ROOT / "fedmerge" / "report").glob("*.py"):
         imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", path.read_text(), re.M)
-        assert not [m for m in imports if m.split(".")[0] in ("flwr", "ray")
-                    or m.startswith(("fedmerge.simulations", "fedmerge.studies"))], f"{path.name} imports {imports}"
+        assert not [
+            m
+            for m in imports
+            if m.split(".")[0] in ("flwr", "ray") or m.startswith(("fedmerge.simulations", "fedmerge.studies"))
+        ], f"{path.name} imports {imports}"
 
 
 def test_claim_1_holds_through_the_core_and_the_flower_strategy_and_the_check_can_fail():
@@ -55,8 +60,10 @@ def test_mean_direction_is_lr_sum_where_updates_grow_linearly_and_none_is_fedavg
     none = merged_model(fednova.rule_for("none", [10, 20, 40], lr_sums), base, models)
     assert torch.equal(none["w"], merged_model(FedAvgRule(), base, models)["w"])
     saturated = [{"w": base["w"] + (m["w"] - base["w"]) * (1 if i == 0 else 0.5)} for i, m in enumerate(models)]
-    assert not torch.allclose(merged_model(fednova.rule_for("mean-direction", [1] * 3, lr_sums), base, saturated)["w"],
-                              merged_model(fednova.rule_for("lr-sum", [1] * 3, lr_sums), base, saturated)["w"])
+    assert not torch.allclose(
+        merged_model(fednova.rule_for("mean-direction", [1] * 3, lr_sums), base, saturated)["w"],
+        merged_model(fednova.rule_for("lr-sum", [1] * 3, lr_sums), base, saturated)["w"],
+    )
 
 
 def test_the_held_out_study_shares_no_recipe_and_no_seed_with_the_one_mean_direction_was_designed_on():
@@ -64,7 +71,8 @@ def test_the_held_out_study_shares_no_recipe_and_no_seed_with_the_one_mean_direc
     assert not set(design.seeds) & set(held_out.seeds)
     assert not set(design.recipes) & set(held_out.recipes)
     assert not {(r.suite, r.optimizer, r.lr, r.steps, r.schedule) for r in design.recipes.values()} & {
-        (r.suite, r.optimizer, r.lr, r.steps, r.schedule) for r in held_out.recipes.values()}
+        (r.suite, r.optimizer, r.lr, r.steps, r.schedule) for r in held_out.recipes.values()
+    }
     assert any(r.suite != "digits" for r in held_out.recipes.values())  # another suite too
 
 
@@ -86,12 +94,14 @@ def test_fednova_clients_train_their_own_head_and_the_merge_touches_shared_tenso
 @pytest.mark.slow
 def test_the_fednova_study_trains_real_digits_clients_and_reuses_its_cells(tmp_path):
     study = fednova.UPDATE_SIZE
-    folder = fednova.run_study(tmp_path, study, recipes=("sgd-small",), seeds=(0,), log=lambda line: None,
-                               fingerprint="code A")
+    folder = fednova.run_study(
+        tmp_path, study, recipes=("sgd-small",), seeds=(0,), log=lambda line: None, fingerprint="code A"
+    )
     path = folder / "sgd-small-seed0.json"
     cell = json.loads(path.read_text())
     assert cell["steps"] == [25, 63, 159, 400] and cell["lr_sum"] == pytest.approx(
-        [lr * k for lr, k in zip(cell["lr"], cell["steps"])])
+        [lr * k for lr, k in zip(cell["lr"], cell["steps"])]
+    )
     assert all(n > 0 for n in cell["norm"]) and cell["norm"] == sorted(cell["norm"])  # more work, larger updates
     assert cell["tensors"] == {"shared": 4, "private": 8} and cell["evaluation"]["test"] == [269] * 4
     # the suite the page relies on: fine-tuning moves θ0 (≈ 0.5) a long way; the least-trained client (lr 0.0025,

@@ -10,12 +10,24 @@ from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
 from fedmerge.simulations.presets import shipped_names
 from fedmerge.simulations.sweep import (
-    MANIFEST, cell_dir, is_complete, load_sweep, run_sweep, sweep_from_dict,
+    MANIFEST,
+    cell_dir,
+    is_complete,
+    load_sweep,
+    run_sweep,
+    sweep_from_dict,
 )
 from report_data import results
 
-BASE = {"suite": "quadratic", "clients": 2, "strategies": ["fedavg"], "rounds": [1], "select": False,
-        "training": {"lr": 0.1, "steps": 4, "batch_size": 1000}, "engine": {"ray_address": "local"}}
+BASE = {
+    "suite": "quadratic",
+    "clients": 2,
+    "strategies": ["fedavg"],
+    "rounds": [1],
+    "select": False,
+    "training": {"lr": 0.1, "steps": 4, "batch_size": 1000},
+    "engine": {"ray_address": "local"},
+}
 
 
 def sweep(grid, base=BASE, **extra):
@@ -28,41 +40,63 @@ def test_the_grid_is_the_product_of_its_axes_with_stable_distinct_ids():
     assert s.cells[0].overrides == {"seed": 0, "suite_options.zeta2": 0.5}
     assert s.cells[5].spec.seed == 2 and s.cells[5].spec.suite_options["zeta2"] == 2.0
     assert len({c.id for c in s.cells}) == 6
-    assert [c.id for c in s.cells] == [c.id for c in sweep({"seed": [0, 1, 2], "suite_options.zeta2": [0.5, 2.0]}).cells]
+    assert [c.id for c in s.cells] == [
+        c.id for c in sweep({"seed": [0, 1, 2], "suite_options.zeta2": [0.5, 2.0]}).cells
+    ]
     assert s.cells[0].id.startswith("seed-0_zeta2-0.5-")
     changed = sweep({"seed": [0, 1, 2], "suite_options.zeta2": [0.5, 2.0]}, base={**BASE, "clients": 3})
     assert not {c.id for c in s.cells} & {c.id for c in changed.cells}, "a changed base must not reuse old cells"
 
 
 def test_a_named_axis_zips_its_keys_and_spread_values_are_values():
-    s = sweep({"spread": {"training.lr": [0.1, {"geometric": [0.05, 0.2]}], "training.steps": [4, [2, 8]],
-                          "labels": ["equal", "4x"]}})
+    s = sweep(
+        {
+            "spread": {
+                "training.lr": [0.1, {"geometric": [0.05, 0.2]}],
+                "training.steps": [4, [2, 8]],
+                "labels": ["equal", "4x"],
+            }
+        }
+    )
     assert [c.levels for c in s.cells] == [{"spread": "equal"}, {"spread": "4x"}]
     assert [c.id.rsplit("-", 1)[0] for c in s.cells] == ["spread-equal", "spread-4x"]  # axis-level, whatever the label
     assert [cfg.steps for cfg in s.cells[1].spec.client_configs()] == [2, 8]
-    assert sweep({"training.lr": [{"geometric": [0.05, 0.2]}]}).cells[0].spec.training["lr"] == {"geometric": [0.05, 0.2]}
+    assert sweep({"training.lr": [{"geometric": [0.05, 0.2]}]}).cells[0].spec.training["lr"] == {
+        "geometric": [0.05, 0.2]
+    }
 
 
 def test_a_preset_base_with_overrides():
     s = sweep({"seed": [0]}, base={"preset": "quadratic", "clients": 2, "training": {"steps": [5, 10]}})
     spec = s.cells[0].spec
-    assert spec.suite == "quadratic" and spec.clients == 2 and spec.training["lr"] == 0.02 and spec.training["steps"] == [5, 10]
+    assert (
+        spec.suite == "quadratic"
+        and spec.clients == 2
+        and spec.training["lr"] == 0.02
+        and spec.training["steps"] == [5, 10]
+    )
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"base": BASE, "grid": {"training.lrr": [0.1]}}, "unknown key 'training.lrr'"),
-    ({"base": BASE, "grid": {"seed": [0, 1], "clients": [2, 0]}}, "cell 2 (seed=0, clients=0)"),
-    ({"base": BASE, "grid": {}}, "the [grid] table is empty"),
-    ({"base": BASE}, "no [grid] table"),
-    ({"base": BASE, "grid": {"seed": []}}, "grid key 'seed' has no values"),
-    ({"base": BASE, "grid": {"seed": [0]}, "gird": {}}, "unknown top-level key 'gird' (did you mean 'grid'?)"),
-    ({"base": {**BASE, "sute": "x"}, "grid": {"seed": [0]}}, "unknown key 'sute'"),
-    ({"base": BASE, "grid": {"ax": {"training.lr": [0.1, 0.2], "training.steps": [4]}}}, "the same length"),
-    ({"base": BASE, "grid": {"seed": [0, 0]}}, "are the same experiment"),
-    ({"base": {"preset": "nope"}, "grid": {"seed": [0]}}, "unknown preset 'nope'"),
-    ({"base": {"preset": "default"}, "grid": {"name": ["ok", "../up"]}}, "cell 2 (name=../up): option 'name'"),
-    ({"name": "../up", "base": BASE, "grid": {"seed": [0]}}, "test.toml: option 'name' names the results directory"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"base": BASE, "grid": {"training.lrr": [0.1]}}, "unknown key 'training.lrr'"),
+        ({"base": BASE, "grid": {"seed": [0, 1], "clients": [2, 0]}}, "cell 2 (seed=0, clients=0)"),
+        ({"base": BASE, "grid": {}}, "the [grid] table is empty"),
+        ({"base": BASE}, "no [grid] table"),
+        ({"base": BASE, "grid": {"seed": []}}, "grid key 'seed' has no values"),
+        ({"base": BASE, "grid": {"seed": [0]}, "gird": {}}, "unknown top-level key 'gird' (did you mean 'grid'?)"),
+        ({"base": {**BASE, "sute": "x"}, "grid": {"seed": [0]}}, "unknown key 'sute'"),
+        ({"base": BASE, "grid": {"ax": {"training.lr": [0.1, 0.2], "training.steps": [4]}}}, "the same length"),
+        ({"base": BASE, "grid": {"seed": [0, 0]}}, "are the same experiment"),
+        ({"base": {"preset": "nope"}, "grid": {"seed": [0]}}, "unknown preset 'nope'"),
+        ({"base": {"preset": "default"}, "grid": {"name": ["ok", "../up"]}}, "cell 2 (name=../up): option 'name'"),
+        (
+            {"name": "../up", "base": BASE, "grid": {"seed": [0]}},
+            "test.toml: option 'name' names the results directory",
+        ),
+    ],
+)
 def test_bad_sweep_files_are_refused_before_anything_runs(data, message):
     with pytest.raises(FedmergeError) as error:
         sweep_from_dict(data, source="test.toml")
@@ -100,6 +134,7 @@ def fake_runner(calls):
         run_dir.mkdir(parents=True)
         (run_dir / "results.json").write_text(json.dumps(results(seed=spec.seed)))
         return run_dir
+
     return runner
 
 

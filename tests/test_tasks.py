@@ -164,7 +164,7 @@ def test_corrupted_cache_file_is_rebuilt(tmp_path, monkeypatch):
 def test_theta0_built_by_another_torch_or_numpy_is_not_reused(tmp_path, monkeypatch, module):
     monkeypatch.setenv("FEDMERGE_CACHE", str(tmp_path))
     calls = []
-    build = lambda: calls.append(1) or {"w": torch.ones(2)}  # noqa: E731
+    build = lambda: calls.append(1) or {"w": torch.ones(2)}
     load_or_build("pretrained", {"suite": "x"}, build)
     load_or_build("pretrained", {"suite": "x"}, build)
     assert len(calls) == 1
@@ -192,8 +192,7 @@ def mean_label_skew(fed) -> float:
 
 def test_label_skew_grows_as_alpha_shrinks():
     skews = [
-        mean_label_skew(load_suite("mnist1d", 5, {**SMALL_MNIST1D, "alpha": alpha}, 0))
-        for alpha in (100.0, 1.0, 0.1)
+        mean_label_skew(load_suite("mnist1d", 5, {**SMALL_MNIST1D, "alpha": alpha}, 0)) for alpha in (100.0, 1.0, 0.1)
     ]
     assert skews == sorted(skews)
     assert skews[0] < 0.1 and skews[-1] > 0.5
@@ -225,8 +224,10 @@ def test_clients_never_see_the_pretraining_data():
 
 
 # -- multi-task suites -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("suite, options", [("digits", {}), ("digits", {"kind": "labels"}),
-                                            ("mnist1d", {**SMALL_MNIST1D, "partition": "tasks"})])
+@pytest.mark.parametrize(
+    "suite, options",
+    [("digits", {}), ("digits", {"kind": "labels"}), ("mnist1d", {**SMALL_MNIST1D, "partition": "tasks"})],
+)
 def test_multitask_suites_give_each_client_its_own_task_and_head(suite, options):
     fed = load_suite(suite, 3, options, 0)
     model = fed.build_model()
@@ -236,11 +237,14 @@ def test_multitask_suites_give_each_client_its_own_task_and_head(suite, options)
     assert first[0].shape != second[0].shape or not torch.equal(first[0], second[0])
 
 
-@pytest.mark.parametrize("suite, options, client", [
-    ("mnist1d", {**SMALL_MNIST1D, "alpha": 0.3}, 0),
-    ("digits", {}, 1),
-    ("mnist1d", {**SMALL_MNIST1D, "partition": "tasks"}, 2),
-])
+@pytest.mark.parametrize(
+    "suite, options, client",
+    [
+        ("mnist1d", {**SMALL_MNIST1D, "alpha": 0.3}, 0),
+        ("digits", {}, 1),
+        ("mnist1d", {**SMALL_MNIST1D, "partition": "tasks"}, 2),
+    ],
+)
 def test_pretraining_beats_chance_and_finetuning_improves_the_task(suite, options, client):
     fed = load_suite(suite, 3, options, 0)
     task = fed.tasks[client]
@@ -292,8 +296,10 @@ def test_a_suite_makes_each_clients_task_when_it_is_asked_for():
         assert set(fed.tasks.made) == {7} and fed.tasks[7] is task and task.name.endswith("-7")
     data = torch.utils.data.TensorDataset(torch.zeros(2, 1), torch.zeros(2, 1))
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1), torch.zeros(0, 1))
-    fed = Federation(tasks=TaskList(3, lambda t: Task(f"t{t}", empty if t == 1 else data, data, data)),
-                     model_fn=lambda: torch.nn.Linear(1, 1))
+    fed = Federation(
+        tasks=TaskList(3, lambda t: Task(f"t{t}", empty if t == 1 else data, data, data)),
+        model_fn=lambda: torch.nn.Linear(1, 1),
+    )
     check_federation(fed, "mine", 3)  # a TaskList's tasks are checked as each is made
     assert fed.tasks[0].name == "t0"
     with pytest.raises(FedmergeError, match=r"suite 'mine': task 1 \(t1\) train must be a non-empty map-style"):

@@ -17,7 +17,7 @@ SHAPES = {"w": (23, 11), "b": (11,), "scale": ()}
 
 def setup(num_clients=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    model = lambda: {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}  # noqa: E731
+    model = lambda: {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}
     base = model()
     models = [model() for _ in range(num_clients)]
     return base, models, [TaskVector(m, base) for m in models]
@@ -82,7 +82,9 @@ def test_dare_is_drop_rescale_then_mean_or_disjoint_mean(elect_sign, weights):
     for name in SHAPES:
         values = taus(tvs, name).reshape(4, -1)
         n = values.shape[1]
-        masks = np.stack([keep_mask(seed, name, t, slice(0, n), density, torch.device("cpu")).numpy() for t in range(4)])
+        masks = np.stack(
+            [keep_mask(seed, name, t, slice(0, n), density, torch.device("cpu")).numpy() for t in range(4)]
+        )
         dropped = values * masks / density
         expected = disjoint_mean(dropped, p) if elect_sign else np.tensordot(p, dropped, 1)
         np.testing.assert_allclose(got[name].numpy().reshape(-1), expected, rtol=1e-12, atol=1e-15)
@@ -155,9 +157,16 @@ def test_the_drops_are_drawn_on_the_merges_device(elect_sign):
 
 def test_the_drops_of_clients_seeds_rounds_tensors_and_positions_are_independent():
     n, k = 1 << 20, 0.3
-    mask = lambda seed, name, client, draw=0: keep_mask(seed, name, client, slice(0, n), k, torch.device("cpu"), draw)  # noqa: E731
+    mask = lambda seed, name, client, draw=0: keep_mask(seed, name, client, slice(0, n), k, torch.device("cpu"), draw)
     first = mask(0, "w", 0)
-    others = [mask(0, "w", 1), mask(1, "w", 0), mask(0, "w", 0, draw=1), mask(0, "b", 0), first.roll(1), first.roll(1 << 16)]
+    others = [
+        mask(0, "w", 1),
+        mask(1, "w", 0),
+        mask(0, "w", 0, draw=1),
+        mask(0, "b", 0),
+        first.roll(1),
+        first.roll(1 << 16),
+    ]
     sigma = np.sqrt(k * k * (1 - k * k) / n)
     for other in others:  # both kept with probability k²
         assert abs(float((first & other).double().mean()) - k * k) < 5 * sigma
@@ -192,25 +201,31 @@ def test_density_one_makes_dare_linear_fedavg_and_ties_the_untrimmed_disjoint_me
     assert all(torch.allclose(got[k], want[k], rtol=1e-12) for k in SHAPES)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: TiesRule(0), r"'TIES density' must be a number in \(0, 1\], got 0"),
-    (lambda: TiesRule(1.5), r"'TIES density' must be a number in \(0, 1\], got 1.5"),
-    (lambda: DareRule(0.5, seed=-1), "'DARE seed' must be an integer ≥ 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: TiesRule(0), r"'TIES density' must be a number in \(0, 1\], got 0"),
+        (lambda: TiesRule(1.5), r"'TIES density' must be a number in \(0, 1\], got 1.5"),
+        (lambda: DareRule(0.5, seed=-1), "'DARE seed' must be an integer ≥ 0, got -1"),
+    ],
+)
 def test_bad_parameters_are_refused(make, message):
     with pytest.raises(FedmergeError, match=message):
         make()
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("ties", TiesRule(0.3)),
-    ("dare-linear", DareRule(0.3, 2, False, clients=[1, 2, 3, 4], draw=1)),  # drops by client id and round
-    ("dare-ties", DareRule(0.3, 2, True, clients=[1, 2, 3, 4], draw=1)),
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("ties", TiesRule(0.3)),
+        ("dare-linear", DareRule(0.3, 2, False, clients=[1, 2, 3, 4], draw=1)),  # drops by client id and round
+        ("dare-ties", DareRule(0.3, 2, True, clients=[1, 2, 3, 4], draw=1)),
+    ],
+)
 def test_each_is_a_flower_strategy_that_merges_like_its_rule(name, rule):
     base, models, _ = setup()
     strategy = STRATEGIES[name](server_lr=1.5, density=0.3, **({"seed": 2} if name != "ties" else {}))
-    numpy = lambda tensors: {k: v.numpy() for k, v in tensors.items()}  # noqa: E731
+    numpy = lambda tensors: {k: v.numpy() for k, v in tensors.items()}
     replies = [reply(i + 1, numpy(m), num_examples=10) for i, m in enumerate(models)]
     arrays, _ = strategy.merge_replies(1, replies, arrays_record(numpy(base)))
     expected = merged_model(rule, base, models, 1.5)
@@ -221,9 +236,11 @@ def test_each_is_a_flower_strategy_that_merges_like_its_rule(name, rule):
 
 def test_dare_strategies_drop_anew_each_round_whatever_the_order_replies_arrive_in():
     base, models, _ = setup()
-    numpy = lambda tensors: {k: v.numpy() for k, v in tensors.items()}  # noqa: E731
+    numpy = lambda tensors: {k: v.numpy() for k, v in tensors.items()}
     replies = [reply(i + 1, numpy(m), num_examples=10) for i, m in enumerate(models)]
-    merge = lambda r, order: STRATEGIES["dare-linear"](density=0.5).merge_replies(r, order, arrays_record(numpy(base)))[0]  # noqa: E731
+    merge = lambda r, order: STRATEGIES["dare-linear"](density=0.5).merge_replies(r, order, arrays_record(numpy(base)))[
+        0
+    ]
     first, again, reordered, second = merge(1, replies), merge(1, replies), merge(1, replies[::-1]), merge(2, replies)
     assert np.array_equal(first["w"].numpy(), again["w"].numpy())
     np.testing.assert_allclose(first["w"].numpy(), reordered["w"].numpy(), rtol=1e-12)

@@ -35,19 +35,22 @@ def weights(model) -> dict:
 
 
 # -- config --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fields, culprit", [
-    ({"lr": 0}, "'lr' must be a positive number"),
-    ({"lr": float("nan")}, "'lr' must be a positive number"),
-    ({"batch_size": 0}, "'batch_size' must be a positive integer"),
-    ({"steps": 2.5}, "'steps' must be a positive integer"),
-    ({"steps": None}, "exactly one of the training options 'steps' and 'epochs'"),
-    ({"epochs": 1.0}, "exactly one of the training options 'steps' and 'epochs'"),
-    ({"optimizer": "adam"}, "'optimizer' must be one of sgd, momentum, adamw"),
-    ({"schedule": "linear"}, "'schedule' must be one of constant, cosine"),
-    ({"warmup_steps": -1}, "'warmup_steps' must be a non-negative integer"),
-    ({"weight_decay": -0.1}, "'weight_decay' must be a non-negative number"),
-    ({"grad_clip": 0}, "'grad_clip' must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "fields, culprit",
+    [
+        ({"lr": 0}, "'lr' must be a positive number"),
+        ({"lr": float("nan")}, "'lr' must be a positive number"),
+        ({"batch_size": 0}, "'batch_size' must be a positive integer"),
+        ({"steps": 2.5}, "'steps' must be a positive integer"),
+        ({"steps": None}, "exactly one of the training options 'steps' and 'epochs'"),
+        ({"epochs": 1.0}, "exactly one of the training options 'steps' and 'epochs'"),
+        ({"optimizer": "adam"}, "'optimizer' must be one of sgd, momentum, adamw"),
+        ({"schedule": "linear"}, "'schedule' must be one of constant, cosine"),
+        ({"warmup_steps": -1}, "'warmup_steps' must be a non-negative integer"),
+        ({"weight_decay": -0.1}, "'weight_decay' must be a non-negative number"),
+        ({"grad_clip": 0}, "'grad_clip' must be a positive number"),
+    ],
+)
 def test_bad_config_names_the_field(fields, culprit):
     with pytest.raises(FedmergeError, match=culprit):
         TrainConfig(**fields)
@@ -135,7 +138,9 @@ def test_same_seed_same_weights_other_seed_differs_global_rng_untouched(optimize
 def test_only_the_task_head_and_encoder_move(optimizer):
     model = make_model(heads=3)
     before = weights(model)
-    train(model, make_task(head=1), F.cross_entropy, TrainConfig(optimizer=optimizer, lr=0.01, steps=5, weight_decay=0.1))
+    train(
+        model, make_task(head=1), F.cross_entropy, TrainConfig(optimizer=optimizer, lr=0.01, steps=5, weight_decay=0.1)
+    )
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("heads.0.", "heads.2.")))
     assert not torch.equal(before["heads.1.weight"], after["heads.1.weight"])
@@ -200,10 +205,16 @@ def lazy_task(**kwargs) -> Task:
 
 
 def test_a_lazy_dataset_trains_reproducibly_and_as_its_tensor_dataset_does():
-    config = TrainConfig(optimizer="momentum", lr=0.05, steps=30, batch_size=10, seed=3)  # 9 batches per pass: 3+ passes
+    config = TrainConfig(
+        optimizer="momentum", lr=0.05, steps=30, batch_size=10, seed=3
+    )  # 9 batches per pass: 3+ passes
     runs = {}
-    for name, task, seed in [("lazy", lazy_task(), 3), ("again", lazy_task(), 3), ("other", lazy_task(), 4),
-                             ("tensors", make_task(), 3)]:
+    for name, task, seed in [
+        ("lazy", lazy_task(), 3),
+        ("again", lazy_task(), 3),
+        ("other", lazy_task(), 4),
+        ("tensors", make_task(), 3),
+    ]:
         model = make_model()
         state = torch.get_rng_state()
         result = train(model, task, F.cross_entropy, TrainConfig(**{**config.__dict__, "seed": seed}))
@@ -286,12 +297,15 @@ def test_frozen_parameters_stay_as_they_were():
 
 
 # -- precision -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fields, culprit", [
-    ({"precision": "fp8"}, "'precision' must be one of fp32, bf16, fp16"),
-    ({"num_workers": -1}, "'num_workers' must be a non-negative integer"),
-    ({"num_workers": 1.5}, "'num_workers' must be a non-negative integer"),
-    ({"pin_memory": "yes"}, "'pin_memory' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "fields, culprit",
+    [
+        ({"precision": "fp8"}, "'precision' must be one of fp32, bf16, fp16"),
+        ({"num_workers": -1}, "'num_workers' must be a non-negative integer"),
+        ({"num_workers": 1.5}, "'num_workers' must be a non-negative integer"),
+        ({"pin_memory": "yes"}, "'pin_memory' must be true or false"),
+    ],
+)
 def test_bad_data_and_precision_options_name_the_field(fields, culprit):
     with pytest.raises(FedmergeError, match=culprit):
         TrainConfig(**fields)
@@ -340,8 +354,11 @@ def test_fp16_refused_by_torch_says_to_use_bf16_on_the_cpu(monkeypatch):
         return nullcontext()
 
     monkeypatch.setattr(torch, "autocast", refusing_autocast)
-    with pytest.raises(FedmergeError, match=r"'precision' = 'fp16' is not available on cpu \(In CPU autocast.*"
-                                            r"fp16 needs a GPU; use precision = 'bf16' on the CPU"):
+    with pytest.raises(
+        FedmergeError,
+        match=r"'precision' = 'fp16' is not available on cpu \(In CPU autocast.*"
+        r"fp16 needs a GPU; use precision = 'bf16' on the CPU",
+    ):
         train(make_model(), make_task(), F.cross_entropy, TrainConfig(steps=2, precision="fp16"))
 
 

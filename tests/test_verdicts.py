@@ -9,8 +9,25 @@ from scipy import stats
 from fedmerge.report import verdicts
 from fedmerge.report.stats import interval, t_test, tost
 from fedmerge.report.verdicts import (
-    BETTER, CONTRADICTED, INCONCLUSIVE, ON_PAR, REPRODUCES, UNRESOLVED, WORSE, Part, classify, combine, default_normaliser,
-    greater, harmless, holm, less, negligible, resolvable, somewhere, within,
+    BETTER,
+    CONTRADICTED,
+    INCONCLUSIVE,
+    ON_PAR,
+    REPRODUCES,
+    UNRESOLVED,
+    WORSE,
+    Part,
+    classify,
+    combine,
+    default_normaliser,
+    greater,
+    harmless,
+    holm,
+    less,
+    negligible,
+    resolvable,
+    somewhere,
+    within,
 )
 
 DIFFS = (0.05, 0.07, 0.06, 0.08, 0.04)  # mean 0.06, clearly above zero with 5 seeds
@@ -101,8 +118,14 @@ def test_a_family_is_corrected_for_multiplicity():
     assert 0.005 < t_test(weak) < 0.05  # alone it would be "better"
     alone = classify({"weak": weak}, {"weak": 0.001})
     assert alone["weak"].outcome == BETTER
-    keys = {"strong": strong, "down": tuple(-d for d in strong), "weak": weak, "tiny": tiny, "noisy": noisy,
-            **{f"null{i}": tuple(rng.normal(0, 0.05, 5)) for i in range(5)}}
+    keys = {
+        "strong": strong,
+        "down": tuple(-d for d in strong),
+        "weak": weak,
+        "tiny": tiny,
+        "noisy": noisy,
+        **{f"null{i}": tuple(rng.normal(0, 0.05, 5)) for i in range(5)},
+    }
     family = classify(keys, {k: 0.02 for k in keys})
     assert family["strong"].outcome == BETTER and family["down"].outcome == WORSE
     assert family["weak"].outcome != BETTER and family["weak"].p > t_test(weak)  # Holm over 10 comparisons

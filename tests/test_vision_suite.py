@@ -73,16 +73,21 @@ def test_mnist_layout_loads_partitions_and_finetunes(tmp_path):
 
 def test_image_size_and_max_examples(tmp_path):
     write_mnist(tmp_path)
-    fed = load_suite("vision", 2, {**FAST, "root": str(tmp_path), "image_size": 12, "max_examples": 100,
-                                   "partition": "iid"}, 0)
+    fed = load_suite(
+        "vision", 2, {**FAST, "root": str(tmp_path), "image_size": 12, "max_examples": 100, "partition": "iid"}, 0
+    )
     assert fed.tasks[0].train.tensors[0].shape[1:] == (1, 12, 12)
     assert sum(len(t.train) for t in fed.tasks) == 90
 
 
 def test_eurosat_layout_draws_a_test_split(tmp_path):
     write_folder(tmp_path / "eurosat" / "2750", per_class=10, suffix="jpg")
-    fed = load_suite("vision", 2, {**FAST, "dataset": "EuroSAT", "root": str(tmp_path), "partition": "iid",
-                                   "min_partition_size": 1}, 0)
+    fed = load_suite(
+        "vision",
+        2,
+        {**FAST, "dataset": "EuroSAT", "root": str(tmp_path), "partition": "iid", "min_partition_size": 1},
+        0,
+    )
     assert fed.tasks[0].train.tensors[0].shape[1:] == (3, 16, 16)
     assert len(fed.global_test) == 3  # 20% of 30 drawn for evaluation, half of that for test
     assert fed.evaluate(fed.pretrained, fed.tasks[0])["accuracy"] >= 0
@@ -102,9 +107,15 @@ def test_image_folder_with_test_split_and_mixed_sizes(tmp_path):
 def test_missing_data_names_the_root_and_the_layout(tmp_path):
     with pytest.raises(FedmergeError, match="needs option 'root'"):
         load_suite("vision", 2, {"dataset": "CIFAR10"}, 0)
-    for dataset, layout in (("MNIST", "MNIST/raw/train-images-idx3-ubyte"), ("CIFAR10", "cifar-10-batches-py"),
-                            ("EuroSAT", "eurosat/2750/<class>"), ("ImageFolder", "root/train/<class>")):
-        with pytest.raises(FedmergeError, match=f"{dataset!r} not found under root '{tmp_path}'.*{layout}.*never downloads"):
+    for dataset, layout in (
+        ("MNIST", "MNIST/raw/train-images-idx3-ubyte"),
+        ("CIFAR10", "cifar-10-batches-py"),
+        ("EuroSAT", "eurosat/2750/<class>"),
+        ("ImageFolder", "root/train/<class>"),
+    ):
+        with pytest.raises(
+            FedmergeError, match=f"{dataset!r} not found under root '{tmp_path}'.*{layout}.*never downloads"
+        ):
             load_suite("vision", 2, {"dataset": dataset, "root": str(tmp_path)}, 0)
 
 

@@ -60,6 +60,7 @@ UNSUPPORTED = {
 # Initialisations that subtract the initial adapter from the base's weights: the adapter fits that changed base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
+
 class BaseMismatch(UserWarning):
     """An adapter's ``adapter_config.json`` names another base model than the one given (shapes matching)."""
 
@@ -91,8 +92,9 @@ class AdapterSliceReader:
     """One adapted tensor of θ_t, read a flat slice at a time (the merging core's slice reader): θ's slice plus
     the rows of s·L·R that cover it, in ``dtype`` (θ's accumulation dtype)."""
 
-    def __init__(self, base, left: torch.Tensor | None, right: torch.Tensor | None, shape: torch.Size,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, base, left: torch.Tensor | None, right: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype
+    ) -> None:
         self.base, self.left, self.right = base, left, right
         self.shape, self.dtype = shape, dtype
         self.columns = shape[-1] if len(shape) else 1
@@ -103,7 +105,7 @@ class AdapterSliceReader:
             first, last = s.start // self.columns, (s.stop - 1) // self.columns + 1
             rows = (self.left[first:last] @ self.right).reshape(-1)
             offset = s.start - first * self.columns
-            out += rows[offset:offset + out.numel()]
+            out += rows[offset : offset + out.numel()]
         return out
 
 
@@ -136,8 +138,10 @@ class Adapter(StoredTensors):
         except BaseException:
             self.close()
             raise
-        self.specs = {name: spec if name not in self.layers else replace(spec, file=self.file)
-                      for name, spec in base.specs.items()}
+        self.specs = {
+            name: spec if name not in self.layers else replace(spec, file=self.file)
+            for name, spec in base.specs.items()
+        }
 
     # -- opening and checking ------------------------------------------------------------------------------
 
@@ -149,22 +153,30 @@ class Adapter(StoredTensors):
         config = read_json_object(file, "PEFT adapter config")
         kind = str(config.get("peft_type", "")).upper()
         if kind != "LORA":
-            raise self._fail(f"it is a {config.get('peft_type')!r} adapter, and fedmerge merges LoRA adapters only",
-                             "fold it into the base with peft's merge_and_unload() and merge the saved model instead.")
+            raise self._fail(
+                f"it is a {config.get('peft_type')!r} adapter, and fedmerge merges LoRA adapters only",
+                "fold it into the base with peft's merge_and_unload() and merge the saved model instead.",
+            )
         for key, what in UNSUPPORTED.items():
             if config.get(key):
-                raise self._fail(f"adapter_config.json sets {key}={config[key]!r}, which a low-rank ΔW = s·B·A cannot "
-                                 f"express ({what})", "fold it into the base with peft's merge_and_unload() and "
-                                 "merge the saved model instead.")
+                raise self._fail(
+                    f"adapter_config.json sets {key}={config[key]!r}, which a low-rank ΔW = s·B·A cannot "
+                    f"express ({what})",
+                    "fold it into the base with peft's merge_and_unload() and merge the saved model instead.",
+                )
         if config.get("bias", "none") != "none":
-            raise self._fail(f"adapter_config.json sets bias={config['bias']!r}: it trains the base's biases too",
-                             "fold it into the base with peft's merge_and_unload() and merge the saved model instead.")
+            raise self._fail(
+                f"adapter_config.json sets bias={config['bias']!r}: it trains the base's biases too",
+                "fold it into the base with peft's merge_and_unload() and merge the saved model instead.",
+            )
         init = str(config.get("init_lora_weights", "")).lower()
         if init.startswith(BASE_CHANGING_INITS):
-            raise self._fail(f"init_lora_weights={config['init_lora_weights']!r} changed the base's weights when "
-                             "training began, so the adapter does not fit the base as saved",
-                             "save it converted to a plain LoRA (peft's save_pretrained(..., "
-                             "path_initial_model_for_weight_conversion=...)) and merge that.")
+            raise self._fail(
+                f"init_lora_weights={config['init_lora_weights']!r} changed the base's weights when "
+                "training began, so the adapter does not fit the base as saved",
+                "save it converted to a plain LoRA (peft's save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...)) and merge that.",
+            )
         for key in ("r", "lora_alpha"):
             if not _positive_number(config.get(key)):
                 raise FedmergeError(f"{file}: {key} must be a positive number, got {config.get(key)!r}.")
@@ -178,13 +190,15 @@ class Adapter(StoredTensors):
         for name in ADAPTER_FILES:
             if (self.path / name).is_file():
                 return self.path / name
-        raise FedmergeError(f"adapter {self.path}: no {' or '.join(ADAPTER_FILES)} beside its {ADAPTER_CONFIG}; "
-                            "save the adapter with peft's save_pretrained().")
+        raise FedmergeError(
+            f"adapter {self.path}: no {' or '.join(ADAPTER_FILES)} beside its {ADAPTER_CONFIG}; "
+            "save the adapter with peft's save_pretrained()."
+        )
 
     def _target(self, module: str, key: str) -> str:
         """The base tensor that adapter module ``module`` adapts: ``<module>.weight``, its peft prefix removed; a
         base saved with or without its head's prefix (``model.``) is matched by the unique name ending alike."""
-        stem = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+        stem = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
         name = stem + ".weight"
         if name in self.base.specs:
             return name
@@ -192,15 +206,20 @@ class Adapter(StoredTensors):
         if len(found) == 1:
             return found[0]
         if found:
-            raise self._fail(f"tensor {key!r} could adapt any of the base's tensors {found[:3]}",
-                             "give the base whose tensor names the adapter's were saved from.")
-        raise self._fail(f"tensor {key!r} adapts {name!r}, which the base {self.base.path} lacks: the adapter was "
-                         f"made for another model (another architecture, more layers, or other target modules)"
-                         f"{self._trained_on()}", "give the base it was trained on.")
+            raise self._fail(
+                f"tensor {key!r} could adapt any of the base's tensors {found[:3]}",
+                "give the base whose tensor names the adapter's were saved from.",
+            )
+        raise self._fail(
+            f"tensor {key!r} adapts {name!r}, which the base {self.base.path} lacks: the adapter was "
+            f"made for another model (another architecture, more layers, or other target modules)"
+            f"{self._trained_on()}",
+            "give the base it was trained on.",
+        )
 
     def _pattern(self, key: str, module: str, default: float) -> float:
         """peft's rule: the first key of ``rank_pattern``/``alpha_pattern`` matching the module's name's end."""
-        stem = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+        stem = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
         for pattern, value in (self.adapter_config.get(key) or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", stem):
                 return value
@@ -211,9 +230,12 @@ class Adapter(StoredTensors):
         for key in self._file.specs:
             parsed = parse_lora_name(key)
             if parsed is None:
-                raise self._fail(f"tensor {key!r} is neither a LoRA factor (lora_A, lora_B, lora_embedding_A/B) nor "
-                                 "a saved base weight", "fedmerge merges plain LoRA adapters only; fold this one into "
-                                 "the base with peft's merge_and_unload() and merge the saved model instead.")
+                raise self._fail(
+                    f"tensor {key!r} is neither a LoRA factor (lora_A, lora_B, lora_embedding_A/B) nor "
+                    "a saved base weight",
+                    "fedmerge merges plain LoRA adapters only; fold this one into "
+                    "the base with peft's merge_and_unload() and merge the saved model instead.",
+                )
             parts = found.setdefault(parsed.module, {})
             parts[parsed.part] = key
             if parsed.embedding:
@@ -225,8 +247,10 @@ class Adapter(StoredTensors):
             any_key = next(iter(parts.values()))
             target = self._target(module, any_key)
             if target in layers:
-                raise self._fail(f"tensor {any_key!r} adapts {target!r} a second time",
-                                 "give an adapter saved by peft, with one set of factors per layer.")
+                raise self._fail(
+                    f"tensor {any_key!r} adapts {target!r} a second time",
+                    "give an adapter saved by peft, with one set of factors per layer.",
+                )
             layers[target] = self._layer(module, parts, target)
         return layers
 
@@ -239,15 +263,19 @@ class Adapter(StoredTensors):
             return LoraLayer(target, replaced=replaced)
         for have, lack in (("A", "B"), ("B", "A")):
             if have in parts and lack not in parts:
-                raise self._fail(f"tensor {parts[have]!r} has no lora_{lack} beside it",
-                                 "the adapter file is incomplete; save the adapter again with save_pretrained().")
+                raise self._fail(
+                    f"tensor {parts[have]!r} has no lora_{lack} beside it",
+                    "the adapter file is incomplete; save the adapter again with save_pretrained().",
+                )
         a_shape, b_shape = tuple(self._file.specs[parts["A"]].shape), tuple(self._file.specs[parts["B"]].shape)
         r = self._pattern("rank_pattern", module, self.adapter_config["r"])
         alpha = self._pattern("alpha_pattern", module, self.adapter_config["lora_alpha"])
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
-            raise self._fail(f"tensors {parts['A']!r} {list(a_shape)} and {parts['B']!r} {list(b_shape)} are not LoRA "
-                             f"factors of rank r={r} (adapter_config.json)",
-                             "only linear and embedding layers' LoRA factors can be merged; give a plain LoRA adapter.")
+            raise self._fail(
+                f"tensors {parts['A']!r} {list(a_shape)} and {parts['B']!r} {list(b_shape)} are not LoRA "
+                f"factors of rank r={r} (adapter_config.json)",
+                "only linear and embedding layers' LoRA factors can be merged; give a plain LoRA adapter.",
+            )
         transposed = "embedding" in parts or bool(self.adapter_config.get("fan_in_fan_out"))
         shape = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
         if tuple(spec.shape) != shape:
@@ -256,9 +284,12 @@ class Adapter(StoredTensors):
         return LoraLayer(target, parts["A"], parts["B"], float(scale), transposed, replaced)
 
     def _shape_error(self, key: str, shape, target: str, base_shape) -> FedmergeError:
-        return self._fail(f"tensor {key!r} makes {target!r} of shape {list(shape)}, but the base {self.base.path} "
-                          f"holds it as {list(base_shape)}: the adapter was made for another base (another size)"
-                          f"{self._trained_on()}", "give the base it was trained on.")
+        return self._fail(
+            f"tensor {key!r} makes {target!r} of shape {list(shape)}, but the base {self.base.path} "
+            f"holds it as {list(base_shape)}: the adapter was made for another base (another size)"
+            f"{self._trained_on()}",
+            "give the base it was trained on.",
+        )
 
     def _trained_on(self) -> str:
         named = self.adapter_config.get("base_model_name_or_path")
@@ -272,11 +303,15 @@ class Adapter(StoredTensors):
         known = (self.base.config or {}).get("_name_or_path")
         given = model_names(str(self.base.path)) | (model_names(known) if isinstance(known, str) and known else set())
         if not model_names(named) & given:
-            warnings.warn(BaseMismatch(
-                f"adapter {self.path}: its adapter_config.json names the base {named!r}, which is not the base given "
-                f"({self.base.path}) by any of its names; every shape matches, so it is merged. If the adapter was "
-                "trained on another model of this architecture (a chat model and its base, say), the merge is wrong: "
-                "give the base it was trained on."), stacklevel=2)
+            warnings.warn(
+                BaseMismatch(
+                    f"adapter {self.path}: its adapter_config.json names the base {named!r}, which is not the base given "
+                    f"({self.base.path}) by any of its names; every shape matches, so it is merged. If the adapter was "
+                    "trained on another model of this architecture (a chat model and its base, say), the merge is wrong: "
+                    "give the base it was trained on."
+                ),
+                stacklevel=2,
+            )
 
     # -- reading ---------------------------------------------------------------------------------------------
 

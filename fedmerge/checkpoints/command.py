@@ -24,9 +24,11 @@ def _scale_lines() -> str:
     """--scaling's conventions and their methods, for ``--help``."""
     by = {key: ", ".join(name for name in MERGE_METHODS if _convention(name) == key) for key in ("sum", "mean", None)}
     indent = " " * 19
-    return (f"{indent}{CONVENTIONS['sum']} (β = λ·T):\n{indent}  {by['sum']}\n"
-            f"{indent}{CONVENTIONS['mean']} (β = λ; mergekit's λ too):\n{indent}  {by['mean']}\n"
-            f"{indent}ambiguous, refused (give --server-lr): {by[None]}\n")
+    return (
+        f"{indent}{CONVENTIONS['sum']} (β = λ·T):\n{indent}  {by['sum']}\n"
+        f"{indent}{CONVENTIONS['mean']} (β = λ; mergekit's λ too):\n{indent}  {by['mean']}\n"
+        f"{indent}ambiguous, refused (give --server-lr): {by[None]}\n"
+    )
 
 
 DESCRIPTION = f"""\
@@ -83,55 +85,79 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``fedmerge merge`` to the command line."""
     parser = subparsers.add_parser(
         "merge",
-        description=DESCRIPTION, epilog=_methods() + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
+        epilog=_methods() + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = parser.add_argument_group("inputs and output")
     io.add_argument("--base", required=True, metavar="BASE", help="the pretrained checkpoint θ (file or directory)")
     io.add_argument("--models", required=True, nargs="+", metavar="MODEL", help="the fine-tuned checkpoints θ_t")
     io.add_argument(
-        "--out", required=True, metavar="OUT",
+        "--out",
+        required=True,
+        metavar="OUT",
         help="output directory (the base's layout, config and tokenizer files copied), or a single file if it "
         "ends in .safetensors",
     )
     io.add_argument("--force", action="store_true", help="replace OUT if it exists")
     io.add_argument(
-        "--skip-nonfinite", action="store_true",
+        "--skip-nonfinite",
+        action="store_true",
         help="leave out the models holding NaN or infinite values (named on standard error) instead of refusing them",
     )
     io.add_argument(
-        "--max-shard-size", metavar="SIZE",
+        "--max-shard-size",
+        metavar="SIZE",
         help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB; default: the base's sharding",
     )
     io.add_argument("--quiet", action="store_true", help="no progress bars")
     io.add_argument(
-        "--device", default="cpu", metavar="{cpu,cuda,auto}",
+        "--device",
+        default="cpu",
+        metavar="{cpu,cuda,auto}",
         help="where the arithmetic runs: cpu (default), cuda or cuda:N (read and written on the CPU, merged on "
         "the GPU), or auto (cuda when available)",
     )
 
     rule = parser.add_argument_group("method")
-    rule.add_argument("--method", choices=MERGE_METHODS, default="task-arithmetic", metavar="METHOD",
-                      help="the merging rule, one of the methods listed below (default: %(default)s)")
+    rule.add_argument(
+        "--method",
+        choices=MERGE_METHODS,
+        default="task-arithmetic",
+        metavar="METHOD",
+        help="the merging rule, one of the methods listed below (default: %(default)s)",
+    )
     scale = rule.add_mutually_exclusive_group()
-    scale.add_argument("--scaling", type=float, metavar="λ",
-                       help="the method's own λ (above, and in the list of methods): θ + λ·Σ_t τ_t (β = λ·T) or θ + λ·Δ "
-                       f"(β = λ); refused where it is ambiguous ({', '.join(n for n, m in MERGE_METHODS.items() if m.no_lambda)})")
+    scale.add_argument(
+        "--scaling",
+        type=float,
+        metavar="λ",
+        help="the method's own λ (above, and in the list of methods): θ + λ·Σ_t τ_t (β = λ·T) or θ + λ·Δ "
+        f"(β = λ); refused where it is ambiguous ({', '.join(n for n, m in MERGE_METHODS.items() if m.no_lambda)})",
+    )
     scale.add_argument("--server-lr", type=float, metavar="β", help="server learning rate β: θ + β·Δ, Δ mean-scale")
     rule.add_argument(
-        "--weights", type=float, nargs="+", metavar="W",
+        "--weights",
+        type=float,
+        nargs="+",
+        metavar="W",
         help="per-model weights p_t, normalised to sum 1, e.g. example counts (every method but task-arithmetic and "
         "median; default uniform)",
     )
     for flag, users in flags().items():
         rule.add_argument(flag, dest=_dest(flag), help=_flag_help(users), **_kind(users[0][1]))
     rule.add_argument(
-        "--trainer-state", choices=NORMALIZE_BY, metavar="{" + ",".join(NORMALIZE_BY) + "}",
+        "--trainer-state",
+        choices=NORMALIZE_BY,
+        metavar="{" + ",".join(NORMALIZE_BY) + "}",
         help="fednova: read each a_t from the model directory's trainer_state.json (Hugging Face Trainer): its "
         "global_step (steps) or the sum of its logged learning rates, interpolated between logging steps (lr-sum); "
         f"given neither this nor --steps or --lr-sums, fednova reads {DEFAULT_NORMALIZE_BY}, its default normaliser",
     )
     rule.add_argument(
-        "--statistics", nargs="+", metavar="FILE",
+        "--statistics",
+        nargs="+",
+        metavar="FILE",
         help="fisher and regmean: one safetensors file per model, in the order of --models, holding that model's "
         "diagonal Fisher (fisher) or its linear layers' input Gram matrices (regmean), by the model's tensor names, as "
         "fedmerge.clients.merging_statistics makes them on its training data",
@@ -145,8 +171,11 @@ def _methods() -> str:
     labels = {"sum": "λ·Σ_t τ_t", "mean": "λ·Δ", None: "--server-lr only"}
     tags = {name: f"[{labels[_convention(name)]}]" for name in MERGE_METHODS}
     room = max(map(len, tags.values())) + 1
-    return ("methods, [what --scaling λ multiplies]:\n" + "".join(
-        f"  {name:<{width}}{tags[name]:<{room}}{m.summary}\n" for name, m in MERGE_METHODS.items()) + "\n")
+    return (
+        "methods, [what --scaling λ multiplies]:\n"
+        + "".join(f"  {name:<{width}}{tags[name]:<{room}}{m.summary}\n" for name, m in MERGE_METHODS.items())
+        + "\n"
+    )
 
 
 def _dest(flag: str) -> str:
@@ -155,7 +184,8 @@ def _dest(flag: str) -> str:
 
 def _metavar(param: Param) -> str:
     return {"threshold": "ρ", "radius": "ρ", "iterations": "L", "density": "K", "steps": "A", "lr_sums": "A"}.get(
-        param.name, param.name.upper())
+        param.name, param.name.upper()
+    )
 
 
 def _kind(param: Param) -> dict:
@@ -166,7 +196,13 @@ def _kind(param: Param) -> dict:
     if param.option.check is boolean:
         return {"action": "store_const", "const": True}
     default = param.option.default
-    kind = int if isinstance(default, int) and not isinstance(default, bool) else float if isinstance(default, float) else str
+    kind = (
+        int
+        if isinstance(default, int) and not isinstance(default, bool)
+        else float
+        if isinstance(default, float)
+        else str
+    )
     return {"type": kind, "metavar": _metavar(param)}
 
 
@@ -189,11 +225,21 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", ModelLeftOut)
         warnings.simplefilter("always", BaseMismatch)
         out = merge_checkpoints(
-            args.base, args.models, args.out,
-            method=args.method, scaling=args.scaling, server_lr=args.server_lr, weights=args.weights,
+            args.base,
+            args.models,
+            args.out,
+            method=args.method,
+            scaling=args.scaling,
+            server_lr=args.server_lr,
+            weights=args.weights,
             **params_from_flags(args.method, {flag: getattr(args, _dest(flag)) for flag in flags()}),
-            max_shard_size=args.max_shard_size, skip_nonfinite=args.skip_nonfinite, force=args.force,
-            progress=not args.quiet, device=args.device, trainer_state=args.trainer_state, statistics=args.statistics,
+            max_shard_size=args.max_shard_size,
+            skip_nonfinite=args.skip_nonfinite,
+            force=args.force,
+            progress=not args.quiet,
+            device=args.device,
+            trainer_state=args.trainer_state,
+            statistics=args.statistics,
             note=lambda line: print(f"fedmerge: {line}", file=sys.stderr),
         )
     left_out = 0

@@ -40,7 +40,13 @@ from fedmerge.checkpoints.trainer_state import fednova_params
 from fedmerge.checkpoints.reader import Checkpoint
 from fedmerge.checkpoints.validate import check_compatible, finite, non_finite
 from fedmerge.checkpoints.writer import (
-    Shard, check_output, copy_side_files, parse_size, plan_shards, write_index, write_shard,
+    Shard,
+    check_output,
+    copy_side_files,
+    parse_size,
+    plan_shards,
+    write_index,
+    write_shard,
 )
 
 
@@ -69,8 +75,9 @@ def _watch(merged: Iterator, base: Mapping, models: Sequence[Mapping], squared_n
         yield name, tensor
 
 
-def _record(method: str, rule: Rule, weights, scale: Scale, base, models: Sequence, left_out: Sequence,
-            device: torch.device) -> dict:
+def _record(
+    method: str, rule: Rule, weights, scale: Scale, base, models: Sequence, left_out: Sequence, device: torch.device
+) -> dict:
     """What the output's metadata says about how it was made (read after the rule's first pass)."""
     return {
         "fedmerge_version": __version__,
@@ -157,7 +164,9 @@ def merge_checkpoints(
     if method == "fednova":
         params, steps = fednova_params(models, params, trainer_state)
     elif trainer_state is not None:
-        raise FedmergeError(f"trainer_state (--trainer-state) is only used by method 'fednova', not {method!r}; drop it.")
+        raise FedmergeError(
+            f"trainer_state (--trainer-state) is only used by method 'fednova', not {method!r}; drop it."
+        )
     options = dict(params, weights=weights)
     per_model = ["weights", *per_model_params(method)]
     statistics = None if statistics is None else list(statistics)
@@ -173,8 +182,10 @@ def merge_checkpoints(
         stack.enter_context(single_threaded())
         pin = device.type == "cuda"
         if is_adapter(base):
-            raise FedmergeError(f"the base {base} is a PEFT adapter; give the full model it adapts as the base, and "
-                                "adapters among the models (--models).")
+            raise FedmergeError(
+                f"the base {base} is a PEFT adapter; give the full model it adapts as the base, and "
+                "adapters among the models (--models)."
+            )
         source = stack.enter_context(Checkpoint(base, pin))
         finetuned = [stack.enter_context(open_model(model, source, pin)) for model in models]
         check_compatible(source, finetuned)
@@ -199,8 +210,9 @@ def merge_checkpoints(
                 return made if steps is None else {**made, **steps.record()}
 
             try:
-                _write(out, shards, source, _pick(finetuned, kept), rule, scale.server_lr, record, force, progress,
-                       device)
+                _write(
+                    out, shards, source, _pick(finetuned, kept), rule, scale.server_lr, record, force, progress, device
+                )
                 if note is not None:
                     note(str(scale))
                     if steps is not None:
@@ -218,17 +230,32 @@ def merge_checkpoints(
                 model = models[kept.pop(bad.model)]
                 left_out.append({"model": str(model), "reason": f"non-finite values in tensor {bad.name!r}"})
                 file = culprit.specs[bad.name].file.name
-                warnings.warn(ModelLeftOut(f"left out {model}: tensor {bad.name!r} in {file} holds NaN or infinite values."), stacklevel=2)
+                warnings.warn(
+                    ModelLeftOut(f"left out {model}: tensor {bad.name!r} in {file} holds NaN or infinite values."),
+                    stacklevel=2,
+                )
                 if not kept:
-                    raise FedmergeError("every model holds NaN or infinite values: nothing to merge; nothing was written.") from None
+                    raise FedmergeError(
+                        "every model holds NaN or infinite values: nothing to merge; nothing was written."
+                    ) from None
 
 
 def _pick(values: Sequence | None, kept: Sequence[int]) -> list | None:
     return None if values is None else [values[t] for t in kept]
 
 
-def _write(out: Path, shards: Sequence[Shard], source: Checkpoint, finetuned: Sequence[Checkpoint], rule: Rule,
-           beta: float, record: Callable[[], dict], force: bool, progress: bool, device: torch.device) -> None:
+def _write(
+    out: Path,
+    shards: Sequence[Shard],
+    source: Checkpoint,
+    finetuned: Sequence[Checkpoint],
+    rule: Rule,
+    beta: float,
+    record: Callable[[], dict],
+    force: bool,
+    progress: bool,
+    device: torch.device,
+) -> None:
     """One pass: merge on ``device`` and write every shard (from the CPU); raises :class:`_NonFinite` (nothing
     written) on bad values."""
     specs, single_file = source.specs, out.name.endswith(".safetensors")

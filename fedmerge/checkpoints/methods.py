@@ -20,7 +20,9 @@ from fedmerge.merging.client_statistics import FISHER, GRAMS
 from fedmerge.merging.scale import CONVENTIONS
 
 TASK_ARITHMETIC = dataclasses.replace(
-    METHODS["fedavg"], name="task-arithmetic", weighted=False,
+    METHODS["fedavg"],
+    name="task-arithmetic",
+    weighted=False,
     summary="Task Arithmetic: θ + λ·Σ_t τ_t, the uniform mean of the task vectors scaled (Ilharco et al. 2023)",
 )
 MERGE_METHODS: dict[str, Method] = {TASK_ARITHMETIC.name: TASK_ARITHMETIC, **METHODS}
@@ -52,14 +54,21 @@ def params_from_flags(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
         if flag not in by_flag:
             users = [repr(name) for name in sorted({m.name for m, _ in flags()[flag]})]
             which = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} or {users[-1]}"
-            raise FedmergeError(f"{flag} is only used by method{'s' if len(users) > 1 else ''} {which}, not {method!r}; "
-                                "drop it.")
+            raise FedmergeError(
+                f"{flag} is only used by method{'s' if len(users) > 1 else ''} {which}, not {method!r}; drop it."
+            )
         params[by_flag[flag]] = value
     return params
 
 
-def build_rule(method: str, num_models: int, weights: Sequence[float] | None = None,
-               statistics: Sequence[Mapping] | None = None, labels: Sequence[str] | None = None, **params) -> Rule:
+def build_rule(
+    method: str,
+    num_models: int,
+    weights: Sequence[float] | None = None,
+    statistics: Sequence[Mapping] | None = None,
+    labels: Sequence[str] | None = None,
+    **params,
+) -> Rule:
     """The rule of ``method`` over ``num_models`` task vectors, its parameters (named as in its record, e.g.
     ``density``, ``threshold``; per-model ones with one value per model) and ``weights`` checked; ``statistics``, one
     per model (named by ``labels`` in messages), for the methods that need them (:attr:`Method.statistics`)."""
@@ -76,7 +85,9 @@ def build_rule(method: str, num_models: int, weights: Sequence[float] | None = N
         if param.per_model and resolved[name] is not None:
             values = list(resolved[name])
             if len(values) != num_models:
-                raise FedmergeError(f"{label[name]} needs one value per model: {num_models} models, {len(values)} values.")
+                raise FedmergeError(
+                    f"{label[name]} needs one value per model: {num_models} models, {len(values)} values."
+                )
             resolved[name] = [param.option.check(label[name], v) for v in values]
     if not record.statistics:
         return record.build(weights, **resolved)
@@ -92,8 +103,9 @@ def check_statistics(record: Method, num_models: int, statistics: Sequence | Non
     if not record.statistics:
         if statistics is not None:
             users = ", ".join(repr(m.name) for m in MERGE_METHODS.values() if m.statistics)
-            raise FedmergeError(f"--statistics (statistics) is only used by methods {users}, not {record.name!r}; "
-                                "drop it.")
+            raise FedmergeError(
+                f"--statistics (statistics) is only used by methods {users}, not {record.name!r}; drop it."
+            )
         return
     what = " and ".join(STATISTICS_FILES[key] for key in record.statistics)
     if statistics is None:
@@ -101,7 +113,8 @@ def check_statistics(record: Method, num_models: int, statistics: Sequence | Non
             f"method {record.name!r} merges by each model's {what}, which a checkpoint does not hold: give "
             "--statistics with one safetensors file per model, in the order of --models, made on that model's training "
             "data by "
-            "fedmerge.clients.merging_statistics (see docs/merging-checkpoints.md, Methods that need statistics).")
+            "fedmerge.clients.merging_statistics (see docs/merging-checkpoints.md, Methods that need statistics)."
+        )
     if len(statistics) != num_models:
         raise FedmergeError(f"--statistics needs one file per model: {num_models} models, {len(statistics)} files.")
 
@@ -133,8 +146,13 @@ class Scale:
 
     def record(self) -> dict:
         """The fields of a merge's metadata."""
-        return {"server_lr": self.server_lr, "server_lr_from": self.given, "scaling": self.scaling,
-                "scale": None if self.scaling is None else self.method.scale, "scaling_convention": self.convention}
+        return {
+            "server_lr": self.server_lr,
+            "server_lr_from": self.given,
+            "scaling": self.scaling,
+            "scale": None if self.scaling is None else self.method.scale,
+            "scaling_convention": self.convention,
+        }
 
     def __str__(self) -> str:
         name, beta, scaling = self.method.name, self.server_lr, self.scaling
@@ -155,7 +173,9 @@ def resolve_scale(method: str, num_models: int, scaling: float | None = None, se
     try:
         beta = record.server_lr(scaling, num_models) if scaling is not None else 1.0 if server_lr is None else server_lr
     except FedmergeError as error:
-        raise FedmergeError(f"--scaling: {str(error).replace('Give the server learning rate β', 'Give --server-lr β')}") from None
+        raise FedmergeError(
+            f"--scaling: {str(error).replace('Give the server learning rate β', 'Give --server-lr β')}"
+        ) from None
     if not math.isfinite(beta) or beta == 0:
         raise FedmergeError(f"the server learning rate β must be a finite non-zero number, got {beta!r}.")
     return Scale(record, num_models, float(beta), given)

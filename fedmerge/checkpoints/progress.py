@@ -18,8 +18,12 @@ class MergeProgress:
     def __init__(self, num_tensors: int, num_shards: int, enabled: bool = True) -> None:
         console = Console(stderr=True)
         self._progress = Progress(
-            TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, disable=not (enabled and console.is_terminal),
+            TextColumn("{task.description:<32}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not (enabled and console.is_terminal),
         )
         self._tensors = self._progress.add_task("reading checkpoints", total=num_tensors)
         self._shards = self._progress.add_task("shards written", total=num_shards)

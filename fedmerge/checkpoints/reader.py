@@ -118,7 +118,9 @@ def _open_file(path: Path, pin_memory: bool) -> SafetensorsFile | TorchFile:
         return SafetensorsFile(path, pin_memory)
     if path.name.endswith(TORCH_SUFFIXES):
         return TorchFile(path)
-    raise FedmergeError(f"{path}: unknown checkpoint format; give a .safetensors, .bin, .pt or .pth file or a model directory.")
+    raise FedmergeError(
+        f"{path}: unknown checkpoint format; give a .safetensors, .bin, .pt or .pth file or a model directory."
+    )
 
 
 def find_weight_files(path: Path) -> tuple[list[Path], Path | None]:
@@ -245,7 +247,9 @@ class Checkpoint(StoredTensors):
         for file in self._files:
             for name, spec in file.specs.items():
                 if name in specs:
-                    raise FedmergeError(f"{self.path}: tensor {name!r} is in both {specs[name].file.name} and {file.path.name}.")
+                    raise FedmergeError(
+                        f"{self.path}: tensor {name!r} is in both {specs[name].file.name} and {file.path.name}."
+                    )
                 specs[name] = spec
                 self._owner[name] = file
         if index is not None:

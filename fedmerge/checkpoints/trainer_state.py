@@ -51,8 +51,11 @@ class EffectiveSteps:
 
     def record(self) -> dict:
         """Where a_t came from, for results and merge metadata (the values are the rule's)."""
-        return {"normalize_by": self.normalize_by, "normalize_by_reason": self.reason,
-                "effective_steps_from": self.source}
+        return {
+            "normalize_by": self.normalize_by,
+            "normalize_by_reason": self.reason,
+            "effective_steps_from": self.source,
+        }
 
     def __str__(self) -> str:
         values = ", ".join(f"{a:g}" for a in self.values)
@@ -74,8 +77,10 @@ def global_step(state: dict, path: Path, ways: str = GIVE) -> int:
     step = state.get("global_step")
     number = isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
     if not number or step != int(step) or step < 1:
-        raise FedmergeError(f"{path}: global_step is {step!r}, not a positive step count (was the model trained by "
-                            f"this Trainer run?); {ways}.")
+        raise FedmergeError(
+            f"{path}: global_step is {step!r}, not a positive step count (was the model trained by "
+            f"this Trainer run?); {ways}."
+        )
     return int(step)
 
 
@@ -90,17 +95,21 @@ def lr_sum(state: dict, path: Path, ways: str = GIVE) -> float:
             continue
         step, rate = entry.get("step"), entry["learning_rate"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (step, rate)):
-            raise FedmergeError(f"{path}: a log_history entry has step {step!r} and learning_rate {rate!r}, not "
-                                f"finite numbers; repair the file, or {ways}.")
+            raise FedmergeError(
+                f"{path}: a log_history entry has step {step!r} and learning_rate {rate!r}, not "
+                f"finite numbers; repair the file, or {ways}."
+            )
         logged[int(step)] = float(rate)
     if not logged:
-        raise FedmergeError(f"{path}: its log_history holds no learning_rate, so the sum of learning rates is unknown; "
-                            f"{ways}.")
+        raise FedmergeError(
+            f"{path}: its log_history holds no learning_rate, so the sum of learning rates is unknown; {ways}."
+        )
     points = sorted(logged.items())
     total = float(np.interp(np.arange(1, steps + 1), [s for s, _ in points], [r for _, r in points]).sum())
     if not total > 0:
-        raise FedmergeError(f"{path}: the logged learning rates sum to {total} over {steps} steps, not a positive "
-                            f"a_t; {ways}.")
+        raise FedmergeError(
+            f"{path}: the logged learning rates sum to {total} over {steps} steps, not a positive a_t; {ways}."
+        )
     return total
 
 
@@ -130,14 +139,17 @@ def effective_steps(
     if given[by] is not None:
         return EffectiveSteps(by, [float(a) for a in given[by]], FLAGS[by], reason)
     if named:
-        raise FedmergeError(f"FedNova's a_t by {by} ({reason}) needs {FLAGS[by]}, but {FLAGS[named[0]]} was given "
-                            f"instead; {ways}.")
+        raise FedmergeError(
+            f"FedNova's a_t by {by} ({reason}) needs {FLAGS[by]}, but {FLAGS[named[0]]} was given instead; {ways}."
+        )
     missing = [str(model) for model in models if state_file(model) is None]
     if missing:
-        raise FedmergeError(f"FedNova needs each model's effective steps a_t: {ways}. Given neither, a_t by {by} "
-                            f"({reason}) is read from each model directory's {TRAINER_STATE} (Hugging Face Trainer; "
-                            f"trainer.save_state() writes it), but {missing[0]} has none ({len(missing)} of "
-                            f"{len(models)} models lack one).")
+        raise FedmergeError(
+            f"FedNova needs each model's effective steps a_t: {ways}. Given neither, a_t by {by} "
+            f"({reason}) is read from each model directory's {TRAINER_STATE} (Hugging Face Trainer; "
+            f"trainer.save_state() writes it), but {missing[0]} has none ({len(missing)} of "
+            f"{len(models)} models lack one)."
+        )
     return EffectiveSteps(by, from_trainer_state(models, by, ways), SOURCES[by], reason)
 
 
@@ -151,22 +163,26 @@ def from_trainer_state(models: Sequence[str | os.PathLike], normalize_by: str, w
     return [float(read(read_state(file), file, ways)) for file in files]
 
 
-MERGE_WAYS = (f"{GIVE}, or choose what each trainer_state.json gives with --trainer-state {'|'.join(NORMALIZE_BY)} "
-              "(method 'mean-direction' needs no a_t)")
+MERGE_WAYS = (
+    f"{GIVE}, or choose what each trainer_state.json gives with --trainer-state {'|'.join(NORMALIZE_BY)} "
+    "(method 'mean-direction' needs no a_t)"
+)
 PARAMS = {"steps": "steps", "lr-sum": "lr_sums"}
 """FedNova's ``fedmerge merge`` parameter holding a_t, by normaliser."""
 
 
-def fednova_params(models: Sequence[str | os.PathLike], params: dict,
-                   trainer_state: str | None) -> tuple[dict, EffectiveSteps]:
+def fednova_params(
+    models: Sequence[str | os.PathLike], params: dict, trainer_state: str | None
+) -> tuple[dict, EffectiveSteps]:
     """``fedmerge merge``'s FedNova parameters with a_t resolved by :func:`effective_steps`, and that a_t.
 
     ``trainer_state`` (``--trainer-state``) asks for a normaliser read from trainer_state.json: refused beside
     given values.
     """
     if trainer_state is not None and trainer_state not in NORMALIZE_BY:
-        raise FedmergeError(f"trainer_state (--trainer-state) must be one of {', '.join(NORMALIZE_BY)}, got "
-                            f"{trainer_state!r}.")
+        raise FedmergeError(
+            f"trainer_state (--trainer-state) must be one of {', '.join(NORMALIZE_BY)}, got {trainer_state!r}."
+        )
     given = [FLAGS[by] for by, key in PARAMS.items() if params.get(key) is not None]
     if given and trainer_state is not None:
         raise FedmergeError(f"give FedNova's a_t one way: {given[0]} or --trainer-state {trainer_state}, not both.")

@@ -25,8 +25,18 @@ from fedmerge.checkpoints.safetensors_format import TensorSpec, layout, tensor_b
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -95,8 +105,14 @@ def write_shard(
         raise disk_full(error, path, len(header) + sum(spec.nbytes for spec in specs.values())) from None
 
 
-def _write_tensors(path: Path, header: bytes, offsets: Mapping[str, int], specs: Mapping[str, TensorSpec],
-                   tensors: Iterator[tuple[str, torch.Tensor]], writer: Executor) -> None:
+def _write_tensors(
+    path: Path,
+    header: bytes,
+    offsets: Mapping[str, int],
+    specs: Mapping[str, TensorSpec],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    writer: Executor,
+) -> None:
     pending: deque[Future] = deque()
     with open(path, "wb") as f:
         try:
@@ -150,7 +166,11 @@ def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
     resolved = out.resolve()
     for path in inputs:
         if resolved == Path(path).resolve() or resolved in Path(path).resolve().parents:
-            raise FedmergeError(f"the output {out} is or holds the input {path}; replacing it would delete the input. "
-                                "Choose another output path.")
+            raise FedmergeError(
+                f"the output {out} is or holds the input {path}; replacing it would delete the input. "
+                "Choose another output path."
+            )
     if out.exists() and not force:
-        raise FedmergeError(f"the output {out} already exists; choose another path or pass --force (force=True) to replace it.")
+        raise FedmergeError(
+            f"the output {out} already exists; choose another path or pass --force (force=True) to replace it."
+        )

@@ -83,8 +83,9 @@ def _client(run_config: Mapping, node_config: Mapping):
     return run, client_id, run.fed.tasks[client_id], with_node_overrides(run.settings[client_id], node_config)
 
 
-def local_training(run_config: Mapping, node_config: Mapping, content: RecordDict,
-                   state: RecordDict | None = None) -> RecordDict:
+def local_training(
+    run_config: Mapping, node_config: Mapping, content: RecordDict, state: RecordDict | None = None
+) -> RecordDict:
     """Train this client for one round on a train message's arrays (its ``content``); the reply's content.
 
     The reply carries back the tensors received (the shared ones the clients train) and this client's private
@@ -98,8 +99,9 @@ def local_training(run_config: Mapping, node_config: Mapping, content: RecordDic
     content, control = take_control(content)
     arrays, round_config = contract.received(content)
     settings = with_proximal_mu(settings, round_config)
-    controls = None if control is None else ControlVariates.load(control, round_config, state, client_id,
-                                                                 settings.optimizer)
+    controls = (
+        None if control is None else ControlVariates.load(control, round_config, state, client_id, settings.optimizer)
+    )
     first, steps = round_steps(
         total_steps(settings, len(task.train)),
         int(round_config["server-round"]),
@@ -109,12 +111,27 @@ def local_training(run_config: Mapping, node_config: Mapping, content: RecordDic
     received = arrays.to_torch_state_dict()
     model = fed.model_from(received, client_device(config.get("engine", {})))
     try:
-        result = train(model, task, fed.loss, settings, first_step=first, num_steps=steps, head=task.head,
-                       correction=None if controls is None else controls.correction())
+        result = train(
+            model,
+            task,
+            fed.loss,
+            settings,
+            first_step=first,
+            num_steps=steps,
+            head=task.head,
+            correction=None if controls is None else controls.correction(),
+        )
         sent_back = {*received, *task.private}
         trained = {name: tensor.cpu() for name, tensor in model.state_dict().items() if name in sent_back}
-        statistics = requested(model, fed, task, round_config, sent_back, settings.batch_size,  # Fisher's, RegMean's
-                               client_seed(int(config["seed"]), client_id) + int(round_config["server-round"]))
+        statistics = requested(
+            model,
+            fed,
+            task,
+            round_config,
+            sent_back,
+            settings.batch_size,  # Fisher's, RegMean's
+            client_seed(int(config["seed"]), client_id) + int(round_config["server-round"]),
+        )
     finally:  # out of memory included: the Ray worker must not keep the GPU memory of a finished client
         del model
         release_gpu_memory()
@@ -136,8 +153,10 @@ def local_training(run_config: Mapping, node_config: Mapping, content: RecordDic
 
 def remedy_metrics(settings: TrainConfig, controls: ControlVariates | None) -> dict[str, float]:
     """What a reply says of the federated remedies its client applied: FedProx's μ, SCAFFOLD's control variates."""
-    return {**({contract.PROX_MU: settings.prox_mu} if settings.prox_mu else {}),
-            **({contract.CONTROL_APPLIED: 1} if controls is not None else {})}
+    return {
+        **({contract.PROX_MU: settings.prox_mu} if settings.prox_mu else {}),
+        **({contract.CONTROL_APPLIED: 1} if controls is not None else {}),
+    }
 
 
 def local_statistics(run_config: Mapping, node_config: Mapping, content: RecordDict) -> RecordDict:
@@ -147,13 +166,17 @@ def local_statistics(run_config: Mapping, node_config: Mapping, content: RecordD
     config, fed = run.config, run.fed
     arrays, query = contract.received(content)
     if query.get(contract.QUERY) != contract.STATISTICS:
-        raise FedmergeError(f"a query message must ask for {contract.QUERY} = {contract.STATISTICS!r}, got "
-                            f"{query.get(contract.QUERY)!r}.")
+        raise FedmergeError(
+            f"a query message must ask for {contract.QUERY} = {contract.STATISTICS!r}, got "
+            f"{query.get(contract.QUERY)!r}."
+        )
     received = arrays.to_torch_state_dict()
     names = [name for name in received if name in set(fed.statistics_names)]
     model = fed.model_from(received, client_device(config.get("engine", {})))
     try:
-        statistics, batches = estimate_statistics(model, task.train, settings.batch_size, task.head, names, settings.seed)
+        statistics, batches = estimate_statistics(
+            model, task.train, settings.batch_size, task.head, names, settings.seed
+        )
     finally:
         del model
         release_gpu_memory()
@@ -174,8 +197,9 @@ def client_app(run_config: Mapping | None = None, train_mods: Sequence[Mod] = ()
     def answer(work, message: Message, context: Context) -> Message:
         config = context.run_config if run_config is None else run_config
         if is_packed(message.content):  # several clients in one call (simulation, engine.clients_per_call)
-            done = answer_packed(message.content, lambda client, content: one(work, config, {"partition-id": client},
-                                                                              content))
+            done = answer_packed(
+                message.content, lambda client, content: one(work, config, {"partition-id": client}, content)
+            )
             return Message(content=done, reply_to=message)
         return Message(content=one(work, config, context.node_config, message.content), reply_to=message)
 

@@ -18,7 +18,9 @@ def check_corruption(kind: str, scale: float) -> None:
         raise FedmergeError(f"client option 'corruption_scale' must be a positive number, got {scale!r}.")
 
 
-def corrupt(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], kind: str, scale: float, seed: int) -> dict:
+def corrupt(
+    trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], kind: str, scale: float, seed: int
+) -> dict:
     """The weights a corrupted client sends instead of ``trained`` (integer buffers are left alone)."""
     if kind == "none":
         return trained

@@ -41,8 +41,15 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def fisher_diagonal(model: nn.Module, data: Dataset, names: Collection[str], examples: int, seed: int = 0,
-                    head: int | None = None, loss: LossFn | None = None) -> dict[str, torch.Tensor]:
+def fisher_diagonal(
+    model: nn.Module,
+    data: Dataset,
+    names: Collection[str],
+    examples: int,
+    seed: int = 0,
+    head: int | None = None,
+    loss: LossFn | None = None,
+) -> dict[str, torch.Tensor]:
     """The diagonal Fisher of the parameters ``names`` at the model's weights, over a seeded sample of ``examples`` of
     ``data`` (Matena & Raffel 2022):
 
@@ -74,8 +81,10 @@ def fisher_diagonal(model: nn.Module, data: Dataset, names: Collection[str], exa
                 add(loss(output, target), 1.0, False)
                 continue
             if output.dim() != 2 or output.shape[0] != 1:
-                raise FedmergeError(f"the model's outputs have shape {tuple(output.shape)}, not (examples, classes): "
-                                    "the Fisher of a classifier needs logits; give a loss for the empirical Fisher.")
+                raise FedmergeError(
+                    f"the model's outputs have shape {tuple(output.shape)}, not (examples, classes): "
+                    "the Fisher of a classifier needs logits; give a loss for the empirical Fisher."
+                )
             log_probs = torch.log_softmax(output.float(), dim=-1)[0]
             probs = log_probs.detach().exp().tolist()
             for c, p in enumerate(probs):
@@ -84,15 +93,29 @@ def fisher_diagonal(model: nn.Module, data: Dataset, names: Collection[str], exa
 
 
 @torch.no_grad()
-def input_grams(model: nn.Module, data: Dataset, names: Collection[str], examples: int, seed: int = 0,
-                head: int | None = None, batch_size: int = 32) -> dict[str, torch.Tensor]:
+def input_grams(
+    model: nn.Module,
+    data: Dataset,
+    names: Collection[str],
+    examples: int,
+    seed: int = 0,
+    head: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, torch.Tensor]:
     """XᵀX / n for the input X (n rows: examples × positions) of every :class:`torch.nn.Linear` whose weight is among
     ``names``, over a seeded sample of ``examples`` of ``data``, under the weight's name (in × in, float32, on the
     model's device). A layer the data never reaches (another client's head) gets zeros."""
-    layers = {name: module for prefix, module in model.named_modules() if isinstance(module, nn.Linear)
-              for name in [f"{prefix}.weight" if prefix else "weight"] if name in names}
-    grams = {name: torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device)
-             for name, layer in layers.items()}
+    layers = {
+        name: module
+        for prefix, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        for name in [f"{prefix}.weight" if prefix else "weight"]
+        if name in names
+    }
+    grams = {
+        name: torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device)
+        for name, layer in layers.items()
+    }
     rows = dict.fromkeys(layers, 0)
 
     def hook(name: str):
@@ -100,6 +123,7 @@ def input_grams(model: nn.Module, data: Dataset, names: Collection[str], example
             x = inputs[0].detach().reshape(-1, module.in_features).float()
             grams[name].addmm_(x.T, x)
             rows[name] += x.shape[0]
+
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
@@ -114,8 +138,9 @@ def input_grams(model: nn.Module, data: Dataset, names: Collection[str], example
     return {name: gram.div_(max(rows[name], 1)) for name, gram in grams.items()}
 
 
-def requested(model: nn.Module, fed: Federation, task: Task, config: Mapping, names: Collection[str],
-              batch_size: int, seed: int) -> dict[str, ArrayRecord]:
+def requested(
+    model: nn.Module, fed: Federation, task: Task, config: Mapping, names: Collection[str], batch_size: int, seed: int
+) -> dict[str, ArrayRecord]:
     """The statistics a train message's ``config`` asks for (:data:`fedmerge.contract.MERGING_STATISTICS`, each key
     giving the number of examples), over the tensors ``names`` the reply sends back, as CPU ArrayRecords by key.
 
@@ -125,8 +150,9 @@ def requested(model: nn.Module, fed: Federation, task: Task, config: Mapping, na
     for key in (k for k in contract.MERGING_STATISTICS if k in config):
         examples = config[key]
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-            raise FedmergeError(f"the train message's config '{key}' must be a positive number of examples, got "
-                                f"{examples!r}.")
+            raise FedmergeError(
+                f"the train message's config '{key}' must be a positive number of examples, got {examples!r}."
+            )
         if key == contract.FISHER:
             classifier = fed.metric == "accuracy" and fed.evaluate_fn is None
             loss = None if classifier else fed.loss

@@ -48,7 +48,7 @@ def answer_packed(content: RecordDict, answer: Callable[[int, RecordDict], Recor
     clients, errors = list(content[PACK]["clients"]), []
     for client in clients:
         prefix = f"{client}/"
-        own = RecordDict({key[len(prefix):]: record for key, record in content.items() if key.startswith(prefix)})
+        own = RecordDict({key[len(prefix) :]: record for key, record in content.items() if key.startswith(prefix)})
         try:
             for key, record in answer(client, own).items():
                 reply[f"{client}/{key}"] = record
@@ -71,7 +71,9 @@ def unpack(reply: Message, sent: dict[int, Message]) -> list[Message]:
         if error:
             replies.append(_reply(sent[client], error=error))
             continue
-        own = RecordDict({key[len(prefix):]: record for key, record in reply.content.items() if key.startswith(prefix)})
+        own = RecordDict(
+            {key[len(prefix) :]: record for key, record in reply.content.items() if key.startswith(prefix)}
+        )
         replies.append(_reply(sent[client], content=own))
     return replies
 
@@ -79,9 +81,14 @@ def unpack(reply: Message, sent: dict[int, Message]) -> list[Message]:
 def _reply(message: Message, content: RecordDict | None = None, error: str | None = None) -> Message:
     """The reply ``message``'s client sent, built outside Flower's runtime (its Metadata made explicitly)."""
     metadata = Metadata(
-        run_id=message.metadata.run_id, message_id=f"{message.metadata.message_id}-reply",
-        src_node_id=message.metadata.dst_node_id, dst_node_id=0, reply_to_message_id=message.metadata.message_id,
-        group_id=message.metadata.group_id, created_at=time.time(), ttl=message.metadata.ttl,
+        run_id=message.metadata.run_id,
+        message_id=f"{message.metadata.message_id}-reply",
+        src_node_id=message.metadata.dst_node_id,
+        dst_node_id=0,
+        reply_to_message_id=message.metadata.message_id,
+        group_id=message.metadata.group_id,
+        created_at=time.time(),
+        ttl=message.metadata.ttl,
         message_type=message.metadata.message_type,
     )
     if error is not None:

@@ -41,22 +41,29 @@ class ControlVariates:
     own: dict[str, torch.Tensor]
 
     @classmethod
-    def load(cls, control: ArrayRecord, config: Mapping, state: RecordDict | None, client_id: int,
-             optimizer: str = "sgd") -> "ControlVariates":
+    def load(
+        cls, control: ArrayRecord, config: Mapping, state: RecordDict | None, client_id: int, optimizer: str = "sgd"
+    ) -> "ControlVariates":
         """c from the message (``control``, ``config`` its ConfigRecord), c_t from ``state`` (0 when it holds none for
         this client and run); ``optimizer`` is the client's local one, which must be ``sgd``."""
         if state is None:
-            raise FedmergeError("a SCAFFOLD train message needs the node's Context.state to keep the client's control "
-                                "variate across rounds: call local_training with the context's state.")
+            raise FedmergeError(
+                "a SCAFFOLD train message needs the node's Context.state to keep the client's control "
+                "variate across rounds: call local_training with the context's state."
+            )
         if optimizer != "sgd":
-            raise FedmergeError(f"SCAFFOLD's control variates (option II) assume plain SGD steps, but client "
-                                f"{client_id} trains with optimizer = {optimizer!r}; set training.optimizer = \"sgd\".")
+            raise FedmergeError(
+                f"SCAFFOLD's control variates (option II) assume plain SGD steps, but client "
+                f'{client_id} trains with optimizer = {optimizer!r}; set training.optimizer = "sgd".'
+            )
         run = str(config.get(contract.CONTROL_RUN, ""))
         server = {name: torch.from_numpy(array.numpy()).float() for name, array in control.items()}
         kept = state.config_records.get(_key(contract.CONTROL_RUN, client_id))
         if kept is not None and kept[contract.CONTROL_RUN] == run:
-            own = {name: torch.from_numpy(array.numpy())
-                   for name, array in state.array_records[_key(contract.CONTROL, client_id)].items()}
+            own = {
+                name: torch.from_numpy(array.numpy())
+                for name, array in state.array_records[_key(contract.CONTROL, client_id)].items()
+            }
         else:
             own = {name: torch.zeros_like(value) for name, value in server.items()}
         return cls(client_id, run, server, own)
@@ -65,13 +72,21 @@ class ControlVariates:
         """c − c_t, added to every local step's gradient."""
         return {name: self.server[name] - self.own[name] for name in self.server}
 
-    def keep(self, state: RecordDict, received: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
-             lr_sum: float) -> None:
+    def keep(
+        self,
+        state: RecordDict,
+        received: Mapping[str, torch.Tensor],
+        trained: Mapping[str, torch.Tensor],
+        lr_sum: float,
+    ) -> None:
         """Store c_t ← c_t − c + (x − y_t) / Σ_k η_k in ``state`` (x: ``received``, y_t: ``trained``)."""
-        updated = {name: self.own[name] - self.server[name]
-                   + (received[name].float() - trained[name].float()) / lr_sum for name in self.server}
-        state[_key(contract.CONTROL, self.client_id)] = ArrayRecord({name: value.contiguous() for name, value in
-                                                                     updated.items()})
+        updated = {
+            name: self.own[name] - self.server[name] + (received[name].float() - trained[name].float()) / lr_sum
+            for name in self.server
+        }
+        state[_key(contract.CONTROL, self.client_id)] = ArrayRecord(
+            {name: value.contiguous() for name, value in updated.items()}
+        )
         state[_key(contract.CONTROL_RUN, self.client_id)] = ConfigRecord({contract.CONTROL_RUN: self.run})
 
 

@@ -38,10 +38,16 @@ def _spread(key: str, spec: Mapping, num_clients: int) -> list:
             f"got {dict(spec)!r}."
         )
     if key in CHOICE_KEYS:
-        raise FedmergeError(f"training option '{key}' takes one value or a list of one per client, not a {next(iter(spec))} spread.")
+        raise FedmergeError(
+            f"training option '{key}' takes one value or a list of one per client, not a {next(iter(spec))} spread."
+        )
     kind, bounds = next(iter(spec.items()))
-    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and b > 0 for b in bounds)):
-        raise FedmergeError(f"training option '{key}': {kind} needs [low, high] with two positive numbers, got {bounds!r}.")
+    if not (
+        isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and b > 0 for b in bounds)
+    ):
+        raise FedmergeError(
+            f"training option '{key}': {kind} needs [low, high] with two positive numbers, got {bounds!r}."
+        )
     low, high = bounds
     if num_clients == 1:
         values = np.array([low], dtype=float)
@@ -70,7 +76,9 @@ def per_client(key: str, value, num_clients: int) -> list:
 
 def client_table(training: Mapping, num_clients: int, seed: int) -> list[TrainConfig]:
     """Every client's validated :class:`TrainConfig` (client t's minibatch seed derives from ``seed`` and t)."""
-    columns = {key: per_client(key, value, num_clients) for key, value in training.items() if key not in CORRUPTION_KEYS}
+    columns = {
+        key: per_client(key, value, num_clients) for key, value in training.items() if key not in CORRUPTION_KEYS
+    }
     if "epochs" in columns and "steps" not in columns:
         columns["steps"] = [None] * num_clients
     varies = any(isinstance(value, (list, Mapping)) for value in training.values())
@@ -109,7 +117,9 @@ def _none_if_zero(key: str, value):
 def with_node_overrides(config: TrainConfig, node_config: Mapping) -> TrainConfig:
     """A deployed SuperNode's own settings (``--node-config "lr=0.01 steps=200"``) over the table's row."""
     overrides = {
-        key: _none_if_zero(key, node_config[key]) for key in TRAINING_KEYS if key in node_config and key not in CORRUPTION_KEYS
+        key: _none_if_zero(key, node_config[key])
+        for key in TRAINING_KEYS
+        if key in node_config and key not in CORRUPTION_KEYS
     }
     if "steps" in overrides and "epochs" not in overrides:
         overrides["epochs"] = None

@@ -23,8 +23,9 @@ MAX_EXAMPLES = 2_000
 
 
 @torch.no_grad()
-def estimate_statistics(model: nn.Module, data: Dataset, batch_size: int, head: int | None, names: Sequence[str],
-                        seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+def estimate_statistics(
+    model: nn.Module, data: Dataset, batch_size: int, head: int | None, names: Sequence[str], seed: int = 0
+) -> tuple[dict[str, torch.Tensor], int]:
     """The statistics ``names`` of ``model`` re-estimated on ``data``, and the number of batches they average.
 
     Batches of ``batch_size`` in order (a ragged last batch is dropped unless it is the only one, since a batch of
@@ -34,7 +35,9 @@ def estimate_statistics(model: nn.Module, data: Dataset, batch_size: int, head: 
     saved = {name: t.clone() for name, t in model.state_dict().items() if name in set(names)}
     momenta, was_training = [m.momentum for m in layers], model.training
     if len(data) > MAX_EXAMPLES:
-        data = Subset(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:MAX_EXAMPLES].tolist())
+        data = Subset(
+            data, torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:MAX_EXAMPLES].tolist()
+        )
     device = next(model.parameters()).device
     batches = 0
     try:

@@ -82,9 +82,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise FedmergeError(f"training option 'optimizer' must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}.")
+            raise FedmergeError(
+                f"training option 'optimizer' must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}."
+            )
         if self.schedule not in SCHEDULES:
-            raise FedmergeError(f"training option 'schedule' must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
+            raise FedmergeError(
+                f"training option 'schedule' must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}."
+            )
         _check_number("lr", self.lr)
         _check_number("batch_size", self.batch_size, integer=True)
         if (self.steps is None) == (self.epochs is None):
@@ -104,7 +108,9 @@ class TrainConfig:
         _check_number("weight_decay", self.weight_decay, positive=False)
         _check_number("seed", self.seed, integer=True, positive=False)
         if self.precision not in PRECISIONS:
-            raise FedmergeError(f"training option 'precision' must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+            raise FedmergeError(
+                f"training option 'precision' must be one of {', '.join(PRECISIONS)}; got {self.precision!r}."
+            )
         _check_number("num_workers", self.num_workers, integer=True, positive=False)
         if not isinstance(self.pin_memory, bool):
             raise FedmergeError(f"training option 'pin_memory' must be true or false, got {self.pin_memory!r}.")
@@ -170,7 +176,9 @@ def _autocast(precision: str, device: torch.device):
     if PRECISIONS[precision] is None:
         return nullcontext()
     try:
-        with warnings.catch_warnings(record=True) as refused:  # torch warns, and disables autocast, for a dtype it lacks
+        with warnings.catch_warnings(
+            record=True
+        ) as refused:  # torch warns, and disables autocast, for a dtype it lacks
             warnings.simplefilter("always")
             context = torch.autocast(device.type, dtype=PRECISIONS[precision])
     except RuntimeError as error:
@@ -178,7 +186,9 @@ def _autocast(precision: str, device: torch.device):
     if refused:
         fix = "fp16 needs a GPU; use precision = 'bf16' on the CPU" if precision == "fp16" else "use precision = 'fp32'"
         reason = getattr(refused[0], "message", refused[0])
-        raise FedmergeError(f"training option 'precision' = {precision!r} is not available on {device.type} ({reason}); {fix}.")
+        raise FedmergeError(
+            f"training option 'precision' = {precision!r} is not available on {device.type} ({reason}); {fix}."
+        )
     return context
 
 
@@ -229,7 +239,12 @@ def train(
     add_terms = _gradient_terms(model, config.prox_mu, correction)
     order_seed, model_seed = chunk_seeds(config.seed, first_step)
     batches = train_batches(
-        task.train, config.batch_size, order_seed, num_workers=config.num_workers, pin_memory=config.pin_memory, device=device
+        task.train,
+        config.batch_size,
+        order_seed,
+        num_workers=config.num_workers,
+        pin_memory=config.pin_memory,
+        device=device,
     )
     model.train()
     lr_sum, loss_sum = 0.0, torch.zeros((), dtype=torch.float64, device=device)
@@ -259,19 +274,24 @@ def train(
             scaler.update()
             lr_sum += lr
             loss_sum += loss.detach()
-    return TrainResult(num_steps=num_steps, lr_sum=lr_sum, train_loss=float(loss_sum) / num_steps, num_examples=num_examples)
+    return TrainResult(
+        num_steps=num_steps, lr_sum=lr_sum, train_loss=float(loss_sum) / num_steps, num_examples=num_examples
+    )
 
 
-def _gradient_terms(model: nn.Module, mu: float,
-                    correction: Mapping[str, torch.Tensor] | None) -> Callable[[], None] | None:
+def _gradient_terms(
+    model: nn.Module, mu: float, correction: Mapping[str, torch.Tensor] | None
+) -> Callable[[], None] | None:
     """A function adding to the gradient of each trainable parameter FedProx's μ·(w − w_global), w_global its value
     now, and ``correction[name]`` (also where the step gave it no gradient); None when there is neither."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     correction = {name: value for name, value in (correction or {}).items() if name in params}
     for name, value in correction.items():
         if value.shape != params[name].shape:
-            raise FedmergeError(f"the gradient correction of {name!r} has shape {tuple(value.shape)}, but the parameter "
-                                f"has {tuple(params[name].shape)}; send one in the parameter's shape.")
+            raise FedmergeError(
+                f"the gradient correction of {name!r} has shape {tuple(value.shape)}, but the parameter "
+                f"has {tuple(params[name].shape)}; send one in the parameter's shape."
+            )
         correction[name] = value.to(params[name].device, params[name].dtype)
     if not mu and not correction:
         return None
@@ -292,8 +312,9 @@ def _gradient_terms(model: nn.Module, mu: float,
     return add
 
 
-def full_gradient(model: nn.Module, dataset: Dataset, loss_fn: LossFn, head: int | None = None,
-                  batch_size: int = CHUNK) -> dict[str, torch.Tensor]:
+def full_gradient(
+    model: nn.Module, dataset: Dataset, loss_fn: LossFn, head: int | None = None, batch_size: int = CHUNK
+) -> dict[str, torch.Tensor]:
     """∇L at the model's current weights: the gradient of the mean loss over all of ``dataset``, on the model's
     device, ``batch_size`` examples per forward pass.
 

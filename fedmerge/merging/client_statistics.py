@@ -24,9 +24,16 @@ FISHER = "fisher"
 GRAMS = "grams"
 """Each client's input Gram matrices per linear layer (RegMean): the key of its statistics, the rule's keyword."""
 
-EXAMPLES = Param("examples", Option(256, "how many of its training examples each client's statistics average over "
-                                    "(asked for in the train message; fewer where a client holds fewer)", positive_int),
-                 scope="strategy")
+EXAMPLES = Param(
+    "examples",
+    Option(
+        256,
+        "how many of its training examples each client's statistics average over "
+        "(asked for in the train message; fewer where a client holds fewer)",
+        positive_int,
+    ),
+    scope="strategy",
+)
 """The size of the sample the clients compute their statistics on (256: FusionBench's default for both methods)."""
 
 
@@ -40,19 +47,28 @@ def check_finite(values: torch.Tensor, who: Sequence[str], what: str, name: str)
     finite = torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
     if not bool(finite.all()):
         culprit = who[int((~finite).nonzero()[0])]
-        raise FedmergeError(f"{culprit} {what} hold NaN or infinite values in tensor {name!r}; nothing was merged. "
-                            "Recompute them, or leave that client out.")
+        raise FedmergeError(
+            f"{culprit} {what} hold NaN or infinite values in tensor {name!r}; nothing was merged. "
+            "Recompute them, or leave that client out."
+        )
 
 
 def check_count(statistics: Sequence[Tensors], num_clients: int, what: str) -> None:
     """One mapping of statistics per client."""
     if len(statistics) != num_clients:
-        raise FedmergeError(f"{what}: {len(statistics)} given for {num_clients} clients; give one per client, in the "
-                            "clients' order.")
+        raise FedmergeError(
+            f"{what}: {len(statistics)} given for {num_clients} clients; give one per client, in the clients' order."
+        )
 
 
-def covered(statistics: Sequence[Tensors], labels: Sequence[str], task_vectors: Sequence[Tensors],
-            names: Sequence[str], what: str, shape_of: Callable[[Shape], Shape | None]) -> set[str]:
+def covered(
+    statistics: Sequence[Tensors],
+    labels: Sequence[str],
+    task_vectors: Sequence[Tensors],
+    names: Sequence[str],
+    what: str,
+    shape_of: Callable[[Shape], Shape | None],
+) -> set[str]:
     """The merged tensors (``names``) the clients' statistics cover, after checking that every client's cover the same
     ones, each in the shape ``shape_of(the tensor's shape)`` (None: no statistic fits that tensor), and that they cover
     some where some fit. Statistics of other tensors (a client's own head, which is not merged) are ignored."""
@@ -72,16 +88,22 @@ def covered(statistics: Sequence[Tensors], labels: Sequence[str], task_vectors: 
             if expected is None or got != expected or not getattr(got_dtype, "is_floating_point", False):
                 fits = "no statistic fits it" if expected is None else f"expected a floating tensor of shape {expected}"
                 shape, dtype = model[name]
-                raise FedmergeError(f"{label} {what} hold {name!r} as {got_dtype} of shape {got}, but the model's "
-                                    f"tensor is {dtype} of shape {tuple(shape)}: {fits}.")
+                raise FedmergeError(
+                    f"{label} {what} hold {name!r} as {got_dtype} of shape {got}, but the model's "
+                    f"tensor is {dtype} of shape {tuple(shape)}: {fits}."
+                )
         if found is None:
             found = mine
         elif mine != found:
             name = sorted(mine ^ found)[0]
-            raise FedmergeError(f"{label} {what} {'lack' if name in found else 'have'} tensor {name!r}, unlike the "
-                                "first client's; every client must send them for the same tensors.")
+            raise FedmergeError(
+                f"{label} {what} {'lack' if name in found else 'have'} tensor {name!r}, unlike the "
+                "first client's; every client must send them for the same tensors."
+            )
     could = [name for name in names if fitting(name) is not None]
     if could and not found:
-        raise FedmergeError(f"the clients' {what} cover none of the merged tensors (such as {could[0]!r}); send them "
-                            "under the names of the model's tensors.")
+        raise FedmergeError(
+            f"the clients' {what} cover none of the merged tensors (such as {could[0]!r}); send them "
+            "under the names of the model's tensors."
+        )
     return found

@@ -27,8 +27,10 @@ from fedmerge.merging.validate import spec_of
 # peft's names: a linear layer's factors `<module>.lora_A.<adapter>.weight`, an embedding's
 # `<module>.lora_embedding_A.<adapter>` (no `.weight`), the wrapped layer's weight `<module>.base_layer.weight`;
 # adapter files leave the adapter's name out (`<module>.lora_A.weight`).
-_NAME = re.compile(r"^(?P<module>.+?)\.(?:lora_(?P<linear>[AB])(?:\.[^.]+)?\.weight"
-                   r"|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?|base_layer\.weight)$")
+_NAME = re.compile(
+    r"^(?P<module>.+?)\.(?:lora_(?P<linear>[AB])(?:\.[^.]+)?\.weight"
+    r"|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?|base_layer\.weight)$"
+)
 _LORA_SEGMENT = re.compile(r"(?:^|\.)lora_")  # any LoRA tensor of peft's: factors, DoRA magnitudes, ...
 
 
@@ -94,7 +96,8 @@ def adapted_layers(names: Sequence[str], only_factors: bool = False) -> list[Ada
             raise FedmergeError(
                 f"tensor {name!r} belongs to a LoRA adapter but is neither a factor (lora_A/lora_B, lora_embedding_A/B) "
                 "nor a wrapped base weight: merging the layers' dense updates cannot account for it (a DoRA or other "
-                "LoRA variant). Use a plain LoRA adapter, or server.lora = \"factors\" to merge every tensor apart.")
+                'LoRA variant). Use a plain LoRA adapter, or server.lora = "factors" to merge every tensor apart.'
+            )
     layers, present = [], set(names)
     for module, parts in found.items():
         weight = f"{module}.base_layer.weight"
@@ -102,7 +105,7 @@ def adapted_layers(names: Sequence[str], only_factors: bool = False) -> list[Ada
             lacking = "its lora_A or lora_B partner" if set(parts) != {"A", "B"} else f"its base weight {weight!r}"
             raise FedmergeError(
                 f"LoRA layer {module!r} lacks {lacking}; merging dense updates needs both factors and the base weight "
-                "among the arrays sent (a suite with lora_r sends them when server.lora is \"stack\" or \"dense\")."
+                'among the arrays sent (a suite with lora_r sends them when server.lora is "stack" or "dense").'
             )
         layers.append(AdaptedLayer(weight, parts["A"], parts["B"], module in embeddings))
     return layers
@@ -120,7 +123,8 @@ def check_layer(base: Tensors, layer: AdaptedLayer) -> None:
             f"LoRA layer {layer.weight.removesuffix('.base_layer.weight')!r}: factors {layer.a!r} {list(a_shape)} and "
             f"{layer.b!r} {list(b_shape)} do not make its base weight's shape {list(weight)}; the dense and stacked "
             "aggregations take linear and embedding adapters only (not convolutions, nor fan_in_fan_out layers such "
-            "as GPT-2's Conv1D): use server.lora = \"factors\" for those.")
+            'as GPT-2\'s Conv1D): use server.lora = "factors" for those.'
+        )
 
 
 def dense_delta(model: Tensors, base: Tensors, layer: AdaptedLayer, scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -164,23 +168,27 @@ def _meta(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def stacked_delta(models: Sequence[Tensors], base: Tensors, layer: AdaptedLayer, scaling: float,
-                  coefficients: Sequence[float]) -> torch.Tensor:
+def stacked_delta(
+    models: Sequence[Tensors], base: Tensors, layer: AdaptedLayer, scaling: float, coefficients: Sequence[float]
+) -> torch.Tensor:
     """Σ_t c_t·s·(B_t A_t − B A) as one product of the stacked factors [c_1 L_1 … c_T L_T]·[R_1; …; R_T] (rank T·r,
     (L, R) = (B, A), or (Aᵀ, Bᵀ) for an embedding), minus (Σ_t c_t)·s·B A: the weighted sum of the clients' dense
     updates, exactly, without making any of them."""
     check_layer(base, layer)
     dtype, device = accumulation_dtype(spec_of(base, layer.weight)[1]), base[layer.b].device
-    pairs = [factors(model[layer.a].to(device, dtype), model[layer.b].to(device, dtype), layer.transposed)
-             for model in models]
+    pairs = [
+        factors(model[layer.a].to(device, dtype), model[layer.b].to(device, dtype), layer.transposed)
+        for model in models
+    ]
     lefts = torch.cat([c * left for c, (left, _) in zip(coefficients, pairs)], dim=1)
     rights = torch.cat([right for _, right in pairs], dim=0)
     start = layer.product(base, dtype, device)
     return (lefts @ rights).sub_(start, alpha=float(sum(coefficients))).mul_(scaling)
 
 
-def fold(base: Tensors, layer: AdaptedLayer, delta: torch.Tensor, scaling: float,
-         server_lr: float) -> dict[str, torch.Tensor]:
+def fold(
+    base: Tensors, layer: AdaptedLayer, delta: torch.Tensor, scaling: float, server_lr: float
+) -> dict[str, torch.Tensor]:
     """The layer after a round: W + s·B A + β·Δ folded into its base weight (in W's dtype), A kept, B = 0, so the
     adapted layer computes W + s·B A + β·Δ and the next round's adapters start from zero."""
     weight = base[layer.weight]

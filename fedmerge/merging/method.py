@@ -85,7 +85,8 @@ class Method:
             raise FedmergeError(
                 f"method {self.name!r} has no λ of its own: {self.no_lambda}, so Task Arithmetic's λ (θ + λ·Σ_t τ_t, "
                 "β = λ·T) and TIES's (θ + λ·Δ, β = λ) both fit it. Give the server learning rate β instead (θ + β·Δ, "
-                "β = 1 adding the method's update itself).")
+                "β = 1 adding the method's update itself)."
+            )
         return scaling_to_server_lr(scaling, num_clients, self.scale)
 
     def scaling(self, server_lr: float, num_clients: int) -> float | None:
@@ -116,14 +117,20 @@ class Method:
             resolved[name] = value
         return resolved
 
-    def build(self, weights: Sequence[float] | None = None,
-              statistics: Mapping[str, Sequence[Mapping]] | None = None, **params) -> Rule:
+    def build(
+        self,
+        weights: Sequence[float] | None = None,
+        statistics: Mapping[str, Sequence[Mapping]] | None = None,
+        **params,
+    ) -> Rule:
         """The rule with these (resolved) parameters and client weights, and, for a method that needs them
         (:attr:`statistics`), each client's statistics by key (one mapping per client, in the clients' order)."""
         missing = [key for key in self.statistics if key not in (statistics or {})]
         if missing:
-            raise FedmergeError(f"method {self.name!r} needs each client's {missing[0]!r} statistics beside its model "
-                                "(see docs/client-contract.md, Statistics for merging).")
+            raise FedmergeError(
+                f"method {self.name!r} needs each client's {missing[0]!r} statistics beside its model "
+                "(see docs/client-contract.md, Statistics for merging)."
+            )
         params = {**params, **{key: statistics[key] for key in self.statistics}}
         if self.make is not None:
             return self.make(weights, **params)

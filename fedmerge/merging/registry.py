@@ -30,12 +30,37 @@ from fedmerge.merging.rules.ties import METHOD as TIES
 from fedmerge.merging.rules.trimmed_mean import METHOD as TRIMMED_MEAN
 from fedmerge.merging.rules.tsv import METHOD as TSV_M
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    FEDAVG, FEDEXP, FEDNOVA, FEDGMA, MEDIAN, CCLIP, KRUM, MULTI_KRUM, BULYAN, TRIMMED_MEAN, TIES, DARE_LINEAR,
-    DARE_TIES, MEAN_DIRECTION,
-    BREADCRUMBS, BREADCRUMBS_TIES, DELLA, MODEL_STOCK, SLERP, KARCHER,
-    FISHER, REGMEAN, TSV_M, ISO_C, ISO_CTS,
-    SCAFFOLD)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        FEDAVG,
+        FEDEXP,
+        FEDNOVA,
+        FEDGMA,
+        MEDIAN,
+        CCLIP,
+        KRUM,
+        MULTI_KRUM,
+        BULYAN,
+        TRIMMED_MEAN,
+        TIES,
+        DARE_LINEAR,
+        DARE_TIES,
+        MEAN_DIRECTION,
+        BREADCRUMBS,
+        BREADCRUMBS_TIES,
+        DELLA,
+        MODEL_STOCK,
+        SLERP,
+        KARCHER,
+        FISHER,
+        REGMEAN,
+        TSV_M,
+        ISO_C,
+        ISO_CTS,
+        SCAFFOLD,
+    )
+}
 
 
 def find_method(name: str, what: str = "method") -> Method:

@@ -11,7 +11,16 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.tensors import (
-    Tensors, TaskVector, Term, accumulation_dtype, apply_update, chunk_size, chunks, read_chunk, read_whole, stacked,
+    Tensors,
+    TaskVector,
+    Term,
+    accumulation_dtype,
+    apply_update,
+    chunk_size,
+    chunks,
+    read_chunk,
+    read_whole,
+    stacked,
     terms,
 )
 from fedmerge.merging.validate import check_task_vectors
@@ -194,8 +203,10 @@ def _refuse_non_finite(name: str, found: list[Term], norms: np.ndarray, present:
     for t in np.flatnonzero(~np.isfinite(norms)):
         term = found[t]
         if not bool(torch.isfinite(term.whole(torch.float64, torch.device("cpu"))).all()):
-            raise FedmergeError(f"client {int(present[t])}: tensor {name!r} holds NaN or infinite values; nothing was "
-                                "merged. Leave that client out (weight 0) or repair its model.")
+            raise FedmergeError(
+                f"client {int(present[t])}: tensor {name!r} holds NaN or infinite values; nothing was "
+                "merged. Leave that client out (weight 0) or repair its model."
+            )
 
 
 def _merge_integer(rule: Rule, found: list[Term], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -224,8 +235,9 @@ def _accumulation(term: Term) -> torch.dtype:
     return accumulation_dtype((term.value if term.base is None else term.base).dtype)
 
 
-def _merge_whole(rule: Rule, name: str, found: list[Term], device: torch.device,
-                 server_lr: float | None) -> tuple[torch.Tensor, np.ndarray]:
+def _merge_whole(
+    rule: Rule, name: str, found: list[Term], device: torch.device, server_lr: float | None
+) -> tuple[torch.Tensor, np.ndarray]:
     """One floating tensor merged whole (:meth:`Rule.merge_whole`): Δ in the accumulation dtype, or θ + β·Δ in θ's dtype
     (``server_lr`` given); and each client's ‖τ_t‖². Memory: θ, Δ, the client tensor being read and the rule's own
     per-tensor state, each of this tensor's size."""
@@ -239,7 +251,12 @@ def _merge_whole(rule: Rule, name: str, found: list[Term], device: torch.device,
 
 
 def _merge_floating(
-    rule: Rule, name: str, found: list[Term], device: torch.device, pool: ThreadPoolExecutor, workers: int,
+    rule: Rule,
+    name: str,
+    found: list[Term],
+    device: torch.device,
+    pool: ThreadPoolExecutor,
+    workers: int,
     server_lr: float | None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """One floating tensor: Δ in the accumulation dtype, or θ + β·Δ in θ's dtype (``server_lr`` given); and each
@@ -302,7 +319,9 @@ def iter_merged_model(
     whole Δ is ever held."""
     if not math.isfinite(server_lr):
         raise FedmergeError(f"server_lr (β) must be a finite number, got {server_lr!r}.")
-    yield from _drive(rule, [TaskVector(model, base) for model in finetuned], names, squared_norms, device, float(server_lr))
+    yield from _drive(
+        rule, [TaskVector(model, base) for model in finetuned], names, squared_norms, device, float(server_lr)
+    )
 
 
 def merged_model(

@@ -21,7 +21,9 @@ import torch
 
 Tensors = Mapping[str, torch.Tensor]
 
-CHUNK = 1 << 18  # elements per CPU chunk (1 MiB of float32): large enough to amortise Python, small enough to stay cached
+CHUNK = (
+    1 << 18
+)  # elements per CPU chunk (1 MiB of float32): large enough to amortise Python, small enough to stay cached
 DEVICE_CHUNK = 1 << 22  # elements per chunk on an accelerator (16 MiB of float32): few kernel launches per tensor
 
 
@@ -178,7 +180,9 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         base = self.base[name]
         if base.is_floating_point():
-            return self.finetuned[name].to(base.device, accumulation_dtype(base.dtype)) - base.to(accumulation_dtype(base.dtype))
+            return self.finetuned[name].to(base.device, accumulation_dtype(base.dtype)) - base.to(
+                accumulation_dtype(base.dtype)
+            )
         return self.finetuned[name].to(base.device, torch.int64) - base.to(torch.int64)
 
     def __iter__(self) -> Iterator[str]:
@@ -229,8 +233,11 @@ def weighted_sum_into(out: torch.Tensor, values: torch.Tensor, coeffs: Sequence[
     return out.copy_(coefficients(tuple(map(float, coeffs)), values.dtype, values.device) @ values)
 
 
-def _floating_chunks(vectors: Sequence[Tensors], names: Sequence[str], device: torch.device | str | None,
-                     ) -> Iterator[torch.Tensor]:
+def _floating_chunks(
+    vectors: Sequence[Tensors],
+    names: Sequence[str],
+    device: torch.device | str | None,
+) -> Iterator[torch.Tensor]:
     """Every floating tensor of ``names`` as (T, n) float64 chunks, row t vector t's, on ``device`` (None: the last
     vector's :attr:`Term.home`). Floating tensors and their home are told by the last vector, so the first (a CCLIP
     center) may hold the floating tensors only, and live anywhere."""
@@ -248,8 +255,9 @@ def _floating_chunks(vectors: Sequence[Tensors], names: Sequence[str], device: t
             yield values[:, :n]
 
 
-def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str],
-                device: torch.device | str | None = None) -> np.ndarray:
+def gram_matrix(
+    vectors: Sequence[Tensors], names: Sequence[str], device: torch.device | str | None = None
+) -> np.ndarray:
     """G[i, j] = ⟨v_i, v_j⟩ over every floating tensor of ``names``, accumulated in float64 (T² numbers) on
     ``device`` (None: where each tensor lives)."""
     gram = None
@@ -258,8 +266,9 @@ def gram_matrix(vectors: Sequence[Tensors], names: Sequence[str],
     return np.zeros((len(vectors), len(vectors))) if gram is None else gram.cpu().numpy()
 
 
-def squared_norms(vectors: Sequence[Tensors], names: Sequence[str],
-                  device: torch.device | str | None = None) -> np.ndarray:
+def squared_norms(
+    vectors: Sequence[Tensors], names: Sequence[str], device: torch.device | str | None = None
+) -> np.ndarray:
     """‖v_t‖² over every floating tensor of ``names``, in float64 on ``device`` (None: where each tensor lives): the
     Gram matrix's diagonal in O(T)."""
     total = None
@@ -269,8 +278,9 @@ def squared_norms(vectors: Sequence[Tensors], names: Sequence[str],
     return np.zeros(len(vectors)) if total is None else total.cpu().numpy()
 
 
-def products_with_first(vectors: Sequence[Tensors], names: Sequence[str],
-                        device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def products_with_first(
+    vectors: Sequence[Tensors], names: Sequence[str], device: torch.device | str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(‖v_i‖², ⟨v_i, v_0⟩) for every vector, in float64: the Gram matrix's diagonal and first column in O(T)."""
     squares = products = None
     for x in _floating_chunks(vectors, names, device):

@@ -33,18 +33,26 @@ def check_like(label: str, tensors: Tensors, expected: dict, reference: str, adv
     same_set = advice or f"every client must hold exactly {reference} tensors"
     missing = [name for name in expected if name not in held]
     if missing:
-        raise FedmergeError(f"{label} lacks tensor {missing[0]!r} ({len(missing)} of {reference} tensors missing); {same_set}.")
+        raise FedmergeError(
+            f"{label} lacks tensor {missing[0]!r} ({len(missing)} of {reference} tensors missing); {same_set}."
+        )
     extra = [name for name in tensors if name not in expected]
     if extra:
-        raise FedmergeError(f"{label} has tensor {extra[0]!r}, which is not among {reference} ({len(extra)} extra); {same_set}.")
+        raise FedmergeError(
+            f"{label} has tensor {extra[0]!r}, which is not among {reference} ({len(extra)} extra); {same_set}."
+        )
     for name, (shape, dtype) in expected.items():
         got_shape, got_dtype = spec_of(tensors, name)
         if got_shape != shape:
-            raise FedmergeError(f"{label}: tensor {name!r} has shape {got_shape} but {reference} has {shape}; "
-                                f"{advice or 'is it a model of another size or architecture?'}.")
+            raise FedmergeError(
+                f"{label}: tensor {name!r} has shape {got_shape} but {reference} has {shape}; "
+                f"{advice or 'is it a model of another size or architecture?'}."
+            )
         if got_dtype != dtype:
-            raise FedmergeError(f"{label}: tensor {name!r} is {got_dtype} but {reference} is {dtype}; "
-                                f"{advice or 'give every model in one dtype'}.")
+            raise FedmergeError(
+                f"{label}: tensor {name!r} is {got_dtype} but {reference} is {dtype}; "
+                f"{advice or 'give every model in one dtype'}."
+            )
 
 
 def check_center(center: Tensors, task_vectors: Sequence[Tensors], names: Sequence[str]) -> None:
@@ -54,8 +62,10 @@ def check_center(center: Tensors, task_vectors: Sequence[Tensors], names: Sequen
     for name in names:
         shape, dtype = spec_of(reference, name)
         if getattr(dtype, "is_floating_point", False) and (name not in center or tuple(center[name].shape) != shape):
-            raise FedmergeError(f"the center lacks tensor {name!r} or holds it in another shape than the model's {shape}; "
-                                "give the previous round's update of the same model.")
+            raise FedmergeError(
+                f"the center lacks tensor {name!r} or holds it in another shape than the model's {shape}; "
+                "give the previous round's update of the same model."
+            )
 
 
 def check_task_vectors(task_vectors: Sequence[Tensors], names: Sequence[str] | None = None) -> list[str]:

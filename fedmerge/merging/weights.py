@@ -24,9 +24,7 @@ def client_weights(weights: Sequence[float] | None, num_clients: int, noun: str 
             f"got {_count(p.size, noun + ' weight')} for {_count(num_clients, noun)}; give one weight per {noun}."
         )
     if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
-        raise FedmergeError(
-            f"{noun} weights must be finite, non-negative and not all zero, got {p.tolist()}."
-        )
+        raise FedmergeError(f"{noun} weights must be finite, non-negative and not all zero, got {p.tolist()}.")
     return p / p.sum()
 
 
@@ -34,7 +32,9 @@ def positive_per_client(values: Sequence[float], num_clients: int, what: str, no
     """Check a per-client quantity (steps, learning-rate sums) is T finite positive numbers."""
     a = np.asarray(values, dtype=np.float64)
     if a.shape != (num_clients,):
-        raise FedmergeError(f"got {_count(a.size, 'value')} of {what} for {_count(num_clients, noun)}; give one per {noun}.")
+        raise FedmergeError(
+            f"got {_count(a.size, 'value')} of {what} for {_count(num_clients, noun)}; give one per {noun}."
+        )
     bad = [i for i, v in enumerate(a) if not (np.isfinite(v) and v > 0)]
     if bad:
         raise FedmergeError(

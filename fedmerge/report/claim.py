@@ -13,7 +13,16 @@ from fedmerge.report.document import Table, _md_table
 from fedmerge.report.load import Collection
 from fedmerge.report.stats import format_ci, format_interval, mean_ci
 from fedmerge.report.verdicts import (
-    ALPHA, COMBINE_TEXT, EQUIVALENCE_LEVEL, FAMILY_TEXT, INCONCLUSIVE, Comparison, Part, combine, negligible, resolvable,
+    ALPHA,
+    COMBINE_TEXT,
+    EQUIVALENCE_LEVEL,
+    FAMILY_TEXT,
+    INCONCLUSIVE,
+    Comparison,
+    Part,
+    combine,
+    negligible,
+    resolvable,
 )
 from fedmerge.report.workfolder import EVALUATION
 
@@ -66,18 +75,42 @@ class Claim:
 
 
 def decisions_table(decisions: Sequence[Decision]) -> str:
-    return _md_table(Table(["part", "evidence: paired difference, mean [95% interval]", "rule", "verdict"],
-                           [[d.statement, d.evidence, d.rule, f"**{d.verdict}**"] for d in decisions]))
+    return _md_table(
+        Table(
+            ["part", "evidence: paired difference, mean [95% interval]", "rule", "verdict"],
+            [[d.statement, d.evidence, d.rule, f"**{d.verdict}**"] for d in decisions],
+        )
+    )
 
 
 # -- families -------------------------------------------------------------------------------------------------
 def family_table(rows: Sequence[tuple[str, str, Comparison]]) -> str:
     """setting | comparison | mean [95% interval] | bound | adjusted p-values | outcome, one row per comparison."""
-    return _md_table(Table(
-        ["setting", "comparison", "mean [95% interval]", "negligible within", "p (t-test, Holm)", "p (TOST, Holm)",
-         "outcome"],
-        [[setting, name, format_interval(c.diffs), f"±{c.bound:.3f}", _p(c.p), _p(c.p_equivalence), f"**{c.outcome}**"]
-         for setting, name, c in rows]))
+    return _md_table(
+        Table(
+            [
+                "setting",
+                "comparison",
+                "mean [95% interval]",
+                "negligible within",
+                "p (t-test, Holm)",
+                "p (TOST, Holm)",
+                "outcome",
+            ],
+            [
+                [
+                    setting,
+                    name,
+                    format_interval(c.diffs),
+                    f"±{c.bound:.3f}",
+                    _p(c.p),
+                    _p(c.p_equivalence),
+                    f"**{c.outcome}**",
+                ]
+                for setting, name, c in rows
+            ],
+        )
+    )
 
 
 def family_note(comparisons: Sequence[Comparison]) -> str:
@@ -85,10 +118,12 @@ def family_note(comparisons: Sequence[Comparison]) -> str:
     m = len(comparisons)
     diffs = [c.diffs for c in comparisons]
     seeds = min((len(d) for d in diffs), default=0)
-    return (f"*Rule:* {FAMILY_TEXT.format(m=m)}. *Resolution:* with {seeds} seeds and the spread of these paired "
-            f"differences (pooled), a mean difference must exceed {resolvable(diffs):.3f} for its 95% interval to clear "
-            f"zero, and {resolvable(diffs, m):.3f} to pass Holm's first step over the {m} comparisons; smaller effects "
-            "cannot be resolved here.")
+    return (
+        f"*Rule:* {FAMILY_TEXT.format(m=m)}. *Resolution:* with {seeds} seeds and the spread of these paired "
+        f"differences (pooled), a mean difference must exceed {resolvable(diffs):.3f} for its 95% interval to clear "
+        f"zero, and {resolvable(diffs, m):.3f} to pass Holm's first step over the {m} comparisons; smaller effects "
+        "cannot be resolved here."
+    )
 
 
 def _p(value: float) -> str:
@@ -112,8 +147,9 @@ def axis_labels(collection: Collection, axis: str) -> list[str]:
     return []
 
 
-def task_values(collection: Collection, strategy: str, rounds: int = 1, metric: str = "normalized_accuracy",
-                **levels) -> dict[str, dict[int, float]]:
+def task_values(
+    collection: Collection, strategy: str, rounds: int = 1, metric: str = "normalized_accuracy", **levels
+) -> dict[str, dict[int, float]]:
     """task → seed → the metric of ``strategy`` after ``rounds`` on that task."""
     out: dict = {}
     for run in collection.runs:
@@ -141,8 +177,9 @@ def evaluation_set(evaluation: Sequence[dict], **levels) -> dict:
     """The recorded evaluation sets of the setting with these sweep levels."""
     found = next((e for e in evaluation if all(e["levels"].get(k) == v for k, v in levels.items())), None)
     if found is None:
-        raise FedmergeError(f"{EVALUATION} records no setting {levels}; run `fedmerge findings` without --no-run to "
-                            "record it.")
+        raise FedmergeError(
+            f"{EVALUATION} records no setting {levels}; run `fedmerge findings` without --no-run to record it."
+        )
     return found
 
 
@@ -171,8 +208,12 @@ def bound_text(accuracy: float, entry: dict, own: float | None = None) -> str:
     """How :func:`bound` was computed, with its numbers."""
     n = test_examples(entry)
     base = f"1.96·√({accuracy:.3f}·{1 - accuracy:.3f}/{n})"
-    return (f"±{bound(accuracy, entry, own):.3f} = {base}" + (f" ÷ {own:.3f}" if own else "")
-            + f" (TA's accuracy {accuracy:.3f} on {n} test examples" + (", ÷ the own fine-tunes' mean accuracy)" if own else ")"))
+    return (
+        f"±{bound(accuracy, entry, own):.3f} = {base}"
+        + (f" ÷ {own:.3f}" if own else "")
+        + f" (TA's accuracy {accuracy:.3f} on {n} test examples"
+        + (", ÷ the own fine-tunes' mean accuracy)" if own else ")")
+    )
 
 
 def mean_over(values: Mapping[Hashable, float]) -> float:

@@ -19,10 +19,19 @@ examples:
 
 
 def register(subparsers) -> None:
-    report = subparsers.add_parser("report", description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("directory", type=Path, metavar="DIR", help="a run directory, a sweep directory or a folder of runs")
-    report.add_argument("--out", type=Path, metavar="OUT", help="the report directory (default: DIR/report); a previous report there is replaced whole, "
-                        "anything else is refused")
+    report = subparsers.add_parser(
+        "report", description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    report.add_argument(
+        "directory", type=Path, metavar="DIR", help="a run directory, a sweep directory or a folder of runs"
+    )
+    report.add_argument(
+        "--out",
+        type=Path,
+        metavar="OUT",
+        help="the report directory (default: DIR/report); a previous report there is replaced whole, "
+        "anything else is refused",
+    )
     report.add_argument("--force", action="store_true", help="replace OUT even if it is a folder of other files")
     report.set_defaults(handler=report_command)
 

@@ -51,7 +51,9 @@ def _number(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) >= 1e3 or (value != 0 and abs(value) < 1e-3) else f"{value:.{digits}f}"
+        return (
+            f"{value:.{digits}g}" if abs(value) >= 1e3 or (value != 0 and abs(value) < 1e-3) else f"{value:.{digits}f}"
+        )
     return str(value)
 
 
@@ -86,25 +88,54 @@ def worse_key(table: list[dict]) -> str:
 def summary_table(table: list[dict], metric_keys: list[str]) -> Table:
     """Per setting: θ0 and the clients' own models, then every strategy and round count (means over seeds); ✗ marks
     a strategy worse than θ0; λ, β and the rule's tuned parameter with how each was set."""
-    columns = ["setting", "model", "rounds", "seeds", *(records.METRICS[m] for m in metric_keys),
-               "λ (method's own)", "β (server lr applied)", "rule parameter (tuned or given)"]
+    columns = [
+        "setting",
+        "model",
+        "rounds",
+        "seeds",
+        *(records.METRICS[m] for m in metric_keys),
+        "λ (method's own)",
+        "β (server lr applied)",
+        "rule parameter (tuned or given)",
+    ]
     rows = []
     for group in records.varying(table, "group"):
         here = records.select(table, group=group)
         worse = worse_key(here)
-        references = records.aggregate(records.one_per_run(here), ("group",),
-                                       [f"{p}_{m}" for p in records.BASELINES for m in {*metric_keys, worse}])[0]
+        references = records.aggregate(
+            records.one_per_run(here),
+            ("group",),
+            [f"{p}_{m}" for p in records.BASELINES for m in {*metric_keys, worse}],
+        )[0]
         for prefix, name in records.BASELINES.items():
-            rows.append([group, name, "–", str(references["n"]),
-                         *(format_ci(references[f"{prefix}_{m}"], references[f"{prefix}_{m}_ci"]) for m in metric_keys),
-                         "", "", ""])
+            rows.append(
+                [
+                    group,
+                    name,
+                    "–",
+                    str(references["n"]),
+                    *(format_ci(references[f"{prefix}_{m}"], references[f"{prefix}_{m}_ci"]) for m in metric_keys),
+                    "",
+                    "",
+                    "",
+                ]
+            )
         theta0 = references[f"theta0_{worse}"]
         for stat in records.aggregate(here, ("strategy", "rounds"), [*metric_keys, worse]):
             members = records.select(here, strategy=stat["strategy"], rounds=stat["rounds"])
             below = stat["diverged"] or (stat[worse] > theta0 if worse == "mean_loss" else stat[worse] < theta0)
-            rows.append([group, stat["strategy"] + (" ✗" if below else ""), str(stat["rounds"]), str(stat["n"]),
-                         *(_metric_cell(stat, m) for m in metric_keys), _scaling_cell(members),
-                         _over_seeds(m["server_lr"] for m in members), _tuned_cell(members)])
+            rows.append(
+                [
+                    group,
+                    stat["strategy"] + (" ✗" if below else ""),
+                    str(stat["rounds"]),
+                    str(stat["n"]),
+                    *(_metric_cell(stat, m) for m in metric_keys),
+                    _scaling_cell(members),
+                    _over_seeds(m["server_lr"] for m in members),
+                    _tuned_cell(members),
+                ]
+            )
     return Table(columns, rows)
 
 
@@ -131,8 +162,13 @@ def _scaling_cell(members: list[dict]) -> str:
 def _tuned_cell(members: list[dict]) -> str:
     """The rule's tuned or given parameters over a strategy's seeds, each with how it was set."""
     tuned = members[0]["tuned"]
-    return "; ".join(f"{key}={_over_seeds(m['tuned'].get(key, (None,))[0] for m in members)} ({how})"
-                     for key, (_, how) in tuned.items()) or "–"
+    return (
+        "; ".join(
+            f"{key}={_over_seeds(m['tuned'].get(key, (None,))[0] for m in members)} ({how})"
+            for key, (_, how) in tuned.items()
+        )
+        or "–"
+    )
 
 
 def differs_table(collection: Collection) -> Table | None:
@@ -141,9 +177,11 @@ def differs_table(collection: Collection) -> Table | None:
         return None
     axes = list(collection.groups[0].levels)
     keys = [key for key in collection.groups[0].differs if key not in axes]
-    shorten = lambda text: text if len(text) <= 40 else text[:39] + "…"  # noqa: E731
-    return Table(["setting", *axes, *keys], [[g.label, *(g.levels[a] for a in axes), *(shorten(g.differs[k]) for k in keys)]
-                                             for g in collection.groups])
+    shorten = lambda text: text if len(text) <= 40 else text[:39] + "…"
+    return Table(
+        ["setting", *axes, *keys],
+        [[g.label, *(g.levels[a] for a in axes), *(shorten(g.differs[k]) for k in keys)] for g in collection.groups],
+    )
 
 
 def merged_table(collection: Collection) -> Table:
@@ -152,12 +190,29 @@ def merged_table(collection: Collection) -> Table:
     rows = []
     for group in collection.groups:
         data = [run.data for run in group.runs]
-        rows.append([group.label, ", ".join(map(str, group.seeds)), _join(d["suite"].get("name") for d in data),
-                     _join(len(d.get("clients", [])) for d in data), _join(_tensors(d) for d in data),
-                     _join(_recorded(d, "statistics", "none in the model") for d in data),
-                     _join(_recorded(d, "lora", "no LoRA adapters") for d in data)])
-    return Table(["setting", "seeds", "suite", "clients T", "tensors: shared (merged) / private / statistics",
-                  "normalisation statistics", "LoRA aggregation"], rows)
+        rows.append(
+            [
+                group.label,
+                ", ".join(map(str, group.seeds)),
+                _join(d["suite"].get("name") for d in data),
+                _join(len(d.get("clients", [])) for d in data),
+                _join(_tensors(d) for d in data),
+                _join(_recorded(d, "statistics", "none in the model") for d in data),
+                _join(_recorded(d, "lora", "no LoRA adapters") for d in data),
+            ]
+        )
+    return Table(
+        [
+            "setting",
+            "seeds",
+            "suite",
+            "clients T",
+            "tensors: shared (merged) / private / statistics",
+            "normalisation statistics",
+            "LoRA aggregation",
+        ],
+        rows,
+    )
 
 
 def _tensors(data: dict) -> str:
@@ -182,15 +237,34 @@ MERGED_TEXT = (
 
 def diagnostics_table(table: list[dict]) -> Table:
     """Per setting, means over seeds: ζ², mean cosine, χ²(p‖w) of the first round (and which round that is), spreads."""
-    stats = records.aggregate(records.one_per_run(table), ("group",), ["zeta2", "mean_cosine", "first_round_chi_square",
-                                                                       "lr_spread", "steps_spread", "alpha", "corrupted"])
-    columns = ["setting", "ζ² (data het.)", "mean cos(τ_s, τ_t)", "χ²(p‖w), first round (training het.)", "χ² from",
-               "lr spread", "step spread", "Dirichlet α", "corrupted f"]
-    sources = lambda group: _join(r["first_round_source"] for r in records.select(table, group=group)  # noqa: E731
-                                  if r["first_round_source"]) or "–"
-    rows = [[s["group"], *(format_ci(s[k], s[f"{k}_ci"]) for k in ("zeta2", "mean_cosine", "first_round_chi_square")),
-             sources(s["group"]),
-             *(_number(s[k], 3) for k in ("lr_spread", "steps_spread", "alpha", "corrupted"))] for s in stats]
+    stats = records.aggregate(
+        records.one_per_run(table),
+        ("group",),
+        ["zeta2", "mean_cosine", "first_round_chi_square", "lr_spread", "steps_spread", "alpha", "corrupted"],
+    )
+    columns = [
+        "setting",
+        "ζ² (data het.)",
+        "mean cos(τ_s, τ_t)",
+        "χ²(p‖w), first round (training het.)",
+        "χ² from",
+        "lr spread",
+        "step spread",
+        "Dirichlet α",
+        "corrupted f",
+    ]
+    sources = lambda group: (
+        _join(r["first_round_source"] for r in records.select(table, group=group) if r["first_round_source"]) or "–"
+    )
+    rows = [
+        [
+            s["group"],
+            *(format_ci(s[k], s[f"{k}_ci"]) for k in ("zeta2", "mean_cosine", "first_round_chi_square")),
+            sources(s["group"]),
+            *(_number(s[k], 3) for k in ("lr_spread", "steps_spread", "alpha", "corrupted")),
+        ]
+        for s in stats
+    ]
     return Table(columns, rows)
 
 
@@ -204,7 +278,7 @@ def task_table(collection: Collection) -> Table | None:
     columns = [f"task ({key.replace('_', ' ')})", *(name for name, _ in entries)]
     if len(tasks) > records.DETAIL_LIMIT:
         return Table(columns, _task_quantiles(tasks, [values for _, values in entries], key))
-    cell = lambda t: "diverged" if t.get("diverged") else _number(t.get(key))  # noqa: E731
+    cell = lambda t: "diverged" if t.get("diverged") else _number(t.get(key))
     rows = [[task, *(cell(values.get(task, {})) for _, values in entries)] for task in tasks]
     return Table(columns, rows)
 
@@ -215,10 +289,14 @@ TASK_QUANTILES = {"min": 0.0, "10%": 0.1, "25%": 0.25, "median": 0.5, "75%": 0.7
 def _task_quantiles(tasks: list[str], entries: list[dict], key: str) -> list[list[str]]:
     """Many tasks: the distribution of each model's per-task ``key`` over the tasks it scored (quantiles), and how
     many tasks it did not (diverged or missing); the per-task values are in ``tasks.csv``."""
-    scores = [[float(v[t][key]) for t in tasks if t in v and not v[t].get("diverged") and v[t].get(key) is not None]
-              for v in entries]
-    rows = [[f"{name} of {len(tasks)} tasks", *(_number(float(np.quantile(s, q))) if s else "–" for s in scores)]
-            for name, q in TASK_QUANTILES.items()]
+    scores = [
+        [float(v[t][key]) for t in tasks if t in v and not v[t].get("diverged") and v[t].get(key) is not None]
+        for v in entries
+    ]
+    rows = [
+        [f"{name} of {len(tasks)} tasks", *(_number(float(np.quantile(s, q))) if s else "–" for s in scores)]
+        for name, q in TASK_QUANTILES.items()
+    ]
     return rows + [["not scored (diverged or missing)", *(str(len(tasks) - len(s)) for s in scores)]]
 
 
@@ -228,26 +306,34 @@ def warnings(collection: Collection) -> list[str]:
     lines = []
     for left, kept in collection.repeats:
         same = [e["final"] for e in left.data["runs"]] == [e["final"] for e in kept.data["runs"]]
-        lines.append(f"{left.path} repeats {kept.path} (same settings, seed {kept.seed}): the same seed gives the same "
-                     f"numbers, so they are one sample, not two seeds; the newer, {kept.path.name}, is kept"
-                     + ("." if same else "; their results differ (made by other code?)."))
+        lines.append(
+            f"{left.path} repeats {kept.path} (same settings, seed {kept.seed}): the same seed gives the same "
+            f"numbers, so they are one sample, not two seeds; the newer, {kept.path.name}, is kept"
+            + ("." if same else "; their results differ (made by other code?).")
+        )
     for group in collection.groups:
         for run in sorted(group.runs, key=lambda r: r.seed):
             where = f"{group.label}, seed {run.seed}"
             if run.data.get("complete") is False:
                 pending = ", ".join(run.data.get("pending", [])) or "nothing listed"
-                lines.append(f"{where}: {run.path} stopped before its end ({run.data.get('error', 'no reason recorded')}); "
-                             f"its finished runs are reported, these are missing: {pending}.")
+                lines.append(
+                    f"{where}: {run.path} stopped before its end ({run.data.get('error', 'no reason recorded')}); "
+                    f"its finished runs are reported, these are missing: {pending}."
+                )
             for entry in run.data["runs"]:
                 if entry["final"].get("diverged"):
-                    lines.append(f"{where}: {entry['strategy']} ({entry['rounds']} round(s)) diverged on "
-                                 f"{', '.join(entry['final']['diverged'])} (non-finite outputs); shown as diverged.")
+                    lines.append(
+                        f"{where}: {entry['strategy']} ({entry['rounds']} round(s)) diverged on "
+                        f"{', '.join(entry['final']['diverged'])} (non-finite outputs); shown as diverged."
+                    )
             theta0 = run.data.get("pretrained", {}).get("tasks", [])
             for client in records.weak_clients(run.data):
                 base = next((t.get("accuracy") for t in theta0 if t.get("task") == client.get("task")), None)
-                lines.append(f"{where}: client {client['id']}'s own model ({client.get('task')}) is no better than θ0 on "
-                             f"its own task ({_number(records.own_test(client, 'accuracy'))} against θ0's {_number(base)}); "
-                             "normalized accuracy divides by it, so scores on that task are inflated.")
+                lines.append(
+                    f"{where}: client {client['id']}'s own model ({client.get('task')}) is no better than θ0 on "
+                    f"its own task ({_number(records.own_test(client, 'accuracy'))} against θ0's {_number(base)}); "
+                    "normalized accuracy divides by it, so scores on that task are inflated."
+                )
     return lines
 
 
@@ -258,13 +344,17 @@ def build_report(collection: Collection) -> Report:
     accuracy = any(r["metric"] == "accuracy" for r in table)
     main = "mean_normalized_accuracy" if accuracy else "distance_to_optimum"
     metric_keys = ["mean_normalized_accuracy", "mean_accuracy"] if accuracy else ["mean_loss", "distance_to_optimum"]
-    metric_keys = [m for m in metric_keys if any(r.get(m) is not None or r.get(f"theta0_{m}") is not None for r in table)]
+    metric_keys = [
+        m for m in metric_keys if any(r.get(m) is not None or r.get(f"theta0_{m}") is not None for r in table)
+    ]
     seeds = sorted({r["seed"] for r in table})
     suites = sorted({r["suite"] for r in table})
-    intro = (f"{len(collection.runs)} run(s) in {len(collection.groups)} setting(s) on {', '.join(suites)}; seeds "
-             f"{', '.join(map(str, seeds))}. A setting is one spec; its runs differ only by their seed. Test-split "
-             "metrics; normalized accuracy is a model's accuracy on task t divided by client t's own fine-tuned model's, "
-             "averaged over tasks.")
+    intro = (
+        f"{len(collection.runs)} run(s) in {len(collection.groups)} setting(s) on {', '.join(suites)}; seeds "
+        f"{', '.join(map(str, seeds))}. A setting is one spec; its runs differ only by their seed. Test-split "
+        "metrics; normalized accuracy is a model's accuracy on task t divided by client t's own fine-tuned model's, "
+        "averaged over tasks."
+    )
     if collection.missing:
         intro += f" {len(collection.missing)} sweep cell(s) have no results yet and are left out."
     sections = []
@@ -282,18 +372,34 @@ def build_report(collection: Collection) -> Report:
     rounds_figure = figures.per_round(collection, main)
     compare = figures.one_shot_vs_multi_round(table, main)
     if rounds_figure or compare:
-        sections.append(Section("Rounds", "Federated learning round by round, and one-shot merging against R rounds at the "
-                                "same local compute.", figures=[f for f in (rounds_figure, compare) if f]))
+        sections.append(
+            Section(
+                "Rounds",
+                "Federated learning round by round, and one-shot merging against R rounds at the same local compute.",
+                figures=[f for f in (rounds_figure, compare) if f],
+            )
+        )
     factor_figures = heterogeneity_figures(collection, table, main, accuracy)
     if factor_figures:
-        sections.append(Section("Heterogeneity", "Each strategy against the levels this collection varies, one panel per "
-                                "combination of the other settings: nothing is averaged across settings.",
-                                figures=factor_figures))
+        sections.append(
+            Section(
+                "Heterogeneity",
+                "Each strategy against the levels this collection varies, one panel per "
+                "combination of the other settings: nothing is averaged across settings.",
+                figures=factor_figures,
+            )
+        )
     diag_figures = [f for f in (figures.cosine_heatmap(collection), figures.effective_weights(collection)) if f]
-    sections.append(Section("Diagnostics", "Data heterogeneity ζ² (at θ0), task-vector similarity, training heterogeneity "
-                            "χ²(p‖w) of the first round (of the strategy run named in 'χ² from', the round the "
-                            "effective-weights figure draws), and the spreads the clients were given; means over seeds.",
-                            [diagnostics_table(table)], diag_figures))
+    sections.append(
+        Section(
+            "Diagnostics",
+            "Data heterogeneity ζ² (at θ0), task-vector similarity, training heterogeneity "
+            "χ²(p‖w) of the first round (of the strategy run named in 'χ² from', the round the "
+            "effective-weights figure draws), and the spreads the clients were given; means over seeds.",
+            [diagnostics_table(table)],
+            diag_figures,
+        )
+    )
     return Report(f"fedmerge report: {collection.title}", intro, sections)
 
 
@@ -318,7 +424,7 @@ def heterogeneity_figures(collection: Collection, table: list[dict], main: str, 
 
 # -- rendering --------------------------------------------------------------------------------------
 def _md_table(table: Table) -> str:
-    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
+    escape = lambda cell: str(cell).replace("|", "\\|")
     lines = ["| " + " | ".join(map(escape, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(map(escape, row)) + " |" for row in table.rows]
     return "\n".join(lines)
@@ -343,8 +449,10 @@ th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-widt
 
 
 def to_html(report: Report, images: dict[str, bytes]) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
-           f"<style>{STYLE}</style></head><body><h1>{html.escape(report.title)}</h1><p>{html.escape(report.intro)}</p>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(report.title)}</h1><p>{html.escape(report.intro)}</p>",
+    ]
     for section in report.sections:
         out.append(f"<h2>{html.escape(section.title)}</h2><p>{html.escape(section.text)}</p>")
         if section.items:
@@ -355,8 +463,10 @@ def to_html(report: Report, images: dict[str, bytes]) -> str:
             out.append("</table>")
         for figure in section.figures:
             data = base64.b64encode(images[figure.name]).decode()
-            out.append(f"<figure><img alt='{html.escape(figure.caption)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+            out.append(
+                f"<figure><img alt='{html.escape(figure.caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>"
+            )
     out.append("</body></html>")
     return "\n".join(out)
 
@@ -386,7 +496,11 @@ def is_report(path: Path) -> bool:
     figure_dir = path / "figures"
     if not {p.name for p in path.iterdir()} <= {*REPORT_FILES, "figures"}:
         return False
-    return not figure_dir.exists() or figure_dir.is_dir() and all(p.suffix == ".png" and p.is_file() for p in figure_dir.iterdir())
+    return (
+        not figure_dir.exists()
+        or figure_dir.is_dir()
+        and all(p.suffix == ".png" and p.is_file() for p in figure_dir.iterdir())
+    )
 
 
 def check_out(out: Path, collection: Collection, force: bool = False) -> None:
@@ -397,26 +511,42 @@ def check_out(out: Path, collection: Collection, force: bool = False) -> None:
     for source in (collection.root, *(run.path for run in collection.runs)):
         if where == source.resolve() or where in source.resolve().parents:
             what = "the results directory" if where == source.resolve() else "a folder above the results directory"
-            raise FedmergeError(f"--out {out} is {what} {source} being reported; the report would replace the results. "
-                                f"Give a folder of its own, e.g. --out {collection.root / 'report'}.")
+            raise FedmergeError(
+                f"--out {out} is {what} {source} being reported; the report would replace the results. "
+                f"Give a folder of its own, e.g. --out {collection.root / 'report'}."
+            )
     if where == here or where in here.parents:
-        raise FedmergeError(f"--out {out} is the current directory{'' if where == here else ' or a folder above it'}; "
-                            "give a folder of its own for the report, e.g. --out report.")
+        raise FedmergeError(
+            f"--out {out} is the current directory{'' if where == here else ' or a folder above it'}; "
+            "give a folder of its own for the report, e.g. --out report."
+        )
     check_output_dir(out, "--out")
     if not where.is_dir() or is_report(where) or not any(where.iterdir()):
         return
     held = [name for name in (RESULTS, MANIFEST) if (where / name).exists()]
     if held:
-        raise FedmergeError(f"--out {out} holds results ({held[0]}); a report never replaces them. Give another folder.")
-    inside = next((source for source in (collection.root, *(run.path for run in collection.runs))
-                   if source.resolve() in where.parents), None)
+        raise FedmergeError(
+            f"--out {out} holds results ({held[0]}); a report never replaces them. Give another folder."
+        )
+    inside = next(
+        (
+            source
+            for source in (collection.root, *(run.path for run in collection.runs))
+            if source.resolve() in where.parents
+        ),
+        None,
+    )
     if inside is not None:
-        raise FedmergeError(f"--out {out} is a folder of the results {inside} (not a report); a report never replaces "
-                            f"part of the results. Give a new folder, e.g. --out {collection.root / 'report'}.")
+        raise FedmergeError(
+            f"--out {out} is a folder of the results {inside} (not a report); a report never replaces "
+            f"part of the results. Give a new folder, e.g. --out {collection.root / 'report'}."
+        )
     if not force:
         names = sorted(p.name for p in where.iterdir())
-        raise FedmergeError(f"--out {out} exists and is not a fedmerge report (it holds {', '.join(names[:3])}"
-                            f"{', ...' if len(names) > 3 else ''}); give a new folder, or pass --force to replace it whole.")
+        raise FedmergeError(
+            f"--out {out} exists and is not a fedmerge report (it holds {', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); give a new folder, or pass --force to replace it whole."
+        )
 
 
 def write_report(directory: str | Path, out: str | Path | None = None, force: bool = False) -> Path:

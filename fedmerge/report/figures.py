@@ -25,11 +25,25 @@ from fedmerge.report import records  # noqa: E402
 from fedmerge.report.load import Collection, covered  # noqa: E402
 from fedmerge.report.stats import mean_ci  # noqa: E402
 
-plt.rcParams.update({
-    "figure.dpi": 110, "savefig.dpi": 110, "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
-    "legend.fontsize": 9, "axes.grid": True, "grid.alpha": 0.3,
-})
-STRATEGY_COLORS = {"fedavg": "#1f77b4", "fednova": "#ff7f0e", "fedgma": "#2ca02c", "median": "#d62728", "cclip": "#9467bd"}
+plt.rcParams.update(
+    {
+        "figure.dpi": 110,
+        "savefig.dpi": 110,
+        "font.size": 11,
+        "axes.titlesize": 12,
+        "axes.labelsize": 11,
+        "legend.fontsize": 9,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+    }
+)
+STRATEGY_COLORS = {
+    "fedavg": "#1f77b4",
+    "fednova": "#ff7f0e",
+    "fedgma": "#2ca02c",
+    "median": "#d62728",
+    "cclip": "#9467bd",
+}
 MAX_PANELS = 6
 
 
@@ -61,8 +75,9 @@ def _panels(count: int, width: float = 5.2, height: float = 4.0):
     count = min(count, MAX_PANELS)
     columns = min(count, 3)
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(max(width * columns, 7.0), height * rows + 0.6), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(max(width * columns, 7.0), height * rows + 0.6), squeeze=False, layout="constrained"
+    )
     flat = list(axes.flat)
     for ax in flat[count:]:
         ax.set_visible(False)
@@ -76,8 +91,12 @@ def legend(fig: "plt.Figure", axes: Sequence) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(entries.values(), entries.keys(), loc="outside lower center",
-                   ncol=max(1, min(len(entries), int(fig.get_figwidth() // 2.2))))
+        fig.legend(
+            entries.values(),
+            entries.keys(),
+            loc="outside lower center",
+            ncol=max(1, min(len(entries), int(fig.get_figwidth() // 2.2))),
+        )
 
 
 def _groups(collection: Collection) -> dict[str, list]:
@@ -95,7 +114,9 @@ def seeds_note(counts: Sequence[int]) -> str:
 
 def seed_counts(table: Sequence[dict]) -> list[int]:
     """The number of seeds of each setting in ``table``."""
-    return [len(records.varying(records.select(table, group=group), "seed")) for group in records.varying(table, "group")]
+    return [
+        len(records.varying(records.select(table, group=group), "seed")) for group in records.varying(table, "group")
+    ]
 
 
 def _shown(total: int) -> str:
@@ -105,12 +126,17 @@ def _shown(total: int) -> str:
 def references(table: Sequence[dict], metric: str) -> dict[str, float]:
     """θ0's and the clients' own models' ``metric`` (means over the seeds of ``table``'s runs), where it applies."""
     stats = records.aggregate(records.one_per_run(table), (), [f"{prefix}_{metric}" for prefix in records.BASELINES])
-    return {name: stats[0][f"{prefix}_{metric}"] for prefix, name in records.BASELINES.items()
-            if stats and not math.isnan(stats[0][f"{prefix}_{metric}"])}
+    return {
+        name: stats[0][f"{prefix}_{metric}"]
+        for prefix, name in records.BASELINES.items()
+        if stats and not math.isnan(stats[0][f"{prefix}_{metric}"])
+    }
 
 
-REFERENCE_STYLE = {records.BASELINES["theta0"]: dict(color="#555555", ls=":"),
-                   records.BASELINES["own"]: dict(color="black", ls="-.")}
+REFERENCE_STYLE = {
+    records.BASELINES["theta0"]: dict(color="#555555", ls=":"),
+    records.BASELINES["own"]: dict(color="black", ls="-."),
+}
 
 
 def draw_references(ax, table: Sequence[dict], metric: str) -> None:
@@ -125,8 +151,11 @@ def per_round(collection: Collection, metric: str | None = None) -> Figure | Non
     clients' own models as reference lines. A round's point needs every seed's value (none for a diverged seed)."""
     metric = metric or records.primary_metric(collection.runs[0])
     table = records.rows(collection)
-    with_rounds = {group: runs for group, runs in _groups(collection).items()
-                   if any(entry["rounds"] > 1 for run in runs for entry in run.data["runs"])}
+    with_rounds = {
+        group: runs
+        for group, runs in _groups(collection).items()
+        if any(entry["rounds"] > 1 for run in runs for entry in run.data["runs"])
+    }
     if not with_rounds:
         return None
     fig, axes = _panels(len(with_rounds))
@@ -147,8 +176,13 @@ def per_round(collection: Collection, metric: str | None = None) -> Figure | Non
         one_shot = records.aggregate(records.select(table, group=group, rounds=1), ("strategy",), [metric])
         for index, stat in enumerate(one_shot):
             if not math.isnan(stat[metric]):
-                ax.axhline(stat[metric], ls="--", lw=1.2, color=color(stat["strategy"], index),
-                           label=f"{stat['strategy']}, one-shot")
+                ax.axhline(
+                    stat[metric],
+                    ls="--",
+                    lw=1.2,
+                    color=color(stat["strategy"], index),
+                    label=f"{stat['strategy']}, one-shot",
+                )
         draw_references(ax, records.select(table, group=group), metric)
         ax.set_title(group, fontsize=11)
         ax.set_xlabel("round (0 = pretrained θ0)")
@@ -159,9 +193,13 @@ def per_round(collection: Collection, metric: str | None = None) -> Figure | Non
     legend(fig, axes)
     note = seeds_note([len(runs) for runs in with_rounds.values()])
     fig.suptitle(f"{records.METRICS.get(metric, metric).capitalize()} per round\n({note}{_shown(len(with_rounds))})")
-    return Figure("per-round.png", f"{metric_label(metric).capitalize()} after each round of federated learning; dashed "
-                  "lines: one-shot merging of the same clients; dotted: θ0; dash-dotted: the clients' own models; "
-                  f"{note}.", fig)
+    return Figure(
+        "per-round.png",
+        f"{metric_label(metric).capitalize()} after each round of federated learning; dashed "
+        "lines: one-shot merging of the same clients; dotted: θ0; dash-dotted: the clients' own models; "
+        f"{note}.",
+        fig,
+    )
 
 
 # -- one-shot vs multi-round ------------------------------------------------------------------------
@@ -187,8 +225,15 @@ def one_shot_vs_multi_round(table: Sequence[dict], metric: str) -> Figure | None
                     ys.append(match[0][metric])
                     errs.append(np.nan_to_num(match[0][f"{metric}_ci"]))
             label = "one-shot (1 round)" if r == 1 else f"{r} rounds"
-            ax.bar(xs, ys, width=width * 0.95, yerr=errs if any(errs) else None, capsize=3, label=label,
-                   color=plt.cm.Blues(0.35 + 0.6 * k / max(1, len(rounds) - 1)))
+            ax.bar(
+                xs,
+                ys,
+                width=width * 0.95,
+                yerr=errs if any(errs) else None,
+                capsize=3,
+                label=label,
+                color=plt.cm.Blues(0.35 + 0.6 * k / max(1, len(rounds) - 1)),
+            )
         draw_references(ax, here, metric)
         ax.set_xticks(range(len(strategies)), strategies)
         ax.set_ylabel(metric_label(metric))
@@ -197,9 +242,13 @@ def one_shot_vs_multi_round(table: Sequence[dict], metric: str) -> Figure | None
     legend(fig, axes)
     note = seeds_note(seed_counts(table))
     fig.suptitle(f"One-shot merging vs multi-round FL at the same local compute\n({note}{_shown(len(groups))})")
-    return Figure("one-shot-vs-multi-round.png", "Final test metric of each strategy: one round (merging) against R rounds "
-                  "with each client's local steps split over the rounds; dotted: θ0; dash-dotted: the clients' own models; "
-                  f"{note}.", fig)
+    return Figure(
+        "one-shot-vs-multi-round.png",
+        "Final test metric of each strategy: one round (merging) against R rounds "
+        "with each client's local steps split over the rounds; dotted: θ0; dash-dotted: the clients' own models; "
+        f"{note}.",
+        fig,
+    )
 
 
 # -- against a factor -------------------------------------------------------------------------------
@@ -234,14 +283,26 @@ def _series(ax, rows: Sequence[dict], key: str, metric: str, position=lambda v: 
     series = sorted({(s["strategy"], s["rounds"]) for s in stats}, key=lambda k: (k[1], k[0]))
     many_rounds = len({r for _, r in series}) > 1
     for index, (strategy, rounds) in enumerate(series):
-        points = sorted((position(s[key]), s[metric], s[f"{metric}_ci"]) for s in stats
-                        if s["strategy"] == strategy and s["rounds"] == rounds and not math.isnan(s[metric]))
+        points = sorted(
+            (position(s[key]), s[metric], s[f"{metric}_ci"])
+            for s in stats
+            if s["strategy"] == strategy and s["rounds"] == rounds and not math.isnan(s[metric])
+        )
         if not points:
             continue
         xs, ys, errs = zip(*points)
         tag = f"{strategy}, one-shot" if rounds == 1 else f"{strategy}, {rounds} rounds"
-        ax.errorbar(xs, ys, yerr=np.nan_to_num(errs), marker="o" if rounds == 1 else "s", ms=5, capsize=3,
-                    ls="--" if many_rounds and rounds > 1 else "-", color=color(strategy, index), label=tag)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=np.nan_to_num(errs),
+            marker="o" if rounds == 1 else "s",
+            ms=5,
+            capsize=3,
+            ls="--" if many_rounds and rounds > 1 else "-",
+            color=color(strategy, index),
+            label=tag,
+        )
     by_x = defaultdict(list)
     for row in rows:
         by_x[position(row[key])].append(row)
@@ -260,8 +321,14 @@ def _context_figure(table, key, metric, exclude=(), axis=None):
     return fig, axes, panels, seed_counts(table)
 
 
-def against(table: Sequence[dict], factor: str, metric: str, label: str | None = None, log: bool | None = None,
-            name: str | None = None) -> Figure | None:
+def against(
+    table: Sequence[dict],
+    factor: str,
+    metric: str,
+    label: str | None = None,
+    log: bool | None = None,
+    name: str | None = None,
+) -> Figure | None:
     """The metric against a numeric factor (α, spreads, f, or a sweep axis), one line per (strategy, rounds), one panel
     per combination of the other settings (nothing is averaged across them); None when no panel has two values."""
     table = [row for row in table if isinstance(row.get(factor), (int, float))]
@@ -282,9 +349,12 @@ def against(table: Sequence[dict], factor: str, metric: str, label: str | None =
     note = seeds_note(counts)
     title = f"{records.METRICS.get(metric, metric).capitalize()} against {label.split(' (')[0]}"
     fig.suptitle(f"{title}\n({note}{_shown(len(panels))})")
-    return Figure(name or f"{metric.replace('mean_', '').replace('_', '-')}-vs-{factor.replace('_', '-')}.png",
-                  f"{metric_label(metric).capitalize()} against {label}; dotted: θ0; dash-dotted: the clients' own models; "
-                  f"{note}.", fig)
+    return Figure(
+        name or f"{metric.replace('mean_', '').replace('_', '-')}-vs-{factor.replace('_', '-')}.png",
+        f"{metric_label(metric).capitalize()} against {label}; dotted: θ0; dash-dotted: the clients' own models; "
+        f"{note}.",
+        fig,
+    )
 
 
 def against_levels(table: Sequence[dict], axis: str, labels: Sequence[str], metric: str) -> Figure | None:
@@ -307,17 +377,23 @@ def against_levels(table: Sequence[dict], axis: str, labels: Sequence[str], metr
     note = seeds_note(counts)
     fig.suptitle(f"{records.METRICS.get(metric, metric).capitalize()} against {axis}\n({note}{_shown(len(panels))})")
     safe = "".join(c if c.isalnum() else "-" for c in axis)
-    return Figure(f"{metric.replace('mean_', '').replace('_', '-')}-vs-{safe}.png",
-                  f"{metric_label(metric).capitalize()} for each level of the sweep axis '{axis}'; dotted: θ0; "
-                  f"dash-dotted: the clients' own models; {note}.", fig)
+    return Figure(
+        f"{metric.replace('mean_', '').replace('_', '-')}-vs-{safe}.png",
+        f"{metric_label(metric).capitalize()} for each level of the sweep axis '{axis}'; dotted: θ0; "
+        f"dash-dotted: the clients' own models; {note}.",
+        fig,
+    )
 
 
 # -- diagnostics ------------------------------------------------------------------------------------
 def _cosines(runs) -> tuple[np.ndarray, list[int], int] | None:
     """The mean over seeds of the runs' cosine matrices that cover the same clients (the first run's diagnostics
     sample, or every client), those clients' ids, and the number of seeds averaged."""
-    entries = [(np.array(d["cosine_similarity"]), d.get("sample")) for d in (r.data.get("diagnostics", {}) for r in runs)
-               if len(d.get("cosine_similarity") or []) > 1]
+    entries = [
+        (np.array(d["cosine_similarity"]), d.get("sample"))
+        for d in (r.data.get("diagnostics", {}) for r in runs)
+        if len(d.get("cosine_similarity") or []) > 1
+    ]
     if not entries:
         return None
     first, ids = entries[0]
@@ -349,17 +425,27 @@ def cosine_heatmap(collection: Collection) -> Figure | None:
         if n <= 10:
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if abs(matrix[i, j]) > 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{matrix[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if abs(matrix[i, j]) > 0.6 else "black",
+                    )
         ax.set_title(group, fontsize=11)
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity cos(τ_s, τ_t)")
     counts = sorted({seeds for _, (_, _, seeds) in groups.values()})
     seeds = f"mean over {counts[0]}{f'–{counts[-1]}' if len(counts) > 1 else ''} seed(s)"
     fig.suptitle(f"Task-vector cosine similarities\n({seeds}{_shown(len(groups))})")
-    return Figure("cosine-similarity.png", "Cosine similarity between the clients' task vectors τ_t = θ_t − θ0 of the "
-                  "one-shot round, on the merged tensors (1 on the diagonal; near 0: nearly orthogonal updates); "
-                  f"{seeds} that covered the same clients (a run of many clients samples them: `diagnostics_clients`).",
-                  fig)
+    return Figure(
+        "cosine-similarity.png",
+        "Cosine similarity between the clients' task vectors τ_t = θ_t − θ0 of the "
+        "one-shot round, on the merged tensors (1 on the diagonal; near 0: nearly orthogonal updates); "
+        f"{seeds} that covered the same clients (a run of many clients samples them: `diagnostics_clients`).",
+        fig,
+    )
 
 
 def effective_weights(collection: Collection) -> Figure | None:
@@ -391,13 +477,20 @@ def effective_weights(collection: Collection) -> Figure | None:
             ax.plot(ends, ends, color="#555555", ls=":", lw=1.2, label="w_t = p_t")
             ax.set_xlabel("p_t (averaging weight)")
             ax.set_ylabel("w_t (effective weight)")
-        ax.set_title(f"{group}\nseed {run.seed}: χ²(p‖w) = {aggregation.get('chi_square'):.3g}\n"
-                     f"({records.first_round_source(run.data)})", fontsize=9)
+        ax.set_title(
+            f"{group}\nseed {run.seed}: χ²(p‖w) = {aggregation.get('chi_square'):.3g}\n"
+            f"({records.first_round_source(run.data)})",
+            fontsize=9,
+        )
     legend(fig, axes)
     fig.suptitle(f"Effective weights of plain averaging in the first round (first seed){_shown(len(groups))}")
-    return Figure("effective-weights.png", "Averaging weights p_t against the effective weights w_t = p_t a_t / Σ p_s a_s "
-                  "(a_t: a client's local steps, or the sum of its learning rates) in the first round of the strategy named "
-                  "under each panel, for the setting's first seed (bars per client; above "
-                  f"{records.DETAIL_LIMIT} clients, one dot per client against the line w_t = p_t). Plain averaging minimises Σ w_t L_t, not Σ p_t L_t; "
-                  "χ²(p‖w) measures the mismatch (0 when all a_t are equal); the diagnostics table gives its mean over "
-                  "seeds.", fig)
+    return Figure(
+        "effective-weights.png",
+        "Averaging weights p_t against the effective weights w_t = p_t a_t / Σ p_s a_s "
+        "(a_t: a client's local steps, or the sum of its learning rates) in the first round of the strategy named "
+        "under each panel, for the setting's first seed (bars per client; above "
+        f"{records.DETAIL_LIMIT} clients, one dot per client against the line w_t = p_t). Plain averaging minimises Σ w_t L_t, not Σ p_t L_t; "
+        "χ²(p‖w) measures the mismatch (0 when all a_t are equal); the diagnostics table gives its mean over "
+        "seeds.",
+        fig,
+    )

@@ -154,7 +154,9 @@ def group_runs(runs: list[RunResult], seed_axes: set[str] = frozenset(), axis_ke
     return groups
 
 
-def collect(root: Path, runs: list[RunResult], manifest: dict | None = None, missing: list[str] | None = None) -> Collection:
+def collect(
+    root: Path, runs: list[RunResult], manifest: dict | None = None, missing: list[str] | None = None
+) -> Collection:
     """A :class:`Collection` with one run per (setting, seed): the newest (by start time, then path) is kept and
     the others are recorded as repeats, since the same seed gives the same numbers (one sample, not two)."""
     newest: dict[tuple, RunResult] = {}
@@ -194,8 +196,9 @@ def load_run(run_dir: Path, levels: dict | None = None, cell: str | None = None)
         if key not in data:
             raise FedmergeError(f"{path} lacks '{key}': not a fedmerge results file, or written by an older version.")
     if not isinstance(data["spec"], dict):
-        raise FedmergeError(f"{path}: 'spec' must be a table of the run's settings; the file is damaged or from another "
-                            "version.")
+        raise FedmergeError(
+            f"{path}: 'spec' must be a table of the run's settings; the file is damaged or from another version."
+        )
     if not isinstance(data["runs"], list):
         raise FedmergeError(f"{path}: 'runs' must be a list.")
     for number, run in enumerate(data["runs"]):
@@ -211,7 +214,9 @@ def load_runs(directory: str | Path) -> Collection:
     if not root.exists():
         raise FedmergeError(f"no such directory: {root}; give a run directory, a sweep directory or a folder of runs.")
     if not root.is_dir():
-        raise FedmergeError(f"{root} is not a directory; give a run directory (with results.json) or a sweep directory.")
+        raise FedmergeError(
+            f"{root} is not a directory; give a run directory (with results.json) or a sweep directory."
+        )
     if (root / MANIFEST).exists():
         return _sweep(root)
     if (root / RESULTS).exists():

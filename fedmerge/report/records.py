@@ -116,12 +116,16 @@ def baselines(data: dict) -> dict:
     """θ0's and the clients' own models' test metrics as row keys (``theta0_mean_accuracy``, ``own_mean_loss``).
     The clients' own normalized accuracy is 1 by definition; their distance to the optimum is not one number."""
     pretrained = data.get("pretrained", {})
-    own = {"mean_accuracy": _mean([own_test(c, "accuracy") for c in data.get("clients", [])]),
-           "mean_loss": _mean([own_test(c, "loss") for c in data.get("clients", [])])}
+    own = {
+        "mean_accuracy": _mean([own_test(c, "accuracy") for c in data.get("clients", [])]),
+        "mean_loss": _mean([own_test(c, "loss") for c in data.get("clients", [])]),
+    }
     if data["suite"].get("metric") == "accuracy" and own["mean_accuracy"] is not None:
         own["mean_normalized_accuracy"] = 1.0
-    return {**{f"theta0_{m}": None if pretrained.get("diverged") else pretrained.get(m) for m in METRICS},
-            **{f"own_{m}": own.get(m) for m in METRICS}}
+    return {
+        **{f"theta0_{m}": None if pretrained.get("diverged") else pretrained.get(m) for m in METRICS},
+        **{f"own_{m}": own.get(m) for m in METRICS},
+    }
 
 
 def weak_clients(data: dict) -> list[dict]:
@@ -186,7 +190,8 @@ def _strategy_fields(entry: dict, spec: dict) -> dict:
         "scale": selected.get("scale"),
         "server_lr": selected.get("server_lr"),
         "scaling_how": ("validation" if entry.get("searched", {}).get("scaling", spec.get("select", True)) else "given")
-                       if "scaling" in selected else None,
+        if "scaling" in selected
+        else None,
         "tuned": tuned(entry, spec),
         "chi_square": first_aggregation(entry).get("chi_square"),
     }

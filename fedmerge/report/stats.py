@@ -38,8 +38,11 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
 
 def seed_differences(values: Mapping, reference: Mapping) -> dict:
     """key → ``values[k] − reference[k]`` for every key both hold (seeds, in sorted order)."""
-    return {k: values[k] - reference[k] for k in sorted(values)
-            if k in reference and values[k] is not None and reference[k] is not None}
+    return {
+        k: values[k] - reference[k]
+        for k in sorted(values)
+        if k in reference and values[k] is not None and reference[k] is not None
+    }
 
 
 def differences(values: Mapping, reference: Mapping) -> list[float]:

@@ -59,7 +59,7 @@ def rule_text(test: str, threshold: float = 0.0) -> str:
         "greater": f"reproduces if the 95% interval lies above {at}, contradicted if below, else inconclusive",
         "less": f"reproduces if the 95% interval lies below {at}, contradicted if above, else inconclusive",
         "within": f"reproduces if the 90% interval lies inside ±{threshold:.3f} (TOST), contradicted if the 95% "
-                  f"interval lies outside ±{threshold:.3f}, else inconclusive",
+        f"interval lies outside ±{threshold:.3f}, else inconclusive",
     }[test]
 
 
@@ -112,7 +112,7 @@ class Comparison:
 
     diffs: tuple[float, ...]
     bound: float
-    p: float        # Holm-adjusted p of the paired t-test (difference ≠ 0)
+    p: float  # Holm-adjusted p of the paired t-test (difference ≠ 0)
     p_equivalence: float  # Holm-adjusted p of TOST (|difference| < bound)
 
     @property
@@ -124,9 +124,11 @@ class Comparison:
         return ON_PAR if self.p_equivalence < ALPHA else UNRESOLVED
 
 
-FAMILY_TEXT = ("each comparison is better or worse when its paired t-test's p-value, Holm-adjusted over the {m} "
-               "comparisons of the family, is below 0.05; on par when its TOST p-value (|difference| < its bound), "
-               "Holm-adjusted likewise, is below 0.05; else unresolved")
+FAMILY_TEXT = (
+    "each comparison is better or worse when its paired t-test's p-value, Holm-adjusted over the {m} "
+    "comparisons of the family, is below 0.05; on par when its TOST p-value (|difference| < its bound), "
+    "Holm-adjusted likewise, is below 0.05; else unresolved"
+)
 
 
 def classify(diffs: Mapping[Hashable, Sequence[float]], bounds: Mapping[Hashable, float]) -> dict[Hashable, Comparison]:
@@ -139,7 +141,7 @@ def classify(diffs: Mapping[Hashable, Sequence[float]], bounds: Mapping[Hashable
 
 
 def somewhere(outcomes: Sequence[str], wanted: str) -> str:
-    """"``wanted`` (better or worse) in some comparison": reproduces when one is; contradicted when every comparison
+    """ "``wanted`` (better or worse) in some comparison": reproduces when one is; contradicted when every comparison
     is on par or the opposite (none can be ``wanted`` by more than its bound); else inconclusive."""
     opposite = WORSE if wanted == BETTER else BETTER
     if wanted in outcomes:

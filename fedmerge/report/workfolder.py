@@ -27,7 +27,9 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise FedmergeError(f"{path} is missing; run `fedmerge findings` without --no-run to make it.") from None
     except (OSError, ValueError) as error:
-        raise FedmergeError(f"{path} cannot be read as JSON ({error}); remove it and run `fedmerge findings` again.") from None
+        raise FedmergeError(
+            f"{path} cannot be read as JSON ({error}); remove it and run `fedmerge findings` again."
+        ) from None
 
 
 def cells_dir(work: Path, study: str) -> Path:

@@ -25,22 +25,48 @@ examples:
 
 def register(subparsers) -> None:
     run = subparsers.add_parser(
-        "run", description=RUN_HELP,
+        "run",
+        description=RUN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("experiment", nargs="?", metavar="PRESET|FILE.toml", help="a preset name (see `fedmerge list`) or a TOML file; default: the `default` preset")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a spec key, e.g. training.lr=0.1, clients=8, 'training.steps=[50,100,200,400]', "
-                          "'training.lr={geometric=[0.01,0.1]}', strategy.fedgma.threshold=0.3 (repeatable)")
-    run.add_argument("--strategy", nargs="+", metavar="NAME",
-                     help="strategies to run, any of `fedmerge list` (every merging method is one), e.g. fedavg "
-                          "ties krum; default: the experiment's")
+    run.add_argument(
+        "experiment",
+        nargs="?",
+        metavar="PRESET|FILE.toml",
+        help="a preset name (see `fedmerge list`) or a TOML file; default: the `default` preset",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. training.lr=0.1, clients=8, 'training.steps=[50,100,200,400]', "
+        "'training.lr={geometric=[0.01,0.1]}', strategy.fedgma.threshold=0.3 (repeatable)",
+    )
+    run.add_argument(
+        "--strategy",
+        nargs="+",
+        metavar="NAME",
+        help="strategies to run, any of `fedmerge list` (every merging method is one), e.g. fedavg "
+        "ties krum; default: the experiment's",
+    )
     run.add_argument("--rounds", nargs="+", type=int, metavar="R", help="round counts to compare, e.g. 1 10")
     run.add_argument("--seed", type=int, help="the run's seed (every random choice flows from it)")
-    run.add_argument("--out", type=Path, default=Path("results"), metavar="DIR", help="parent directory of the run's results directory (default: results)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        metavar="DIR",
+        help="parent directory of the run's results directory (default: results)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    run.add_argument("--dry-run", action="store_true", help="check everything a run checks before it starts (the spec, "
-                     "resources, the suite's data against its model) and print the resolved spec; run nothing")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything a run checks before it starts (the spec, "
+        "resources, the suite's data against its model) and print the resolved spec; run nothing",
+    )
     run.set_defaults(handler=run_command)
 
     listing = subparsers.add_parser("list", description="List the strategies, task suites and presets.")
@@ -146,9 +172,17 @@ def summary_table(results: dict):
 
     by_accuracy = results["suite"]["metric"] == "accuracy"
     keys = ("mean_accuracy", "mean_normalized_accuracy") if by_accuracy else ("mean_loss", "distance_to_optimum")
-    table = Table(title=f"{results['spec']['name']}: {len(results['clients'])} clients on {results['suite']['name']} (test)")
-    for column in ("model", "rounds", "λ (its own)", "β (server lr)", "tuned",
-                   *(("mean accuracy", "normalized accuracy") if by_accuracy else ("mean loss", "distance to optimum"))):
+    table = Table(
+        title=f"{results['spec']['name']}: {len(results['clients'])} clients on {results['suite']['name']} (test)"
+    )
+    for column in (
+        "model",
+        "rounds",
+        "λ (its own)",
+        "β (server lr)",
+        "tuned",
+        *(("mean accuracy", "normalized accuracy") if by_accuracy else ("mean loss", "distance to optimum")),
+    ):
         table.add_column(column, justify="left" if column == "model" else "right")
 
     def scores(summary: dict) -> list[str]:
@@ -166,13 +200,18 @@ def summary_table(results: dict):
     for run in results["runs"]:
         selected, final = run["selected"], run["final"]
         value = final.get(keys[1 if by_accuracy else 0])
-        worse = final.get("diverged") or (baseline is not None and value is not None and (
-            value < baseline if by_accuracy else value > baseline))
+        worse = final.get("diverged") or (
+            baseline is not None and value is not None and (value < baseline if by_accuracy else value > baseline)
+        )
         lam = selected.get("scaling")
         table.add_row(
-            run["strategy"] + (" ✗" if worse else ""), str(run["rounds"]),
+            run["strategy"] + (" ✗" if worse else ""),
+            str(run["rounds"]),
             "" if lam is None else f"{lam:.3g} ({'Σ' if selected.get('scale') == 'sum' else 'Δ'})",
-            f"{selected['server_lr']:.3g}", _tuned(run), *scores(final), style="red" if worse else None,
+            f"{selected['server_lr']:.3g}",
+            _tuned(run),
+            *scores(final),
+            style="red" if worse else None,
         )
     return table
 
@@ -192,29 +231,52 @@ def notes(results: dict) -> list[str]:
     one_shot = [run for run in results["runs"] if run["rounds"] == 1]
     if one_shot:
         without = sorted({run["strategy"] for run in one_shot if run["selected"].get("scaling") is None})
-        lines.append("λ is each method's own: (Σ) θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T; (Δ) θ0 + λ·Δ, "
-                     "TIES's convention, β = λ" + (f"; none for {', '.join(without)}, scaled by β alone" if without else "")
-                     + ". One-shot λ (β) and the starred tuned values were chosen on validation.")
+        lines.append(
+            "λ is each method's own: (Σ) θ0 + λ·Σ_t τ_t, Task Arithmetic's convention, β = λ·T; (Δ) θ0 + λ·Δ, "
+            "TIES's convention, β = λ"
+            + (f"; none for {', '.join(without)}, scaled by β alone" if without else "")
+            + ". One-shot λ (β) and the starred tuned values were chosen on validation."
+        )
     tensors = results.get("tensors")
     if tensors and (tensors["private"] or tensors["statistics"]):
-        lines.append(f"the rules merged the {tensors['shared']} shared tensors; the {tensors['private']} private tensors "
-                     "(each client's own head) stay as their client trained them"
-                     + (f"; {tensors['statistics']} BatchNorm statistics: {STATISTICS_NOTES[results['statistics']]}"
-                        if tensors["statistics"] else "") + ".")
-    edges = [f"{run['strategy']} (β = {run['selected']['server_lr']:g}, the {edge} tried)" for run in results["runs"]
-             for grid in [run.get("searched", {}).get("server_lr")] if grid and len(grid) > 1
-             for edge in ["smallest" if run["selected"]["server_lr"] == min(grid) else
-                          "largest" if run["selected"]["server_lr"] == max(grid) else None] if edge]
+        lines.append(
+            f"the rules merged the {tensors['shared']} shared tensors; the {tensors['private']} private tensors "
+            "(each client's own head) stay as their client trained them"
+            + (
+                f"; {tensors['statistics']} BatchNorm statistics: {STATISTICS_NOTES[results['statistics']]}"
+                if tensors["statistics"]
+                else ""
+            )
+            + "."
+        )
+    edges = [
+        f"{run['strategy']} (β = {run['selected']['server_lr']:g}, the {edge} tried)"
+        for run in results["runs"]
+        for grid in [run.get("searched", {}).get("server_lr")]
+        if grid and len(grid) > 1
+        for edge in [
+            "smallest"
+            if run["selected"]["server_lr"] == min(grid)
+            else "largest"
+            if run["selected"]["server_lr"] == max(grid)
+            else None
+        ]
+        if edge
+    ]
     if edges:
-        lines.append("chosen at the edge of the searched grid: " + ", ".join(edges) + "; the best may lie beyond it "
-                     "(select = false with server.server_lr = β tries any β).")
+        lines.append(
+            "chosen at the edge of the searched grid: " + ", ".join(edges) + "; the best may lie beyond it "
+            "(select = false with server.server_lr = β tries any β)."
+        )
     if results.get("lora"):
         lines.append(f"LoRA adapters aggregated as {results['lora']!r} (server.lora).")
     for client in results["clients"]:
         if client.get("own_above_theta0") is False:
-            lines.append(f"client {client['id']}'s own model is no better than θ0 on its task {client['task']!r}: "
-                         "normalized accuracy there divides by a model that did not learn it (too little training, "
-                         "or models given in another order than the tasks?).")
+            lines.append(
+                f"client {client['id']}'s own model is no better than θ0 on its task {client['task']!r}: "
+                "normalized accuracy there divides by a model that did not learn it (too little training, "
+                "or models given in another order than the tasks?)."
+            )
     return lines
 
 
@@ -234,8 +296,10 @@ def left_out(results: dict) -> list[str]:
                 who = exclusion.get("client_id")
                 key = (f"client {who}" if who is not None else f"node {exclusion['node_id']}", exclusion["reason"])
                 merges.setdefault(key, []).append(f"{run['strategy']}-r{run['rounds']}")
-    return [f"{who}: {reason} ({len(runs)} merges, in {', '.join(sorted(set(runs)))})"
-            for (who, reason), runs in merges.items()]
+    return [
+        f"{who}: {reason} ({len(runs)} merges, in {', '.join(sorted(set(runs)))})"
+        for (who, reason), runs in merges.items()
+    ]
 
 
 def list_command(args) -> int:
@@ -263,7 +327,9 @@ def list_command(args) -> int:
         except FedmergeError as error:
             suites.add_row(name, origin, f"[red]cannot be loaded:[/] {error}", "")
             continue
-        options = "its own" if suite.options is None else ", ".join(f"{k}={v.default!r}" for k, v in suite.options.items())
+        options = (
+            "its own" if suite.options is None else ", ".join(f"{k}={v.default!r}" for k, v in suite.options.items())
+        )
         suites.add_row(name, origin, suite.description, options)
     presets = Table(title="presets (fedmerge run PRESET)")
     presets.add_column("name")

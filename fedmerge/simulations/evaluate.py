@@ -47,25 +47,36 @@ from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import Federation, load_suite
 
 
-WAYS = (f"{GIVE} (FedNova then normalises by the one given), or --set strategy.fednova.normalize_by="
-        f"{'|'.join(NORMALIZE_BY)} to choose what each trainer_state.json gives, or leave fednova out (--strategy)")
+WAYS = (
+    f"{GIVE} (FedNova then normalises by the one given), or --set strategy.fednova.normalize_by="
+    f"{'|'.join(NORMALIZE_BY)} to choose what each trainer_state.json gives, or leave fednova out (--strategy)"
+)
 """How ``fedmerge evaluate`` takes FedNova's a_t, for its refusals."""
 
 
-def checkpoint_reply(client_id: int, arrays: ArrayRecord, num_examples: int, num_steps: int | None = None,
-                     lr_sum: float | None = None) -> Message:
+def checkpoint_reply(
+    client_id: int, arrays: ArrayRecord, num_examples: int, num_steps: int | None = None, lr_sum: float | None = None
+) -> Message:
     """A training reply of client ``client_id`` carrying ``arrays`` (θ_t) and the contract's metrics, as a
     ClientApp would send it (``num-steps`` and ``lr-sum`` only when given); built outside a running app, so its
     Metadata is explicit."""
     metrics = contract.train_reply_metrics(num_examples, num_steps or 0, lr_sum or 0.0, client_id=client_id)
     unknown = {key for key, value in ((contract.NUM_STEPS, num_steps), (contract.LR_SUM, lr_sum)) if value is None}
-    content = RecordDict({
-        contract.ARRAYS: arrays,
-        contract.METRICS: MetricRecord({key: value for key, value in metrics.items() if key not in unknown}),
-    })
+    content = RecordDict(
+        {
+            contract.ARRAYS: arrays,
+            contract.METRICS: MetricRecord({key: value for key, value in metrics.items() if key not in unknown}),
+        }
+    )
     metadata = Metadata(
-        run_id=0, message_id=f"checkpoint-{client_id}", src_node_id=client_id + 1, dst_node_id=0,
-        reply_to_message_id=f"train-{client_id}", group_id="1", created_at=time.time(), ttl=3600.0,
+        run_id=0,
+        message_id=f"checkpoint-{client_id}",
+        src_node_id=client_id + 1,
+        dst_node_id=0,
+        reply_to_message_id=f"train-{client_id}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
         message_type=MessageType.TRAIN,
     )
     return Message(content=content, metadata=metadata)
@@ -110,8 +121,11 @@ def _read(trained: _Trained, role: str | None = None) -> ArrayRecord:
     tensors = {name: trained[name] for name in trained}
     bad = next((name for name, tensor in tensors.items() if not finite(tensor)), None)
     if bad is not None:
-        fix = ("Give the base the models were fine-tuned from" if role else "Repair or replace that fine-tune: its own "
-               "accuracy is its task's reference for normalized accuracy")
+        fix = (
+            "Give the base the models were fine-tuned from"
+            if role
+            else "Repair or replace that fine-tune: its own accuracy is its task's reference for normalized accuracy"
+        )
         raise FedmergeError(f"{non_finite(trained.checkpoint, bad, role)}; nothing was evaluated or written. {fix}.")
     return ArrayRecord(tensors)
 
@@ -128,8 +142,9 @@ def _per_model(option: str, values: Sequence | None, count: int, whole: bool = F
     return list(values)
 
 
-def _effective_steps(spec: Spec, models: Sequence[Path], steps: Sequence[int] | None,
-                     lr_sums: Sequence[float] | None) -> tuple[Spec, list[dict], EffectiveSteps | None]:
+def _effective_steps(
+    spec: Spec, models: Sequence[Path], steps: Sequence[int] | None, lr_sums: Sequence[float] | None
+) -> tuple[Spec, list[dict], EffectiveSteps | None]:
     """The spec, with FedNova's normaliser set when it runs; each model's ``num_steps`` and ``lr_sum`` (given, else
     read from every model's trainer_state.json, else None: left out of its reply); and FedNova's a_t
     (:func:`~fedmerge.checkpoints.trainer_state.effective_steps`; None when fednova does not run)."""
@@ -141,10 +156,16 @@ def _effective_steps(spec: Spec, models: Sequence[Path], steps: Sequence[int] | 
         fednova = effective_steps(models, steps, lr_sums, asked, WAYS)
         known[fednova.normalize_by] = fednova.values
         spec = dataclasses.replace(
-            spec, strategy={**spec.strategy, "fednova": {**options, "normalize_by": fednova.normalize_by}})
+            spec, strategy={**spec.strategy, "fednova": {**options, "normalize_by": fednova.normalize_by}}
+        )
     known = {by: _readable(models, by) if values is None else values for by, values in known.items()}
-    per_model = [{"num_steps": None if known["steps"] is None else int(known["steps"][t]),
-                  "lr_sum": None if known["lr-sum"] is None else float(known["lr-sum"][t])} for t in range(len(models))]
+    per_model = [
+        {
+            "num_steps": None if known["steps"] is None else int(known["steps"][t]),
+            "lr_sum": None if known["lr-sum"] is None else float(known["lr-sum"][t]),
+        }
+        for t in range(len(models))
+    ]
     return spec, per_model, fednova
 
 
@@ -206,9 +227,14 @@ def evaluate_checkpoints(
         raise FedmergeError(
             f"strategy {needing[0]!r} merges by statistics of each client's training data "
             f"({', '.join(METHODS[needing[0]].statistics)}), which checkpoints do not hold: leave it out (--strategy), "
-            f"or merge with `fedmerge merge --method {needing[0]} --statistics ...`.")
-    spec, per_model, fednova = _effective_steps(spec, models, _per_model("--steps", steps, len(models), whole=True),
-                                                _per_model("--lr-sums", lr_sums, len(models)))
+            f"or merge with `fedmerge merge --method {needing[0]} --statistics ...`."
+        )
+    spec, per_model, fednova = _effective_steps(
+        spec,
+        models,
+        _per_model("--steps", steps, len(models), whole=True),
+        _per_model("--lr-sums", lr_sums, len(models)),
+    )
     if run_dir is not None and Path(run_dir).exists():
         raise FedmergeError(f"results directory {run_dir} exists already; choose another --out or remove it.")
     check_output_dir(Path(run_dir).parent if run_dir is not None else Path(out), "--out")
@@ -231,15 +257,19 @@ def evaluate_checkpoints(
     experiment.timings.update(timings)
     settings = [{"checkpoint": str(path), **values} for path, values in zip(models, per_model)]
     results = experiment.merge_one_shot(fed, base_arrays, replies, settings)
-    results["checkpoints"] = {"base": str(base), "models": [str(m) for m in models],
-                              **({"fednova": fednova.record()} if fednova is not None else {})}
+    results["checkpoints"] = {
+        "base": str(base),
+        "models": [str(m) for m in models],
+        **({"fednova": fednova.record()} if fednova is not None else {}),
+    }
     results["timings"] = {k: round(v, 3) for k, v in experiment.timings.items()}
     results["timings"]["total"] = round(time.perf_counter() - started, 3)
     return write_results(spec, results, Path(out), started=started_at, run_dir=run_dir)
 
 
-def _load(fed: Federation, suite: str, base: Path, models: Sequence[Path],
-          per_model: Sequence[dict]) -> tuple[ArrayRecord, list[Message]]:
+def _load(
+    fed: Federation, suite: str, base: Path, models: Sequence[Path], per_model: Sequence[dict]
+) -> tuple[ArrayRecord, list[Message]]:
     """θ0's trained tensors and one reply per model (its ``num_steps`` and ``lr_sum`` from ``per_model``); every
     checkpoint is checked before any tensor is read, and every tensor read is checked to be finite."""
     names = fed.trained_names
@@ -249,6 +279,8 @@ def _load(fed: Federation, suite: str, base: Path, models: Sequence[Path],
         checkpoints = [source, *(stack.enter_context(open_model(path, source)) for path in models)]
         trained = [_check(checkpoint, expected, suite) for checkpoint in checkpoints]
         base_arrays = _read(trained[0], "the base")
-        replies = [checkpoint_reply(t, _read(tensors), len(fed.tasks[t].train), **per_model[t])
-                   for t, tensors in enumerate(trained[1:])]
+        replies = [
+            checkpoint_reply(t, _read(tensors), len(fed.tasks[t].train), **per_model[t])
+            for t, tensors in enumerate(trained[1:])
+        ]
     return base_arrays, replies

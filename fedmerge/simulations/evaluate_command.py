@@ -30,7 +30,7 @@ own fine-tune's), then tested at the choice.
 
 Scales: β (the server learning rate) is the mean-scale one, θ0 + β·Δ (Δ = Σ_t p_t τ_t for FedAvg,
 τ_t = θ_t − θ0). Each method's own λ is in one of two conventions, as its record says (`fedmerge merge
---help` lists them): {CONVENTIONS['sum']} (β = λ·T), or {CONVENTIONS['mean']}
+--help` lists them): {CONVENTIONS["sum"]} (β = λ·T), or {CONVENTIONS["mean"]}
 (β = λ). The results give λ, β and the convention.
 
 FedNova's a_t: by strategy.fednova.normalize_by when the experiment sets it, else by the one of --steps
@@ -57,30 +57,68 @@ examples:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "evaluate", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "evaluate",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("experiment", metavar="PRESET|FILE.toml",
-                        help="a preset name (see `fedmerge list`) or a TOML file; its suite defines the tasks")
-    parser.add_argument("--base", required=True, metavar="BASE", help="the pretrained checkpoint θ0 (file or model directory)")
-    parser.add_argument("--models", required=True, nargs="+", metavar="MODEL",
-                        help="the fine-tuned checkpoints θ_t, one per task of the suite, in the suite's task order")
-    parser.add_argument("--strategy", nargs="+", metavar="NAME",
-                        help="strategies to merge with, any of `fedmerge list` (every merging method is one); "
-                             "default: the experiment's")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec key, e.g. suite_options.root=/data, engine.server_device=cpu, "
-                             "strategy.fednova.normalize_by=steps (repeatable)")
+    parser.add_argument(
+        "experiment",
+        metavar="PRESET|FILE.toml",
+        help="a preset name (see `fedmerge list`) or a TOML file; its suite defines the tasks",
+    )
+    parser.add_argument(
+        "--base", required=True, metavar="BASE", help="the pretrained checkpoint θ0 (file or model directory)"
+    )
+    parser.add_argument(
+        "--models",
+        required=True,
+        nargs="+",
+        metavar="MODEL",
+        help="the fine-tuned checkpoints θ_t, one per task of the suite, in the suite's task order",
+    )
+    parser.add_argument(
+        "--strategy",
+        nargs="+",
+        metavar="NAME",
+        help="strategies to merge with, any of `fedmerge list` (every merging method is one); "
+        "default: the experiment's",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. suite_options.root=/data, engine.server_device=cpu, "
+        "strategy.fednova.normalize_by=steps (repeatable)",
+    )
     parser.add_argument("--seed", type=int, help="the seed of the suite's splits (and every other random choice)")
-    parser.add_argument("--steps", type=int, nargs="+", metavar="K",
-                        help="each model's local step count (its reply's num-steps; FedNova's a_t when it is the only one "
-                        "of --steps and --lr-sums given, or strategy.fednova.normalize_by=steps); default: each model "
-                        "directory's trainer_state.json global_step when every model has one")
-    parser.add_argument("--lr-sums", type=float, nargs="+", metavar="S",
-                        help="each model's sum of learning rates Σ_k η_t^(k) (its reply's lr-sum; FedNova's a_t when it is "
-                        "the only one given, or strategy.fednova.normalize_by=lr-sum); default: the learning rates logged "
-                        "in each trainer_state.json, summed, when every model has them")
-    parser.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
-                        help="parent directory of the results directory (default: results)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="each model's local step count (its reply's num-steps; FedNova's a_t when it is the only one "
+        "of --steps and --lr-sums given, or strategy.fednova.normalize_by=steps); default: each model "
+        "directory's trainer_state.json global_step when every model has one",
+    )
+    parser.add_argument(
+        "--lr-sums",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="each model's sum of learning rates Σ_k η_t^(k) (its reply's lr-sum; FedNova's a_t when it is "
+        "the only one given, or strategy.fednova.normalize_by=lr-sum); default: the learning rates logged "
+        "in each trainer_state.json, summed, when every model has them",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        metavar="DIR",
+        help="parent directory of the results directory (default: results)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec, read nothing")
     parser.set_defaults(handler=evaluate_command, rounds=None)
@@ -94,8 +132,15 @@ def evaluate_command(args) -> int:
     def evaluate(spec):
         title = f"{spec.name}: {len(args.models)} checkpoints on {spec.suite}"
         with ProgressDisplay(len(spec.strategies), title, not args.no_progress) as display:
-            return evaluate_checkpoints(spec, args.base, args.models, args.out, steps=args.steps, lr_sums=args.lr_sums,
-                                        progress=display.advance,
-                                        note=lambda line: print(f"fedmerge: {line}", file=sys.stderr))
+            return evaluate_checkpoints(
+                spec,
+                args.base,
+                args.models,
+                args.out,
+                steps=args.steps,
+                lr_sums=args.lr_sums,
+                progress=display.advance,
+                note=lambda line: print(f"fedmerge: {line}", file=sys.stderr),
+            )
 
     return run_and_show(args, evaluate)

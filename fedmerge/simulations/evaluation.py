@@ -21,8 +21,9 @@ def state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return arrays.to_torch_state_dict()
 
 
-def evaluate(fed: Federation, arrays: ArrayRecord, split: str, own: Sequence[float] | None = None,
-             device: str | None = None) -> dict:
+def evaluate(
+    fed: Federation, arrays: ArrayRecord, split: str, own: Sequence[float] | None = None, device: str | None = None
+) -> dict:
     """Per-task results on ``split`` and their means; ``normalized_accuracy`` when ``own`` accuracies are given.
 
     ``arrays`` may hold only the trained tensors (the rest is θ0's); the model runs on ``device`` (CPU default).

@@ -59,16 +59,30 @@ class Experiment:
     the final models out of ``results["models"]``.
     """
 
-    def __init__(self, spec: Spec, grid: Grid | None, progress: Progress | None = None,
-                 stop: threading.Event | None = None,
-                 on_partial: Callable[[dict, list[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: Spec,
+        grid: Grid | None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+        on_partial: Callable[[dict, list[str]], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.progress = progress or (lambda message: None)
         self.on_partial = on_partial or (lambda results, pending: None)
         self.stop = stop or threading.Event()
-        self.grid = None if grid is None else WatchedGrid(
-            grid, self.stop, on_reply=self._client_done, max_failed_share=spec.server["max_failed_share"],
-            clients_per_call=spec.engine["clients_per_call"], num_clients=spec.clients)
+        self.grid = (
+            None
+            if grid is None
+            else WatchedGrid(
+                grid,
+                self.stop,
+                on_reply=self._client_done,
+                max_failed_share=spec.server["max_failed_share"],
+                clients_per_call=spec.engine["clients_per_call"],
+                num_clients=spec.clients,
+            )
+        )
         self.timeout = spec.engine["stall_timeout"]  # seconds without any reply (a round may take longer)
         self.failed: list[dict] = []  # clients whose one-shot round failed (within server.max_failed_share)
         self.timings: dict[str, float] = {}
@@ -89,7 +103,9 @@ class Experiment:
         replies = self._one_shot_replies(base)
         results = self.merge_one_shot(fed, base, replies)
         own_test = _own(fed, results["clients"], "test")
-        pending = [f"{name}-r{rounds}" for rounds in sorted(r for r in spec.rounds if r > 1) for name in spec.strategies]
+        pending = [
+            f"{name}-r{rounds}" for rounds in sorted(r for r in spec.rounds if r > 1) for name in spec.strategies
+        ]
         for key in list(pending):
             if results["runs"]:
                 results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
@@ -103,8 +119,9 @@ class Experiment:
         results["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return results
 
-    def merge_one_shot(self, fed: Federation, base: ArrayRecord, replies: Sequence[Message],
-                       settings: Sequence[dict] | None = None) -> dict:
+    def merge_one_shot(
+        self, fed: Federation, base: ArrayRecord, replies: Sequence[Message], settings: Sequence[dict] | None = None
+    ) -> dict:
         """Everything after the one-shot round, on the given training ``replies`` (client-id order) from θ0
         ``base``: each client's own val/test figures, the diagnostics, θ0's test figures, and, if ``spec.rounds``
         holds 1, every strategy's merge of those same replies with λ (and ρ) chosen on validation.
@@ -117,7 +134,9 @@ class Experiment:
         self.fed = fed
         if self.device is None:
             self.device = resolve_device(spec.engine["server_device"], "engine.server_device")
-        self.clients_by_node = {r.metadata.src_node_id: int(r.content[contract.METRICS][contract.CLIENT_ID]) for r in replies}
+        self.clients_by_node = {
+            r.metadata.src_node_id: int(r.content[contract.METRICS][contract.CLIENT_ID]) for r in replies
+        }
         clients = self._clients(fed, replies, settings)
         own_val, own_test = _own(fed, clients, "val"), _own(fed, clients, "test")
         optimum = fed.optimum()
@@ -128,12 +147,21 @@ class Experiment:
                 client["own_above_theta0"] = own > theta0["accuracy"]
         results = {
             "suite": {
-                "name": fed.suite, "options": fed.options, "metric": fed.metric, "tasks": [t.name for t in fed.tasks],
-                **({"optimum": {"theta": optimum["theta"].tolist(), "tasks": [c.tolist() for c in optimum["tasks"]]}}
-                   if optimum is not None else {}),
+                "name": fed.suite,
+                "options": fed.options,
+                "metric": fed.metric,
+                "tasks": [t.name for t in fed.tasks],
+                **(
+                    {"optimum": {"theta": optimum["theta"].tolist(), "tasks": [c.tolist() for c in optimum["tasks"]]}}
+                    if optimum is not None
+                    else {}
+                ),
             },
-            "tensors": {"shared": len(fed.shared_names), "private": len(fed.private_names),
-                        "statistics": len(fed.statistics_names)},
+            "tensors": {
+                "shared": len(fed.shared_names),
+                "private": len(fed.private_names),
+                "statistics": len(fed.statistics_names),
+            },
             "statistics": spec.server["statistics"] if fed.statistics_names else None,
             "lora": spec.server["lora"] if has_adapters(list(base)) else None,
             "pretrained": pretrained,
@@ -154,8 +182,13 @@ class Experiment:
     # -- the one-shot round -------------------------------------------------------------------------
     def _strategy(self, name: str, **overrides):
         """The spec's strategy ``name``, with the suite's LoRA scaling and tensor roles, knowing the nodes' clients."""
-        strategy = self.spec.build_strategy(name, lora_scaling=self.lora_scaling, private=self.fed.private_names,
-                                            statistics=self.fed.statistics_names, **overrides)
+        strategy = self.spec.build_strategy(
+            name,
+            lora_scaling=self.lora_scaling,
+            private=self.fed.private_names,
+            statistics=self.fed.statistics_names,
+            **overrides,
+        )
         strategy.clients_by_node.update(self.clients_by_node)
         return strategy
 
@@ -164,8 +197,12 @@ class Experiment:
         sender = self._strategy("fedavg")
         messages = sender.configure_train(1, base, self._one_shot_config(), self.grid)
         answers = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        self.failed = [{"node_id": r.metadata.src_node_id, "reason": failure_reason(r)} for r in answers if r.has_error()]
-        replies = sorted((r for r in answers if not r.has_error()), key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID])
+        self.failed = [
+            {"node_id": r.metadata.src_node_id, "reason": failure_reason(r)} for r in answers if r.has_error()
+        ]
+        replies = sorted(
+            (r for r in answers if not r.has_error()), key=lambda r: r.content[contract.METRICS][contract.CLIENT_ID]
+        )
         self.timings["client_training"] = time.perf_counter() - started
         return replies
 
@@ -195,27 +232,37 @@ class Experiment:
             self.progress(f"node {reply.metadata.src_node_id} failed (tolerated): {failure_reason(reply)}")
             return
         metrics = reply.content[contract.METRICS]
-        who = f"client {metrics[contract.CLIENT_ID]}" if contract.CLIENT_ID in metrics else f"node {reply.metadata.src_node_id}"
+        who = (
+            f"client {metrics[contract.CLIENT_ID]}"
+            if contract.CLIENT_ID in metrics
+            else f"node {reply.metadata.src_node_id}"
+        )
         self.progress(f"{who} trained ({metrics.get(contract.NUM_STEPS, '?')} steps)")
 
-    def _clients(self, fed: Federation, replies: Sequence[Message], settings: Sequence[dict] | None = None) -> list[dict]:
+    def _clients(
+        self, fed: Federation, replies: Sequence[Message], settings: Sequence[dict] | None = None
+    ) -> list[dict]:
         if settings is None:
             configs = self.spec.client_configs()
             corrupted = corruptions(self.spec.training, self.spec.clients)
-            settings = [{**vars(configs[t]), "corruption": corrupted[t][0], "corruption_scale": corrupted[t][1]}
-                        for t in range(self.spec.clients)]
+            settings = [
+                {**vars(configs[t]), "corruption": corrupted[t][0], "corruption_scale": corrupted[t][1]}
+                for t in range(self.spec.clients)
+            ]
         clients = []
         for reply in replies:
             metrics = dict(reply.content[contract.METRICS])
             t = int(metrics[contract.CLIENT_ID])
             own_model = fed.model_from(evaluation.state_dict(reply.content[contract.ARRAYS]), self.device)
-            clients.append({
-                "id": t,
-                "task": fed.tasks[t].name,
-                "settings": settings[t],
-                "reply": metrics,
-                "own": {split: fed.evaluate(own_model, fed.tasks[t], split) for split in ("val", "test")},
-            })
+            clients.append(
+                {
+                    "id": t,
+                    "task": fed.tasks[t].name,
+                    "settings": settings[t],
+                    "reply": metrics,
+                    "own": {split: fed.evaluate(own_model, fed.tasks[t], split) for split in ("val", "test")},
+                }
+            )
         return clients
 
     def _diagnostics(self, fed: Federation, base: ArrayRecord, replies: Sequence[Message]) -> dict:
@@ -226,24 +273,38 @@ class Experiment:
         started = time.perf_counter()
         names = self._strategy("fedavg").roles.merged(base)  # the merged tensors only: no head, no statistics
         base_tensors = RecordTensors(subset(base, names))
-        task_vectors = [TaskVector(RecordTensors(subset(r.content[contract.ARRAYS], names)), base_tensors) for r in replies]
+        task_vectors = [
+            TaskVector(RecordTensors(subset(r.content[contract.ARRAYS], names)), base_tensors) for r in replies
+        ]
         self.task_vector_norms = np.sqrt(np.maximum(squared_norms(task_vectors, names), 0.0)).tolist()
         cap = self.spec.diagnostics_clients
-        picked = sorted(np.random.default_rng([self.spec.seed, 11]).choice(len(replies), cap, replace=False).tolist()) \
-            if cap and len(replies) > cap else list(range(len(replies)))
+        picked = (
+            sorted(np.random.default_rng([self.spec.seed, 11]).choice(len(replies), cap, replace=False).tolist())
+            if cap and len(replies) > cap
+            else list(range(len(replies)))
+        )
         gram = gram_matrix([task_vectors[i] for i in picked], names)
         model = fed.model_from(evaluation.state_dict(base), self.device)  # θ0: the suite's, or a given base
         tasks = [fed.tasks[int(replies[i].content[contract.METRICS][contract.CLIENT_ID])] for i in picked]
-        gradients = [full_gradient(model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head,
-                                   fed.eval_batch_size) for task in tasks]
+        gradients = [
+            full_gradient(
+                model, _sample(task.train, ZETA2_EXAMPLES, self.spec.seed), fed.loss, task.head, fed.eval_batch_size
+            )
+            for task in tasks
+        ]
         diagnostics = {
             "tensors": len(names),
             "task_vector_norms": self.task_vector_norms,
             "cosine_similarity": cosine_similarities(gram).tolist(),
-            "zeta2": dissimilarity(gram_matrix(gradients, [n for n in gradients[0] if n in set(names)]),
-                                   [1.0 / len(gradients)] * len(gradients)),
-            **({"sample": [int(replies[i].content[contract.METRICS][contract.CLIENT_ID]) for i in picked]}
-               if len(picked) < len(replies) else {}),
+            "zeta2": dissimilarity(
+                gram_matrix(gradients, [n for n in gradients[0] if n in set(names)]),
+                [1.0 / len(gradients)] * len(gradients),
+            ),
+            **(
+                {"sample": [int(replies[i].content[contract.METRICS][contract.CLIENT_ID]) for i in picked]}
+                if len(picked) < len(replies)
+                else {}
+            ),
         }
         self.timings["diagnostics"] = time.perf_counter() - started
         return diagnostics
@@ -261,7 +322,9 @@ class Experiment:
             candidates = [{method.tuned: spec.strategy_options(name)[method.tuned]} if method.tuned else {}]
         beta = spec.server["server_lr"]
         searched_scale = spec.select and not method.own_step  # FedExP's own step is its point: β as given
-        scales = search_grid(num_clients, method.scale) if searched_scale else [(method.scaling(beta, num_clients), beta)]
+        scales = (
+            search_grid(num_clients, method.scale) if searched_scale else [(method.scaling(beta, num_clients), beta)]
+        )
         if method.no_lambda:
             scales = [(None, server_lr) for _, server_lr in scales]  # no λ of its own: β alone
         selection, best = [], None
@@ -285,15 +348,19 @@ class Experiment:
         chosen, arrays, record = best
         test = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
         diverged = sum(1 for entry in selection if entry.get("diverged"))
-        self.progress(f"{name}: one-shot merged (β={chosen['server_lr']:g})"
-                      + (f"; {diverged} of {len(selection)} candidates gave non-finite outputs" if diverged else ""))
+        self.progress(
+            f"{name}: one-shot merged (β={chosen['server_lr']:g})"
+            + (f"; {diverged} of {len(selection)} candidates gave non-finite outputs" if diverged else "")
+        )
         return {
             "strategy": name,
             "rounds": 1,
             "selected": {**chosen, "scale": method.scale, **({"tuned": method.tuned} if method.tuned else {})},
-            "searched": {**({"server_lr": [b for _, b in scales]} if spec.select else {}),
-                         **({"scaling": [s for s, _ in scales]} if spec.select and not method.no_lambda else {}),
-                         **({method.tuned: [c[method.tuned] for c in candidates]} if searched else {})},
+            "searched": {
+                **({"server_lr": [b for _, b in scales]} if spec.select else {}),
+                **({"scaling": [s for s, _ in scales]} if spec.select and not method.no_lambda else {}),
+                **({method.tuned: [c[method.tuned] for c in candidates]} if searched else {}),
+            },
             "selection": selection,
             "history": [{"round": 1, **test, "aggregation": record.to_dict()}],
             "final": test,
@@ -312,13 +379,17 @@ class Experiment:
             record = strategy.record_for(server_round)
             if server_round and (record is None or not record.client_ids):
                 reasons = "; ".join(e["reason"] for e in record.excluded) if record else "no reply"
-                raise FedmergeError(f"{name}, round {server_round}/{rounds}: no client's update could be merged "
-                                    f"({reasons}); a federation without clients cannot go on.")
+                raise FedmergeError(
+                    f"{name}, round {server_round}/{rounds}: no client's update could be merged "
+                    f"({reasons}); a federation without clients cannot go on."
+                )
             if server_round:
                 arrays = self._with_statistics(arrays, strategy)
             scored["arrays"] = arrays
             summary = evaluation.evaluate(fed, arrays, "test", own_test, self.device)
-            history.append({"round": server_round, **({"seconds": round(seconds, 4)} if server_round else {}), **summary})
+            history.append(
+                {"round": server_round, **({"seconds": round(seconds, 4)} if server_round else {}), **summary}
+            )
             if server_round:
                 self.progress(f"{name}: round {server_round}/{rounds}")
             clock[0] = time.perf_counter()
@@ -340,8 +411,10 @@ class Experiment:
         return {
             "strategy": name,
             "rounds": rounds,
-            "selected": {"server_lr": self.spec.server["server_lr"],  # λ means nothing over several rounds
-                         **({"tuned": tuned, tuned: self.spec.strategy_options(name)[tuned]} if tuned else {})},
+            "selected": {
+                "server_lr": self.spec.server["server_lr"],  # λ means nothing over several rounds
+                **({"tuned": tuned, tuned: self.spec.strategy_options(name)[tuned]} if tuned else {}),
+            },
             "history": history,
             "final": history[-1],
         }, fed.complete(evaluation.state_dict(scored["arrays"]))
@@ -376,8 +449,12 @@ def _scaled(base: ArrayRecord, merged: ArrayRecord, server_lr: float, shared: se
     """θ0 + β·Δ on the ``shared`` tensors from θ0 and the β = 1 result θ0 + Δ; the others (private tensors,
     statistics) as the merge left them."""
     base_tensors, delta = RecordTensors(base), TaskVector(RecordTensors(merged), RecordTensors(base))
-    return ArrayRecord({name: to_array(apply_update(base_tensors[name], delta[name], server_lr)) if name in shared
-                        else merged[name] for name in base})
+    return ArrayRecord(
+        {
+            name: to_array(apply_update(base_tensors[name], delta[name], server_lr)) if name in shared else merged[name]
+            for name in base
+        }
+    )
 
 
 def travelling(fed: Federation, spec: Spec) -> tuple[list[str], float]:
@@ -390,11 +467,15 @@ def travelling(fed: Federation, spec: Spec) -> tuple[list[str], float]:
         return fed.trained_names, 1.0
     config = getattr(fed.model_fn(), "peft_config", {}).get("default")
     if config is None:
-        raise FedmergeError(f"server.lora = {mode!r}: suite {spec.suite!r}'s model has LoRA-named tensors but no peft "
-                            "config to read α/r from; build the model with peft, or use server.lora = \"factors\".")
+        raise FedmergeError(
+            f"server.lora = {mode!r}: suite {spec.suite!r}'s model has LoRA-named tensors but no peft "
+            'config to read α/r from; build the model with peft, or use server.lora = "factors".'
+        )
     if config.rank_pattern or config.alpha_pattern:
-        raise FedmergeError(f"server.lora = {mode!r} takes one α/r for every adapter; the suite's LoRA config sets "
-                            "rank_pattern or alpha_pattern: use server.lora = \"factors\" or one rank and alpha.")
+        raise FedmergeError(
+            f"server.lora = {mode!r} takes one α/r for every adapter; the suite's LoRA config sets "
+            'rank_pattern or alpha_pattern: use server.lora = "factors" or one rank and alpha.'
+        )
     folded = {layer.weight for layer in layers}
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     return [name for name in fed.pretrained if name in {*fed.trained_names, *folded}], scaling

@@ -20,8 +20,14 @@ class ProgressDisplay:
         self.live = enabled and console.is_terminal
         self.lines = enabled and not self.live
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[last]}"),
+            console=console,
             disable=not self.live,
         )
         self.task = self.progress.add_task(title, total=total, last="")
@@ -46,4 +52,6 @@ class ProgressDisplay:
         if self.lines:
             elapsed = time.perf_counter() - self.started
             left = f" (about {elapsed / self.done * (self.total - self.done):.0f}s left)" if self.done else ""
-            print(f"{self.title} [{self.done}/{self.total}] {elapsed:.0f}s{left} {message}", file=sys.stderr, flush=True)
+            print(
+                f"{self.title} [{self.done}/{self.total}] {elapsed:.0f}s{left} {message}", file=sys.stderr, flush=True
+            )

@@ -25,8 +25,19 @@ from fedmerge.simulations.spec import Spec
 from fedmerge.tasks import find_suite
 
 SUMMARY_COLUMNS = (
-    "strategy", "rounds", "scaling_lambda", "lambda_scale", "server_lr_beta", "tuned", "tuned_value", "tuned_searched",
-    "mean_accuracy", "mean_normalized_accuracy", "mean_loss", "distance_to_optimum", "diverged",
+    "strategy",
+    "rounds",
+    "scaling_lambda",
+    "lambda_scale",
+    "server_lr_beta",
+    "tuned",
+    "tuned_value",
+    "tuned_searched",
+    "mean_accuracy",
+    "mean_normalized_accuracy",
+    "mean_loss",
+    "distance_to_optimum",
+    "diverged",
 )
 METRIC_COLUMNS = SUMMARY_COLUMNS[8:12]
 
@@ -46,25 +57,28 @@ def summary_rows(results: dict) -> list[dict]:
     for run in results["runs"]:
         final, selected = run["final"], run["selected"]
         tuned = selected.get("tuned")
-        rows.append({
-            "strategy": run["strategy"],
-            "rounds": run["rounds"],
-            "scaling_lambda": selected.get("scaling"),
-            "lambda_scale": selected.get("scale"),
-            "server_lr_beta": selected.get("server_lr"),
-            "tuned": tuned,
-            "tuned_value": selected.get(tuned) if tuned else None,
-            "tuned_searched": tuned in run.get("searched", {}) if tuned else None,
-            **{k: final.get(k) for k in METRIC_COLUMNS},
-            "diverged": bool(final.get("diverged")),
-        })
+        rows.append(
+            {
+                "strategy": run["strategy"],
+                "rounds": run["rounds"],
+                "scaling_lambda": selected.get("scaling"),
+                "lambda_scale": selected.get("scale"),
+                "server_lr_beta": selected.get("server_lr"),
+                "tuned": tuned,
+                "tuned_value": selected.get(tuned) if tuned else None,
+                "tuned_searched": tuned in run.get("searched", {}) if tuned else None,
+                **{k: final.get(k) for k in METRIC_COLUMNS},
+                "diverged": bool(final.get("diverged")),
+            }
+        )
     return rows
 
 
 def task_rows(results: dict) -> list[dict]:
     return [
         {"strategy": run["strategy"], "rounds": run["rounds"], **task}
-        for run in results["runs"] for task in run["final"]["tasks"]
+        for run in results["runs"]
+        for task in run["final"]["tasks"]
     ]
 
 
@@ -73,11 +87,15 @@ def round_rows(results: dict) -> list[dict]:
     for run in results["runs"]:
         for entry in run["history"]:
             aggregation = entry.get("aggregation", {})
-            rows.append({
-                "strategy": run["strategy"], "rounds": run["rounds"], "round": entry["round"],
-                **{k: entry.get(k) for k in METRIC_COLUMNS},
-                "chi_square": aggregation.get("chi_square"),
-            })
+            rows.append(
+                {
+                    "strategy": run["strategy"],
+                    "rounds": run["rounds"],
+                    "round": entry["round"],
+                    **{k: entry.get(k) for k in METRIC_COLUMNS},
+                    "chi_square": aggregation.get("chi_square"),
+                }
+            )
     return rows
 
 
@@ -126,8 +144,12 @@ class ResultsDirectory:
         """Write what ``results`` holds so far; its ``models`` are saved and removed from it (memory is freed)."""
         models, results["models"] = results.get("models", {}), {}
         self.document = {
-            "spec": self.spec.to_dict(), "seed": self.spec.seed, "started": self.started.isoformat(timespec="seconds"),
-            "versions": versions(), "complete": complete, **({} if complete else {"pending": pending or []}),
+            "spec": self.spec.to_dict(),
+            "seed": self.spec.seed,
+            "started": self.started.isoformat(timespec="seconds"),
+            "versions": versions(),
+            "complete": complete,
+            **({} if complete else {"pending": pending or []}),
             **{key: value for key, value in results.items() if key != "models"},
         }
         files = self._files()
@@ -169,13 +191,17 @@ class ResultsDirectory:
 
     def _create(self, files: dict[str, str], models: dict) -> Path:
         stem = f"{self.spec.name}-{self.started:%Y%m%d-%H%M%S}"
-        candidates = [self.run_dir] if self.run_dir is not None else (
-            self.out / (stem + (f"-{k}" if k > 1 else "")) for k in itertools.count(1))
+        candidates = (
+            [self.run_dir]
+            if self.run_dir is not None
+            else (self.out / (stem + (f"-{k}" if k > 1 else "")) for k in itertools.count(1))
+        )
         for candidate in candidates:
             if candidate.exists():
                 continue
             size = sum(len(text.encode()) for text in files.values()) + sum(
-                tensor.numel() * tensor.element_size() for state in models.values() for tensor in state.values())
+                tensor.numel() * tensor.element_size() for state in models.values() for tensor in state.values()
+            )
             try:
                 with staged(candidate, directory=True, size=size) as staging:
                     for name, text in files.items():
@@ -193,6 +219,8 @@ def _json(document: dict) -> str:
     return json.dumps(_finite(document), indent=1, default=float, allow_nan=False)
 
 
-def write_results(spec: Spec, results: dict, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None) -> Path:
+def write_results(
+    spec: Spec, results: dict, out: Path, started: dt.datetime | None = None, run_dir: Path | None = None
+) -> Path:
     """Write a finished run's directory atomically; return its path (see :class:`ResultsDirectory`)."""
     return ResultsDirectory(spec, out, started, run_dir).update(dict(results), complete=True)

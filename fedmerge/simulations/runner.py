@@ -71,14 +71,20 @@ def available_resources(ray_address: str) -> tuple[float, float, str]:
         with sigterm_kept():
             ray.init(address=ray_address, logging_level=logging.ERROR, log_to_driver=False)
     except Exception as error:  # Ray raises ConnectionError, ValueError, RuntimeError... for a bad address
-        raise FedmergeError(f"engine.ray_address = {ray_address!r}: cannot attach to a Ray cluster there ({error}); "
-                            "start one with `ray start --head` or leave ray_address empty for a local Ray.") from None
+        raise FedmergeError(
+            f"engine.ray_address = {ray_address!r}: cannot attach to a Ray cluster there ({error}); "
+            "start one with `ray start --head` or leave ray_address empty for a local Ray."
+        ) from None
     try:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     finally:
         ray.shutdown()
     largest = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
-    return float(largest.get("CPU", 0.0)), float(largest.get("GPU", 0.0)), f"the largest node of the Ray cluster at {ray_address}"
+    return (
+        float(largest.get("CPU", 0.0)),
+        float(largest.get("GPU", 0.0)),
+        f"the largest node of the Ray cluster at {ray_address}",
+    )
 
 
 def check_reachable(ray_address: str, seconds: float = 5.0) -> None:
@@ -89,8 +95,10 @@ def check_reachable(ray_address: str, seconds: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
     except OSError as error:
-        raise FedmergeError(f"engine.ray_address = {ray_address!r}: nothing answers there ({error.strerror or error}); "
-                            "start the cluster's head with `ray start --head`, or leave ray_address empty for a local Ray.") from None
+        raise FedmergeError(
+            f"engine.ray_address = {ray_address!r}: nothing answers there ({error.strerror or error}); "
+            "start the cluster's head with `ray start --head`, or leave ray_address empty for a local Ray."
+        ) from None
 
 
 def check_resources(spec: Spec) -> None:
@@ -99,8 +107,10 @@ def check_resources(spec: Spec) -> None:
     engine = spec.engine
     resolve_device(engine["server_device"], "engine.server_device")
     cpus, gpus, where = available_resources(engine["ray_address"])
-    for key, asked, have, unit in (("client_cpus", engine["client_cpus"], cpus, "CPUs"),
-                                   ("client_gpus", engine["client_gpus"], gpus, "GPUs")):
+    for key, asked, have, unit in (
+        ("client_cpus", engine["client_cpus"], cpus, "CPUs"),
+        ("client_gpus", engine["client_gpus"], gpus, "GPUs"),
+    ):
         if float(asked) > have:
             raise FedmergeError(
                 f"engine.{key} = {asked:g} asks each client for more {unit} than {where} has ({have:g}); "
@@ -136,9 +146,11 @@ def scale_note(spec: Spec) -> str | None:
     if spec.clients < MANY_CLIENTS or spec.engine["clients_per_call"] > 1:
         return None
     calls = units_of_work(spec) - len(spec.strategies) * (1 if 1 in spec.rounds else 0)
-    return (f"{spec.name}: {calls:,} client calls, each paying Flower's runtime some milliseconds whatever it trains; "
-            f"engine.clients_per_call = k trains k clients per call with the same numbers (docs/simulations.md, "
-            "'Many clients'). The progress display says how long is left once clients reply.")
+    return (
+        f"{spec.name}: {calls:,} client calls, each paying Flower's runtime some milliseconds whatever it trains; "
+        f"engine.clients_per_call = k trains k clients per call with the same numbers (docs/simulations.md, "
+        "'Many clients'). The progress display says how long is left once clients reply."
+    )
 
 
 RAY_ENVIRONMENT = {"RAY_DEDUP_LOGS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
@@ -228,7 +240,8 @@ def start_ray(config: dict) -> None:
             if elapsed + RAY_RETRY_PAUSE >= RAY_START_SECONDS:
                 raise FedmergeError(
                     f"Ray did not start: {cause} ({attempts} attempts in {elapsed:.0f} s; its GCS does not answer, as "
-                    "happens on a heavily loaded machine). Try again when the machine is less busy.") from None
+                    "happens on a heavily loaded machine). Try again when the machine is less busy."
+                ) from None
             time.sleep(RAY_RETRY_PAUSE)
 
 
@@ -284,7 +297,9 @@ def run(spec: Spec, out: Path = Path("results"), run_dir: Path | None = None, sh
         raise
     if results.document.get("complete") is not True:
         raise FedmergeError("the simulation ended without results and without an error; please report this.")
-    return results.amend(timings={**results.document.get("timings", {}), "total": round(time.perf_counter() - started, 3)})
+    return results.amend(
+        timings={**results.document.get("timings", {}), "total": round(time.perf_counter() - started, 3)}
+    )
 
 
 def simulate(spec: Spec, server, client) -> None:
@@ -311,4 +326,4 @@ def _why(error: BaseException) -> str:
 
 
 def _kept(path: Path) -> str:
-    return f"runs that finished are kept in {path} (its results.json says \"complete\": false, and why)"
+    return f'runs that finished are kept in {path} (its results.json says "complete": false, and why)'

@@ -35,8 +35,13 @@ def server_app(
         spec = Spec.from_flat(context.run_config if run_config is None else run_config)
         results = (store or _default_store)(spec)
         try:
-            found = Experiment(spec, grid, progress, stop=stop,
-                               on_partial=lambda partial, pending: results.update(partial, pending=pending)).run()
+            found = Experiment(
+                spec,
+                grid,
+                progress,
+                stop=stop,
+                on_partial=lambda partial, pending: results.update(partial, pending=pending),
+            ).run()
         except BaseException as error:
             results.fail(f"{type(error).__name__}: {error}")
             raise

@@ -24,11 +24,22 @@ from fedmerge.strategies import STRATEGIES
 from fedmerge.strategies.base import LORA_MODES, WEIGHTINGS
 from fedmerge.strategies.server_optimizer import OPTIMIZERS
 
-STATISTICS = ("reestimate", "average", "theta0")
 from fedmerge.options import (
-    Option, boolean, choice, list_of, non_negative_float, non_negative_int, positive_float, positive_int,
-    resolve, share, string, text,
+    Option,
+    boolean,
+    choice,
+    list_of,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resolve,
+    share,
+    string,
+    text,
 )
+
+STATISTICS = ("reestimate", "average", "theta0")
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -59,52 +70,86 @@ TOP = {
     "seed": Option(0, "every random choice flows from it", non_negative_int),
     "suite": Option("mnist1d", "the task suite (fedmerge list)", text),
     "clients": Option(4, "T, the number of clients", positive_int),
-    "strategies": Option(["fedavg", "fednova", "fedgma", "median", "cclip"], "the strategies to compare (the paper's "
-                         "five by default; also ties, dare-linear, dare-ties)", list_of(text)),
+    "strategies": Option(
+        ["fedavg", "fednova", "fedgma", "median", "cclip"],
+        "the strategies to compare (the paper's five by default; also ties, dare-linear, dare-ties)",
+        list_of(text),
+    ),
     "rounds": Option([1], "the round counts to compare: 1 is one-shot merging", list_of(positive_int)),
     "same_compute": Option(True, "split each client's local steps over the rounds", boolean),
     "select": Option(True, "one-shot: choose λ (and ρ) on the validation splits", boolean),
-    "diagnostics_clients": Option(64, "the pairwise diagnostics (task-vector cosines, ζ²) over at most this many "
-                                  "clients, a sample drawn from the seed (0: every client); norms cover every client",
-                                  non_negative_int),
+    "diagnostics_clients": Option(
+        64,
+        "the pairwise diagnostics (task-vector cosines, ζ²) over at most this many "
+        "clients, a sample drawn from the seed (0: every client); norms cover every client",
+        non_negative_int,
+    ),
 }
 SERVER = {
     "server_lr": Option(1.0, "β in θ ← θ + β·Δ (mean-scale) for multi-round runs", positive_float),
     "weighting": Option("uniform", " | ".join(WEIGHTINGS), choice(*WEIGHTINGS)),
-    "lora": Option("dense", "LoRA adapters merged as dense (each layer's (α/r)·B·A through the rule: exact for every "
-                   "rule; the default) | stack (the stacked factors: exact for fedavg and fednova, cheaper) | factors "
-                   "(A and B averaged apart: cheap, inexact, not the merge of the clients' updates); stack and dense "
-                   "fold the update into the adapted base weights, which then travel too", choice(*LORA_MODES)),
-    "clients_per_round": Option(0, "multi-round runs: clients sampled each round from the run's seed (the same "
-                                "clients for every strategy in a round); 0: every client. The one-shot round trains "
-                                "every client", non_negative_int),
-    "max_failed_share": Option(0.0, "the share of a round's clients that may fail: they are left out and recorded; "
-                               "more stops the run", share),
-    "statistics": Option("reestimate", "normalisation statistics (BatchNorm's) of a merged model: reestimate (the "
-                         "clients re-estimate them for the merged weights on their training data, averaged exactly) | "
-                         "average (the clients' own, averaged) | theta0 (θ0's kept); never merged as task vectors",
-                         choice(*STATISTICS)),
-    "server_optimizer": Option("sgd", "θ ← θ + β·u, u from every rule's mean-scale Δ: sgd (u = Δ) | momentum "
-                               "(FedAvgM) | adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad), −Δ their gradient, "
-                               "β their learning rate, state kept over the rounds of a run", choice(*OPTIMIZERS)),
+    "lora": Option(
+        "dense",
+        "LoRA adapters merged as dense (each layer's (α/r)·B·A through the rule: exact for every "
+        "rule; the default) | stack (the stacked factors: exact for fedavg and fednova, cheaper) | factors "
+        "(A and B averaged apart: cheap, inexact, not the merge of the clients' updates); stack and dense "
+        "fold the update into the adapted base weights, which then travel too",
+        choice(*LORA_MODES),
+    ),
+    "clients_per_round": Option(
+        0,
+        "multi-round runs: clients sampled each round from the run's seed (the same "
+        "clients for every strategy in a round); 0: every client. The one-shot round trains "
+        "every client",
+        non_negative_int,
+    ),
+    "max_failed_share": Option(
+        0.0, "the share of a round's clients that may fail: they are left out and recorded; more stops the run", share
+    ),
+    "statistics": Option(
+        "reestimate",
+        "normalisation statistics (BatchNorm's) of a merged model: reestimate (the "
+        "clients re-estimate them for the merged weights on their training data, averaged exactly) | "
+        "average (the clients' own, averaged) | theta0 (θ0's kept); never merged as task vectors",
+        choice(*STATISTICS),
+    ),
+    "server_optimizer": Option(
+        "sgd",
+        "θ ← θ + β·u, u from every rule's mean-scale Δ: sgd (u = Δ) | momentum "
+        "(FedAvgM) | adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad), −Δ their gradient, "
+        "β their learning rate, state kept over the rounds of a run",
+        choice(*OPTIMIZERS),
+    ),
     "server_momentum": Option(0.9, "μ of server_optimizer = momentum", share),
     "server_beta_1": Option(0.9, "β1 of server_optimizer = adam or yogi", share),
     "server_beta_2": Option(0.99, "β2 of server_optimizer = adam or yogi", share),
     "server_tau": Option(1e-3, "τ (adaptivity) of server_optimizer = adam, yogi or adagrad", positive_float),
 }
-STRATEGY_OPTIONS = {name: {p.name: p.option for p in method.scoped("strategy").values()} for name, method in METHODS.items()}
+STRATEGY_OPTIONS = {
+    name: {p.name: p.option for p in method.scoped("strategy").values()} for name, method in METHODS.items()
+}
 """strategy.<method>.<param>: every merging method's record (fedmerge.merging.registry) gives its keys."""
 ENGINE = {
     "client_cpus": Option(1.0, "Ray CPUs per client", positive_float),
     "client_gpus": Option(0.0, "Ray GPUs per client (a fraction shares a GPU)", non_negative_float),
     "ray_address": Option("", "an existing Ray cluster to attach to; empty: a fresh local one", string),
-    "clients_per_call": Option(1, "simulation: each worker call trains this many clients in turn and returns their "
-                               "updates together (N/k Flower nodes; the same numbers, less of Flower's cost per call)",
-                               positive_int),
-    "stall_timeout": Option(600.0, "seconds without any client reply after which a round ends in error (a round "
-                            "takes as long as it needs while replies come)", positive_float),
-    "server_device": Option("auto", "where the server evaluates, selects λ/ρ and merges: auto (cuda when available) "
-                            "| cpu | cuda | cuda:N", device_name),
+    "clients_per_call": Option(
+        1,
+        "simulation: each worker call trains this many clients in turn and returns their "
+        "updates together (N/k Flower nodes; the same numbers, less of Flower's cost per call)",
+        positive_int,
+    ),
+    "stall_timeout": Option(
+        600.0,
+        "seconds without any client reply after which a round ends in error (a round "
+        "takes as long as it needs while replies come)",
+        positive_float,
+    ),
+    "server_device": Option(
+        "auto",
+        "where the server evaluates, selects λ/ρ and merges: auto (cuda when available) | cpu | cuda | cuda:N",
+        device_name,
+    ),
 }
 TABLES = ("suite_options", "training", "server", "strategy", "engine")
 STATISTICS_RULE = {"reestimate": "keep", "theta0": "keep", "average": "average"}
@@ -159,8 +204,11 @@ class Spec:
             suite_options=dict(_table("suite_options", data.get("suite_options", {}))),
             training=training,
             server=_resolve("server", SERVER, data.get("server", {})),
-            strategy={name: _given(f"strategy.{name}", declared, strategy[name])
-                      for name, declared in STRATEGY_OPTIONS.items() if strategy.get(name)},
+            strategy={
+                name: _given(f"strategy.{name}", declared, strategy[name])
+                for name, declared in STRATEGY_OPTIONS.items()
+                if strategy.get(name)
+            },
             engine=_resolve("engine", ENGINE, data.get("engine", {})),
         )
         spec.validate()
@@ -184,15 +232,19 @@ class Spec:
 
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
-            problem = f"unknown strategy {unknown[0]!r}{_suggest(unknown[0], STRATEGIES)}" if unknown else "no strategy given"
+            problem = (
+                f"unknown strategy {unknown[0]!r}{_suggest(unknown[0], STRATEGIES)}" if unknown else "no strategy given"
+            )
             raise FedmergeError(f"{problem}; choose from {', '.join(STRATEGIES)}.")
         for key, values in (("strategies", self.strategies), ("rounds", self.rounds)):
             repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
             if repeated:
                 raise FedmergeError(f"{key!r} names {repeated[0]!r} twice; give each once.")
         if ":" not in self.suite and self.suite not in installed():
-            raise FedmergeError(f"unknown suite {self.suite!r}{_suggest(self.suite, installed())}; choose one of "
-                                f"{', '.join(installed())}, or give your own as 'module:function' (docs/suites.md).")
+            raise FedmergeError(
+                f"unknown suite {self.suite!r}{_suggest(self.suite, installed())}; choose one of "
+                f"{', '.join(installed())}, or give your own as 'module:function' (docs/suites.md)."
+            )
         suite = find_suite(self.suite)
         if suite.options is not None:
             resolve(self.suite, suite.options, dict(self.suite_options))
@@ -202,24 +254,32 @@ class Spec:
         corruptions(self.training, self.clients)
         not_sgd = [t for t, config in enumerate(configs) if config.optimizer != "sgd"]
         if "scaffold" in self.strategies and max(self.rounds) > 1 and not_sgd:
-            raise FedmergeError(f"strategy 'scaffold' over rounds needs plain SGD steps (its control variates, option II), "
-                                f"but client {not_sgd[0]} trains with optimizer = {configs[not_sgd[0]].optimizer!r}; set "
-                                "training.optimizer = \"sgd\", or run scaffold one-shot only (rounds = [1]).")
+            raise FedmergeError(
+                f"strategy 'scaffold' over rounds needs plain SGD steps (its control variates, option II), "
+                f"but client {not_sgd[0]} trains with optimizer = {configs[not_sgd[0]].optimizer!r}; set "
+                'training.optimizer = "sgd", or run scaffold one-shot only (rounds = [1]).'
+            )
         fixed = [name for name in self.strategies if METHODS[name].num_clients not in (None, self.clients)]
         if fixed:
             needed = METHODS[fixed[0]].num_clients
-            raise FedmergeError(f"strategy {fixed[0]!r} merges exactly {needed} clients, but the experiment has "
-                                f"{self.clients}; set clients = {needed}, or leave {fixed[0]} out (karcher is the "
-                                "spherical mean of any number of models).")
+            raise FedmergeError(
+                f"strategy {fixed[0]!r} merges exactly {needed} clients, but the experiment has "
+                f"{self.clients}; set clients = {needed}, or leave {fixed[0]} out (karcher is the "
+                "spherical mean of any number of models)."
+            )
         if self.server["clients_per_round"] > self.clients:
-            raise FedmergeError(f"server.clients_per_round = {self.server['clients_per_round']} is more than the "
-                                f"{self.clients} clients; give at most {self.clients} (0: every client).")
+            raise FedmergeError(
+                f"server.clients_per_round = {self.server['clients_per_round']} is more than the "
+                f"{self.clients} clients; give at most {self.clients} (0: every client)."
+            )
         if self.server["lora"] == "stack":
             inexact = [name for name in self.strategies if not METHODS[name].linear]
             if inexact:
                 exact = ", ".join(name for name, method in METHODS.items() if method.linear)
-                raise FedmergeError(f"server.lora = \"stack\" is exact only for rules that are weighted sums ({exact}), not "
-                                    f"{', '.join(inexact)}; use server.lora = \"dense\" (exact for every rule) or drop them.")
+                raise FedmergeError(
+                    f'server.lora = "stack" is exact only for rules that are weighted sums ({exact}), not '
+                    f'{", ".join(inexact)}; use server.lora = "dense" (exact for every rule) or drop them.'
+                )
         for name in {*self.strategies, *self.strategy}:
             self.build_strategy(name, device="cpu")  # its options checked; the device is checked when a run starts
 
@@ -235,8 +295,14 @@ class Spec:
     def build_strategy(self, name: str, **overrides):
         """A fresh strategy object with this spec's server and strategy options."""
         server = {key: value for key, value in self.server.items() if key not in ("statistics", "max_failed_share")}
-        options = {**server, "statistics_rule": STATISTICS_RULE[self.server["statistics"]], "sample_seed": self.seed,
-                   **self.strategy_options(name), "device": self.engine["server_device"], **overrides}
+        options = {
+            **server,
+            "statistics_rule": STATISTICS_RULE[self.server["statistics"]],
+            "sample_seed": self.seed,
+            **self.strategy_options(name),
+            "device": self.engine["server_device"],
+            **overrides,
+        }
         if "seed" in options:  # a random rule's draws flow from the run's seed too
             options["seed"] += self.seed
         flower = logging.getLogger("flwr")
@@ -279,7 +345,9 @@ def load_toml(path: str | Path) -> dict:
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise FedmergeError(f"no such experiment file: {path}; give a preset name (see `fedmerge list`) or a .toml path.") from None
+        raise FedmergeError(
+            f"no such experiment file: {path}; give a preset name (see `fedmerge list`) or a .toml path."
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise FedmergeError(f"cannot read {path}: {error}") from None
     except tomllib.TOMLDecodeError as error:

@@ -16,12 +16,17 @@ from fedmerge.strategies.statistics import combine
 from fedmerge.tasks import Federation
 
 
-def local_reestimate(fed: Federation, arrays: ArrayRecord, names: Sequence[str], configs: Sequence[TrainConfig],
-                     device=None) -> ArrayRecord:
+def local_reestimate(
+    fed: Federation, arrays: ArrayRecord, names: Sequence[str], configs: Sequence[TrainConfig], device=None
+) -> ArrayRecord:
     """``arrays`` with the statistics ``names`` re-estimated on every task's training data (client t's batches of
     ``configs[t].batch_size``)."""
     model = fed.model_from(arrays.to_torch_state_dict(), device)
-    parts = [estimate_statistics(model, task.train, config.batch_size, task.head, names, config.seed)
-             for task, config in zip(fed.tasks, configs)]
+    parts = [
+        estimate_statistics(model, task.train, config.batch_size, task.head, names, config.seed)
+        for task, config in zip(fed.tasks, configs)
+    ]
     combined = combine(parts, names)
-    return ArrayRecord({name: to_array(combined[name]) if name in combined else array for name, array in arrays.items()})
+    return ArrayRecord(
+        {name: to_array(combined[name]) if name in combined else array for name, array in arrays.items()}
+    )

@@ -106,7 +106,7 @@ def sweep_from_dict(data: Mapping[str, Any], source: str = "<sweep>", default_na
         if key not in SWEEP_KEYS:
             raise FedmergeError(
                 f"{source}: unknown top-level key '{key}'{_suggest(key, SWEEP_KEYS)}; a sweep file has "
-                "name, description, a [base] table (a spec, or preset = \"name\" plus overrides) and a [grid] table."
+                'name, description, a [base] table (a spec, or preset = "name" plus overrides) and a [grid] table.'
             )
     base = _base(data.get("base", {}), source)
     axes = _axes(data.get("grid"), source)
@@ -115,8 +115,11 @@ def sweep_from_dict(data: Mapping[str, Any], source: str = "<sweep>", default_na
     except FedmergeError as error:
         raise FedmergeError(f"{source}: {error}") from None
     sweep = Sweep(
-        name=name, description=str(data.get("description", "")),
-        source=source, base=base, axes=axes,
+        name=name,
+        description=str(data.get("description", "")),
+        source=source,
+        base=base,
+        axes=axes,
     )
     sweep.cells = _cells(sweep)
     return sweep
@@ -124,7 +127,7 @@ def sweep_from_dict(data: Mapping[str, Any], source: str = "<sweep>", default_na
 
 def _base(raw: Any, source: str) -> dict:
     if not isinstance(raw, Mapping):
-        raise FedmergeError(f"{source}: [base] must be a table (a spec, or preset = \"name\" plus overrides).")
+        raise FedmergeError(f'{source}: [base] must be a table (a spec, or preset = "name" plus overrides).')
     raw = dict(raw)
     preset = raw.pop("preset", None)
     if preset is None:
@@ -149,7 +152,9 @@ def _axes(grid: Any, source: str) -> list[Axis]:
     if not isinstance(grid, Mapping):
         raise FedmergeError(f"{source}: [grid] must be a table of dotted spec keys → lists of values.")
     if not grid:
-        raise FedmergeError(f"{source}: the [grid] table is empty; give at least one key and its values, e.g. seed = [0, 1].")
+        raise FedmergeError(
+            f"{source}: the [grid] table is empty; give at least one key and its values, e.g. seed = [0, 1]."
+        )
     axes = []
     for name, value in grid.items():
         if isinstance(value, Mapping) and not is_spread(value):
@@ -175,7 +180,8 @@ def _named_axis(name: str, table: Mapping, source: str) -> Axis:
     if len(set(lengths.values())) != 1:
         raise FedmergeError(
             f"{source}: grid axis '{name}': its keys vary together, so their lists need the same length; got "
-            + ", ".join(f"{k}: {n}" for k, n in lengths.items()) + "."
+            + ", ".join(f"{k}: {n}" for k, n in lengths.items())
+            + "."
         )
     count = next(iter(lengths.values()))
     if count == 0:
@@ -214,7 +220,7 @@ def _cells(sweep: Sweep) -> list[Cell]:
         if digest in seen:
             raise FedmergeError(
                 f"{sweep.source}: cells {seen[digest] + 1} and {index + 1} are the same experiment "
-                f"({', '.join(f'{a}={l}' for a, l in levels.items())}); remove the duplicate grid value."
+                f"({', '.join(f'{a}={level}' for a, level in levels.items())}); remove the duplicate grid value."
             )
         seen[digest] = index
         cells.append(Cell(index, overrides, levels, spec, f"{_slug(levels)}-{digest[:8]}"))
@@ -227,7 +233,9 @@ def spec_hash(spec: Spec) -> str:
 
 def _slug(levels: Mapping[str, str], limit: int = 60) -> str:
     """``axis-level`` per axis (the last part of a dotted key), joined by ``_``: ``seed-0_spread-16x``."""
-    parts = [re.sub(r"[^A-Za-z0-9.]+", "-", f"{axis.split('.')[-1]}-{label}").strip("-") for axis, label in levels.items()]
+    parts = [
+        re.sub(r"[^A-Za-z0-9.]+", "-", f"{axis.split('.')[-1]}-{label}").strip("-") for axis, label in levels.items()
+    ]
     return "_".join(parts)[:limit].rstrip("-_") or "cell"
 
 
@@ -256,8 +264,10 @@ def manifest(sweep: Sweep, sweep_dir: Path, timings: Mapping[str, float] | None 
         "source": sweep.source,
         "updated": dt.datetime.now().isoformat(timespec="seconds"),
         "base": sweep.base,
-        "axes": [{"name": a.name, "keys": list(a.keys), "labels": list(a.labels),
-                  "values": [list(v) for v in a.values]} for a in sweep.axes],
+        "axes": [
+            {"name": a.name, "keys": list(a.keys), "labels": list(a.labels), "values": [list(v) for v in a.values]}
+            for a in sweep.axes
+        ],
         "cells": [
             {
                 "id": cell.id,
@@ -318,7 +328,9 @@ def run_sweep(
             previous = json.loads(existing.read_text())
             timings.update({c["id"]: c["seconds"] for c in previous.get("cells", []) if "seconds" in c})
         except (ValueError, TypeError, KeyError, AttributeError):
-            raise FedmergeError(f"{existing} is not valid JSON (a damaged manifest); remove it to let the sweep rewrite it.") from None
+            raise FedmergeError(
+                f"{existing} is not valid JSON (a damaged manifest); remove it to let the sweep rewrite it."
+            ) from None
     elif sweep_dir.exists() and any(p.name != CELLS for p in sweep_dir.iterdir()):
         raise FedmergeError(f"{sweep_dir} exists and is not a sweep directory (no {MANIFEST}); choose another --out.")
     runner = runner or _default_runner(show_progress)
@@ -339,8 +351,10 @@ def run_sweep(
             runner(cell.spec, cell_dir(sweep_dir, cell))
         except FedmergeError as error:
             _stopped(sweep, sweep_dir, cell, timings)
-            raise FedmergeError(f"sweep cell {cell.id} ({cell.describe()}) failed: {error} Finished cells are kept; "
-                                "run the sweep again to resume.") from None
+            raise FedmergeError(
+                f"sweep cell {cell.id} ({cell.describe()}) failed: {error} Finished cells are kept; "
+                "run the sweep again to resume."
+            ) from None
         except BaseException as error:  # Ctrl-C, SIGTERM: the command line says so, and where the finished cells are
             _stopped(sweep, sweep_dir, cell, timings)
             error.__notes__ = [f"the finished cells are kept in {sweep_dir}; run the sweep again to resume"]

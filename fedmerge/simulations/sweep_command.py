@@ -29,12 +29,16 @@ examples:
   fedmerge report sweeps/alpha                       tables and figures over the cells (means, 95% CIs)
 """
 
+
 def register(subparsers) -> None:
-    sweep = subparsers.add_parser("sweep", description=SWEEP_HELP,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep = subparsers.add_parser("sweep", description=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("file", nargs="?", metavar="FILE.toml|STUDY", help="a sweep file, or a shipped study name")
-    sweep.add_argument("--out", type=Path, metavar="DIR", help="the sweep directory (default: results/sweeps/<sweep name>); "
-                       "run again with the same DIR to resume")
+    sweep.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="the sweep directory (default: results/sweeps/<sweep name>); run again with the same DIR to resume",
+    )
     sweep.add_argument("--dry-run", action="store_true", help="validate every cell and list them, run nothing")
     sweep.add_argument("--list", action="store_true", help="list the shipped studies")
     sweep.add_argument("--no-progress", action="store_true", help="no live progress bar inside each cell")

@@ -45,8 +45,15 @@ def failure_reason(reply: Message) -> str:
 class WatchedGrid(Grid):
     """Delegates to ``grid``; ``send_and_receive`` polls, honours ``stop`` and calls ``on_reply`` per reply."""
 
-    def __init__(self, grid: Grid, stop: threading.Event, on_reply: Callable[[Message], None] | None = None,
-                 max_failed_share: float = 0.0, clients_per_call: int = 1, num_clients: int | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        stop: threading.Event,
+        on_reply: Callable[[Message], None] | None = None,
+        max_failed_share: float = 0.0,
+        clients_per_call: int = 1,
+        num_clients: int | None = None,
+    ) -> None:
         self.grid = grid
         self.stop = stop
         self.on_reply = on_reply or (lambda reply: None)
@@ -60,8 +67,9 @@ class WatchedGrid(Grid):
     def run(self) -> Run:
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -128,10 +136,14 @@ class WatchedGrid(Grid):
                 groups.setdefault((message.metadata.dst_node_id - 1) // k, []).append(message)
             packs = [(nodes[g % len(nodes)], group) for g, group in sorted(groups.items())]
         else:
-            packs = [(nodes[i % len(nodes)], messages[start : start + k])
-                     for i, start in enumerate(range(0, len(messages), k))]
-        return [(pack(group, node), {message.metadata.dst_node_id - 1: message for message in group})
-                for node, group in packs]
+            packs = [
+                (nodes[i % len(nodes)], messages[start : start + k])
+                for i, start in enumerate(range(0, len(messages), k))
+            ]
+        return [
+            (pack(group, node), {message.metadata.dst_node_id - 1: message for message in group})
+            for node, group in packs
+        ]
 
     def _real_nodes(self) -> list[int]:
         """The runtime's nodes, once all of them (N / ``clients_per_call``) have connected."""
@@ -145,6 +157,8 @@ class WatchedGrid(Grid):
         node, reason = reply.metadata.src_node_id, failure_reason(reply)
         if self.max_failed_share == 0:
             return f"a client (node {node}) failed: {reason}. Nothing was computed from the failed round."
-        return (f"{failed} of the round's {sent} clients failed, more than server.max_failed_share = "
-                f"{self.max_failed_share:g} allows ({allowed}); the last, node {node}: {reason}. Nothing was computed "
-                "from the failed round.")
+        return (
+            f"{failed} of the round's {sent} clients failed, more than server.max_failed_share = "
+            f"{self.max_failed_share:g} allows ({allowed}); the last, node {node}: {reason}. Nothing was computed "
+            "from the failed round."
+        )

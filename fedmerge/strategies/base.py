@@ -152,14 +152,17 @@ class MergingStrategy(FlowerFedAvg):
         if statistics_rule not in STATISTICS_RULES:
             raise FedmergeError(f"statistics_rule must be one of {STATISTICS_RULES}, got {statistics_rule!r}.")
         if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int) or clients_per_round < 0:
-            raise FedmergeError(f"clients_per_round must be an integer ≥ 0 (0: Flower's sampling), got {clients_per_round!r}.")
+            raise FedmergeError(
+                f"clients_per_round must be an integer ≥ 0 (0: Flower's sampling), got {clients_per_round!r}."
+            )
         self.clients_per_round, self.sample_seed = clients_per_round, int(sample_seed)
         self.sampled: dict[int, list[int]] = {}
         """round → the clients (or nodes, where unknown) drawn to train in it."""
         self.roles = TensorRoles.of(private, statistics)
         self.statistics_rule = statistics_rule
-        self.server_optimizer = ServerOptimizer(server_optimizer, server_momentum, server_beta_1, server_beta_2,
-                                                server_tau)
+        self.server_optimizer = ServerOptimizer(
+            server_optimizer, server_momentum, server_beta_1, server_beta_2, server_tau
+        )
         self.optimizer_state: dict[str, State] = {}
         """tensor name → the server optimizer's state after the last merged round."""
         self.clients_by_node: dict[int, int] = {}
@@ -237,11 +240,14 @@ class MergingStrategy(FlowerFedAvg):
         flwr_log(INFO, "\t├──> Merging: %s%s", type(self).__name__, params)
         flwr_log(INFO, "\t│\t└── Server learning rate: β = %g (θ ← θ + β·Δ, Δ mean-scale)", self.server_lr)
         if self.server_optimizer.name != "sgd":
-            flwr_log(INFO, "\t│\t└── Server optimizer: %s (θ ← θ + β·u, u its step from Δ)",
-                     self.server_optimizer.params())
+            flwr_log(
+                INFO, "\t│\t└── Server optimizer: %s (θ ← θ + β·u, u its step from Δ)", self.server_optimizer.params()
+            )
         flwr_log(INFO, "\t├──> Sampling:")
         flwr_log(INFO, "\t│\t├──Fraction: train (%.2f) | evaluate (%.2f)", self.fraction_train, self.fraction_evaluate)
-        flwr_log(INFO, "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)", self.min_train_nodes, self.min_evaluate_nodes)
+        flwr_log(
+            INFO, "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)", self.min_train_nodes, self.min_evaluate_nodes
+        )
         flwr_log(INFO, "\t│\t└──Minimum available nodes: %d", self.min_available_nodes)
         flwr_log(INFO, "\t└──> Keys in records:")
         flwr_log(INFO, "\t\t├── Weighted by: %s", self._weighted_by())
@@ -266,7 +272,9 @@ class MergingStrategy(FlowerFedAvg):
         node's client is known, else by node id; the draw is kept in :attr:`sampled`."""
         nodes, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         if self.clients_per_round > len(nodes):
-            raise FedmergeError(f"clients_per_round = {self.clients_per_round} but only {len(nodes)} nodes are connected.")
+            raise FedmergeError(
+                f"clients_per_round = {self.clients_per_round} but only {len(nodes)} nodes are connected."
+            )
         known = all(node in self.clients_by_node for node in nodes)
         ids = sorted(self.clients_by_node[node] for node in nodes) if known else sorted(nodes)
         rng = np.random.default_rng([self.sample_seed, server_round])
@@ -287,8 +295,14 @@ class MergingStrategy(FlowerFedAvg):
         if not self.roles.private:
             return super()._construct_messages(record, node_ids, message_type)
         arrays, config = record[self.arrayrecord_key], record[self.configrecord_key]
-        return [Message(RecordDict({self.arrayrecord_key: self.arrays_for(node, arrays), self.configrecord_key: config}),
-                        dst_node_id=node, message_type=message_type) for node in node_ids]
+        return [
+            Message(
+                RecordDict({self.arrayrecord_key: self.arrays_for(node, arrays), self.configrecord_key: config}),
+                dst_node_id=node,
+                message_type=message_type,
+            )
+            for node in node_ids
+        ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -307,12 +321,21 @@ class MergingStrategy(FlowerFedAvg):
         Returns the new arrays (None if no reply was usable) and the round's metrics; appends the round's
         :class:`RoundRecord` to :attr:`rounds`, also when no reply was usable (with its exclusions).
         """
-        accepted, excluded = check_replies(replies, global_arrays, self.required_metrics(), self.roles,
-                                           tuple(self.statistics_request()))
+        accepted, excluded = check_replies(
+            replies, global_arrays, self.required_metrics(), self.roles, tuple(self.statistics_request())
+        )
         self.clients_by_node.update({r.node_id: r.client_id for r in accepted})
         unmerged = [name for name in global_arrays if name not in set(self.roles.merged(global_arrays))]
-        bad = {id(r): name for r in accepted if (name := non_finite_tensor(r.arrays, [n for n in unmerged if n in r.arrays]))}
-        excluded += [Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'", r.client_id) for r in accepted if id(r) in bad]
+        bad = {
+            id(r): name
+            for r in accepted
+            if (name := non_finite_tensor(r.arrays, [n for n in unmerged if n in r.arrays]))
+        }
+        excluded += [
+            Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'", r.client_id)
+            for r in accepted
+            if id(r) in bad
+        ]
         accepted = [r for r in accepted if id(r) not in bad]
         while accepted:
             arrays, rule, squared_norms, optimizer_state = self._merge(accepted, global_arrays, server_round)
@@ -321,7 +344,11 @@ class MergingStrategy(FlowerFedAvg):
             bad = {id(r): name for r in flagged if (name := non_finite_tensor(r.arrays)) is not None}
             if not bad:
                 break
-            excluded += [Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'", r.client_id) for r in accepted if id(r) in bad]
+            excluded += [
+                Exclusion(r.node_id, f"non-finite values in tensor '{bad[id(r)]}'", r.client_id)
+                for r in accepted
+                if id(r) in bad
+            ]
             accepted = [r for r in accepted if id(r) not in bad]
         for exclusion in excluded:
             who = f"node {exclusion.node_id}" if exclusion.client_id is None else f"client {exclusion.client_id}"
@@ -365,8 +392,11 @@ class MergingStrategy(FlowerFedAvg):
             merged = {}
             for name, delta in iter_merge(rule, task_vectors, names, squared_norms):
                 delta = step(name, delta)
-                made = fold(base, folded[name], delta, self.lora_scaling, self.server_lr) if name in folded else {
-                    name: apply_update(base[name], delta, self.server_lr)}
+                made = (
+                    fold(base, folded[name], delta, self.lora_scaling, self.server_lr)
+                    if name in folded
+                    else {name: apply_update(base[name], delta, self.server_lr)}
+                )
                 merged.update({key: to_array(value) for key, value in made.items()})
         present = [accepted[t] for t in rule.present]  # those of weight > 0: rule.p is theirs
         arrays = assemble(global_arrays, merged, present, self.roles, self.statistics_rule, rule.p)
@@ -389,14 +419,20 @@ class MergingStrategy(FlowerFedAvg):
             merged[name] = to_array(apply_update(base[name], step(name, delta), self.server_lr))
         coefficients = rule.linear_coefficients()
         if coefficients is None:
-            raise FedmergeError(f"lora='stack' is exact only for rules that are weighted sums (fedavg, fednova by steps "
-                                f"or lr-sum), not {rule.name!r}; use lora='dense', exact for every rule.")
+            raise FedmergeError(
+                f"lora='stack' is exact only for rules that are weighted sums (fedavg, fednova by steps "
+                f"or lr-sum), not {rule.name!r}; use lora='dense', exact for every rule."
+            )
         present = [models[t] for t in rule.present]
         for layer in layers:
             for t, model in zip(rule.present, present):
-                squared_norms[t] += sum(float(((model[n].double() - base[n].double()) ** 2).sum()) for n in (layer.a, layer.b))
+                squared_norms[t] += sum(
+                    float(((model[n].double() - base[n].double()) ** 2).sum()) for n in (layer.a, layer.b)
+                )
             delta = step(layer.weight, stacked_delta(present, base, layer, self.lora_scaling, coefficients))
-            merged.update({k: to_array(v) for k, v in fold(base, layer, delta, self.lora_scaling, self.server_lr).items()})
+            merged.update(
+                {k: to_array(v) for k, v in fold(base, layer, delta, self.lora_scaling, self.server_lr).items()}
+            )
         return merged
 
     def _record(self, server_round, rule, accepted, squared_norms, excluded) -> RoundRecord:

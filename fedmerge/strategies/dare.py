@@ -18,8 +18,9 @@ class _Dare(MethodStrategy):
 
     def build_rule(self, replies, weights):
         clients = [r.node_id if r.client_id is None else r.client_id for r in replies]
-        return DareRule(**self.params, elect_sign=self.elect_sign, weights=weights, clients=clients,
-                        draw=getattr(self, "_round", 0))
+        return DareRule(
+            **self.params, elect_sign=self.elect_sign, weights=weights, clients=clients, draw=getattr(self, "_round", 0)
+        )
 
 
 class DareLinear(_Dare):

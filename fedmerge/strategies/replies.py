@@ -77,17 +77,24 @@ def _records(node_id: int, content: RecordDict, required_statistics: Sequence[st
             f"and {len(content.metric_records)}, besides the statistics for merging asked for (ArrayRecords under "
             f"{', '.join(repr(k) for k in contract.MERGING_STATISTICS)}) ({CONTRACT_DOC})."
         )
-    statistics = {key: content.array_records[key] for key in contract.MERGING_STATISTICS if key in content.array_records}
+    statistics = {
+        key: content.array_records[key] for key in contract.MERGING_STATISTICS if key in content.array_records
+    }
     missing = [key for key in required_statistics if key not in statistics]
     if missing:
-        raise FedmergeError(f"node {node_id}: the reply lacks its '{missing[0]}' record, the statistics this strategy "
-                            f"merges by; the train message asked for it (config '{missing[0]}'): send it as an "
-                            f"ArrayRecord under '{missing[0]}' ({CONTRACT_DOC}).")
+        raise FedmergeError(
+            f"node {node_id}: the reply lacks its '{missing[0]}' record, the statistics this strategy "
+            f"merges by; the train message asked for it (config '{missing[0]}'): send it as an "
+            f"ArrayRecord under '{missing[0]}' ({CONTRACT_DOC})."
+        )
     return weights[0], dict(next(iter(content.metric_records.values()))), statistics
 
 
 def check_replies(
-    replies: Iterable[Message], global_arrays: ArrayRecord, required_metrics: Sequence[str], roles: TensorRoles,
+    replies: Iterable[Message],
+    global_arrays: ArrayRecord,
+    required_metrics: Sequence[str],
+    roles: TensorRoles,
     required_statistics: Sequence[str] = (),
 ) -> tuple[list[ClientReply], list[Exclusion]]:
     """Split replies into accepted ones (ordered by client id) and exclusions; raise on a contract breach.
@@ -105,28 +112,47 @@ def check_replies(
         arrays, metrics, statistics = _records(node_id, content, required_statistics)
         client = metrics.get(contract.CLIENT_ID)
         if roles.private and not isinstance(client, int):
-            raise FedmergeError(f"node {node_id}: the reply lacks its '{contract.CLIENT_ID}' (an int), which tells whose "
-                                f"private tensors it carries ({CONTRACT_DOC}).")
+            raise FedmergeError(
+                f"node {node_id}: the reply lacks its '{contract.CLIENT_ID}' (an int), which tells whose "
+                f"private tensors it carries ({CONTRACT_DOC})."
+            )
         expected = {name: described[name] for name in roles.for_client(described, client)}
         if roles.private:
-            check_like(f"node {node_id}'s reply", RecordTensors(arrays), expected, f"the shared and client {client}'s own",
-                       f"a client sends back the shared tensors it received and its own private ones ({CONTRACT_DOC})")
+            check_like(
+                f"node {node_id}'s reply",
+                RecordTensors(arrays),
+                expected,
+                f"the shared and client {client}'s own",
+                f"a client sends back the shared tensors it received and its own private ones ({CONTRACT_DOC})",
+            )
         else:
-            check_like(f"node {node_id}'s reply", RecordTensors(arrays), expected, "the global model's",
-                       f"a client sends back exactly the tensors it received, as received ({CONTRACT_DOC})")
+            check_like(
+                f"node {node_id}'s reply",
+                RecordTensors(arrays),
+                expected,
+                "the global model's",
+                f"a client sends back exactly the tensors it received, as received ({CONTRACT_DOC})",
+            )
         for key in required_metrics:
             _check_metric(node_id, metrics, key)
         bad = {key: name for key in required_statistics if (name := non_finite_tensor(statistics[key]))}
         if bad:
             key = next(iter(bad))
-            excluded.append(Exclusion(node_id, f"non-finite values in its '{key}' statistics, tensor '{bad[key]}'",
-                                      client if isinstance(client, int) else None))
+            excluded.append(
+                Exclusion(
+                    node_id,
+                    f"non-finite values in its '{key}' statistics, tensor '{bad[key]}'",
+                    client if isinstance(client, int) else None,
+                )
+            )
             continue
         accepted.append(ClientReply(node_id, arrays, metrics, content, statistics))
     accepted.sort(key=lambda r: (r.client_id, r.node_id))
     for first, second in zip(accepted, accepted[1:]):
         if first.client_id == second.client_id:
-            raise FedmergeError(f"nodes {first.node_id} and {second.node_id} both reply as client {first.client_id}: two "
-                                f"SuperNodes with one '{contract.CLIENT_ID}' (partition-id) would be merged as two "
-                                "clients of one client's data; give each node its own partition-id.")
+            raise FedmergeError(
+                f"nodes {first.node_id} and {second.node_id} both reply as client {first.client_id}: two "
+                f"SuperNodes with one '{contract.CLIENT_ID}' (partition-id) would be merged as two "
+                "clients of one client's data; give each node its own partition-id."
+            )
     return accepted, excluded

@@ -36,7 +36,9 @@ class TensorRoles:
         private = dict(private or {})
         bad = next(((n, c) for n, c in private.items() if isinstance(c, bool) or not isinstance(c, int) or c < 0), None)
         if bad is not None:
-            raise FedmergeError(f"private maps tensor names to client ids (integers ≥ 0); {bad[0]!r} maps to {bad[1]!r}.")
+            raise FedmergeError(
+                f"private maps tensor names to client ids (integers ≥ 0); {bad[0]!r} maps to {bad[1]!r}."
+            )
         if isinstance(statistics, str):
             if statistics != "auto":
                 raise FedmergeError(f"statistics must be 'auto' or a list of tensor names, got {statistics!r}.")
@@ -65,8 +67,14 @@ def subset(arrays: ArrayRecord, names: Sequence[str]) -> ArrayRecord:
     return ArrayRecord({name: arrays[name] for name in names})
 
 
-def assemble(global_arrays: ArrayRecord, merged: Mapping, replies: Sequence, roles: TensorRoles, statistics_rule: str,
-             p: Sequence[float]) -> ArrayRecord:
+def assemble(
+    global_arrays: ArrayRecord,
+    merged: Mapping,
+    replies: Sequence,
+    roles: TensorRoles,
+    statistics_rule: str,
+    p: Sequence[float],
+) -> ArrayRecord:
     """The new global model in ``global_arrays``' order: the rule's ``merged`` arrays; each private tensor from its
     owner's reply among ``replies`` (the accepted ones), else as it was; statistics kept (``keep``) or the
     p-weighted mean of the replies' (``average``: a variance stays non-negative, a counter is rounded)."""

@@ -52,8 +52,10 @@ class Scaffold(MethodStrategy):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._num_clients, self._sent_round = len(list(grid.get_node_ids())), server_round
         control = {name: self.control.get(name) for name in self._controlled_names(arrays)}
-        record = {name: to_array(torch.zeros_like(array_view(arrays[name]), dtype=torch.float32) if c is None else c)
-                  for name, c in control.items()}
+        record = {
+            name: to_array(torch.zeros_like(array_view(arrays[name]), dtype=torch.float32) if c is None else c)
+            for name, c in control.items()
+        }
         for message in messages:
             message.content[contract.CONTROL] = ArrayRecord(record)
         return messages
@@ -80,8 +82,9 @@ class Scaffold(MethodStrategy):
         present = [replies[t] for t in rule.present]
         names = self._controlled_names(global_arrays)
         base = OnDevice(RecordTensors(subset(global_arrays, names)), self.device)
-        task_vectors = [TaskVector(OnDevice(RecordTensors(subset(r.arrays, names)), self.device), base)
-                        for r in present]
+        task_vectors = [
+            TaskVector(OnDevice(RecordTensors(subset(r.arrays, names)), self.device), base) for r in present
+        ]
         share = min(1.0, len(present) / (self._num_clients or len(present)))
         lr_sums = [float(r.metrics[contract.LR_SUM]) for r in present]
         updated = next_control(self.control, task_vectors, rule.p, lr_sums, share)

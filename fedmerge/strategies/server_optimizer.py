@@ -28,8 +28,13 @@ import torch
 from fedmerge.errors import FedmergeError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
-USES = {"sgd": (), "momentum": ("momentum",), "adam": ("beta_1", "beta_2", "tau"), "yogi": ("beta_1", "beta_2", "tau"),
-        "adagrad": ("tau",)}
+USES = {
+    "sgd": (),
+    "momentum": ("momentum",),
+    "adam": ("beta_1", "beta_2", "tau"),
+    "yogi": ("beta_1", "beta_2", "tau"),
+    "adagrad": ("tau",),
+}
 """The hyperparameters each optimizer reads."""
 
 State = dict[str, torch.Tensor]
@@ -69,22 +74,26 @@ class ServerOptimizer:
                 raise FedmergeError(f"server_{field.name} must be {bounds}, got {value!r}.")
             if field.name not in USES[self.name] and value != field.default:
                 users = [name for name, used in USES.items() if field.name in used]
-                raise FedmergeError(f"server_{field.name} = {value!r} has no effect with server_optimizer = "
-                                    f"{self.name!r} (only {' and '.join(users)} read it); drop it, or choose "
-                                    f"{' or '.join(users)}.")
+                raise FedmergeError(
+                    f"server_{field.name} = {value!r} has no effect with server_optimizer = "
+                    f"{self.name!r} (only {' and '.join(users)} read it); drop it, or choose "
+                    f"{' or '.join(users)}."
+                )
 
     def params(self) -> dict:
         """The optimizer and the hyperparameters it reads (for records and summaries)."""
         return {"optimizer": self.name, **{name: getattr(self, name) for name in USES[self.name]}}
 
-    def step(self, delta: torch.Tensor, state: Mapping[str, torch.Tensor] | None,
-             server_round: int) -> tuple[torch.Tensor, State]:
+    def step(
+        self, delta: torch.Tensor, state: Mapping[str, torch.Tensor] | None, server_round: int
+    ) -> tuple[torch.Tensor, State]:
         """u_r for one floating tensor's Δ_r, in its dtype, and the tensor's new state, from its state after the
         previous round (None at first); the state is kept in float32 or wider, where Δ_r lives."""
         if self.name == "sgd":
             return delta, {}
-        direction, state = STEPS[self.name](self, delta.to(torch.promote_types(delta.dtype, torch.float32)),
-                                            state or {}, server_round)
+        direction, state = STEPS[self.name](
+            self, delta.to(torch.promote_types(delta.dtype, torch.float32)), state or {}, server_round
+        )
         return direction.to(delta.dtype), state
 
 

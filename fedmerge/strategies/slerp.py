@@ -29,7 +29,9 @@ class Slerp(MethodStrategy):
         """As every strategy, refusing a round that would train other than two clients."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if len(messages) != 2:
-            raise FedmergeError(f"SLERP interpolates between exactly two clients, but round {server_round} would train "
-                                f"{len(messages)}: run it with two clients (or set fraction_train so that two train), "
-                                "or use karcher, the spherical mean of any number of clients.")
+            raise FedmergeError(
+                f"SLERP interpolates between exactly two clients, but round {server_round} would train "
+                f"{len(messages)}: run it with two clients (or set fraction_train so that two train), "
+                "or use karcher, the spherical mean of any number of clients."
+            )
         return messages

@@ -24,8 +24,14 @@ def query_messages(strategy, arrays: ArrayRecord, node_ids: Iterable[int]) -> li
     """One ``query`` message per node asking it to re-estimate the statistics of ``arrays`` (each node sent what
     ``strategy`` would send it to train: shared tensors and its own private ones)."""
     config = ConfigRecord({contract.QUERY: contract.STATISTICS})
-    return [Message(RecordDict({contract.ARRAYS: strategy.arrays_for(node, arrays), contract.CONFIG: config}),
-                    dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+    return [
+        Message(
+            RecordDict({contract.ARRAYS: strategy.arrays_for(node, arrays), contract.CONFIG: config}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in node_ids
+    ]
 
 
 def combine(parts: Sequence[tuple[Mapping[str, torch.Tensor], int]], names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -52,19 +58,31 @@ def _unpack(reply: Message, names: Sequence[str]) -> tuple[dict[str, torch.Tenso
     arrays = next(iter(reply.content.array_records.values()))
     count = dict(next(iter(reply.content.metric_records.values()))).get(contract.NUM_BATCHES)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise FedmergeError(f"node {node}: a statistics reply needs '{contract.NUM_BATCHES}', a positive int, got "
-                            f"{count!r} (docs/client-contract.md).")
+        raise FedmergeError(
+            f"node {node}: a statistics reply needs '{contract.NUM_BATCHES}', a positive int, got "
+            f"{count!r} (docs/client-contract.md)."
+        )
     missing = [name for name in names if name not in arrays]
     if missing:
-        raise FedmergeError(f"node {node}: its statistics reply lacks {missing[0]!r}; reply with every statistic received.")
+        raise FedmergeError(
+            f"node {node}: its statistics reply lacks {missing[0]!r}; reply with every statistic received."
+        )
     return {name: array_view(arrays[name]) for name in names}, count
 
 
-def reestimate(grid: Grid, strategy, arrays: ArrayRecord, names: Sequence[str], node_ids: Iterable[int],
-               timeout: float | None = None) -> ArrayRecord:
+def reestimate(
+    grid: Grid,
+    strategy,
+    arrays: ArrayRecord,
+    names: Sequence[str],
+    node_ids: Iterable[int],
+    timeout: float | None = None,
+) -> ArrayRecord:
     """``arrays`` with the statistics ``names`` re-estimated by the clients on ``node_ids`` (see the module)."""
     if not names:
         return arrays
     replies = grid.send_and_receive(query_messages(strategy, arrays, node_ids), timeout=timeout)
     combined = combine([_unpack(reply, names) for reply in replies], names)
-    return ArrayRecord({name: to_array(combined[name]) if name in combined else array for name, array in arrays.items()})
+    return ArrayRecord(
+        {name: to_array(combined[name]) if name in combined else array for name, array in arrays.items()}
+    )

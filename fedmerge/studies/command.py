@@ -13,11 +13,23 @@ made by the same code are reused.
 
 
 def register(subparsers) -> None:
-    findings = subparsers.add_parser("findings", description=FINDINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    findings.add_argument("--out", type=Path, default=Path("docs/findings.md"), metavar="FILE.md",
-                          help="the page to write (default: docs/findings.md); figures go to docs/findings/")
-    findings.add_argument("--work", type=Path, default=Path("results/studies"), metavar="DIR",
-                          help="where the studies run (resumable; default: results/studies)")
+    findings = subparsers.add_parser(
+        "findings", description=FINDINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    findings.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/findings.md"),
+        metavar="FILE.md",
+        help="the page to write (default: docs/findings.md); figures go to docs/findings/",
+    )
+    findings.add_argument(
+        "--work",
+        type=Path,
+        default=Path("results/studies"),
+        metavar="DIR",
+        help="where the studies run (resumable; default: results/studies)",
+    )
     findings.add_argument("--no-run", action="store_true", help="write the page from the results already in --work")
     findings.add_argument("--no-progress", action="store_true", help="no live progress bar inside each cell")
     findings.set_defaults(handler=findings_command)

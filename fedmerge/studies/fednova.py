@@ -71,8 +71,13 @@ class Recipe:
     schedule: str = "constant"
 
     def training(self) -> dict:
-        return {"optimizer": self.optimizer, "schedule": self.schedule, "lr": {"geometric": list(self.lr)},
-                "steps": {"geometric": list(self.steps)}, "batch_size": BATCH}
+        return {
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "lr": {"geometric": list(self.lr)},
+            "steps": {"geometric": list(self.steps)},
+            "batch_size": BATCH,
+        }
 
 
 @dataclass(frozen=True)
@@ -83,23 +88,47 @@ class Study:
     role: str
 
 
-UPDATE_SIZE = Study(UPDATE_SIZE_NAME, {
-    "sgd-small": Recipe("sgd", (0.0025, 0.04), (25, 400), "SGD, small learning rates and few steps"),
-    "sgd-large": Recipe("sgd", (0.0125, 0.2), (75, 1200), "SGD, large learning rates and many steps"),
-    "momentum-large": Recipe("momentum", (0.00625, 0.1), (75, 1200), "SGD with momentum 0.9: the claim-2 study's recipe"),
-    "adamw-small": Recipe("adamw", (1e-5, 1.6e-4), (75, 1200), "AdamW at a small learning rate (the paper's 1e-5 CLIP "
-                          "recipe, scaled)"),
-    "adamw-large": Recipe("adamw", (2.5e-4, 4e-3), (75, 1200), "AdamW at a usual learning rate"),
-}, tuple(range(5)), "exploratory: the recipes and seeds mean-direction was designed on")
-HELD_OUT = Study(HELD_OUT_NAME, {
-    "crossed-momentum": Recipe("momentum", (0.08, 0.01), (50, 400), "SGD with momentum, learning rates falling as "
-                               "steps rise, 8x spreads (client 0: largest rate, fewest steps; equal Σ lr)"),
-    "adamw-cosine": Recipe("adamw", (1e-4, 8e-4), (100, 800), "AdamW with a cosine schedule, 8x spreads",
-                           schedule="cosine"),
-    "mnist1d-tasks-adamw": Recipe("adamw", (1e-3, 8e-3), (100, 800), "AdamW on mnist1d transform tasks (a private head "
-                                  "each; width 128, θ0 pretrained 50 steps)", suite="mnist1d",
-                                  options={"partition": "tasks", "hidden": 128, "pretrain_steps": 50}),
-}, tuple(range(5, 10)), "confirmatory: recipes and seeds not used to design mean-direction")
+UPDATE_SIZE = Study(
+    UPDATE_SIZE_NAME,
+    {
+        "sgd-small": Recipe("sgd", (0.0025, 0.04), (25, 400), "SGD, small learning rates and few steps"),
+        "sgd-large": Recipe("sgd", (0.0125, 0.2), (75, 1200), "SGD, large learning rates and many steps"),
+        "momentum-large": Recipe(
+            "momentum", (0.00625, 0.1), (75, 1200), "SGD with momentum 0.9: the claim-2 study's recipe"
+        ),
+        "adamw-small": Recipe(
+            "adamw", (1e-5, 1.6e-4), (75, 1200), "AdamW at a small learning rate (the paper's 1e-5 CLIP recipe, scaled)"
+        ),
+        "adamw-large": Recipe("adamw", (2.5e-4, 4e-3), (75, 1200), "AdamW at a usual learning rate"),
+    },
+    tuple(range(5)),
+    "exploratory: the recipes and seeds mean-direction was designed on",
+)
+HELD_OUT = Study(
+    HELD_OUT_NAME,
+    {
+        "crossed-momentum": Recipe(
+            "momentum",
+            (0.08, 0.01),
+            (50, 400),
+            "SGD with momentum, learning rates falling as "
+            "steps rise, 8x spreads (client 0: largest rate, fewest steps; equal Σ lr)",
+        ),
+        "adamw-cosine": Recipe(
+            "adamw", (1e-4, 8e-4), (100, 800), "AdamW with a cosine schedule, 8x spreads", schedule="cosine"
+        ),
+        "mnist1d-tasks-adamw": Recipe(
+            "adamw",
+            (1e-3, 8e-3),
+            (100, 800),
+            "AdamW on mnist1d transform tasks (a private head each; width 128, θ0 pretrained 50 steps)",
+            suite="mnist1d",
+            options={"partition": "tasks", "hidden": 128, "pretrain_steps": 50},
+        ),
+    },
+    tuple(range(5, 10)),
+    "confirmatory: recipes and seeds not used to design mean-direction",
+)
 STUDIES = {study.name: study for study in (UPDATE_SIZE, HELD_OUT)}
 
 
@@ -110,8 +139,18 @@ def code() -> str:
 
 def cell_key(recipe: Recipe, seed: int, fingerprint: str) -> str:
     """What a cached cell was computed from: another recipe, seed, round count or code is computed again."""
-    text = json.dumps({"recipe": asdict(recipe), "clients": CLIENTS, "rounds": ROUNDS, "seed": seed,
-                       "normalisers": NORMALISERS, "code": fingerprint}, sort_keys=True, default=dict)
+    text = json.dumps(
+        {
+            "recipe": asdict(recipe),
+            "clients": CLIENTS,
+            "rounds": ROUNDS,
+            "seed": seed,
+            "normalisers": NORMALISERS,
+            "code": fingerprint,
+        },
+        sort_keys=True,
+        default=dict,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -134,8 +173,10 @@ class Clients:
     def __init__(self, recipe: Recipe, seed: int) -> None:
         self.fed = fed = load_suite(recipe.suite, CLIENTS, recipe.options, seed)
         if fed.statistics_names:
-            raise FedmergeError(f"the FedNova study merges task vectors only; suite {recipe.suite!r} has normalisation "
-                                "statistics to re-estimate: use a suite without BatchNorm.")
+            raise FedmergeError(
+                f"the FedNova study merges task vectors only; suite {recipe.suite!r} has normalisation "
+                "statistics to re-estimate: use a suite without BatchNorm."
+            )
         self.shared = list(fed.shared_names)
         self.owned = [[k for k, owner in fed.private_names.items() if owner == t] for t in range(CLIENTS)]
         self.configs = client_table(recipe.training(), CLIENTS, seed)
@@ -181,8 +222,13 @@ def one_shot(clients: Clients, models, heads, results, own_val, own_test) -> dic
             if best is None or score > best[0]:
                 best = (score, scaling, beta, state)
         accuracies = clients.accuracies(best[3], heads, "test")
-        out[normaliser] = {"scaling": best[1], "server_lr": best[2], "val": best[0],
-                           "normalized_accuracy": normalized(accuracies, own_test), "task_accuracy": accuracies}
+        out[normaliser] = {
+            "scaling": best[1],
+            "server_lr": best[2],
+            "val": best[0],
+            "normalized_accuracy": normalized(accuracies, own_test),
+            "task_accuracy": accuracies,
+        }
     return out
 
 
@@ -208,21 +254,40 @@ def run_cell(study: Study, recipe_name: str, seed: int, fingerprint: str) -> dic
     clients = Clients(recipe, seed)
     fed = clients.fed
     models, heads, results = clients.train(clients.theta0, clients.heads0, [(0, total) for total in clients.totals])
-    own = {split: [fed.evaluate(fed.model_from({**m, **h}, "cpu"), task, split)["accuracy"]
-                   for m, h, task in zip(models, heads, fed.tasks)] for split in ("val", "test")}
+    own = {
+        split: [
+            fed.evaluate(fed.model_from({**m, **h}, "cpu"), task, split)["accuracy"]
+            for m, h, task in zip(models, heads, fed.tasks)
+        ]
+        for split in ("val", "test")
+    }
     return {
-        "study": study.name, "key": cell_key(recipe, seed, fingerprint), "code": fingerprint, "recipe": recipe_name,
-        "seed": seed, "suite": recipe.suite, "options": dict(recipe.options), "clients": CLIENTS, "rounds": ROUNDS,
-        "optimizer": recipe.optimizer, "schedule": recipe.schedule, "description": recipe.description,
-        "training": recipe.training(), "tasks": [t.name for t in fed.tasks],
+        "study": study.name,
+        "key": cell_key(recipe, seed, fingerprint),
+        "code": fingerprint,
+        "recipe": recipe_name,
+        "seed": seed,
+        "suite": recipe.suite,
+        "options": dict(recipe.options),
+        "clients": CLIENTS,
+        "rounds": ROUNDS,
+        "optimizer": recipe.optimizer,
+        "schedule": recipe.schedule,
+        "description": recipe.description,
+        "training": recipe.training(),
+        "tasks": [t.name for t in fed.tasks],
         "evaluation": {split: [len(task.split(split)) for task in fed.tasks] for split in ("val", "test")},
         "tensors": {"shared": len(clients.shared), "private": len(fed.private_names)},
-        "lr": [c.lr for c in clients.configs], "steps": [r.num_steps for r in results],
-        "lr_sum": [r.lr_sum for r in results], "norm": [norm(m, clients.theta0) for m in models],
-        "theta0_accuracy": clients.accuracies(clients.theta0, clients.heads0, "test"), "own_accuracy": own["test"],
+        "lr": [c.lr for c in clients.configs],
+        "steps": [r.num_steps for r in results],
+        "lr_sum": [r.lr_sum for r in results],
+        "norm": [norm(m, clients.theta0) for m in models],
+        "theta0_accuracy": clients.accuracies(clients.theta0, clients.heads0, "test"),
+        "own_accuracy": own["test"],
         "one_shot": one_shot(clients, models, heads, results, own["val"], own["test"]),
         "multi_round": multi_round(clients, own["test"]),
-        "shipped_default": DEFAULT_NORMALIZE_BY, "seconds": round(time.perf_counter() - started, 2),
+        "shipped_default": DEFAULT_NORMALIZE_BY,
+        "seconds": round(time.perf_counter() - started, 2),
     }
 
 
@@ -233,8 +298,14 @@ def _reusable(path: Path, key: str) -> bool:
         return False  # missing or unreadable: computed again
 
 
-def run_study(work: Path, study: Study, recipes: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-              log: Callable[[str], None] = print, fingerprint: str | None = None) -> Path:
+def run_study(
+    work: Path,
+    study: Study,
+    recipes: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    log: Callable[[str], None] = print,
+    fingerprint: str | None = None,
+) -> Path:
     """Run the (recipe, seed) cells of ``study`` (all, or the given ones) whose cached cell under
     ``work/<study>/cells`` was made by other code or settings, and remove the cells of recipes or seeds the study no
     longer has. ``fingerprint``: the code's, as taken when the run began (default: now). Returns that folder."""

@@ -23,8 +23,13 @@ from fedmerge.studies.fingerprint import code_fingerprint
 STUDIES = SWEEP_STUDIES
 
 
-def run_findings(out: Path = Path("docs/findings.md"), work: Path = Path("results/studies"), run: bool = True,
-                 show_progress: bool = True, log=print) -> Path:
+def run_findings(
+    out: Path = Path("docs/findings.md"),
+    work: Path = Path("results/studies"),
+    run: bool = True,
+    show_progress: bool = True,
+    log=print,
+) -> Path:
     """Run the studies into ``work`` (unless ``run`` is false), then write the page ``out`` and its figures."""
     started = time.perf_counter()
     work = Path(work)
@@ -47,18 +52,25 @@ def current_code() -> dict[str, str]:
     """Study → the fingerprint of the code that would make its cells now."""
     from fedmerge.studies import fednova
 
-    return {**{name: code_fingerprint() for name in SWEEP_STUDIES}, **{name: fednova.code() for name in fednova.STUDIES}}
+    return {
+        **{name: code_fingerprint() for name in SWEEP_STUDIES},
+        **{name: fednova.code() for name in fednova.STUDIES},
+    }
 
 
 def check_results(work: Path) -> None:
     """Refuse (``--no-run``) a work folder that lacks a study's results or holds results of other code."""
     if missing := missing_results(work):
-        raise FedmergeError(f"--no-run: no results of {', '.join(missing)} in --work {work}; run `fedmerge findings "
-                            f"--work {work}` without --no-run first (finished cells are reused).")
+        raise FedmergeError(
+            f"--no-run: no results of {', '.join(missing)} in --work {work}; run `fedmerge findings "
+            f"--work {work}` without --no-run first (finished cells are reused)."
+        )
     recorded = _read_code(work)
     if stale := [name for name, fingerprint in current_code().items() if recorded.get(name) != fingerprint]:
-        raise FedmergeError(f"--no-run: the results of {', '.join(stale)} in --work {work} were made by other code than "
-                            f"this; run `fedmerge findings --work {work}` without --no-run to compute them again.")
+        raise FedmergeError(
+            f"--no-run: the results of {', '.join(stale)} in --work {work} were made by other code than "
+            f"this; run `fedmerge findings --work {work}` without --no-run to compute them again."
+        )
 
 
 def run_studies(work: Path, show_progress: bool, log) -> dict[str, float]:
@@ -76,7 +88,9 @@ def run_studies(work: Path, show_progress: bool, log) -> dict[str, float]:
         run_sweep(sweep, work / name, show_progress=show_progress, log=log)
         if _finished(work / name) > before:  # cells ran: this is (part of) the cost from nothing
             timings[name] = time.perf_counter() - begun
-    write_file(work / EVALUATION, json.dumps({name: evaluation_sets(sweep) for name, sweep in sweeps.items()}, indent=1))
+    write_file(
+        work / EVALUATION, json.dumps({name: evaluation_sets(sweep) for name, sweep in sweeps.items()}, indent=1)
+    )
     begun = time.perf_counter()
     write_file(work / EXACTNESS, json.dumps(exactness.check(), indent=1))
     timings["exactness"] = time.perf_counter() - begun
@@ -111,10 +125,17 @@ def evaluation_sets(sweep) -> list[dict]:
             continue
         spec = cell.spec
         fed = load_suite(spec.suite, spec.clients, spec.suite_options, spec.seed)
-        out.append({"levels": {k: v for k, v in cell.levels.items() if k != "seed"}, "seed": spec.seed,
-                    "suite": spec.suite, "options": dict(fed.options), "metric": fed.metric,
-                    "tasks": [{"task": t.name, "val": len(t.val), "test": len(t.test)} for t in fed.tasks],
-                    "shared_test": len({id(t.test) for t in fed.tasks}) == 1})
+        out.append(
+            {
+                "levels": {k: v for k, v in cell.levels.items() if k != "seed"},
+                "seed": spec.seed,
+                "suite": spec.suite,
+                "options": dict(fed.options),
+                "metric": fed.metric,
+                "tasks": [{"task": t.name, "val": len(t.val), "test": len(t.test)} for t in fed.tasks],
+                "shared_test": len({id(t.test) for t in fed.tasks}) == 1,
+            }
+        )
     return out
 
 

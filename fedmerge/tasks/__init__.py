@@ -64,8 +64,9 @@ def check_federation(fed: Any, path: str, num_clients: int) -> None:
     if not isinstance(fed, Federation):
         raise FedmergeError(f"suite {path!r} returned a {type(fed).__name__}; return a fedmerge.tasks.Federation.")
     if len(fed.tasks) != num_clients:
-        raise FedmergeError(f"suite {path!r} returned {len(fed.tasks)} tasks for {num_clients} clients; "
-                            "return one Task per client.")
+        raise FedmergeError(
+            f"suite {path!r} returned {len(fed.tasks)} tasks for {num_clients} clients; return one Task per client."
+        )
     if fed.metric not in ("accuracy", "loss"):
         raise FedmergeError(f"suite {path!r}: metric must be 'accuracy' or 'loss', got {fed.metric!r}.")
     if isinstance(fed.tasks, TaskList):
@@ -87,11 +88,24 @@ def check_task(path: str, t: int, task: Any) -> None:
     for split in ("train", "val", "test"):
         data = getattr(task, split, None)
         if not isinstance(data, Dataset) or not hasattr(data, "__len__") or len(data) == 0:
-            raise FedmergeError(f"suite {path!r}: task {t} ({getattr(task, 'name', '?')}) {split} must be a "
-                                f"non-empty map-style torch Dataset, got {type(data).__name__}.")
+            raise FedmergeError(
+                f"suite {path!r}: task {t} ({getattr(task, 'name', '?')}) {split} must be a "
+                f"non-empty map-style torch Dataset, got {type(data).__name__}."
+            )
 
 
 load_suite.cache_clear = _build.cache_clear  # forget the in-process federations (tests, long sessions)
 
 
-__all__ = ["Federation", "Option", "Suite", "Task", "TaskList", "find_suite", "forward", "installed", "load_suite", "load_weights"]
+__all__ = [
+    "Federation",
+    "Option",
+    "Suite",
+    "Task",
+    "TaskList",
+    "find_suite",
+    "forward",
+    "installed",
+    "load_suite",
+    "load_weights",
+]

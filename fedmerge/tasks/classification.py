@@ -18,6 +18,7 @@ from fedmerge.options import Option, choice, fraction, non_negative_int, positiv
 from fedmerge.tasks.partition import label_partition, label_proportions, matching_subset, split_indices
 from fedmerge.tasks.pretrain import pretrain
 
+
 def pretrain_options(fraction_default: float, steps_default: int, lr_default: float = 1e-3) -> dict[str, Option]:
     """The options every classification suite shares (θ0's pretraining and the val / test split), with
     the suite's defaults."""
@@ -46,22 +47,42 @@ def _subset(x: torch.Tensor, y: torch.Tensor, index: np.ndarray) -> TensorDatase
 
 
 def _federation(
-    suite: str, tasks: list[Task], options: dict, seed: int, model_fn: Callable[[], nn.Module],
-    pretrain_sets: Sequence[tuple[TensorDataset, int]], cache_key: dict, global_test: TensorDataset | None = None,
+    suite: str,
+    tasks: list[Task],
+    options: dict,
+    seed: int,
+    model_fn: Callable[[], nn.Module],
+    pretrain_sets: Sequence[tuple[TensorDataset, int]],
+    cache_key: dict,
+    global_test: TensorDataset | None = None,
 ) -> Federation:
     def pretrain_fn(model: nn.Module) -> dict[str, torch.Tensor]:
         return pretrain(model, pretrain_sets, F.cross_entropy, options["pretrain_steps"], options["pretrain_lr"], seed)
 
     return Federation(
-        suite=suite, tasks=tasks, options=options, seed=seed, metric="accuracy", model_fn=model_fn,
-        loss_fn=F.cross_entropy, theta0=pretrain_fn, cache_key=cache_key, global_test=global_test,
+        suite=suite,
+        tasks=tasks,
+        options=options,
+        seed=seed,
+        metric="accuracy",
+        model_fn=model_fn,
+        loss_fn=F.cross_entropy,
+        theta0=pretrain_fn,
+        cache_key=cache_key,
+        global_test=global_test,
         eval_batch_size=IN_MEMORY_EVAL_BATCH,
     )
 
 
 def label_skewed(
-    suite: str, pool: tuple[torch.Tensor, torch.Tensor], evaluation: tuple[torch.Tensor, torch.Tensor],
-    num_clients: int, options: dict, seed: int, model_fn: Callable[[], nn.Module], cache_key: dict,
+    suite: str,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    evaluation: tuple[torch.Tensor, torch.Tensor],
+    num_clients: int,
+    options: dict,
+    seed: int,
+    model_fn: Callable[[], nn.Module],
+    cache_key: dict,
 ) -> Federation:
     """Clients share one task and one head; their training data is a label partition of the pool.
 
@@ -81,6 +102,7 @@ def label_skewed(
     parts = label_partition(labels[rest], num_clients, options, seed)
     val_index, test_index = split_indices(len(evaluation[1]), options["val_fraction"], seed + 1)
     val, test = (_subset(*evaluation, val_index), _subset(*evaluation, test_index))
+
     def task(client: int) -> Task:  # made when asked for: a worker holds the clients it trains
         train_index = rest[parts[client]]
         proportions = label_proportions(labels[train_index], num_classes)
@@ -96,14 +118,22 @@ def label_skewed(
 
 
 HEADS = ("private", "frozen")
-HEADS_OPTION = Option("private", "each client's own head: private (trained by its client alone, never merged; the "
-                      "merged model keeps each client's) | frozen (θ0's for every client, as the paper's CLIP heads)",
-                      choice(*HEADS))
+HEADS_OPTION = Option(
+    "private",
+    "each client's own head: private (trained by its client alone, never merged; the "
+    "merged model keeps each client's) | frozen (θ0's for every client, as the paper's CLIP heads)",
+    choice(*HEADS),
+)
 
 
 def multitask(
-    suite: str, pool: tuple[torch.Tensor, torch.Tensor], evaluation: tuple[torch.Tensor, torch.Tensor],
-    makers: Sequence[tuple[str, TaskMaker]], options: dict, seed: int, model_fn: Callable[[], MultiHeadNet],
+    suite: str,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    evaluation: tuple[torch.Tensor, torch.Tensor],
+    makers: Sequence[tuple[str, TaskMaker]],
+    options: dict,
+    seed: int,
+    model_fn: Callable[[], MultiHeadNet],
     cache_key: dict,
 ) -> Federation:
     """Client t's task is ``makers[t]`` applied to the pool (less the held-out part), with head t.
@@ -116,7 +146,8 @@ def multitask(
     held_out, rest = split_indices(len(y), options["pretrain_fraction"], seed)
     val_index, test_index = split_indices(len(evaluation[1]), options["val_fraction"], seed + 1)
     splits = {
-        "pretrain": (x[held_out], y[held_out]), "train": (x[rest], y[rest]),
+        "pretrain": (x[held_out], y[held_out]),
+        "train": (x[rest], y[rest]),
         "val": (evaluation[0][val_index], evaluation[1][val_index]),
         "test": (evaluation[0][test_index], evaluation[1][test_index]),
     }
@@ -124,8 +155,16 @@ def multitask(
     private = options["heads"] == "private"
     for head, (name, make) in enumerate(makers):
         data = {split: TensorDataset(*make(*tensors)) for split, tensors in splits.items()}
-        tasks.append(Task(f"{suite}:{name}", data["train"], data["val"], data["test"], head=head,
-                          private=MultiHeadNet.head_names(head) if private else ()))
+        tasks.append(
+            Task(
+                f"{suite}:{name}",
+                data["train"],
+                data["val"],
+                data["test"],
+                head=head,
+                private=MultiHeadNet.head_names(head) if private else (),
+            )
+        )
         pretrain_sets.append((data["pretrain"], head))
 
     def heads_as_asked() -> nn.Module:

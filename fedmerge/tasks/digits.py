@@ -22,12 +22,16 @@ NUM_CLASSES = 10
 EVAL_FRACTION = 0.3  # of the 1797 images, evaluation pool; the rest is the training pool
 
 OPTIONS = {
-    "kind": Option("transforms", "transforms (an input transform per client) | labels (a label group per client)",
-                   choice("transforms", "labels")),
+    "kind": Option(
+        "transforms",
+        "transforms (an input transform per client) | labels (a label group per client)",
+        choice("transforms", "labels"),
+    ),
     "hidden": Option(64, "width of the MLP's two hidden layers", positive_int),
     "heads": classification.HEADS_OPTION,
-    "batch_norm": Option(False, "a BatchNorm before each hidden ReLU (its statistics are handled as server.statistics "
-                         "says)", boolean),
+    "batch_norm": Option(
+        False, "a BatchNorm before each hidden ReLU (its statistics are handled as server.statistics says)", boolean
+    ),
     **classification.pretrain_options(0.3, 40),
 }
 DESCRIPTION = "scikit-learn 8×8 digits, a distinct task and head per client (input transforms or label groups); MLP."
@@ -68,11 +72,21 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
         groups = np.array_split(np.random.default_rng([seed, 3]).permutation(NUM_CLASSES), num_clients)
         makers = [("labels-" + "".join(map(str, sorted(g))), label_filter(g)) for g in groups]
     key = {
-        "suite": "digits", "version": VERSION, "seed": seed, "heads": num_clients, "kind": options["kind"],
+        "suite": "digits",
+        "version": VERSION,
+        "seed": seed,
+        "heads": num_clients,
+        "kind": options["kind"],
         **{k: options[k] for k in ("hidden", "pretrain_fraction", "pretrain_steps", "pretrain_lr")},
         **({"batch_norm": True} if options["batch_norm"] else {}),
     }
     return classification.multitask(
-        "digits", pool, evaluation, makers, options, seed,
-        lambda: mlp(x.shape[1], options["hidden"], NUM_CLASSES, num_clients, options["batch_norm"]), key,
+        "digits",
+        pool,
+        evaluation,
+        makers,
+        options,
+        seed,
+        lambda: mlp(x.shape[1], options["hidden"], NUM_CLASSES, num_clients, options["batch_norm"]),
+        key,
     )

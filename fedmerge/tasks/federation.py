@@ -24,8 +24,11 @@ def statistics_names(model: nn.Module) -> list[str]:
     found = []
     for prefix, module in model.named_modules():
         if isinstance(module, _NormBase) and module.track_running_stats:
-            found += [f"{prefix}.{name}" if prefix else name for name, buffer in module.named_buffers(recurse=False)
-                      if buffer is not None]
+            found += [
+                f"{prefix}.{name}" if prefix else name
+                for name, buffer in module.named_buffers(recurse=False)
+                if buffer is not None
+            ]
     return found
 
 
@@ -127,7 +130,9 @@ class Federation:
     eval_batch_size: int = 256
     eval_num_workers: int = 0
     optimum_fn: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
-    evaluate_fn: Callable[[nn.Module, Dataset, int | None], Mapping[str, float]] | None = field(default=None, repr=False)
+    evaluate_fn: Callable[[nn.Module, Dataset, int | None], Mapping[str, float]] | None = field(
+        default=None, repr=False
+    )
     suite: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -174,7 +179,9 @@ class Federation:
         """The suite's training loss: the mean over the batch."""
         return self.loss_fn(output, target)
 
-    def model_from(self, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> nn.Module:
+    def model_from(
+        self, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], device: str | torch.device | None = None
+    ) -> nn.Module:
         """The model itself, or a fresh model on ``device`` (default CPU) loaded with the given state dict.
 
         A state dict may hold a subset of the model's tensors (what the clients train): the others keep θ0.
@@ -208,15 +215,21 @@ class Federation:
         for t, task in enumerate(self.tasks):
             for name in task.private:
                 if name not in names:
-                    raise FedmergeError(f"task {t} ({task.name}) names {name!r} as private, but the model has no such "
-                                        f"tensor; give state-dict names (e.g. {names[-1]!r}).")
+                    raise FedmergeError(
+                        f"task {t} ({task.name}) names {name!r} as private, but the model has no such "
+                        f"tensor; give state-dict names (e.g. {names[-1]!r})."
+                    )
                 if name in frozen:
-                    raise FedmergeError(f"task {t} ({task.name}) names {name!r} as private, but it is frozen "
-                                        "(requires_grad=False): frozen tensors stay θ0's for every client; make it "
-                                        "trainable or leave it out of Task.private.")
+                    raise FedmergeError(
+                        f"task {t} ({task.name}) names {name!r} as private, but it is frozen "
+                        "(requires_grad=False): frozen tensors stay θ0's for every client; make it "
+                        "trainable or leave it out of Task.private."
+                    )
                 if owners.setdefault(name, t) != t:
-                    raise FedmergeError(f"tensor {name!r} is private to task {owners[name]} and to task {t}; a private "
-                                        "tensor belongs to one client (shared tensors are simply left out of Task.private).")
+                    raise FedmergeError(
+                        f"tensor {name!r} is private to task {owners[name]} and to task {t}; a private "
+                        "tensor belongs to one client (shared tensors are simply left out of Task.private)."
+                    )
         return owners
 
     @property
@@ -270,7 +283,9 @@ class Federation:
             return result if math.isfinite(result.get("loss", 0.0)) else diverged
         device = next(model.parameters()).device
         loss, correct, count = 0.0, 0, 0
-        batches = eval_batches(data, self.eval_batch_size, num_workers=self.eval_num_workers, pin_memory=True, device=device)
+        batches = eval_batches(
+            data, self.eval_batch_size, num_workers=self.eval_num_workers, pin_memory=True, device=device
+        )
         try:
             for x, y in batches:
                 output = forward(model, x, head)
@@ -300,8 +315,10 @@ class Federation:
                     with torch.no_grad():
                         self.loss_fn(forward(model, x, task.head), y)
                 except Exception as error:
-                    raise FedmergeError(f"task {t} ({task.name}): its {split} data does not fit the model and loss "
-                                        f"({type(error).__name__}: {error}).") from None
+                    raise FedmergeError(
+                        f"task {t} ({task.name}): its {split} data does not fit the model and loss "
+                        f"({type(error).__name__}: {error})."
+                    ) from None
 
     def optimum(self) -> dict[str, Any] | None:
         """Quadratic suite: ``{"theta": optimum of the uniform objective, "tasks": per-task optima}``; else None."""

@@ -34,8 +34,10 @@ def model_dir(model: str, files: str, what: str = "option 'model'") -> Path:
     if path.is_dir():
         return path
     if model.startswith(("/", ".", "~")) or path.exists():
-        raise FedmergeError(f"{what}: the model directory {path} does not exist; give a directory holding {files} "
-                            "(save_pretrained writes them), or a Hugging Face model name in the local cache.")
+        raise FedmergeError(
+            f"{what}: the model directory {path} does not exist; give a directory holding {files} "
+            "(save_pretrained writes them), or a Hugging Face model name in the local cache."
+        )
     from huggingface_hub import constants, snapshot_download
 
     try:

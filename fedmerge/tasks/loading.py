@@ -54,8 +54,10 @@ class NamedReads(Dataset):
             raise
         except Exception as error:  # a corrupt file, a user's __getitem__ failing
             first = (str(error).splitlines() or [""])[0]
-            raise FedmergeError(f"item {index}{item_file(self.dataset, index)} cannot be read ({type(error).__name__}: "
-                                f"{first}); repair or remove it.") from None
+            raise FedmergeError(
+                f"item {index}{item_file(self.dataset, index)} cannot be read ({type(error).__name__}: "
+                f"{first}); repair or remove it."
+            ) from None
 
 
 def item_file(dataset: Dataset, index: int) -> str:
@@ -87,7 +89,13 @@ def gather(dataset: Dataset, indices: torch.Tensor | Sequence[int], *, device: D
 
 
 def train_batches(
-    dataset: Dataset, batch_size: int, seed: int, *, num_workers: int = 0, pin_memory: bool = False, device: Device = None
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    device: Device = None,
 ) -> Iterator[Batch]:
     """Endless ``(inputs, targets)`` minibatches on ``device``: shuffled passes without replacement.
 
@@ -105,8 +113,14 @@ def train_batches(
     indices = _shuffled_batches(size, batch_size, torch.Generator().manual_seed(seed))
     if not isinstance(dataset, TensorDataset):
         lists = (index.tolist() for index in indices)
-        loader = _loader(NamedReads(dataset), num_workers, pin_memory, device, torch.Generator().manual_seed(seed),
-                         batch_sampler=lists)
+        loader = _loader(
+            NamedReads(dataset),
+            num_workers,
+            pin_memory,
+            device,
+            torch.Generator().manual_seed(seed),
+            batch_sampler=lists,
+        )
         for batch in _read(loader):
             yield to_device(batch, device, loader.pin_memory)
     if batch_size >= size:
@@ -128,8 +142,9 @@ def eval_batches(
         for start in range(0, len(dataset), batch_size):
             yield to_device(tuple(t[start : start + batch_size] for t in dataset.tensors), device)
         return
-    loader = _loader(NamedReads(dataset), num_workers, pin_memory, device, torch.Generator().manual_seed(0),
-                     batch_size=batch_size)
+    loader = _loader(
+        NamedReads(dataset), num_workers, pin_memory, device, torch.Generator().manual_seed(0), batch_size=batch_size
+    )
     for batch in _read(loader):
         yield to_device(batch, device, loader.pin_memory)
 
@@ -149,6 +164,10 @@ def _loader(dataset, num_workers, pin_memory, device, generator, **batching) -> 
     """A DataLoader whose workers are seeded from ``generator``; memory is pinned only for batches bound for a GPU."""
     pin = pin_memory and device is not None and torch.device(device).type == "cuda"
     return DataLoader(
-        dataset, **batching, generator=generator, num_workers=num_workers, pin_memory=pin,
+        dataset,
+        **batching,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=pin,
         persistent_workers=num_workers > 0,
     )

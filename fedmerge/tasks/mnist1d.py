@@ -20,12 +20,17 @@ VERSION = 1
 NUM_CLASSES = 10
 
 OPTIONS = {
-    "partition": Option("dirichlet", "iid | dirichlet | pathological (label skew) | tasks (a transform and head per client)",
-                        choice(*PARTITIONS, "tasks")),
+    "partition": Option(
+        "dirichlet",
+        "iid | dirichlet | pathological (label skew) | tasks (a transform and head per client)",
+        choice(*PARTITIONS, "tasks"),
+    ),
     **PARTITION_OPTIONS,
     "num_samples": Option(5000, "signals generated (80% training pool, 20% evaluation pool)", positive_int),
     "hidden": Option(64, "width of the MLP's two hidden layers", positive_int),
-    "heads": Option("private", "partition=tasks: " + classification.HEADS_OPTION.help, classification.HEADS_OPTION.check),
+    "heads": Option(
+        "private", "partition=tasks: " + classification.HEADS_OPTION.help, classification.HEADS_OPTION.check
+    ),
     **classification.pretrain_options(0.25, 300),
 }
 DESCRIPTION = "MNIST-1D signals (40 features, 10 classes), label-skewed clients or a transform per client; MLP."
@@ -57,7 +62,10 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
     tasks = options["partition"] == "tasks"
     num_heads = num_clients if tasks else 1
     key = {
-        "suite": "mnist1d", "version": VERSION, "seed": seed, "heads": num_heads,
+        "suite": "mnist1d",
+        "version": VERSION,
+        "seed": seed,
+        "heads": num_heads,
         **{k: options[k] for k in ("num_samples", "hidden", "pretrain_fraction", "pretrain_steps", "pretrain_lr")},
     }
 

@@ -36,9 +36,16 @@ def cnn(in_channels: int, width: int, num_classes: int, num_heads: int = 1) -> M
     """Two 3×3 conv + ReLU + 2×2 max-pool blocks (``width``, ``2·width`` channels), adaptive average pool
     to 4×4, then a ReLU layer of ``4·width`` features. Works at any input size ≥ 4×4."""
     encoder = nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * width, 4 * width), nn.ReLU(),
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(32 * width, 4 * width),
+        nn.ReLU(),
     )
     return MultiHeadNet(encoder, 4 * width, num_classes, num_heads)
 

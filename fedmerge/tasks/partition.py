@@ -17,10 +17,13 @@ PARTITION_OPTIONS = {
     "alpha": Option(0.5, "Dirichlet concentration α > 0 (partition=dirichlet); smaller is more skewed", positive_float),
     "classes_per_client": Option(2, "labels per client (partition=pathological)", positive_int),
     "min_partition_size": Option(10, "smallest client train set a Dirichlet draw may give", positive_int),
-    "client_eval": Option("matched", "each client's val/test sets: matched (the largest subset of the evaluation pool "
-                          "following its training label distribution: personalised, small under strong skew) | global "
-                          "(the whole val/test pool: the federation's objective, every client on the same examples)",
-                          choice("matched", "global")),
+    "client_eval": Option(
+        "matched",
+        "each client's val/test sets: matched (the largest subset of the evaluation pool "
+        "following its training label distribution: personalised, small under strong skew) | global "
+        "(the whole val/test pool: the federation's objective, every client on the same examples)",
+        choice("matched", "global"),
+    ),
 }
 
 
@@ -52,17 +55,25 @@ def label_partition(labels: np.ndarray, num_clients: int, options: dict, seed: i
         partitioner = IidPartitioner(num_partitions=num_clients)
     elif kind == "dirichlet":
         partitioner = DirichletPartitioner(
-            num_partitions=num_clients, partition_by="label", alpha=options["alpha"],
-            min_partition_size=options["min_partition_size"], self_balancing=False, seed=seed,
+            num_partitions=num_clients,
+            partition_by="label",
+            alpha=options["alpha"],
+            min_partition_size=options["min_partition_size"],
+            self_balancing=False,
+            seed=seed,
         )
     else:
         partitioner = PathologicalPartitioner(
-            num_partitions=num_clients, partition_by="label",
-            num_classes_per_partition=options["classes_per_client"], seed=seed,
+            num_partitions=num_clients,
+            partition_by="label",
+            num_classes_per_partition=options["classes_per_client"],
+            seed=seed,
         )
     partitioner.dataset = Dataset.from_dict({"index": np.arange(len(labels)), "label": labels.astype(np.int64)})
     try:
-        parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)) for i in range(num_clients)]
+        parts = [
+            np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)) for i in range(num_clients)
+        ]
     except ValueError as error:
         raise FedmergeError(
             f"cannot make a {kind!r} partition of {len(labels)} examples into {num_clients} clients ({error}); "
@@ -105,4 +116,3 @@ def split_indices(n: int, fraction_first: float, seed: int) -> tuple[np.ndarray,
     order = np.random.default_rng(seed).permutation(n)
     cut = int(round(n * fraction_first))
     return np.sort(order[:cut]), np.sort(order[cut:])
-

@@ -65,7 +65,14 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
         return {"theta": torch.from_numpy(mean).float(), "tasks": [torch.from_numpy(c).float() for c in task_centers]}
 
     return Federation(
-        suite="quadratic", tasks=tasks, options=options, seed=seed, metric="loss",
-        model_fn=lambda: Point(dim), loss_fn=squared_error,
-        theta0=lambda model: {"theta": torch.zeros(dim)}, optimum_fn=optimum, eval_batch_size=n,
+        suite="quadratic",
+        tasks=tasks,
+        options=options,
+        seed=seed,
+        metric="loss",
+        model_fn=lambda: Point(dim),
+        loss_fn=squared_error,
+        theta0=lambda model: {"theta": torch.zeros(dim)},
+        optimum_fn=optimum,
+        eval_batch_size=n,
     )

@@ -81,24 +81,34 @@ def find_suite(name: str) -> Suite:
     module_name, sep, function = path.rpartition(":")
     if not sep or not module_name or not function:
         known = ", ".join(installed())
-        raise FedmergeError(f"unknown suite {name!r}; choose one of {known}, or give your own as 'module:function' "
-                            "(a function returning a fedmerge.tasks.Federation; see docs/suites.md).")
+        raise FedmergeError(
+            f"unknown suite {name!r}; choose one of {known}, or give your own as 'module:function' "
+            "(a function returning a fedmerge.tasks.Federation; see docs/suites.md)."
+        )
     try:
-        module = _import_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+        module = (
+            _import_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+        )
     except FedmergeError:
         raise
     except ModuleNotFoundError as error:
         if error.name is not None and module_name.startswith(error.name):
-            raise FedmergeError(f"suite {path!r}: no module {module_name!r} on the Python path; put {module_name}.py "
-                                "beside the experiment file, or install the package that has it.") from None
+            raise FedmergeError(
+                f"suite {path!r}: no module {module_name!r} on the Python path; put {module_name}.py "
+                "beside the experiment file, or install the package that has it."
+            ) from None
         raise FedmergeError(f"suite {path!r}: importing {module_name} failed: {error}") from None
     except Exception as error:  # the user's module itself is broken
-        raise FedmergeError(f"suite {path!r}: importing {module_name} failed: {type(error).__name__}: {error}") from None
+        raise FedmergeError(
+            f"suite {path!r}: importing {module_name} failed: {type(error).__name__}: {error}"
+        ) from None
     build = getattr(module, function, None)
     if not callable(build):
         raise FedmergeError(f"suite {path!r}: module {module_name} has no function {function!r}.")
     options = getattr(module, "OPTIONS", None)
-    if options is not None and not (isinstance(options, Mapping) and all(isinstance(o, Option) for o in options.values())):
+    if options is not None and not (
+        isinstance(options, Mapping) and all(isinstance(o, Option) for o in options.values())
+    ):
         raise FedmergeError(f"suite {path!r}: {module_name}.OPTIONS must map option names to fedmerge.tasks.Option.")
     description = getattr(module, "DESCRIPTION", None) or (module.__doc__ or "").strip().split("\n")[0]
     file = getattr(module, "__file__", None) if name not in installed() else None

@@ -28,14 +28,22 @@ def _grid_permutations(shape: tuple[int, ...]) -> list[tuple[str, torch.Tensor, 
     if len(shape) == 1:
         n = shape[0]
         return [
-            ("identity", grid, 1.0), ("reverse", grid.flip(0), 1.0), ("negate", grid, -1.0),
-            ("reverse-negate", grid.flip(0), -1.0), (f"shift-{n // 4}", grid.roll(n // 4), 1.0),
+            ("identity", grid, 1.0),
+            ("reverse", grid.flip(0), 1.0),
+            ("negate", grid, -1.0),
+            ("reverse-negate", grid.flip(0), -1.0),
+            (f"shift-{n // 4}", grid.roll(n // 4), 1.0),
             (f"shift-{n // 2}", grid.roll(n // 2), 1.0),
         ]
     return [
-        ("identity", grid, 1.0), ("rot90", grid.rot90(1), 1.0), ("rot180", grid.rot90(2), 1.0),
-        ("rot270", grid.rot90(3), 1.0), ("hflip", grid.flip(1), 1.0), ("vflip", grid.flip(0), 1.0),
-        ("transpose", grid.T, 1.0), ("invert", grid, -1.0),
+        ("identity", grid, 1.0),
+        ("rot90", grid.rot90(1), 1.0),
+        ("rot180", grid.rot90(2), 1.0),
+        ("rot270", grid.rot90(3), 1.0),
+        ("hflip", grid.flip(1), 1.0),
+        ("vflip", grid.flip(0), 1.0),
+        ("transpose", grid.T, 1.0),
+        ("invert", grid, -1.0),
     ]
 
 

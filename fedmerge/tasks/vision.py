@@ -71,15 +71,18 @@ def _torchvision(dataset: str, root: str, train: bool) -> tuple[torch.Tensor, to
     return data.data.unsqueeze(1), data.targets.long()
 
 
-def _folder(path: Path, image_size: int | None, max_examples: int | None, seed: int,
-            classes: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+def _folder(
+    path: Path, image_size: int | None, max_examples: int | None, seed: int, classes: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """RGB uint8 images (N, 3, H, W), labels and the class → label map of an image folder."""
     from torchvision.datasets import ImageFolder
 
     folder = ImageFolder(str(path))
     if classes is None and len(folder.classes) < 2:
-        raise FedmergeError(f"{path} holds {len(folder.classes)} class folder ({', '.join(folder.classes)}); a classifier "
-                            "needs at least two: put each class's images in a folder of its own under it.")
+        raise FedmergeError(
+            f"{path} holds {len(folder.classes)} class folder ({', '.join(folder.classes)}); a classifier "
+            "needs at least two: put each class's images in a folder of its own under it."
+        )
     classes = classes or folder.class_to_idx
     unknown = sorted(set(folder.class_to_idx) - set(classes))
     if unknown:
@@ -110,7 +113,11 @@ def read(dataset: str, root: str, image_size: int | None, max_examples: int | No
             raise _missing(dataset, root, FileNotFoundError(f"no directory {train_dir}"))
         try:
             x, y, classes = _folder(train_dir, image_size, max_examples, seed)
-            test = _folder(base / "test", image_size, max_examples, seed + 1, classes)[:2] if (base / "test").is_dir() else None
+            test = (
+                _folder(base / "test", image_size, max_examples, seed + 1, classes)[:2]
+                if (base / "test").is_dir()
+                else None
+            )
         except (FileNotFoundError, OSError) as error:
             raise _missing(dataset, root, error) from error
         return (x, y), test
@@ -135,7 +142,10 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
     train, test = read(dataset, root, size, cap, seed)
     if test is None:
         evaluation_index, pool_index = split_indices(len(train[1]), EVAL_FRACTION, seed + 7)
-        train, test = (train[0][pool_index], train[1][pool_index]), (train[0][evaluation_index], train[1][evaluation_index])
+        train, test = (
+            (train[0][pool_index], train[1][pool_index]),
+            (train[0][evaluation_index], train[1][evaluation_index]),
+        )
     train, test = _cap(train, cap, seed), _cap(test, cap, seed + 1)
     x, x_test = train[0].float() / 255, test[0].float() / 255
     if size is not None and x.shape[-1] != size:
@@ -144,11 +154,30 @@ def build(num_clients: int, options: dict, seed: int) -> Federation:
     x, x_test = (x - mean) / std, (x_test - mean) / std
     num_classes = int(max(train[1].max(), test[1].max())) + 1
     key = {
-        "suite": "vision", "version": VERSION, "seed": seed, "root": str(Path(root).expanduser().resolve()),
-        **{k: options[k] for k in ("dataset", "image_size", "max_examples", "width", "pretrain_fraction",
-                                   "pretrain_steps", "pretrain_lr")},
+        "suite": "vision",
+        "version": VERSION,
+        "seed": seed,
+        "root": str(Path(root).expanduser().resolve()),
+        **{
+            k: options[k]
+            for k in (
+                "dataset",
+                "image_size",
+                "max_examples",
+                "width",
+                "pretrain_fraction",
+                "pretrain_steps",
+                "pretrain_lr",
+            )
+        },
     }
     return classification.label_skewed(
-        "vision", (x, train[1]), (x_test, test[1]), num_clients, options, seed,
-        lambda: cnn(x.shape[1], options["width"], num_classes), key,
+        "vision",
+        (x, train[1]),
+        (x_test, test[1]),
+        num_clients,
+        options,
+        seed,
+        lambda: cnn(x.shape[1], options["width"], num_classes),
+        key,
     )

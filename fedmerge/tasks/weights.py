@@ -19,8 +19,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.is_dir():
-        raise FedmergeError(f"theta0 {path} is a directory; give a weights file, or load a Hugging Face model "
-                            "directory in model_fn with from_pretrained(...) and leave theta0 unset.")
+        raise FedmergeError(
+            f"theta0 {path} is a directory; give a weights file, or load a Hugging Face model "
+            "directory in model_fn with from_pretrained(...) and leave theta0 unset."
+        )
     if not path.is_file():
         raise FedmergeError(f"theta0 {path} does not exist; give the path of a .safetensors or .pt file.")
     try:
@@ -30,8 +32,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
                 return state
-            raise FedmergeError(f"theta0 {path} holds a {type(state).__name__}, not a state dict of tensors; "
-                                "save model.state_dict().")
+            raise FedmergeError(
+                f"theta0 {path} holds a {type(state).__name__}, not a state dict of tensors; save model.state_dict()."
+            )
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise FedmergeError(f"theta0 {path} cannot be read ({error}); is it a complete weights file?") from None
     raise FedmergeError(f"theta0 {path}: unknown format {path.suffix!r}; give .safetensors, .pt, .pth or .bin.")

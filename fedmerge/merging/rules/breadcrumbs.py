@@ -42,8 +42,13 @@ class BreadcrumbsRule(Rule):
 
     name = "breadcrumbs"
 
-    def __init__(self, density: float = 0.2, gamma: float = 0.01, elect_sign: bool = False,
-                 weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        density: float = 0.2,
+        gamma: float = 0.01,
+        elect_sign: bool = False,
+        weights: Sequence[float] | None = None,
+    ) -> None:
         super().__init__(weights)
         self.density = proportion("Breadcrumbs density", density)
         self.gamma = share("Breadcrumbs gamma", gamma)
@@ -78,22 +83,40 @@ class BreadcrumbsRule(Rule):
         return {"rule": self.name, "density": self.density, "gamma": self.gamma}
 
 
-def breadcrumbs(task_vectors, density: float = 0.2, gamma: float = 0.01, elect_sign: bool = False,
-                weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def breadcrumbs(
+    task_vectors,
+    density: float = 0.2,
+    gamma: float = 0.01,
+    elect_sign: bool = False,
+    weights: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
     """Δ of Model Breadcrumbs with density k, outlier share γ, then the mean or (``elect_sign``) TIES's disjoint mean."""
     return merge(BreadcrumbsRule(density, gamma, elect_sign, weights), task_vectors)
 
 
-GAMMA = Param("gamma", Option(0.01, "γ, the share of each task vector's largest magnitudes dropped as outliers, in "
-                              "[0, 1) (per tensor)", share))
+GAMMA = Param(
+    "gamma",
+    Option(
+        0.01, "γ, the share of each task vector's largest magnitudes dropped as outliers, in [0, 1) (per tensor)", share
+    ),
+)
 METHOD = Method(
-    "breadcrumbs", BreadcrumbsRule, "Model Breadcrumbs: each task vector without its largest (γ) and smallest "
+    "breadcrumbs",
+    BreadcrumbsRule,
+    "Model Breadcrumbs: each task vector without its largest (γ) and smallest "
     "magnitudes, k kept, then added as Task Arithmetic adds them (Davari & Belilovsky 2023)",
-    params=(DENSITY, GAMMA), tuned="density", grid=lambda norms: list(DENSITIES),
+    params=(DENSITY, GAMMA),
+    tuned="density",
+    grid=lambda norms: list(DENSITIES),
     make=lambda weights, **params: BreadcrumbsRule(**params, elect_sign=False, weights=weights),
 )
 TIES = Method(
-    "breadcrumbs-ties", BreadcrumbsRule, "Model Breadcrumbs' masks, then TIES's elected sign and disjoint mean",
-    params=(DENSITY, GAMMA), tuned="density", grid=lambda norms: list(DENSITIES), scale="mean",
+    "breadcrumbs-ties",
+    BreadcrumbsRule,
+    "Model Breadcrumbs' masks, then TIES's elected sign and disjoint mean",
+    params=(DENSITY, GAMMA),
+    tuned="density",
+    grid=lambda norms: list(DENSITIES),
+    scale="mean",
     make=lambda weights, **params: BreadcrumbsRule(**params, elect_sign=True, weights=weights),
 )

@@ -22,7 +22,14 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.rules.krum import (
-    check_count, finite_count, krum_scores, least, malicious, require_clients, spread, squared_distances,
+    check_count,
+    finite_count,
+    krum_scores,
+    least,
+    malicious,
+    require_clients,
+    spread,
+    squared_distances,
 )
 from fedmerge.merging.rules.median import MedianRule
 from fedmerge.merging.tensors import Tensors, gram_matrix
@@ -92,18 +99,35 @@ class BulyanRule(Rule):
         return {"rule": self.name, "num_malicious_nodes": self.malicious, "selection": self.selection, **chosen}
 
 
-def bulyan(task_vectors: Sequence[Tensors], num_malicious_nodes: int = 0, selection: str = "recursive",
-           ) -> dict[str, torch.Tensor]:
+def bulyan(
+    task_vectors: Sequence[Tensors],
+    num_malicious_nodes: int = 0,
+    selection: str = "recursive",
+) -> dict[str, torch.Tensor]:
     """Δ = Bulyan over the task vectors, f = ``num_malicious_nodes``."""
     return merge(BulyanRule(num_malicious_nodes, selection), task_vectors)
 
 
 METHOD = Method(
-    "bulyan", BulyanRule, "Krum's selection of T − 2f task vectors, then per coordinate the mean of the T − 4f "
+    "bulyan",
+    BulyanRule,
+    "Krum's selection of T − 2f task vectors, then per coordinate the mean of the T − 4f "
     "nearest their median (El Mhamdi et al. 2018)",
-    params=(malicious("Bulyan needs T ≥ 4f + 3"), Param("selection", Option(
-        "recursive", "how the T − 2f updates are chosen: Krum again and again over those left (recursive, the paper's) "
-        "or the least Krum scores of one pass (multi-krum, Flower's Bulyan strategy)", choice(*SELECTIONS)))),
-    weighted=False, tuned="num_malicious_nodes", grid=lambda norms: spread(0, (finite_count(norms) - 3) // 4),
-    scale="mean", no_lambda="its paper (El Mhamdi et al. 2018) defines no λ, and with f = 0 it is the mean",
+    params=(
+        malicious("Bulyan needs T ≥ 4f + 3"),
+        Param(
+            "selection",
+            Option(
+                "recursive",
+                "how the T − 2f updates are chosen: Krum again and again over those left (recursive, the paper's) "
+                "or the least Krum scores of one pass (multi-krum, Flower's Bulyan strategy)",
+                choice(*SELECTIONS),
+            ),
+        ),
+    ),
+    weighted=False,
+    tuned="num_malicious_nodes",
+    grid=lambda norms: spread(0, (finite_count(norms) - 3) // 4),
+    scale="mean",
+    no_lambda="its paper (El Mhamdi et al. 2018) defines no λ, and with f = 0 it is the mean",
 )

@@ -21,14 +21,23 @@ from fedmerge.options import Option, choice, non_negative_float, positive_int
 from fedmerge.merging.method import Method, Param
 from fedmerge.merging.rule import Rule, merge
 from fedmerge.merging.tensors import (
-    Tensors, gram_matrix, products_with_first, read_into, source, weighted_sum_into,
+    Tensors,
+    gram_matrix,
+    products_with_first,
+    read_into,
+    source,
+    weighted_sum_into,
 )
 from fedmerge.merging.validate import check_center
 
 
 def clipping_coefficients(
-    diagonal: np.ndarray, gram_times: Callable[[np.ndarray], np.ndarray], p: np.ndarray, radius: float | None,
-    iterations: int, has_center: bool,
+    diagonal: np.ndarray,
+    gram_times: Callable[[np.ndarray], np.ndarray],
+    p: np.ndarray,
+    radius: float | None,
+    iterations: int,
+    has_center: bool,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Run the L iterations in the span of the basis [center,] τ_1..τ_T, given its Gram matrix G as its diagonal and
     ``gram_times(v)`` = G·v: ‖τ_t − v‖² = G_tt − 2(Gv)_t + vᵀGv for every client at once, O(T²) per iteration (O(T)
@@ -71,7 +80,9 @@ class CClipRule(Rule):
     ) -> None:
         super().__init__(weights)
         if radius is not None and not (np.isfinite(radius) and radius >= 0):
-            raise FedmergeError(f"CCLIP's radius ρ must be a positive number (0 or None: the median norm), got {radius}.")
+            raise FedmergeError(
+                f"CCLIP's radius ρ must be a positive number (0 or None: the median norm), got {radius}."
+            )
         if int(iterations) != iterations or iterations < 1:
             raise FedmergeError(f"CCLIP's iterations L must be a positive integer, got {iterations}.")
         self.radius = float(radius) if radius else None
@@ -106,7 +117,11 @@ class CClipRule(Rule):
             out.add_(center, alpha=float(self.coeffs[0]))
 
     def params(self) -> dict:
-        return {"rule": self.name, "radius": self.radius if self.radius_used is None else self.radius_used, "iterations": self.iterations}
+        return {
+            "rule": self.name,
+            "radius": self.radius if self.radius_used is None else self.radius_used,
+            "iterations": self.iterations,
+        }
 
 
 def cclip(
@@ -134,16 +149,32 @@ def radius_grid(task_vector_norms: Sequence[float]) -> list[float]:
 
 
 METHOD = Method(
-    "cclip", CClipRule, "centered clipping: the mean of the task vectors clipped to radius ρ around a center "
-    "(Karimireddy et al. 2021)",
+    "cclip",
+    CClipRule,
+    "centered clipping: the mean of the task vectors clipped to radius ρ around a center (Karimireddy et al. 2021)",
     params=(
-        Param("radius", Option(0.0, "ρ, the clipping radius in the L2 norm over the whole task vector (0: the median "
-                               "of the clients' distances to the center)", non_negative_float), flag="--rho"),
+        Param(
+            "radius",
+            Option(
+                0.0,
+                "ρ, the clipping radius in the L2 norm over the whole task vector (0: the median "
+                "of the clients' distances to the center)",
+                non_negative_float,
+            ),
+            flag="--rho",
+        ),
         Param("iterations", Option(1, "L, the clipping iterations", positive_int)),
-        Param("center", Option("previous", "v_0 after the first round: the previous round's Δ (previous) or 0 (zero)",
-                               choice(*CENTERS)), scope="strategy"),
+        Param(
+            "center",
+            Option(
+                "previous", "v_0 after the first round: the previous round's Δ (previous) or 0 (zero)", choice(*CENTERS)
+            ),
+            scope="strategy",
+        ),
     ),
-    tuned="radius", grid=radius_grid, scale="mean",
+    tuned="radius",
+    grid=radius_grid,
+    scale="mean",
     no_lambda="its paper (Karimireddy et al. 2021) defines no λ, and with a radius above every ‖τ_t‖ it is the mean",
     make=lambda weights, radius=0.0, iterations=1: CClipRule(radius, iterations, None, weights),
 )

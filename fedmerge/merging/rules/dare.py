@@ -25,8 +25,9 @@ WORD = 1 << 32
 MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # lowbias32's (C. Wellons, hash-prospector): 32-bit words, low bias
 
 
-def keep_mask(seed: int, name: str, client: int, s: slice, density: float, device: torch.device,
-              draw: int = 0) -> torch.Tensor:
+def keep_mask(
+    seed: int, name: str, client: int, s: slice, density: float, device: torch.device, draw: int = 0
+) -> torch.Tensor:
     """Whether each position of ``s`` of tensor ``name`` is kept for ``client`` in draw ``draw`` (a round), made on
     ``device``: position j is kept when its 32 random bits (:func:`random_bits`), read as an unsigned number, are
     below round(density · 2³²)."""
@@ -83,8 +84,15 @@ class DareRule(Rule):
 
     name = "dare"
 
-    def __init__(self, density: float = 0.2, seed: int = 0, elect_sign: bool = False,
-                 weights: Sequence[float] | None = None, clients: Sequence[int] | None = None, draw: int = 0) -> None:
+    def __init__(
+        self,
+        density: float = 0.2,
+        seed: int = 0,
+        elect_sign: bool = False,
+        weights: Sequence[float] | None = None,
+        clients: Sequence[int] | None = None,
+        draw: int = 0,
+    ) -> None:
         super().__init__(weights)
         self.density = proportion("DARE density", density)
         self.seed = non_negative_int("DARE seed", seed)
@@ -107,20 +115,30 @@ class DareRule(Rule):
         return {"rule": self.name, "density": self.density, "seed": self.seed}
 
 
-def dare(task_vectors, density: float = 0.2, seed: int = 0, elect_sign: bool = False,
-         weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def dare(
+    task_vectors, density: float = 0.2, seed: int = 0, elect_sign: bool = False, weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Δ of DARE with density k, the draws' ``seed``, then the mean or (``elect_sign``) TIES's disjoint mean."""
     return merge(DareRule(density, seed, elect_sign, weights), task_vectors)
 
 
 SEED = Param("seed", Option(0, "the seed of the random drops (the same seed drops the same entries)", non_negative_int))
 LINEAR = Method(
-    "dare-linear", DareRule, "DARE: drop entries at random, rescale by 1/k, average (Yu et al. 2024)",
-    params=(DENSITY, SEED), tuned="density", grid=lambda norms: list(DENSITIES),
+    "dare-linear",
+    DareRule,
+    "DARE: drop entries at random, rescale by 1/k, average (Yu et al. 2024)",
+    params=(DENSITY, SEED),
+    tuned="density",
+    grid=lambda norms: list(DENSITIES),
     make=lambda weights, **params: DareRule(**params, elect_sign=False, weights=weights),
 )
 TIES = Method(
-    "dare-ties", DareRule, "DARE's random drop and rescale, then TIES's elected sign and disjoint mean",
-    params=(DENSITY, SEED), tuned="density", grid=lambda norms: list(DENSITIES),
-    make=lambda weights, **params: DareRule(**params, elect_sign=True, weights=weights), scale="mean",
+    "dare-ties",
+    DareRule,
+    "DARE's random drop and rescale, then TIES's elected sign and disjoint mean",
+    params=(DENSITY, SEED),
+    tuned="density",
+    grid=lambda norms: list(DENSITIES),
+    make=lambda weights, **params: DareRule(**params, elect_sign=True, weights=weights),
+    scale="mean",
 )

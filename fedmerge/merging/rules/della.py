@@ -52,15 +52,24 @@ class DellaRule(Rule):
 
     name = "della"
 
-    def __init__(self, density: float = 0.2, epsilon: float = 0.15, seed: int = 0,
-                 weights: Sequence[float] | None = None, clients: Sequence[int] | None = None, draw: int = 0) -> None:
+    def __init__(
+        self,
+        density: float = 0.2,
+        epsilon: float = 0.15,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+        clients: Sequence[int] | None = None,
+        draw: int = 0,
+    ) -> None:
         super().__init__(weights)
         self.density = proportion("DELLA density", density)
         self.epsilon = non_negative_float("DELLA epsilon", epsilon)
         if self.density < 1 and not self.epsilon < min(self.density, 1 - self.density):
-            raise FedmergeError(f"DELLA keeps entries with probabilities k ± ε, which must lie in (0, 1): density k = "
-                                f"{self.density:g} needs epsilon ε < {min(self.density, 1 - self.density):g}, got "
-                                f"{self.epsilon:g}.")
+            raise FedmergeError(
+                f"DELLA keeps entries with probabilities k ± ε, which must lie in (0, 1): density k = "
+                f"{self.density:g} needs epsilon ε < {min(self.density, 1 - self.density):g}, got "
+                f"{self.epsilon:g}."
+            )
         self.seed = non_negative_int("DELLA seed", seed)
         self.clients = clients  # each client's identity in the draws (default: its position)
         self.draw = draw  # a round's number: each round drops other entries
@@ -97,21 +106,33 @@ class DellaRule(Rule):
         return {"rule": self.name, "density": self.density, "epsilon": self.epsilon, "seed": self.seed}
 
 
-def della(task_vectors, density: float = 0.2, epsilon: float = 0.15, seed: int = 0,
-          weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def della(
+    task_vectors, density: float = 0.2, epsilon: float = 0.15, seed: int = 0, weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Δ of DELLA (MagPrune's drops with density k and half-width ε, the draws' ``seed``; TIES's disjoint mean)."""
     return merge(DellaRule(density, epsilon, seed, weights), task_vectors)
 
 
 DELLA_DENSITIES = (0.2, 0.3, 0.5, 0.7)  # searched one-shot: k ± ε in (0, 1) for ε up to mergekit's default 0.15
 METHOD = Method(
-    "della", DellaRule, "DELLA: entries dropped at random, the small ones more often, rescaled by 1/q, then TIES's "
+    "della",
+    DellaRule,
+    "DELLA: entries dropped at random, the small ones more often, rescaled by 1/q, then TIES's "
     "elected sign and disjoint mean (Deep et al. 2024)",
     params=(
         Param("density", Option(0.2, "k, the mean share of each row's entries kept, in (0, 1]", proportion)),
-        Param("epsilon", Option(0.15, "ε, keep probabilities from k − ε (the smallest magnitude in a row) to k + ε "
-                                "(the largest); ε < min(k, 1 − k)", non_negative_float)),
+        Param(
+            "epsilon",
+            Option(
+                0.15,
+                "ε, keep probabilities from k − ε (the smallest magnitude in a row) to k + ε "
+                "(the largest); ε < min(k, 1 − k)",
+                non_negative_float,
+            ),
+        ),
         SEED,
     ),
-    tuned="density", grid=lambda norms: list(DELLA_DENSITIES), scale="mean",
+    tuned="density",
+    grid=lambda norms: list(DELLA_DENSITIES),
+    scale="mean",
 )

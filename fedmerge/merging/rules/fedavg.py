@@ -30,5 +30,6 @@ def fedavg(task_vectors: Sequence[Tensors], weights: Sequence[float] | None = No
     return merge(FedAvgRule(weights), task_vectors)
 
 
-METHOD = Method("fedavg", FedAvgRule, "the p-weighted mean of the task vectors (FedAvg; Task Arithmetic when uniform)",
-                linear=True)
+METHOD = Method(
+    "fedavg", FedAvgRule, "the p-weighted mean of the task vectors (FedAvg; Task Arithmetic when uniform)", linear=True
+)

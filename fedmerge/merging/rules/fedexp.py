@@ -56,17 +56,29 @@ class FedExPRule(Rule):
         return {"rule": self.name, "epsilon": self.epsilon, **({} if self.step is None else {"step": self.step})}
 
 
-def fedexp(task_vectors: Sequence[Tensors], epsilon: float = 1e-3,
-           weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def fedexp(
+    task_vectors: Sequence[Tensors], epsilon: float = 1e-3, weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Δ = η · Σ_t p_t τ_t with FedExP's step η."""
     return merge(FedExPRule(epsilon, weights), task_vectors)
 
 
 METHOD = Method(
-    "fedexp", FedExPRule, "the p-weighted mean of the task vectors times FedExP's step η = max(1, Σ p_t‖τ_t‖² / "
+    "fedexp",
+    FedExPRule,
+    "the p-weighted mean of the task vectors times FedExP's step η = max(1, Σ p_t‖τ_t‖² / "
     "(2(‖Σ p_t τ_t‖² + ε))), chosen from the updates (Jhunjhunwala et al. 2023)",
-    params=(Param("epsilon", Option(1e-3, "ε in FedExP's step, keeping it finite where the mean update vanishes (the "
-                                    "paper's 0.001)", positive_float)),),
-    scale="mean", own_step=True,
+    params=(
+        Param(
+            "epsilon",
+            Option(
+                1e-3,
+                "ε in FedExP's step, keeping it finite where the mean update vanishes (the paper's 0.001)",
+                positive_float,
+            ),
+        ),
+    ),
+    scale="mean",
+    own_step=True,
     no_lambda="its paper (Jhunjhunwala et al. 2023) sets the server step itself, from the updates; that is its point",
 )

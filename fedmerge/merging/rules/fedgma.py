@@ -47,8 +47,16 @@ def fedgma(
 
 THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # the paper's search grid for ρ
 METHOD = Method(
-    "fedgma", FedGMARule, "the mean, damped where the clients' signs disagree (Tenison et al. 2022)",
-    params=(Param("threshold", Option(0.5, "ρ, the sign-agreement threshold, at most 1 (≤ 0: fedavg)", at_most(1.0)),
-                  flag="--rho"),),
-    tuned="threshold", grid=lambda norms: list(THRESHOLDS),
+    "fedgma",
+    FedGMARule,
+    "the mean, damped where the clients' signs disagree (Tenison et al. 2022)",
+    params=(
+        Param(
+            "threshold",
+            Option(0.5, "ρ, the sign-agreement threshold, at most 1 (≤ 0: fedavg)", at_most(1.0)),
+            flag="--rho",
+        ),
+    ),
+    tuned="threshold",
+    grid=lambda norms: list(THRESHOLDS),
 )

@@ -32,8 +32,10 @@ def effective_steps(
     two is given (exactly one)."""
     if normalize_by is None:
         if (num_steps is None) == (lr_sums is None):
-            raise FedmergeError("FedNova needs the clients' effective steps a_t one way: num_steps (local step counts) "
-                                "or lr_sums (sums of learning rates), one value per client.")
+            raise FedmergeError(
+                "FedNova needs the clients' effective steps a_t one way: num_steps (local step counts) "
+                "or lr_sums (sums of learning rates), one value per client."
+            )
         normalize_by = "steps" if num_steps is not None else "lr-sum"
     if normalize_by not in NORMALIZE_BY:
         raise FedmergeError(f"normalize_by must be one of {NORMALIZE_BY}, got {normalize_by!r}.")
@@ -52,8 +54,10 @@ class FedNovaRule(Rule):
     def __init__(self, effective_steps: Sequence[float], weights: Sequence[float] | None = None) -> None:
         super().__init__(weights)
         if effective_steps is None:
-            raise FedmergeError("FedNova needs each client's effective steps a_t (its step count or its sum of learning "
-                                "rates); method 'mean-direction' normalises by the updates' own norms instead.")
+            raise FedmergeError(
+                "FedNova needs each client's effective steps a_t (its step count or its sum of learning "
+                "rates); method 'mean-direction' normalises by the updates' own norms instead."
+            )
         self.effective_steps = effective_steps
         self.coeffs: np.ndarray | None = None
 
@@ -94,18 +98,36 @@ def _given_steps(weights, steps=None, lr_sums=None) -> FedNovaRule:
     try:
         return FedNovaRule(effective_steps(None, steps, lr_sums), weights)
     except FedmergeError:
-        raise FedmergeError("method 'fednova' needs the models' effective steps a_t, one way: steps (--steps, local step "
-                            "counts) or lr_sums (--lr-sums, sums of learning rates), one value per model.") from None
+        raise FedmergeError(
+            "method 'fednova' needs the models' effective steps a_t, one way: steps (--steps, local step "
+            "counts) or lr_sums (--lr-sums, sums of learning rates), one value per model."
+        ) from None
 
 
 METHOD = Method(
-    "fednova", FedNovaRule, "the mean of τ_t / a_t rescaled by ā, a_t each client's effective steps (Wang et al. 2020)",
+    "fednova",
+    FedNovaRule,
+    "the mean of τ_t / a_t rescaled by ā, a_t each client's effective steps (Wang et al. 2020)",
     params=(
-        Param("normalize_by", Option(DEFAULT_NORMALIZE_BY, "a_t from each reply's num-steps (steps) or its sum of "
-                                     "learning rates (lr-sum)", choice(*NORMALIZE_BY)), scope="strategy"),
-        Param("steps", Option(None, "each model's local step count a_t", positive_float), scope="merge", per_model=True),
-        Param("lr_sums", Option(None, "each model's sum of learning rates Σ_k η_t^(k) as a_t (instead of --steps)",
-                                positive_float), scope="merge", per_model=True),
+        Param(
+            "normalize_by",
+            Option(
+                DEFAULT_NORMALIZE_BY,
+                "a_t from each reply's num-steps (steps) or its sum of learning rates (lr-sum)",
+                choice(*NORMALIZE_BY),
+            ),
+            scope="strategy",
+        ),
+        Param(
+            "steps", Option(None, "each model's local step count a_t", positive_float), scope="merge", per_model=True
+        ),
+        Param(
+            "lr_sums",
+            Option(None, "each model's sum of learning rates Σ_k η_t^(k) as a_t (instead of --steps)", positive_float),
+            scope="merge",
+            per_model=True,
+        ),
     ),
-    make=_given_steps, linear=True,
+    make=_given_steps,
+    linear=True,
 )

@@ -38,8 +38,13 @@ class FisherRule(Rule):
 
     name = "fisher"
 
-    def __init__(self, fisher: Sequence[Tensors], floor: float = 1e-6, weights: Sequence[float] | None = None,
-                 labels: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        fisher: Sequence[Tensors],
+        floor: float = 1e-6,
+        weights: Sequence[float] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(weights)
         self.fisher, self.labels = fisher, labels
         self.floor = positive_float("Fisher floor", floor)
@@ -75,17 +80,30 @@ class FisherRule(Rule):
         return {"rule": self.name, "floor": self.floor}
 
 
-def fisher_merge(task_vectors, fisher: Sequence[Tensors], floor: float = 1e-6,
-                 weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def fisher_merge(
+    task_vectors, fisher: Sequence[Tensors], floor: float = 1e-6, weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Δ of Fisher merging: the task vectors averaged with weights p_t (F_t + ε), per coordinate."""
     return merge(FisherRule(fisher, floor, weights), task_vectors)
 
 
 METHOD = Method(
-    "fisher", FisherRule, "Fisher merging: each parameter the clients' values averaged with their diagonal Fisher as "
+    "fisher",
+    FisherRule,
+    "Fisher merging: each parameter the clients' values averaged with their diagonal Fisher as "
     "weights (Matena & Raffel 2022); each client sends its Fisher",
-    params=(Param("floor", Option(1e-6, "ε added to every Fisher entry, so that a parameter no client's data reaches is "
-                                  "the weighted mean", positive_float)), EXAMPLES),
-    statistics=(FISHER,), scale="mean",
+    params=(
+        Param(
+            "floor",
+            Option(
+                1e-6,
+                "ε added to every Fisher entry, so that a parameter no client's data reaches is the weighted mean",
+                positive_float,
+            ),
+        ),
+        EXAMPLES,
+    ),
+    statistics=(FISHER,),
+    scale="mean",
     no_lambda="Fisher merging (Matena & Raffel 2022) averages the models themselves and defines no λ",
 )

@@ -92,13 +92,31 @@ def iso_cts(task_vectors, common_fraction: float = 0.8) -> dict[str, torch.Tenso
 
 COMMON_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9)  # searched one-shot beside λ: the paper's 0.8 and its neighbours
 ISO_C = Method(
-    "iso-c", IsoCRule, "Iso-C: per matrix, the summed task vectors' singular directions with a flat spectrum (their "
-    "mean singular value); other tensors the mean (Marczak et al. 2025)", weighted=False, scale="mean",
+    "iso-c",
+    IsoCRule,
+    "Iso-C: per matrix, the summed task vectors' singular directions with a flat spectrum (their "
+    "mean singular value); other tensors the mean (Marczak et al. 2025)",
+    weighted=False,
+    scale="mean",
 )
 ISO_CTS = Method(
-    "iso-cts", IsoCtsRule, "Iso-CTS: Iso-C over the summed task vectors' top directions and each task's own top "
+    "iso-cts",
+    IsoCtsRule,
+    "Iso-CTS: Iso-C over the summed task vectors' top directions and each task's own top "
     "directions outside them, made orthogonal; other tensors the mean (Marczak et al. 2025)",
-    params=(Param("common_fraction", Option(0.8, "f, the share of each matrix's rank given to the common subspace, in "
-                                            "(0, 1] (the rest split evenly among the clients)", proportion)),),
-    weighted=False, scale="mean", tuned="common_fraction", grid=lambda norms: list(COMMON_FRACTIONS),
+    params=(
+        Param(
+            "common_fraction",
+            Option(
+                0.8,
+                "f, the share of each matrix's rank given to the common subspace, in "
+                "(0, 1] (the rest split evenly among the clients)",
+                proportion,
+            ),
+        ),
+    ),
+    weighted=False,
+    scale="mean",
+    tuned="common_fraction",
+    grid=lambda norms: list(COMMON_FRACTIONS),
 )

@@ -82,12 +82,21 @@ def karcher(task_vectors, max_iter: int = 10, tol: float = 1e-5, weights: Sequen
 
 
 METHOD = Method(
-    "karcher", KarcherRule, "the Karcher mean: the models' weights averaged on the sphere (their Riemannian mean "
+    "karcher",
+    KarcherRule,
+    "the Karcher mean: the models' weights averaged on the sphere (their Riemannian mean "
     "direction at their mean norm), per tensor (mergekit's karcher)",
     params=(
         Param("max_iter", Option(10, "the most Riemannian gradient steps per tensor", positive_int)),
-        Param("tol", Option(1e-5, "the step norm that ends them; models of smaller norm are left out of the direction",
-                            positive_float)),
+        Param(
+            "tol",
+            Option(
+                1e-5,
+                "the step norm that ends them; models of smaller norm are left out of the direction",
+                positive_float,
+            ),
+        ),
     ),
-    scale="mean", no_lambda="the Karcher mean (mergekit's karcher) defines no λ: it is a point among the models",
+    scale="mean",
+    no_lambda="the Karcher mean (mergekit's karcher) defines no λ: it is a point among the models",
 )

@@ -37,7 +37,7 @@ def krum_scores(distances: np.ndarray, malicious: int) -> np.ndarray:
     (as Flower keeps it: only Bulyan's last selections, over few updates, reach the bounds)."""
     count = len(distances)
     others = distances[~np.eye(count, dtype=bool)].reshape(count, count - 1)
-    return np.sort(others, axis=1)[:, :max(1, count - malicious - 2)].sum(axis=1)
+    return np.sort(others, axis=1)[:, : max(1, count - malicious - 2)].sum(axis=1)
 
 
 def least(scores: np.ndarray, count: int) -> np.ndarray:
@@ -53,7 +53,8 @@ def require_clients(title: str, num_clients: int, malicious: int, per_malicious:
         fix = f"lower num_malicious_nodes to at most {most} or merge" if most >= 0 else "merge"
         raise FedmergeError(
             f"{title} needs T ≥ {per_malicious}f + 3 clients (models): with num_malicious_nodes f = {malicious} that "
-            f"is {need}, but {num_clients} were given; {fix} at least {need} clients.")
+            f"is {need}, but {num_clients} were given; {fix} at least {need} clients."
+        )
 
 
 def check_count(title: str, name: str, value: int) -> int:
@@ -69,8 +70,9 @@ class MultiKrumRule(Rule):
     name = "multi-krum"
     title = "Multi-Krum"
 
-    def __init__(self, num_malicious_nodes: int = 0, num_nodes_to_select: int = 0,
-                 weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, num_malicious_nodes: int = 0, num_nodes_to_select: int = 0, weights: Sequence[float] | None = None
+    ) -> None:
         super().__init__(weights)
         self.malicious = check_count(self.title, "num_malicious_nodes f", num_malicious_nodes)
         self.to_select = check_count(self.title, "num_nodes_to_select m", num_nodes_to_select)
@@ -84,8 +86,10 @@ class MultiKrumRule(Rule):
         require_clients("Krum", num_clients, self.malicious, 2)
         count = self.to_select or num_clients - self.malicious
         if count > num_clients:
-            raise FedmergeError(f"{self.title} cannot select num_nodes_to_select m = {count} of {num_clients} clients "
-                                f"(models); give m ≤ {num_clients} (0: T − f, all but the f assumed malicious).")
+            raise FedmergeError(
+                f"{self.title} cannot select num_nodes_to_select m = {count} of {num_clients} clients "
+                f"(models); give m ≤ {num_clients} (0: T − f, all but the f assumed malicious)."
+            )
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: the driver's norms flag them
             distances = squared_distances(gram_matrix(task_vectors, names, device))
             self.scores = krum_scores(distances, self.malicious)
@@ -97,10 +101,17 @@ class MultiKrumRule(Rule):
         weighted_sum_into(out, values, self.coeffs)
 
     def params(self) -> dict:
-        chosen = {} if self.selected is None else {
-            "selected": [int(self.present[t]) for t in self.selected], "scores": [float(x) for x in self.scores]}
-        return {"rule": self.name, "num_malicious_nodes": self.malicious, "num_nodes_to_select": self.to_select,
-                **chosen}
+        chosen = (
+            {}
+            if self.selected is None
+            else {"selected": [int(self.present[t]) for t in self.selected], "scores": [float(x) for x in self.scores]}
+        )
+        return {
+            "rule": self.name,
+            "num_malicious_nodes": self.malicious,
+            "num_nodes_to_select": self.to_select,
+            **chosen,
+        }
 
 
 class KrumRule(MultiKrumRule):
@@ -118,8 +129,12 @@ def krum(task_vectors: Sequence[Tensors], num_malicious_nodes: int = 0) -> dict[
     return merge(KrumRule(num_malicious_nodes), task_vectors)
 
 
-def multi_krum(task_vectors: Sequence[Tensors], num_malicious_nodes: int = 0, num_nodes_to_select: int = 0,
-               weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def multi_krum(
+    task_vectors: Sequence[Tensors],
+    num_malicious_nodes: int = 0,
+    num_nodes_to_select: int = 0,
+    weights: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
     """Δ = the p-weighted mean of the m = ``num_nodes_to_select`` τ_t of least Krum score (0: T − f)."""
     return merge(MultiKrumRule(num_malicious_nodes, num_nodes_to_select, weights), task_vectors)
 
@@ -138,23 +153,43 @@ def finite_count(task_vector_norms: Sequence[float]) -> int:
 
 def malicious(requirement: str) -> Param:
     """The parameter f, its help ending with the method's ``requirement`` on T."""
-    return Param("num_malicious_nodes", Option(0, "f, the number of malicious clients assumed (Flower's "
-                                                  f"num_malicious_nodes); {requirement}", non_negative_int))
+    return Param(
+        "num_malicious_nodes",
+        Option(
+            0,
+            f"f, the number of malicious clients assumed (Flower's num_malicious_nodes); {requirement}",
+            non_negative_int,
+        ),
+    )
 
 
 KRUM = Method(
-    "krum", KrumRule, "the task vector of least sum of squared distances to its T − f − 2 nearest others "
-    "(Blanchard et al. 2017)",
-    params=(malicious("Krum needs T ≥ 2f + 3"),), weighted=False, tuned="num_malicious_nodes",
-    grid=lambda norms: spread(0, (finite_count(norms) - 3) // 2), scale="mean",
+    "krum",
+    KrumRule,
+    "the task vector of least sum of squared distances to its T − f − 2 nearest others (Blanchard et al. 2017)",
+    params=(malicious("Krum needs T ≥ 2f + 3"),),
+    weighted=False,
+    tuned="num_malicious_nodes",
+    grid=lambda norms: spread(0, (finite_count(norms) - 3) // 2),
+    scale="mean",
     no_lambda="its paper (Blanchard et al. 2017) defines no λ, and its update is one client's own τ_t",
 )
-SELECT = Param("num_nodes_to_select", Option(0, "m, the updates averaged (Flower's num_nodes_to_select); 0: T − f, all "
-                                              "but the f assumed malicious", non_negative_int))
+SELECT = Param(
+    "num_nodes_to_select",
+    Option(
+        0,
+        "m, the updates averaged (Flower's num_nodes_to_select); 0: T − f, all but the f assumed malicious",
+        non_negative_int,
+    ),
+)
 MULTI = Method(
-    "multi-krum", MultiKrumRule, "the p-weighted mean of the m task vectors of least Krum score (Blanchard et al. "
+    "multi-krum",
+    MultiKrumRule,
+    "the p-weighted mean of the m task vectors of least Krum score (Blanchard et al. "
     "2017; uniform p is the paper's, num-examples Flower's MultiKrum)",
-    params=(malicious("Krum's scores need T ≥ 2f + 3"), SELECT), tuned="num_nodes_to_select",
-    grid=lambda norms: spread(1, finite_count(norms)), scale="mean",
+    params=(malicious("Krum's scores need T ≥ 2f + 3"), SELECT),
+    tuned="num_nodes_to_select",
+    grid=lambda norms: spread(1, finite_count(norms)),
+    scale="mean",
     no_lambda="its paper (Blanchard et al. 2017) defines no λ, and with m = T it is the mean",
 )

@@ -50,6 +50,8 @@ def mean_direction(task_vectors: Sequence[Tensors], weights: Sequence[float] | N
 
 
 METHOD = Method(
-    "mean-direction", MeanDirectionRule, "the mean of the unit task vectors τ_t/‖τ_t‖ at their mean length: FedNova's "
+    "mean-direction",
+    MeanDirectionRule,
+    "the mean of the unit task vectors τ_t/‖τ_t‖ at their mean length: FedNova's "
     "normalisation by each update's own norm instead of the client's work (fedmerge's findings, not a published method)",
 )

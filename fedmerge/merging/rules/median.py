@@ -102,7 +102,9 @@ class MedianRule(Rule):
 
     def merge_integer(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The median, by the same even-count rule, rounded: for booleans the majority (a tie keeps the base)."""
-        ranked = torch.sort(stacked(tensors, torch.int64), dim=0).values[list(_middle_positions(len(tensors), self.even))]
+        ranked = torch.sort(stacked(tensors, torch.int64), dim=0).values[
+            list(_middle_positions(len(tensors), self.even))
+        ]
         return torch.round(ranked.to(torch.float64).mean(0)).to(torch.int64)
 
     def params(self) -> dict:
@@ -115,9 +117,20 @@ def median(task_vectors: Sequence[Tensors], even: str = "mean") -> dict[str, tor
 
 
 METHOD = Method(
-    "median", MedianRule, "the coordinate-wise median of the task vectors, unweighted (Yin et al. 2018)",
-    params=(Param("even", Option("mean", "with an even number of clients: average the two middle values (mean) or "
-                                 "take the lower (lower)", choice(*EVEN_RULES))),),
-    weighted=False, scale="mean",
+    "median",
+    MedianRule,
+    "the coordinate-wise median of the task vectors, unweighted (Yin et al. 2018)",
+    params=(
+        Param(
+            "even",
+            Option(
+                "mean",
+                "with an even number of clients: average the two middle values (mean) or take the lower (lower)",
+                choice(*EVEN_RULES),
+            ),
+        ),
+    ),
+    weighted=False,
+    scale="mean",
     no_lambda="its paper (Yin et al. 2018) defines no λ, and the median of two models is their mean",
 )

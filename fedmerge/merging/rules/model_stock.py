@@ -48,8 +48,10 @@ class ModelStockRule(Rule):
 
     def prepare(self, task_vectors, names, device) -> None:
         if len(task_vectors) < 2:
-            raise FedmergeError(f"Model Stock needs at least two fine-tuned models (the angle between their task "
-                                f"vectors sets its t), got {len(task_vectors)}.")
+            raise FedmergeError(
+                f"Model Stock needs at least two fine-tuned models (the angle between their task "
+                f"vectors sets its t), got {len(task_vectors)}."
+            )
         super().prepare(task_vectors, names, device)
 
     def prepare_tensor(self, name, found, dtype, device, pool) -> None:
@@ -69,8 +71,11 @@ def model_stock(task_vectors):
 
 
 METHOD = Method(
-    "model-stock", ModelStockRule, "Model Stock: the mean of the fine-tunes interpolated toward the base by t = "
+    "model-stock",
+    ModelStockRule,
+    "Model Stock: the mean of the fine-tunes interpolated toward the base by t = "
     "k·cos θ / (1 + (k − 1)·cos θ), θ the angle between their task vectors, per tensor (Jang et al. 2024)",
-    weighted=False, scale="mean",
+    weighted=False,
+    scale="mean",
     no_lambda="its paper (Jang et al. 2024) defines no λ: the angle between the fine-tunes sets its step t itself",
 )

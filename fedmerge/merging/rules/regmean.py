@@ -50,8 +50,13 @@ class RegMeanRule(Rule):
 
     name = "regmean"
 
-    def __init__(self, grams: Sequence[Tensors], alpha: float = 0.9, weights: Sequence[float] | None = None,
-                 labels: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        grams: Sequence[Tensors],
+        alpha: float = 0.9,
+        weights: Sequence[float] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(weights)
         self.grams, self.labels = grams, labels
         self.alpha = interpolation("RegMean alpha", alpha)
@@ -65,8 +70,14 @@ class RegMeanRule(Rule):
     def prepare(self, task_vectors, names, device) -> None:
         super().prepare(task_vectors, names, device)
         self.who = client_labels(self.labels, self.present)
-        self.layers = covered(self.per_client(self.grams), self.who, task_vectors, names, WHAT,
-                              lambda shape: (shape[1], shape[1]) if len(shape) == 2 else None)
+        self.layers = covered(
+            self.per_client(self.grams),
+            self.who,
+            task_vectors,
+            names,
+            WHAT,
+            lambda shape: (shape[1], shape[1]) if len(shape) == 2 else None,
+        )
 
     def merges_whole(self, name, shape) -> bool:
         return name in self.layers
@@ -77,7 +88,7 @@ class RegMeanRule(Rule):
         product = torch.zeros(rows, columns, dtype=clients.dtype, device=clients.device)  # Σ_t λ_t τ_t G̃_t
         for t, (grams, p) in enumerate(zip(self.per_client(self.grams), self.p)):
             gram = read_whole(source(grams, name), clients.dtype, clients.device)
-            check_finite(gram[None], self.who[t:t + 1], WHAT, name)
+            check_finite(gram[None], self.who[t : t + 1], WHAT, name)
             shrunk(gram, self.alpha).mul_(float(p))
             total += gram
             product.addmm_(clients[t], gram)
@@ -90,18 +101,34 @@ class RegMeanRule(Rule):
         return {"rule": self.name, "alpha": self.alpha}
 
 
-def regmean(task_vectors, grams: Sequence[Tensors], alpha: float = 0.9,
-            weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def regmean(
+    task_vectors, grams: Sequence[Tensors], alpha: float = 0.9, weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Δ of RegMean: each linear layer's closed form from the clients' input Grams, the weighted mean elsewhere."""
     return merge(RegMeanRule(grams, alpha, weights), task_vectors)
 
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # searched one-shot beside β: the paper's and FusionBench's values lie among them
 METHOD = Method(
-    "regmean", RegMeanRule, "RegMean: each linear layer the least-squares fit of every client's layer on its inputs, "
+    "regmean",
+    RegMeanRule,
+    "RegMean: each linear layer the least-squares fit of every client's layer on its inputs, "
     "from the Gram matrices each client sends (Jin et al. 2023); other tensors the mean",
-    params=(Param("alpha", Option(0.9, "α, the factor on each Gram's off-diagonal entries, in [0, 1] (1: the plain "
-                                  "closed form; smaller: closer to the mean)", interpolation)), EXAMPLES),
-    statistics=(GRAMS,), tuned="alpha", grid=lambda norms: list(ALPHAS), scale="mean",
+    params=(
+        Param(
+            "alpha",
+            Option(
+                0.9,
+                "α, the factor on each Gram's off-diagonal entries, in [0, 1] (1: the plain "
+                "closed form; smaller: closer to the mean)",
+                interpolation,
+            ),
+        ),
+        EXAMPLES,
+    ),
+    statistics=(GRAMS,),
+    tuned="alpha",
+    grid=lambda norms: list(ALPHAS),
+    scale="mean",
     no_lambda="RegMean (Jin et al. 2023) solves for the merged weights themselves and defines no λ",
 )

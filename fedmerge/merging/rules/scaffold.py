@@ -25,8 +25,13 @@ from fedmerge.merging.rules.fedavg import FedAvgRule
 from fedmerge.merging.tensors import Tensors
 
 
-def next_control(control: Mapping[str, torch.Tensor], task_vectors: Sequence[Tensors], p: Sequence[float],
-                 lr_sums: Sequence[float], share: float) -> dict[str, torch.Tensor]:
+def next_control(
+    control: Mapping[str, torch.Tensor],
+    task_vectors: Sequence[Tensors],
+    p: Sequence[float],
+    lr_sums: Sequence[float],
+    share: float,
+) -> dict[str, torch.Tensor]:
     """c + share · Σ_i p_i (−c − τ_i / a_i) for every tensor of the task vectors (c absent: 0), share = |S|/N.
 
     ``p`` are the clients' weights (summing to 1), ``lr_sums`` their a_i; the result is float32 or wider, where the
@@ -42,5 +47,10 @@ def next_control(control: Mapping[str, torch.Tensor], task_vectors: Sequence[Ten
     return updated
 
 
-METHOD = Method("scaffold", FedAvgRule, "FedAvg of updates from local steps corrected by control variates, kept over "
-                "rounds; one shot: FedAvg (Karimireddy et al. 2020)", linear=True)
+METHOD = Method(
+    "scaffold",
+    FedAvgRule,
+    "FedAvg of updates from local steps corrected by control variates, kept over "
+    "rounds; one shot: FedAvg (Karimireddy et al. 2020)",
+    linear=True,
+)

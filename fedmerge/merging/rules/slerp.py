@@ -57,9 +57,11 @@ class WeightsRule(Rule):
     def prepare(self, task_vectors, names, device) -> None:
         super().prepare(task_vectors, names, device)
         if not all(isinstance(v, TaskVector) for v in task_vectors) or len({id(v.base) for v in task_vectors}) > 1:
-            raise FedmergeError(f"{self.name} combines the models' weights θ_t, not their updates alone: give each "
-                                "model with the one base θ it was fine-tuned from (TaskVector(model, base)); LoRA's "
-                                "lora='dense' hands a rule the updates only.")
+            raise FedmergeError(
+                f"{self.name} combines the models' weights θ_t, not their updates alone: give each "
+                "model with the one base θ it was fine-tuned from (TaskVector(model, base)); LoRA's "
+                "lora='dense' hands a rule the updates only."
+            )
 
     def prepare_tensor(self, name, found, dtype, device, pool) -> None:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite inputs: the norms flag them
@@ -98,9 +100,11 @@ class SlerpRule(WeightsRule):
 
     def prepare(self, task_vectors, names, device) -> None:
         if len(task_vectors) != 2:
-            raise FedmergeError(f"SLERP interpolates between exactly two models, got {len(task_vectors)}: give two "
-                                "(t = 0 is the first, t = 1 the second), or use karcher, the spherical mean of any "
-                                "number of models.")
+            raise FedmergeError(
+                f"SLERP interpolates between exactly two models, got {len(task_vectors)}: give two "
+                "(t = 0 is the first, t = 1 the second), or use karcher, the spherical mean of any "
+                "number of models."
+            )
         super().prepare(task_vectors, names, device)
 
     def combination(self, gram):
@@ -123,10 +127,17 @@ def interpolation(name: str, value: Any) -> float:
 
 
 METHOD = Method(
-    "slerp", SlerpRule, "SLERP: the two models' weights interpolated along the arc between them, per tensor, at t "
+    "slerp",
+    SlerpRule,
+    "SLERP: the two models' weights interpolated along the arc between them, per tensor, at t "
     "(Shoemake 1985; mergekit's slerp)",
-    params=(Param("t", Option(0.5, "t, the position on the arc from the first model (0) to the second (1)", interpolation)),),
-    weighted=False, tuned="t", grid=lambda norms: [0.1, 0.3, 0.5, 0.7, 0.9], scale="mean",
+    params=(
+        Param("t", Option(0.5, "t, the position on the arc from the first model (0) to the second (1)", interpolation)),
+    ),
+    weighted=False,
+    tuned="t",
+    grid=lambda norms: [0.1, 0.3, 0.5, 0.7, 0.9],
+    scale="mean",
     no_lambda="SLERP (Shoemake 1985, mergekit's slerp) defines no λ: t places the model on the arc between the two",
     num_clients=2,
 )

@@ -52,7 +52,9 @@ class TiesRule(Rule):
     def prepare_tensor(self, name, found, dtype, device, pool) -> None:
         """Each client's magnitude threshold on this tensor, and the last position kept among ties at it (the
         clients in parallel, each reading its whole τ_t)."""
-        self.cutoffs = [] if self.density >= 1 else list(pool.map(lambda term: self._cutoff(term, dtype, device), found))
+        self.cutoffs = (
+            [] if self.density >= 1 else list(pool.map(lambda term: self._cutoff(term, dtype, device), found))
+        )
 
     def _cutoff(self, term: Term, dtype: torch.dtype, device: torch.device) -> tuple[float, int]:
         magnitude = term.whole(dtype, device).abs_().nan_to_num_(0.0, 0.0, 0.0).view(-1)  # non-finite: norms flag it
@@ -85,9 +87,15 @@ def ties(task_vectors, density: float = 0.2, weights: Sequence[float] | None = N
 
 
 DENSITIES = (0.1, 0.2, 0.3, 0.5)  # searched one-shot beside λ (the TIES paper's top-k of 10-30%, and a denser one)
-DENSITY = Param("density", Option(0.2, "k, the share of each task vector's entries kept, in (0, 1] (per tensor)",
-                                  proportion))
+DENSITY = Param(
+    "density", Option(0.2, "k, the share of each task vector's entries kept, in (0, 1] (per tensor)", proportion)
+)
 METHOD = Method(
-    "ties", TiesRule, "TIES-merging: the top-k% of each task vector, an elected sign, the disjoint mean (Yadav et al. 2023)",
-    params=(DENSITY,), tuned="density", grid=lambda norms: list(DENSITIES), scale="mean",
+    "ties",
+    TiesRule,
+    "TIES-merging: the top-k% of each task vector, an elected sign, the disjoint mean (Yadav et al. 2023)",
+    params=(DENSITY,),
+    tuned="density",
+    grid=lambda norms: list(DENSITIES),
+    scale="mean",
 )

@@ -22,8 +22,9 @@ FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4)  # β searched one-shot (those trimming th
 def trim_fraction(name: str, value) -> float:
     """β: a number in [0, 0.5)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 0.5:
-        raise FedmergeError(f"option {name!r} must be a number in [0, 0.5) (the share trimmed at each end), got "
-                            f"{value!r}.")
+        raise FedmergeError(
+            f"option {name!r} must be a number in [0, 0.5) (the share trimmed at each end), got {value!r}."
+        )
     return float(value)
 
 
@@ -47,7 +48,7 @@ class TrimmedMeanRule(Rule):
         self.cut = trimmed_count(self.beta, len(task_vectors))
 
     def merge_chunk(self, name, s, values, out):
-        kept = torch.sort(values, dim=0).values[self.cut: len(values) - self.cut] if self.cut else values
+        kept = torch.sort(values, dim=0).values[self.cut : len(values) - self.cut] if self.cut else values
         torch.mean(kept, dim=0, out=out)
 
     def params(self) -> dict:
@@ -68,10 +69,24 @@ def beta_grid(task_vector_norms: Sequence[float]) -> list[float]:
 
 
 METHOD = Method(
-    "trimmed-mean", TrimmedMeanRule, "the coordinate-wise mean of the task vectors without the ⌊β·T⌋ largest and "
+    "trimmed-mean",
+    TrimmedMeanRule,
+    "the coordinate-wise mean of the task vectors without the ⌊β·T⌋ largest and "
     "smallest values, unweighted (Yin et al. 2018)",
-    params=(Param("beta", Option(0.2, "β, the share of clients trimmed at each end per coordinate, in [0, 0.5) "
-                                 "(Flower's FedTrimmedAvg beta; not the server learning rate)", trim_fraction)),),
-    weighted=False, tuned="beta", grid=beta_grid, scale="mean",
+    params=(
+        Param(
+            "beta",
+            Option(
+                0.2,
+                "β, the share of clients trimmed at each end per coordinate, in [0, 0.5) "
+                "(Flower's FedTrimmedAvg beta; not the server learning rate)",
+                trim_fraction,
+            ),
+        ),
+    ),
+    weighted=False,
+    tuned="beta",
+    grid=beta_grid,
+    scale="mean",
     no_lambda="its paper (Yin et al. 2018) defines no λ, and with β = 0 it is the mean",
 )

@@ -40,6 +40,10 @@ def tsv(task_vectors) -> dict[str, torch.Tensor]:
 
 
 METHOD = Method(
-    "tsv-m", TsvRule, "TSV-M: per matrix, each task vector's top r/T singular directions, made orthogonal across tasks "
-    "and summed; other tensors the mean (Gargiulo et al. 2025)", weighted=False, scale="mean",
+    "tsv-m",
+    TsvRule,
+    "TSV-M: per matrix, each task vector's top r/T singular directions, made orthogonal across tasks "
+    "and summed; other tensors the mean (Gargiulo et al. 2025)",
+    weighted=False,
+    scale="mean",
 )

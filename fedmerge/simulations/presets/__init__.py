@@ -26,10 +26,10 @@ def shipped_path(name: str, kind: str = "preset") -> Path:
     """The path of the shipped ``kind`` file called ``name``; an unknown name is refused, listing the known."""
     path = _folder(kind) / f"{name}.toml"
     if not path.is_file():
-        raise FedmergeError(f"unknown {kind} {name!r}; choose one of {', '.join(shipped_names(kind))}, or give a .toml file.")
+        raise FedmergeError(
+            f"unknown {kind} {name!r}; choose one of {', '.join(shipped_names(kind))}, or give a .toml file."
+        )
     return Path(str(path))
-
-
 
 
 def load_experiment(source: str | None) -> dict:

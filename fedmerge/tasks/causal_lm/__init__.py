@@ -27,8 +27,10 @@ def extractor_name(name: str, value) -> str:
     value = text(name, value)
     module, sep, function = value.partition(":")
     if value not in ("gsm8k", "none") and not (sep and module and function):
-        raise FedmergeError(f"option {name!r}: unknown answer extractor {value!r}; give 'gsm8k' (GSM8K's '#### 42'), "
-                            "'none' (score by loss only) or 'module:function' naming your own function text -> answer.")
+        raise FedmergeError(
+            f"option {name!r}: unknown answer extractor {value!r}; give 'gsm8k' (GSM8K's '#### 42'), "
+            "'none' (score by loss only) or 'module:function' naming your own function text -> answer."
+        )
     return value
 
 
@@ -53,29 +55,47 @@ def dropout(name: str, value) -> float:
     return value
 
 
-DESCRIPTION = ("A causal language model fine-tuned (fully, or LoRA adapters) on one instruction data set per client "
-               "(JSONL or save_to_disk).")
+DESCRIPTION = (
+    "A causal language model fine-tuned (fully, or LoRA adapters) on one instruction data set per client "
+    "(JSONL or save_to_disk)."
+)
 OPTIONS = {
-    "model": Option(None, "a directory written by save_pretrained, or a Hugging Face model name in the local cache "
-                    "(required)", text),
-    "tasks": Option(None, "one client per task, in order: JSONL files or save_to_disk folders (required)", list_of(text)),
+    "model": Option(
+        None, "a directory written by save_pretrained, or a Hugging Face model name in the local cache (required)", text
+    ),
+    "tasks": Option(
+        None, "one client per task, in order: JSONL files or save_to_disk folders (required)", list_of(text)
+    ),
     "prompt_field": Option("prompt", "the field holding the prompt", text),
     "response_field": Option("response", "the field holding the response", text),
-    "prompt_template": Option("{prompt}\n", "the text the model sees before the response; {prompt} is replaced by "
-                              "the prompt", template),
+    "prompt_template": Option(
+        "{prompt}\n", "the text the model sees before the response; {prompt} is replaced by the prompt", template
+    ),
     "hf_split": Option("train", "the split read from a saved DatasetDict", text),
-    "max_length": Option(512, "tokens per example, prompt and response together (the prompt is cut from the left, "
-                         "then the response from the right)", at_least_two),
-    "max_examples": Option(None, "at most this many examples per task (a seeded subset, drawn before splitting)",
-                           positive_int),
+    "max_length": Option(
+        512,
+        "tokens per example, prompt and response together (the prompt is cut from the left, "
+        "then the response from the right)",
+        at_least_two,
+    ),
+    "max_examples": Option(
+        None, "at most this many examples per task (a seeded subset, drawn before splitting)", positive_int
+    ),
     "val_fraction": Option(0.1, "share of each task drawn (seeded) as its validation split", fraction),
     "test_fraction": Option(0.1, "share of each task drawn (seeded) as its test split", fraction),
-    "answer": Option("gsm8k", "the final-answer extractor: gsm8k ('#### 42'), none (score by loss only), or "
-                     "module:function (text -> answer or None)", extractor_name),
+    "answer": Option(
+        "gsm8k",
+        "the final-answer extractor: gsm8k ('#### 42'), none (score by loss only), or "
+        "module:function (text -> answer or None)",
+        extractor_name,
+    ),
     "max_new_tokens": Option(256, "token limit of the greedy generation scored by exact match", positive_int),
     "eval_batch_size": Option(16, "examples per batch in evaluation and generation", positive_int),
-    "lora_r": Option(None, "LoRA's rank r: train only LoRA adapters (peft) of this rank on lora_target_modules; "
-                     "unset: full fine-tuning", positive_int),
+    "lora_r": Option(
+        None,
+        "LoRA's rank r: train only LoRA adapters (peft) of this rank on lora_target_modules; unset: full fine-tuning",
+        positive_int,
+    ),
     "lora_alpha": Option(16.0, "LoRA's α: the adapters add (α/r)·B·A", positive_float),
     "lora_dropout": Option(0.0, "dropout on the adapters' input while training", dropout),
     "lora_target_modules": Option(["q_proj", "v_proj"], "the modules (by name) that get adapters", list_of(text)),
@@ -91,41 +111,66 @@ def task_names(paths: list[str]) -> list[str]:
 def build(num_clients: int, options: dict, seed: int) -> Federation:
     """Client t fine-tunes the model on ``options["tasks"][t]`` (see :data:`OPTIONS`)."""
     if options["model"] is None:
-        raise FedmergeError("the causal-lm suite needs option 'model': a directory written by save_pretrained or a "
-                            "Hugging Face model name in the local cache (e.g. --set suite_options.model=/models/qwen); "
-                            "docs/llm.md.")
+        raise FedmergeError(
+            "the causal-lm suite needs option 'model': a directory written by save_pretrained or a "
+            "Hugging Face model name in the local cache (e.g. --set suite_options.model=/models/qwen); "
+            "docs/llm.md."
+        )
     paths = options["tasks"]
     if not paths:
-        raise FedmergeError("the causal-lm suite needs option 'tasks': one JSONL file or save_to_disk folder per client "
-                            "(e.g. tasks = [\"math.jsonl\", \"code.jsonl\"]); docs/llm.md.")
+        raise FedmergeError(
+            "the causal-lm suite needs option 'tasks': one JSONL file or save_to_disk folder per client "
+            '(e.g. tasks = ["math.jsonl", "code.jsonl"]); docs/llm.md.'
+        )
     if len(paths) != num_clients:
-        raise FedmergeError(f"option 'tasks' lists {len(paths)} tasks for {num_clients} clients; the causal-lm suite has "
-                            f"one client per task: set clients = {len(paths)}, or list {num_clients} tasks.")
+        raise FedmergeError(
+            f"option 'tasks' lists {len(paths)} tasks for {num_clients} clients; the causal-lm suite has "
+            f"one client per task: set clients = {len(paths)}, or list {num_clients} tasks."
+        )
     extract = answer_extractor(options["answer"])
     directory = model_dir(options["model"])
     tokenizer = load_tokenizer(directory, options["model"])
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    tasks = [_task(t, path, name, tokenizer, extract, pad_id, options, seed)
-             for t, (path, name) in enumerate(zip(paths, task_names(paths)))]
+    tasks = [
+        _task(t, path, name, tokenizer, extract, pad_id, options, seed)
+        for t, (path, name) in enumerate(zip(paths, task_names(paths)))
+    ]
     model = load_model(directory, options["model"])
     if options["lora_r"] is not None:
-        model = with_lora(model, options["lora_r"], options["lora_alpha"], options["lora_dropout"],
-                          options["lora_target_modules"], seed)
+        model = with_lora(
+            model,
+            options["lora_r"],
+            options["lora_alpha"],
+            options["lora_dropout"],
+            options["lora_target_modules"],
+            seed,
+        )
     scorer = Scorer(tokenizer, extract, options["max_new_tokens"], options["eval_batch_size"], pad_id)
-    return Federation(tasks=tasks, model_fn=lambda: copy.deepcopy(model), loss_fn=response_loss,
-                      metric="loss" if extract is None else "accuracy", evaluate_fn=scorer,
-                      eval_batch_size=options["eval_batch_size"])
+    return Federation(
+        tasks=tasks,
+        model_fn=lambda: copy.deepcopy(model),
+        loss_fn=response_loss,
+        metric="loss" if extract is None else "accuracy",
+        evaluate_fn=scorer,
+        eval_batch_size=options["eval_batch_size"],
+    )
 
 
 def _task(t: int, path: str, name: str, tokenizer, extract, pad_id: int, options: dict, seed: int) -> Task:
     pairs = texts(read_rows(path, options["hf_split"]), path, options["prompt_field"], options["response_field"])
     if not pairs:
-        raise FedmergeError(f"task {path} is empty; give it examples (one JSON object per line with fields "
-                            f"{options['prompt_field']!r} and {options['response_field']!r}).")
-    empty = next((i for i, (_, response) in enumerate(pairs, 1) if not response and tokenizer.eos_token_id is None), None)
+        raise FedmergeError(
+            f"task {path} is empty; give it examples (one JSON object per line with fields "
+            f"{options['prompt_field']!r} and {options['response_field']!r})."
+        )
+    empty = next(
+        (i for i, (_, response) in enumerate(pairs, 1) if not response and tokenizer.eos_token_id is None), None
+    )
     if empty is not None:
-        raise FedmergeError(f"task {path}, row {empty}: the response is empty and the tokenizer has no end-of-sequence "
-                            "token, so the example has nothing to learn; remove it or give it a response.")
+        raise FedmergeError(
+            f"task {path}, row {empty}: the response is empty and the tokenizer has no end-of-sequence "
+            "token, so the example has nothing to learn; remove it or give it a response."
+        )
     if options["max_examples"] is not None and len(pairs) > options["max_examples"]:
         import numpy as np
 
@@ -140,7 +185,9 @@ def _task(t: int, path: str, name: str, tokenizer, extract, pad_id: int, options
     if extract is not None:
         for split, data in zip(("validation", "test"), splits[1:]):
             if all(answer is None for answer in data.answers):
-                raise FedmergeError(f"task {path}: no response in its {split} split has a final answer for the "
-                                    f"extractor {options['answer']!r} to compare; use answer = 'none' to score by loss "
-                                    "only, or give the responses final answers (GSM8K: a last line '#### 42').")
+                raise FedmergeError(
+                    f"task {path}: no response in its {split} split has a final answer for the "
+                    f"extractor {options['answer']!r} to compare; use answer = 'none' to score by loss "
+                    "only, or give the responses final answers (GSM8K: a last line '#### 42')."
+                )
     return Task(name, *splits)

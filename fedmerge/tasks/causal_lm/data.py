@@ -29,8 +29,14 @@ class Examples(TensorDataset):
     what evaluation needs besides: each example's ``lengths``, its ``prompts`` (token ids, for generation) and
     its reference ``answers`` (None where the response has no final answer, or no extractor is set)."""
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, lengths: list[int], prompts: list[list[int]],
-                 answers: list[str | None]) -> None:
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        lengths: list[int],
+        prompts: list[list[int]],
+        answers: list[str | None],
+    ) -> None:
         super().__init__(input_ids, labels)
         self.lengths, self.prompts, self.answers = lengths, prompts, answers
 
@@ -39,8 +45,10 @@ def read_rows(path: str, split: str) -> list[dict]:
     """The rows of a task: a JSONL file, or a ``save_to_disk`` folder (its ``split`` if it is a DatasetDict)."""
     file = Path(path).expanduser()
     if not file.exists():
-        raise FedmergeError(f"task {path}: no such file or folder; give a JSONL file (one JSON object per line) or "
-                            "a folder written by datasets' save_to_disk (option 'tasks').")
+        raise FedmergeError(
+            f"task {path}: no such file or folder; give a JSONL file (one JSON object per line) or "
+            "a folder written by datasets' save_to_disk (option 'tasks')."
+        )
     if file.is_dir():
         return _saved_rows(file, split)
     rows = []
@@ -51,11 +59,15 @@ def read_rows(path: str, split: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise FedmergeError(f"task {path}, line {number}: not valid JSON ({error.msg}); a JSONL file holds one "
-                                    "JSON object per line.") from None
+                raise FedmergeError(
+                    f"task {path}, line {number}: not valid JSON ({error.msg}); a JSONL file holds one "
+                    "JSON object per line."
+                ) from None
             if not isinstance(row, dict):
-                raise FedmergeError(f"task {path}, line {number}: a JSON {type(row).__name__}, not an object; each "
-                                    "line must be an object such as {\"prompt\": ..., \"response\": ...}.")
+                raise FedmergeError(
+                    f"task {path}, line {number}: a JSON {type(row).__name__}, not an object; each "
+                    'line must be an object such as {"prompt": ..., "response": ...}.'
+                )
             rows.append(row)
     return rows
 
@@ -66,12 +78,16 @@ def _saved_rows(folder: Path, split: str) -> list[dict]:
     try:
         data = datasets.load_from_disk(str(folder))
     except (FileNotFoundError, ValueError, OSError) as error:
-        raise FedmergeError(f"task {folder}: a folder, but not one written by datasets' save_to_disk ({error}); give "
-                            "such a folder or a JSONL file.") from None
+        raise FedmergeError(
+            f"task {folder}: a folder, but not one written by datasets' save_to_disk ({error}); give "
+            "such a folder or a JSONL file."
+        ) from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise FedmergeError(f"task {folder}: the saved DatasetDict has no split {split!r}; it has "
-                                f"{', '.join(data)}: set option 'hf_split' to one of them.")
+            raise FedmergeError(
+                f"task {folder}: the saved DatasetDict has no split {split!r}; it has "
+                f"{', '.join(data)}: set option 'hf_split' to one of them."
+            )
         data = data[split]
     return data.to_list()
 
@@ -83,23 +99,28 @@ def texts(rows: list[dict], path: str, prompt_field: str, response_field: str) -
         for field, option in ((prompt_field, "prompt_field"), (response_field, "response_field")):
             if not isinstance(row.get(field), str):
                 problem = "has no field" if field not in row else f"has a {type(row[field]).__name__} in field"
-                raise FedmergeError(f"task {path}, row {number}: {problem} {field!r} (its fields: "
-                                    f"{', '.join(map(str, row)) or 'none'}); set option {option!r} to the field that "
-                                    "holds the text.")
+                raise FedmergeError(
+                    f"task {path}, row {number}: {problem} {field!r} (its fields: "
+                    f"{', '.join(map(str, row)) or 'none'}); set option {option!r} to the field that "
+                    "holds the text."
+                )
         pairs.append((row[prompt_field], row[response_field]))
     return pairs
 
 
-def split_indices(size: int, seed: int, task: int, val_fraction: float, test_fraction: float,
-                  path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(
+    size: int, seed: int, task: int, val_fraction: float, test_fraction: float, path: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train / val / test indices: a permutation drawn from (seed, task), then the val and test shares (each ≥ 1)."""
     n_val, n_test = max(1, round(size * val_fraction)), max(1, round(size * test_fraction))
     if size - n_val - n_test < 1:
-        raise FedmergeError(f"task {path} has {size} examples: too few for a train, a validation and a test split "
-                            f"(val_fraction {val_fraction:g}, test_fraction {test_fraction:g}); give it at least 3 "
-                            "examples, or more.")
+        raise FedmergeError(
+            f"task {path} has {size} examples: too few for a train, a validation and a test split "
+            f"(val_fraction {val_fraction:g}, test_fraction {test_fraction:g}); give it at least 3 "
+            "examples, or more."
+        )
     order = np.random.default_rng([seed, task]).permutation(size)
-    return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
 
 
 def encode(tokenizer, template: str, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -111,7 +132,7 @@ def encode(tokenizer, template: str, prompt: str, response: str, max_length: int
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
     keep = min(len(prompt_ids), max_length - min(len(response_ids), max_length // 2))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    prompt_ids = prompt_ids[len(prompt_ids) - keep :]
     return prompt_ids, response_ids[: max_length - keep]
 
 

@@ -30,8 +30,10 @@ def load_tokenizer(directory: Path, model: str):
         with quiet():
             return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
-        raise FedmergeError(f"option 'model': the tokenizer of {model!r} could not be loaded from {directory} ({error}); "
-                            f"the directory needs {FILES}, as save_pretrained writes them.") from None
+        raise FedmergeError(
+            f"option 'model': the tokenizer of {model!r} could not be loaded from {directory} ({error}); "
+            f"the directory needs {FILES}, as save_pretrained writes them."
+        ) from None
 
 
 def load_model(directory: Path, model: str) -> torch.nn.Module:
@@ -45,8 +47,10 @@ def load_model(directory: Path, model: str) -> torch.nn.Module:
         with quiet():
             return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as error:
-        raise FedmergeError(f"option 'model': {model!r} could not be loaded as a causal language model from {directory} "
-                            f"({error}); the directory needs {FILES}, as save_pretrained writes them.") from None
+        raise FedmergeError(
+            f"option 'model': {model!r} could not be loaded as a causal language model from {directory} "
+            f"({error}); the directory needs {FILES}, as save_pretrained writes them."
+        ) from None
 
 
 def with_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str], seed: int):
@@ -58,8 +62,10 @@ def with_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targ
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [module for module in target_modules if module not in names]
     if missing:
-        raise FedmergeError(f"option 'lora_target_modules': the model has no module named {missing[0]!r}; its modules "
-                            f"include {', '.join(sorted(n for n in names if n)[:12])}.")
+        raise FedmergeError(
+            f"option 'lora_target_modules': the model has no module named {missing[0]!r}; its modules "
+            f"include {', '.join(sorted(n for n in names if n)[:12])}."
+        )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

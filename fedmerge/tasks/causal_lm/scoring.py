@@ -46,16 +46,22 @@ def answer_extractor(name: str) -> Extractor | None:
     if name == "none":
         return None
     module_name, sep, function = name.partition(":")
-    fix = ("set option 'answer' to 'gsm8k', 'none', or 'module:function' naming a function text -> answer (or None) "
-           "in a module on the Python path (beside the experiment file)")
+    fix = (
+        "set option 'answer' to 'gsm8k', 'none', or 'module:function' naming a function text -> answer (or None) "
+        "in a module on the Python path (beside the experiment file)"
+    )
     if not sep or not module_name or not function:
         raise FedmergeError(f"option 'answer': unknown answer extractor {name!r}; {fix}.")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        raise FedmergeError(f"option 'answer': answer extractor {name!r}: no module {error.name!r} ({error}); {fix}.") from None
+        raise FedmergeError(
+            f"option 'answer': answer extractor {name!r}: no module {error.name!r} ({error}); {fix}."
+        ) from None
     except Exception as error:
-        raise FedmergeError(f"option 'answer': importing {module_name} failed: {type(error).__name__}: {error}") from None
+        raise FedmergeError(
+            f"option 'answer': importing {module_name} failed: {type(error).__name__}: {error}"
+        ) from None
     extract = getattr(module, function, None)
     if not callable(extract):
         raise FedmergeError(f"option 'answer': module {module_name} has no function {function!r}; {fix}.")
@@ -64,8 +70,9 @@ def answer_extractor(name: str) -> Extractor | None:
         try:
             answer = extract(text)
         except Exception as error:
-            raise FedmergeError(f"option 'answer': the answer extractor {name} failed on {text[:60]!r}: "
-                                f"{type(error).__name__}: {error}") from None
+            raise FedmergeError(
+                f"option 'answer': the answer extractor {name} failed on {text[:60]!r}: {type(error).__name__}: {error}"
+            ) from None
         return None if answer is None else str(answer)
 
     return guarded
@@ -120,12 +127,17 @@ class Scorer:
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for i, prompt in enumerate(batch):
-                input_ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-                mask[i, width - len(prompt):] = 1
+                input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+                mask[i, width - len(prompt) :] = 1
             with quiet():
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
-                                     eos_token_id=self.tokenizer.eos_token_id)
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=False,
+                    max_new_tokens=self.max_new_tokens,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
             texts += self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
         return texts
 

@@ -33,7 +33,7 @@ TORCHVISION = {
     "GTSRB": "root/gtsrb/GTSRB/Training/<class>/, root/gtsrb/GTSRB/Final_Test/Images/, root/gtsrb/GT-final_test.csv",
     "MNIST": "root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
     "SUN397": "root/SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg} (with Training_01.txt and Testing_01.txt: "
-              "the official partition 1)",
+    "the official partition 1)",
     "SVHN": "root/train_32x32.mat and root/test_32x32.mat",
 }
 """torchvision's layout of each data set it has (the files its ``download=True`` leaves under ``root``)."""
@@ -72,8 +72,9 @@ class Pixels:
     def crop(self, image) -> torch.Tensor:
         """A PIL image (grayscale too) → ``(3, H, W)`` uint8, single-threaded (:mod:`fedmerge.threads`)."""
         with single_threaded():
-            return self.processor(images=image.convert("RGB"), do_rescale=False, do_normalize=False,
-                                  return_tensors="pt")["pixel_values"][0]
+            return self.processor(
+                images=image.convert("RGB"), do_rescale=False, do_normalize=False, return_tensors="pt"
+            )["pixel_values"][0]
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels.float() * self.scale - self.mean) / self.std
@@ -109,7 +110,9 @@ class Processed(Dataset):
         self.image = next((k for k, f in features.items() if isinstance(f, Image)), "image")
         self.label = next((k for k, f in features.items() if isinstance(f, ClassLabel)), "label")
         if self.image not in features or self.label not in features:
-            raise FedmergeError(f"a saved Hugging Face dataset needs an image and a label column; it has {list(features)}.")
+            raise FedmergeError(
+                f"a saved Hugging Face dataset needs an image and a label column; it has {list(features)}."
+            )
 
     def __len__(self) -> int:
         return len(self.data)
@@ -194,12 +197,16 @@ def expected(name: str) -> str:
     if name in TORCHVISION:
         layouts.append(f"{TORCHVISION[name]} (torchvision's layout)")
     else:
-        layouts.append(f"root/{' or root/'.join(folders)} holding <class>/<image> or train/<class>/<image> "
-                       "(+ test/<class>/<image>)")
+        layouts.append(
+            f"root/{' or root/'.join(folders)} holding <class>/<image> or train/<class>/<image> "
+            "(+ test/<class>/<image>)"
+        )
     return "; or ".join(layouts)
 
 
-def read(name: str, root: str | None, transform: Callable, hub: str | None = None) -> tuple[Dataset, Dataset | None, list[str]]:
+def read(
+    name: str, root: str | None, transform: Callable, hub: str | None = None
+) -> tuple[Dataset, Dataset | None, list[str]]:
     """``(train, test or None, class names in label order)`` of data set ``name``: the Hugging Face dataset
     ``hub`` when given, else under ``root``."""
     if hub is not None:
@@ -210,7 +217,7 @@ def read(name: str, root: str | None, transform: Callable, hub: str | None = Non
         except Exception as error:  # datasets raises many kinds for a dataset it cannot find offline
             raise FedmergeError(
                 f"data set {name!r}: the Hugging Face dataset {hub!r} cannot be read ({type(error).__name__}: {error}); "
-                "it must be in the local cache (fetch it once where there is network: python -c \"import datasets; "
+                'it must be in the local cache (fetch it once where there is network: python -c "import datasets; '
                 f"datasets.load_dataset('{hub}')\") or be a local dataset folder."
             ) from None
         return train, test, _class_names(name, hub, own)
@@ -240,13 +247,22 @@ def _class_names(name: str, where, own: list[str] | None) -> list[str]:
     """The suite's class names for ``name`` where it lists them (checked against the data's count), else the data's."""
     listed = prompts().get(name, {}).get("classes")
     if listed and own and len(listed) != len(own):
-        raise FedmergeError(f"data set {name!r} in {where} has {len(own)} classes, but the clip suite's class names "
-                            f"for {name} are {len(listed)}; is it another data set?")
+        raise FedmergeError(
+            f"data set {name!r} in {where} has {len(own)} classes, but the clip suite's class names "
+            f"for {name} are {len(listed)}; is it another data set?"
+        )
     return listed or [readable(label) for label in own or ()]
 
 
-def splits(name: str, root: str | None, pixels: Pixels, seed: int, val_fraction: float, max_examples: int | None,
-           hub: str | None = None):
+def splits(
+    name: str,
+    root: str | None,
+    pixels: Pixels,
+    seed: int,
+    val_fraction: float,
+    max_examples: int | None,
+    hub: str | None = None,
+):
     """``(train, val, test, class names)`` of data set ``name``: the test split halved (seeded) into val and
     test, each split cut to ``max_examples`` (seeded) when given; val and test keep their images once read."""
     train, test, classes = read(name, root, pixels.crop, hub)

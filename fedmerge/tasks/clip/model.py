@@ -54,8 +54,10 @@ def load_clip(model: str):
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise FedmergeError(f"CLIP model {model!r} could not be loaded from {directory} ({error}); "
-                            f"it needs {FILES}, as save_pretrained writes them.") from None
+        raise FedmergeError(
+            f"CLIP model {model!r} could not be loaded from {directory} ({error}); "
+            f"it needs {FILES}, as save_pretrained writes them."
+        ) from None
     return clip, tokenizer, processor, directory
 
 
@@ -67,8 +69,9 @@ def zero_shot_head(clip, tokenizer, classes: Sequence[str], templates: Sequence[
     length = clip.config.text_config.max_position_embeddings
     embeddings = []
     for start in range(0, len(prompts), TEXT_BATCH):
-        tokens = tokenizer(prompts[start : start + TEXT_BATCH], padding=True, truncation=True, max_length=length,
-                           return_tensors="pt")
+        tokens = tokenizer(
+            prompts[start : start + TEXT_BATCH], padding=True, truncation=True, max_length=length, return_tensors="pt"
+        )
         embeddings.append(F.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1))
     per_class = torch.cat(embeddings).reshape(len(classes), len(templates), -1).mean(1)
     return F.normalize(per_class, dim=-1) * clip.logit_scale.exp()
@@ -76,8 +79,19 @@ def zero_shot_head(clip, tokenizer, classes: Sequence[str], templates: Sequence[
 
 def cached_head(clip, tokenizer, directory: Path, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """:func:`zero_shot_head`, computed once per model, classes and templates, then read from fedmerge's cache."""
-    weights = {name: [(directory / name).stat().st_size, (directory / name).stat().st_mtime_ns]
-               for name in WEIGHTS if (directory / name).exists()}
-    key = {"suite": "clip", "version": VERSION, "model": str(directory.resolve()), "weights": weights,
-           "classes": list(classes), "templates": list(templates)}
-    return load_or_build("clip-heads", key, lambda: {"head": zero_shot_head(clip, tokenizer, classes, templates)})["head"]
+    weights = {
+        name: [(directory / name).stat().st_size, (directory / name).stat().st_mtime_ns]
+        for name in WEIGHTS
+        if (directory / name).exists()
+    }
+    key = {
+        "suite": "clip",
+        "version": VERSION,
+        "model": str(directory.resolve()),
+        "weights": weights,
+        "classes": list(classes),
+        "templates": list(templates),
+    }
+    return load_or_build("clip-heads", key, lambda: {"head": zero_shot_head(clip, tokenizer, classes, templates)})[
+        "head"
+    ]
