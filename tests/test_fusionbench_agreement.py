@@ -7,15 +7,13 @@ travel as safetensors files; both sides compute in float64. FusionBench's functi
 optional normalisation, which is not the paper's) and ``merging_with_regmean_weights``.
 """
 
-import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from scratch_python import outputs_of
 
 from fedmerge.merging import merged_model
 from fedmerge.merging.rules.fisher import FisherRule
@@ -99,7 +97,6 @@ def fusionbench(tmp_path_factory) -> dict[str, torch.Tensor]:
         tensors |= {f"m{t}/{k}": v for k, v in models[t].items()}
         tensors |= {f"fisher{t}/{k}": v for k, v in fishers[t].items()}
         tensors |= {f"grams{t}/{k}": v for k, v in grams[t].items()}
-    save_file(tensors, work / "inputs.safetensors")
     jobs = {
         "count": COUNT,
         "alpha": ALPHA,
@@ -108,22 +105,7 @@ def fusionbench(tmp_path_factory) -> dict[str, torch.Tensor]:
         "weights": WEIGHTS,
         "alpha_regmean": ALPHA_REGMEAN,
     }
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run(
-        [
-            str(FUSIONBENCH_PYTHON),
-            "-c",
-            RUNNER,
-            str(work / "inputs.safetensors"),
-            str(work / "jobs.json"),
-            str(work / "outputs.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(work / "outputs.safetensors")
+    return outputs_of(FUSIONBENCH_PYTHON, RUNNER, work, tensors, jobs)
 
 
 CASES = {  # name: (fedmerge rule from (fishers, grams), β)

@@ -5,15 +5,13 @@ mergekit is no dependency of fedmerge: it runs in its own virtual environment, `
 skipped. Inputs and outputs travel as safetensors files; both sides compute in float32.
 """
 
-import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from scratch_python import outputs_of
 
 from fedmerge.merging import merged_model
 from fedmerge.merging.rules.breadcrumbs import BreadcrumbsRule
@@ -129,23 +127,7 @@ def mergekit(tmp_path_factory) -> dict[str, torch.Tensor]:
         for k in SHAPES
     }
     inputs |= {f"tau{t}/{k}": model[k] - base[k] for t, model in enumerate(fine_tunes) for k in SHAPES}
-    save_file(inputs, work / "inputs.safetensors")
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run(
-        [
-            str(MERGEKIT_PYTHON),
-            "-c",
-            RUNNER,
-            str(work / "inputs.safetensors"),
-            str(work / "jobs.json"),
-            str(work / "outputs.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(work / "outputs.safetensors")
+    return outputs_of(MERGEKIT_PYTHON, RUNNER, work, inputs, jobs)
 
 
 @pytest.mark.parametrize("case", FEDMERGE)

@@ -152,7 +152,7 @@ def test_a_matrix_is_read_one_client_at_a_time(monkeypatch, make):
     read = WholeTensors.__getitem__
 
     def watched(self, t):
-        gc.collect()
+        gc.collect(0)  # the youngest generation: a full collection per read costs seconds in a large test run
         most[0] = max(most[0], sum(ref() is not None for ref in alive))
         tensor = read(self, t)
         alive.append(weakref.ref(tensor))
