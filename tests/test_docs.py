@@ -116,10 +116,6 @@ CHECKED_WITH_DRY_RUN = {  # they run for minutes; --dry-run checks their command
     "fedmerge run experiment.toml",
     "cd examples/custom-suite && fedmerge run experiment.toml",
     "fedmerge sweep alpha-sweep.toml",
-    "fedmerge sweep quadratic --out results/studies/quadratic",
-    "fedmerge sweep training-heterogeneity --out results/studies/training-heterogeneity",
-    "fedmerge sweep data-heterogeneity --out results/studies/data-heterogeneity",
-    "fedmerge sweep robustness --out results/studies/robustness",
 }
 
 DOWNLOADS = "downloads from the Hugging Face Hub (nothing here is online)"
